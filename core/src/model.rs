@@ -1,0 +1,91 @@
+//! The config model: what the controller computes from Kubernetes objects (or a manifest
+//! directory) and streams to the proxies. Today ztunnel also reads it from a local file
+//! ([`NodeConfig`]) until the config stream exists.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A pod as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    /// Kubernetes UID (or, in local mode, `namespace/name`).
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// The node the pod is scheduled on.
+    pub node: String,
+    /// Pod IPs (one per family). Empty while the pod has no IP yet.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Whether the pod's traffic is captured (`istio.io/dataplane-mode=ambient`).
+    #[serde(default)]
+    pub enrolled: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+impl Workload {
+    /// `namespace/name`, how operators name a pod in messages.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What one node's ztunnel needs: its workloads. Read from `--config` (JSON) until the
+/// controller's config stream replaces it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+}
+
+impl NodeConfig {
+    /// The workloads on `node` that are enrolled in the mesh.
+    pub fn enrolled_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .iter()
+            .filter(move |w| w.enrolled && w.node == node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let err = serde_json::from_str::<NodeConfig>(
+            r#"{"workloads":[{"uid":"a","name":"a","namespace":"n","node":"x","ipz":[]}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ipz"), "{err}");
+    }
+
+    #[test]
+    fn only_enrolled_workloads_of_the_node_are_selected() {
+        let w = |name: &str, node: &str, enrolled| Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: "n".into(),
+            service_account: "default".into(),
+            node: node.into(),
+            ips: vec![],
+            enrolled,
+            labels: Default::default(),
+        };
+        let config = NodeConfig {
+            workloads: vec![w("a", "n1", true), w("b", "n1", false), w("c", "n2", true)],
+        };
+        let names: Vec<_> = config.enrolled_on("n1").map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["a"]);
+    }
+}

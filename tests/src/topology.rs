@@ -1,0 +1,112 @@
+//! One node: a node netns with a bridge, and pods (a netns each) joined to it by veths, with
+//! IPv4 and IPv6 addresses. Dropping it removes the namespaces (and with them the veths).
+
+use std::net::IpAddr;
+
+use warren_core::model::Workload;
+
+use crate::{netns::Netns, unique_name};
+
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ipv4: IpAddr,
+    pub ipv6: IpAddr,
+}
+
+impl Pod {
+    /// The pod as a workload of `node`, enrolled or not.
+    pub fn workload(&self, node: &str, enrolled: bool) -> Workload {
+        Workload {
+            uid: self.name.clone(),
+            name: self.name.clone(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            node: node.into(),
+            ips: vec![self.ipv4, self.ipv6],
+            enrolled,
+            labels: Default::default(),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    /// Third octet of 10.<a>.<b>.0/24 and fd00:<a>:<b>::/64, unique per node in this process.
+    subnet: (u8, u8),
+    next_host: u8,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
+        // 10.200-249.x.0/24: far from anything the machine itself uses.
+        let subnet = (200 + (std::process::id() % 50) as u8, (n % 250) as u8);
+        let name = unique_name("wn");
+        let ns = Netns::new(&name);
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.{}.{}.1/24", subnet.0, subnet.1),
+            "dev",
+            "br0",
+        ]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{}:{}::1/64", subnet.0, subnet.1),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Node {
+            name,
+            ns,
+            subnet,
+            next_host: 2,
+        }
+    }
+
+    /// The node's own address on its pod bridge.
+    pub fn ipv4(&self) -> IpAddr {
+        format!("10.{}.{}.1", self.subnet.0, self.subnet.1)
+            .parse()
+            .unwrap()
+    }
+
+    pub fn add_pod(&mut self) -> Pod {
+        let host = self.next_host;
+        self.next_host += 1;
+        let name = unique_name("wp");
+        let ns = Netns::new(&name);
+        let (a, b) = self.subnet;
+        let ipv4: IpAddr = format!("10.{a}.{b}.{host}").parse().unwrap();
+        let ipv6: IpAddr = format!("fd00:{a}:{b}::{host}").parse().unwrap();
+        // The node end is named after the pod netns (unique, and short enough).
+        self.ns.ip(&[
+            "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        self.ns.ip(&["link", "set", &name, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
+        ns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &format!("10.{a}.{b}.1")]);
+        Pod {
+            name,
+            ns,
+            ipv4,
+            ipv6,
+        }
+    }
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Self::new()
+    }
+}

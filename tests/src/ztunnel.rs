@@ -1,0 +1,234 @@
+//! A real ztunnel process for one test node: started inside the node's netns with its own
+//! cgroup, pin directory and workloads file; stopped, uninstalled and cleaned up on drop.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use warren_core::model::{NodeConfig, Workload};
+
+use crate::{topology::Node, wait_until};
+
+/// Where cargo put the workspace's binaries: next to the test executable's `deps/` folder.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --bins` first (`./x test` does)",
+        path.display()
+    );
+    path
+}
+
+pub struct Ztunnel {
+    pub node: String,
+    netns: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+    cgroup: String,
+}
+
+pub const ADMIN: &str = "127.0.0.1:15000";
+
+impl Ztunnel {
+    /// Starts ztunnel for `node` with these workloads, and waits until it is ready.
+    pub fn start(node: &Node, workloads: &[Workload]) -> Self {
+        let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
+        fs::create_dir_all(&dir).expect("temp dir");
+        let mut z = Ztunnel {
+            node: node.name.clone(),
+            netns: node.ns.path(),
+            dir,
+            child: None,
+            cgroup: format!("warren-e2e/{}", node.name),
+        };
+        z.set_workloads(workloads);
+        z.spawn(node);
+        z
+    }
+
+    fn spawn(&mut self, node: &Node) {
+        let log = fs::File::create(self.log_path()).expect("log file");
+        let child = node
+            .ns
+            .command(binary("ztunnel"))
+            .args(["run", "--node", &self.node, "--log-format", "json"])
+            .arg("--workloads")
+            .arg(self.dir.join("workloads.json"))
+            .args([
+                "--own-cgroup",
+                &self.cgroup,
+                "--reconcile-interval-ms",
+                "100",
+            ])
+            .env("WARREN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ztunnel");
+        self.child = Some(child);
+        let ready = wait_until(Duration::from_secs(20), || {
+            self.get("/healthz/ready").is_ok() || self.exited()
+        });
+        assert!(
+            ready && !self.exited(),
+            "ztunnel did not become ready:\n{}",
+            self.log()
+        );
+    }
+
+    /// Starts it again after `stop` (same node, same pins).
+    pub fn restart(&mut self, node: &Node) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn(node);
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("ztunnel.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// JSON log lines (access log and events).
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Access-log records of one direction.
+    pub fn access_log(&self, direction: &str) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| l["target"] == "access" && l["direction"] == direction)
+            .collect()
+    }
+
+    /// Replaces the workloads file atomically (ztunnel re-reads it on change).
+    pub fn set_workloads(&self, workloads: &[Workload]) {
+        let config = NodeConfig {
+            workloads: workloads.to_vec(),
+        };
+        let tmp = self.dir.join("workloads.json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(&config).unwrap()).expect("write workloads");
+        fs::rename(&tmp, self.dir.join("workloads.json")).expect("rename workloads");
+    }
+
+    /// GET on the admin endpoint, from inside the node's netns.
+    pub fn get(&self, path: &str) -> std::io::Result<String> {
+        let netns = fs::File::open(&self.netns)?;
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let addr: SocketAddr = ADMIN.parse().unwrap();
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            if !head.contains(" 200 ") {
+                return Err(std::io::Error::other(
+                    head.lines().next().unwrap_or("").to_string(),
+                ));
+            }
+            Ok(body.to_string())
+        })
+        .join()
+        .expect("admin thread")
+    }
+
+    /// The admin `/capture` view.
+    pub fn capture(&self) -> Value {
+        serde_json::from_str(&self.get("/capture").expect("GET /capture")).expect("JSON")
+    }
+
+    /// The enrolled pod named `uid` in `/capture`, if enrolled.
+    pub fn enrolled_pod(&self, uid: &str) -> Option<Value> {
+        let view = self.capture();
+        view["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["uid"] == uid)
+            .cloned()
+    }
+
+    pub fn wait_enrolled(&self, uid: &str) -> Value {
+        let mut pod = None;
+        let ok = wait_until(Duration::from_secs(10), || {
+            pod = self.enrolled_pod(uid);
+            pod.is_some()
+        });
+        assert!(ok, "{uid} was not enrolled:\n{}", self.log());
+        pod.unwrap()
+    }
+
+    pub fn wait_unenrolled(&self, uid: &str) {
+        let ok = wait_until(Duration::from_secs(10), || self.enrolled_pod(uid).is_none());
+        assert!(ok, "{uid} was not unenrolled:\n{}", self.log());
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.capture()["stats"][name].as_u64().unwrap_or(0)
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/warren").join(&self.node)
+    }
+
+    /// SIGTERM and wait; the pins stay (capture fails closed while it is down).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if !wait_until(Duration::from_secs(5), || {
+                child.try_wait().ok().flatten().is_some()
+            }) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::process::Command::new(binary("ztunnel"))
+            .args(["uninstall", "--node", &self.node])
+            .stdout(Stdio::null())
+            .status();
+        let cgroup = crate::cgroup2_mount().join(&self.cgroup);
+        let _ = fs::remove_dir(&cgroup);
+        // The shared parent goes with the last test that used it (fails while others run).
+        let _ = cgroup.parent().map(fs::remove_dir);
+        if std::thread::panicking() {
+            eprintln!("--- ztunnel log ({}) ---\n{}", self.node, self.log());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

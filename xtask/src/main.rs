@@ -1,0 +1,46 @@
+//! `cargo xtask` (or `./x`, which first installs the pinned user-space toolchain).
+//!
+//! Every command but `setup` runs the setup first: it is idempotent and takes about a second
+//! when everything is in place.
+
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Warren's developer and user workflows")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: Debian packages, the pinned nightly with rust-src, bpf-linker.
+    Setup,
+    /// The whole test suite: fmt, clippy, then unit and end-to-end tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (for example a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Show capture on this kernel: a node and two pods in network namespaces, one enrolled.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test { cargo_test_args } => {
+            setup::run()?;
+            test::run(&cargo_test_args)
+        }
+        Command::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The admin endpoint (127.0.0.1:15000 by default): `/config_dump`, `/capture`,
+//! `/healthz/ready`. Read-only.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::warn;
+use warren_core::model::NodeConfig;
+
+use crate::{capture::Capture, config::Config, inpod::InPod};
+
+pub struct AdminState {
+    pub config: Config,
+    pub capture: Arc<Capture>,
+    pub inpod: Arc<InPod>,
+    pub workloads: Mutex<NodeConfig>,
+    pub ready: AtomicBool,
+}
+
+impl AdminState {
+    /// What `/capture` serves and `ztunnel status` prints.
+    pub fn capture_view(&self) -> serde_json::Value {
+        json!({
+            "node": self.config.node_name,
+            "pinDir": self.config.pin_dir(),
+            "programs": self.capture.cgroup_attachments(),
+            "pods": self.inpod.view(),
+            "enrolledMapCookies": self.capture.enrolled_cookies(),
+            "originalDstEntries": self.capture.original_dst_entries(),
+            "pendingDstEntries": self.capture.pending_dst_entries(),
+            "stats": &*self.inpod.stats,
+        })
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        json!({
+            "config": self.config,
+            "workloads": *self.workloads.lock().expect("poisoned"),
+            "capture": self.capture_view(),
+        })
+    }
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, hyper::Error>(route(&state, &req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                warn!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let (status, body) = match req.uri().path() {
+        "/config_dump" => (StatusCode::OK, pretty(&state.config_dump())),
+        "/capture" => (StatusCode::OK, pretty(&state.capture_view())),
+        "/healthz/ready" if state.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "ready\n".into())
+        }
+        "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "endpoints: /config_dump /capture /healthz/ready\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn pretty(value: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+/// A blocking GET against the admin endpoint, for `ztunnel status`.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "{path}: {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    Ok(body.to_string())
+}

@@ -1,0 +1,76 @@
+//! ztunnel's one flat configuration, from flags or `WARREN_*` environment variables, dumped
+//! as-is at `/config_dump` on the admin port.
+
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+#[derive(Args, Clone, Debug, Serialize)]
+pub struct Config {
+    /// This node's name: ztunnel enrolls the workloads scheduled here.
+    #[arg(long = "node", env = "WARREN_NODE_NAME")]
+    pub node_name: String,
+
+    /// The workloads file (JSON `{"workloads": [...]}`), re-read when it changes. Stands in
+    /// for the controller's config stream until that exists.
+    #[arg(long = "workloads", env = "WARREN_WORKLOADS_FILE")]
+    pub workloads_file: PathBuf,
+
+    /// Where the BPF filesystem is (mounted there by ztunnel if it is not yet).
+    #[arg(long, env = "WARREN_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// cgroup v2 mount to attach the connect and sock_ops programs to (its root). Found in
+    /// /proc/self/mountinfo when not given.
+    #[arg(long, env = "WARREN_CGROUP2_ROOT")]
+    pub cgroup2_root: Option<PathBuf>,
+
+    /// A cgroup (relative to the cgroup2 root) that ztunnel moves itself into at start. Its
+    /// sockets are exempt from capture by cgroup, so it must not share its cgroup with pods.
+    /// Unset: stay where started (Kubernetes gives ztunnel's pod its own cgroup).
+    #[arg(long, env = "WARREN_OWN_CGROUP")]
+    pub own_cgroup: Option<String>,
+
+    /// SO_MARK on every socket ztunnel opens in a pod netns (Istio's 0x539 by default).
+    #[arg(long, env = "WARREN_MARK", default_value_t = 0x539)]
+    pub mark: u32,
+
+    /// Admin endpoint (/config_dump, /capture).
+    #[arg(long, env = "WARREN_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Source IPs whose connections to pods are not captured (kubelet probes from the node).
+    #[arg(
+        long = "probe-source",
+        env = "WARREN_PROBE_SOURCES",
+        value_delimiter = ','
+    )]
+    pub probe_sources: Vec<IpAddr>,
+
+    /// How often the workloads file and the pods' network namespaces are checked.
+    #[arg(long, env = "WARREN_RECONCILE_INTERVAL_MS", default_value_t = 500)]
+    pub reconcile_interval_ms: u64,
+
+    /// Log output format.
+    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// bpffs directory holding this node's pinned maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join("warren").join(&self.node_name)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms.max(10))
+    }
+}

@@ -1,0 +1,420 @@
+//! Pod enrollment: ztunnel's listeners inside each enrolled pod's network namespace, the
+//! pod's sk_lookup link, and its entry in the enrolled map.
+//!
+//! Enrolling goes listeners → listener map → sk_lookup → enrolled map, so that by the time
+//! anything is steered to ztunnel its listener exists; unenrolling goes the other way. A step
+//! that fails undoes the earlier ones: a pod is enrolled completely or not at all.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use aya::programs::links::PinnedLink;
+use serde::Serialize;
+use tokio::{runtime::Handle, task::JoinHandle};
+use tracing::{info, warn};
+use warren_core::model::Workload;
+use warren_ebpf_types::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT};
+
+use crate::{
+    capture::{Attachment, Capture, CaptureError},
+    netns::{self, NetnsError, NetnsRef},
+    proxy::{self, PodContext},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("pod {pod} has no IP yet: waiting")]
+    NoIp { pod: String },
+    #[error("pod {pod}: {source}")]
+    Netns { pod: String, source: NetnsError },
+    #[error(
+        "pod {pod}: opening ztunnel's listeners in its netns failed: {source} (is loopback up there, and ports 15001/15006/15008 free?)"
+    )]
+    Listeners { pod: String, source: io::Error },
+    #[error("pod {pod}: {source}")]
+    Capture { pod: String, source: Box<CaptureError> },
+    #[error("pods {first} and {second} both claim IP {ip}: neither is enrolled until one lets go")]
+    DuplicateIp {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+}
+
+/// One enrolled pod, as the admin view shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EnrolledPodView {
+    pub pod: String,
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: PathBuf,
+    pub netns_inode: u64,
+    pub netns_cookie: u64,
+    pub sk_lookup: Attachment,
+}
+
+struct EnrolledPod {
+    view: EnrolledPodView,
+    workload: Workload,
+    sk_lookup: Option<PinnedLink>,
+    listener_keys: Vec<(IpAddr, ListenerKind)>,
+    accept_loops: Vec<JoinHandle<()>>,
+}
+
+/// The enrolled pods of this node.
+pub struct InPod {
+    capture: Arc<Capture>,
+    mark: u32,
+    runtime: Handle,
+    pods: Mutex<BTreeMap<String, EnrolledPod>>,
+    /// Last error reported per pod, so a pod that stays broken is logged once, not every tick.
+    last_error: Mutex<HashMap<String, String>>,
+    pub stats: Arc<proxy::Stats>,
+}
+
+/// Sockets created inside a pod's netns.
+struct InPodSockets {
+    cookie: u64,
+    outbound: Vec<std::net::TcpListener>,
+    inbound: Vec<(IpAddr, ListenerKind, std::net::TcpListener)>,
+}
+
+impl InPod {
+    pub fn new(capture: Arc<Capture>, mark: u32, runtime: Handle) -> Self {
+        Self {
+            capture,
+            mark,
+            runtime,
+            pods: Mutex::new(BTreeMap::new()),
+            last_error: Mutex::new(HashMap::new()),
+            stats: Arc::new(proxy::Stats::default()),
+        }
+    }
+
+    pub fn view(&self) -> Vec<EnrolledPodView> {
+        self.pods
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|p| p.view.clone())
+            .collect()
+    }
+
+    /// Brings the enrolled set to `desired` (the enrolled workloads of this node). Blocking:
+    /// it enters network namespaces; call it from a blocking thread.
+    pub fn reconcile(&self, desired: &[Workload], namespaces: &[NetnsRef]) {
+        let (admissible, conflicts) = without_duplicate_ips(desired);
+        for conflict in conflicts {
+            self.report(&conflict.to_string(), &conflict);
+        }
+        let wanted: HashMap<&str, &Workload> =
+            admissible.iter().map(|w| (w.uid.as_str(), *w)).collect();
+
+        // Unenroll what is no longer wanted, changed, or whose netns is gone.
+        let stale: Vec<String> = {
+            let pods = self.pods.lock().expect("poisoned");
+            pods.iter()
+                .filter(|(uid, pod)| {
+                    wanted
+                        .get(uid.as_str())
+                        .is_none_or(|w| w.ips != pod.workload.ips)
+                        || !netns::still_present(pod.view.netns_inode, namespaces)
+                })
+                .map(|(uid, _)| uid.clone())
+                .collect()
+        };
+        for uid in stale {
+            self.unenroll(&uid);
+        }
+
+        for workload in admissible {
+            if self
+                .pods
+                .lock()
+                .expect("poisoned")
+                .contains_key(&workload.uid)
+            {
+                continue;
+            }
+            match self.enroll(workload, namespaces) {
+                Ok(()) => {
+                    self.last_error
+                        .lock()
+                        .expect("poisoned")
+                        .remove(&workload.uid);
+                }
+                Err(e) => self.report(&workload.uid, &e),
+            }
+        }
+    }
+
+    /// Removes what a previous ztunnel left for pods this one does not enroll. Call after the
+    /// first reconcile.
+    pub fn remove_leftovers(&self) {
+        let ours: HashSet<u64> = self
+            .pods
+            .lock()
+            .expect("poisoned")
+            .values()
+            .map(|p| p.view.netns_cookie)
+            .collect();
+        for cookie in self.capture.enrolled_cookies() {
+            if !ours.contains(&cookie) {
+                info!(
+                    netns_cookie = cookie,
+                    "removing an enrolled netns left by a previous ztunnel"
+                );
+                self.capture.unenroll(cookie);
+            }
+        }
+        for cookie in self.capture.pinned_sk_lookup_cookies() {
+            if !ours.contains(&cookie) {
+                self.capture.detach_sk_lookup(cookie, None);
+            }
+        }
+    }
+
+    fn report(&self, key: &str, error: &EnrollError) {
+        let text = error.to_string();
+        let mut last = self.last_error.lock().expect("poisoned");
+        if last.get(key) != Some(&text) {
+            match error {
+                EnrollError::NoIp { .. } => info!("{text}"),
+                _ => warn!("{text}"),
+            }
+            last.insert(key.to_string(), text);
+        }
+    }
+
+    fn enroll(&self, workload: &Workload, namespaces: &[NetnsRef]) -> Result<(), EnrollError> {
+        let pod = workload.display_name();
+        let first_ip = *workload
+            .ips
+            .first()
+            .ok_or_else(|| EnrollError::NoIp { pod: pod.clone() })?;
+        let (netns_ref, netns_file) =
+            netns::find_by_ip(first_ip, namespaces).map_err(|source| EnrollError::Netns {
+                pod: pod.clone(),
+                source,
+            })?;
+        let sockets = open_listeners(&netns_file, &workload.ips).map_err(|source| {
+            EnrollError::Listeners {
+                pod: pod.clone(),
+                source,
+            }
+        })?;
+        let cookie = sockets.cookie;
+        let capture_err = |source: CaptureError| EnrollError::Capture {
+            pod: pod.clone(),
+            source: Box::new(source),
+        };
+
+        // Listener map first: sk_lookup must find the listeners the moment it is attached.
+        let mut keys = Vec::new();
+        for (ip, kind, listener) in &sockets.inbound {
+            if let Err(e) = self.capture.add_listener(*ip, *kind, listener) {
+                self.remove_listener_keys(&keys);
+                return Err(capture_err(e));
+            }
+            keys.push((*ip, *kind));
+        }
+        let (attachment, link) =
+            match self
+                .capture
+                .attach_sk_lookup(&netns_file, cookie, &netns_ref.path)
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    self.remove_listener_keys(&keys);
+                    return Err(capture_err(e));
+                }
+            };
+        let context = Arc::new(PodContext {
+            pod: pod.clone(),
+            netns: netns_file,
+            netns_cookie: cookie,
+            mark: self.mark,
+            capture: self.capture.clone(),
+            stats: self.stats.clone(),
+        });
+        let accept_loops = {
+            let _guard = self.runtime.enter();
+            match proxy::spawn_accept_loops(&context, sockets.outbound, sockets.inbound) {
+                Ok(loops) => loops,
+                Err(e) => {
+                    self.capture.detach_sk_lookup(cookie, Some(link));
+                    self.remove_listener_keys(&keys);
+                    return Err(EnrollError::Listeners { pod, source: e });
+                }
+            }
+        };
+        // Last: from here on the pod's outbound connects are captured.
+        if let Err(e) = self.capture.enroll(cookie) {
+            accept_loops.iter().for_each(JoinHandle::abort);
+            self.capture.detach_sk_lookup(cookie, Some(link));
+            self.remove_listener_keys(&keys);
+            return Err(capture_err(e));
+        }
+        info!(pod, netns = %netns_ref.path.display(), netns_cookie = cookie, ips = ?workload.ips, "enrolled");
+        let view = EnrolledPodView {
+            pod,
+            uid: workload.uid.clone(),
+            ips: workload.ips.clone(),
+            netns: netns_ref.path,
+            netns_inode: netns_ref.inode,
+            netns_cookie: cookie,
+            sk_lookup: attachment,
+        };
+        self.pods.lock().expect("poisoned").insert(
+            workload.uid.clone(),
+            EnrolledPod {
+                view,
+                workload: workload.clone(),
+                sk_lookup: Some(link),
+                listener_keys: keys,
+                accept_loops,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reverse order of enroll. Connections already relayed keep running in their own tasks.
+    fn unenroll(&self, uid: &str) {
+        let Some(mut pod) = self.pods.lock().expect("poisoned").remove(uid) else {
+            return;
+        };
+        self.capture.unenroll(pod.view.netns_cookie);
+        self.capture
+            .detach_sk_lookup(pod.view.netns_cookie, pod.sk_lookup.take());
+        self.remove_listener_keys(&pod.listener_keys);
+        // Aborting an accept loop drops (closes) its listener.
+        pod.accept_loops.iter().for_each(JoinHandle::abort);
+        info!(
+            pod = pod.view.pod,
+            netns_cookie = pod.view.netns_cookie,
+            "unenrolled"
+        );
+    }
+
+    fn remove_listener_keys(&self, keys: &[(IpAddr, ListenerKind)]) {
+        for (ip, kind) in keys {
+            self.capture.remove_listener(*ip, *kind);
+        }
+    }
+}
+
+/// Splits out workloads that claim an IP another workload also claims.
+fn without_duplicate_ips(desired: &[Workload]) -> (Vec<&Workload>, Vec<EnrollError>) {
+    let mut owner: HashMap<IpAddr, &Workload> = HashMap::new();
+    let mut conflicted: HashSet<&str> = HashSet::new();
+    let mut errors = Vec::new();
+    for w in desired {
+        for ip in &w.ips {
+            if let Some(first) = owner.get(ip) {
+                conflicted.insert(first.uid.as_str());
+                conflicted.insert(w.uid.as_str());
+                errors.push(EnrollError::DuplicateIp {
+                    ip: *ip,
+                    first: first.display_name(),
+                    second: w.display_name(),
+                });
+            } else {
+                owner.insert(*ip, w);
+            }
+        }
+    }
+    let admissible = desired
+        .iter()
+        .filter(|w| !conflicted.contains(w.uid.as_str()))
+        .collect();
+    (admissible, errors)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Opens ztunnel's listeners inside the pod's netns. The inbound ones are bound to loopback:
+/// sk_lookup steers to them whatever they are bound to, and nothing outside the pod reaches
+/// them any other way.
+fn open_listeners(netns: &File, ips: &[IpAddr]) -> io::Result<InPodSockets> {
+    netns::run_in(netns, || {
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let mut outbound = vec![listen(SocketAddr::new(v4, OUTBOUND_PORT))?];
+        // IPv6 may be disabled in the pod; then nothing can connect over it either.
+        if let Ok(l) = listen(SocketAddr::new(v6, OUTBOUND_PORT)) {
+            outbound.push(l);
+        }
+        let cookie = netns::netns_cookie(&outbound[0])?;
+        let mut inbound = Vec::new();
+        for ip in ips {
+            let local = if ip.is_ipv4() { v4 } else { v6 };
+            for (kind, port) in [
+                (ListenerKind::InboundPlaintext, INBOUND_PLAINTEXT_PORT),
+                (ListenerKind::Hbone, HBONE_PORT),
+            ] {
+                inbound.push((*ip, kind, listen(SocketAddr::new(local, port))?));
+            }
+        }
+        Ok(InPodSockets {
+            cookie,
+            outbound,
+            inbound,
+        })
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(uid: &str, ips: &[&str]) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            node: "n".into(),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            enrolled: true,
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn pods_claiming_one_ip_are_both_held_back_and_named() {
+        let desired = [
+            workload("a", &["10.0.0.1"]),
+            workload("b", &["10.0.0.1"]),
+            workload("c", &["10.0.0.2"]),
+        ];
+        let (ok, errors) = without_duplicate_ips(&desired);
+        assert_eq!(ok.iter().map(|w| w.uid.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(errors.len(), 1);
+        let msg = errors[0].to_string();
+        assert!(
+            msg.contains("default/a") && msg.contains("default/b") && msg.contains("10.0.0.1"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! `ztunnel run`: start-up checks, loading capture, the reconcile loop, shutdown.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::TcpListener;
+use tracing::{error, info};
+use warren_core::model::NodeConfig;
+
+use crate::{
+    admin::{self, AdminState},
+    capture::{Capture, CaptureSettings},
+    cgroup,
+    config::{Config, LogFormat},
+    inpod::InPod,
+    netns,
+};
+
+pub fn run(config: Config) -> Result<()> {
+    // Before any thread exists: every thread returns to this netns after entering a pod's.
+    netns::init();
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let cgroup_root = match &config.cgroup2_root {
+        Some(root) => root.clone(),
+        None => cgroup::find_cgroup2_mount()?,
+    };
+    if let Some(own) = &config.own_cgroup {
+        cgroup::move_self_into(&cgroup_root, own)?;
+    }
+    let own_cgroup = cgroup::own_cgroup_path()?;
+    let cgroup_id = cgroup::cgroup_id(&cgroup_root, &own_cgroup)?;
+    ensure_bpffs(&config.bpffs)?;
+
+    let pin_dir = config.pin_dir();
+    let capture = Arc::new(Capture::load(&CaptureSettings {
+        pin_dir: &pin_dir,
+        cgroup2_root: &cgroup_root,
+        ztunnel_cgroup_id: cgroup_id,
+        mark: config.mark,
+        ebpf_debug_logs: tracing::enabled!(target: "warren_ebpf", tracing::Level::DEBUG),
+    })?);
+    capture.set_probe_sources(&config.probe_sources)?;
+    for a in capture.cgroup_attachments() {
+        info!(program = a.program, program_id = a.program_id, link_id = a.link_id, attach_point = a.attach_point, pin = %a.pin.display(), "attached");
+    }
+    info!(
+        node = config.node_name,
+        cgroup = own_cgroup,
+        cgroup_id,
+        mark = config.mark,
+        "capture loaded; ztunnel's own sockets are exempt"
+    );
+
+    let inpod = Arc::new(InPod::new(
+        capture.clone(),
+        config.mark,
+        tokio::runtime::Handle::current(),
+    ));
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", config.admin_addr))?;
+    let state = Arc::new(AdminState {
+        config: config.clone(),
+        capture: capture.clone(),
+        inpod: inpod.clone(),
+        workloads: Mutex::new(NodeConfig::default()),
+        ready: false.into(),
+    });
+    tokio::spawn(admin::serve(admin_listener, state.clone()));
+    info!(admin = %config.admin_addr, "admin endpoint listening");
+
+    let reconciler = tokio::spawn(reconcile_loop(config, state));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; capture stays pinned and fails closed until a ztunnel returns"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+        r = reconciler => bail!("the reconcile loop ended: {r:?}"),
+    }
+    Ok(())
+}
+
+/// Re-reads the workloads file when it changes and brings the enrolled pods in line, checking
+/// every tick that the pods' network namespaces still exist.
+async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
+    let mut last_seen: Option<SystemTime> = None;
+    let mut last_error = String::new();
+    let mut first = true;
+    let mut tick = tokio::time::interval(config.reconcile_interval());
+    loop {
+        tick.tick().await;
+        let modified = std::fs::metadata(&config.workloads_file)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified != last_seen || first {
+            match read_workloads(&config.workloads_file) {
+                Ok(workloads) => {
+                    *state.workloads.lock().expect("poisoned") = workloads;
+                    last_seen = modified;
+                    last_error.clear();
+                }
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    if text != last_error {
+                        error!("{text}; keeping the last good workloads");
+                        last_error = text;
+                    }
+                }
+            }
+        }
+        let desired: Vec<_> = state
+            .workloads
+            .lock()
+            .expect("poisoned")
+            .enrolled_on(&config.node_name)
+            .cloned()
+            .collect();
+        let inpod = state.inpod.clone();
+        let cleanup = first;
+        let done = tokio::task::spawn_blocking(move || {
+            inpod.reconcile(&desired, &netns::scan());
+            if cleanup {
+                inpod.remove_leftovers();
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            error!("reconcile panicked: {e}");
+        }
+        if first {
+            state.ready.store(true, Ordering::Relaxed);
+            first = false;
+        }
+    }
+}
+
+fn read_workloads(path: &Path) -> Result<NodeConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the workloads file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("workloads file {}", path.display()))
+}
+
+/// Mounts the BPF filesystem at `path` if something else is there (or nothing).
+fn ensure_bpffs(path: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c_path is a valid C string; statfs writes into `buf`.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    info!(path = %path.display(), "mounting the BPF filesystem");
+    let fstype = c"bpf";
+    // SAFETY: valid C strings; no data argument.
+    if unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            c_path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        bail!(
+            "mounting the BPF filesystem at {} failed: {} (ztunnel pins its maps and links there; mount it: mount -t bpf bpf {})",
+            path.display(),
+            std::io::Error::last_os_error(),
+            path.display()
+        );
+    }
+    Ok(())
+}
