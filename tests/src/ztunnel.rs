@@ -5,7 +5,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -15,20 +15,19 @@ use warren_core::model::{NodeConfig, Workload};
 
 use crate::{topology::Node, wait_until};
 
-/// Where cargo put the workspace's binaries: next to the test executable's `deps/` folder.
+/// Where cargo put the workspace's binaries: beside this executable (xtask), or one level up
+/// from a test executable in `deps/`.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build --bins` first (`./x test` does)",
-        path.display()
-    );
-    path
+    let here = exe.parent().expect("exe dir");
+    let candidates = [here.join(name), here.parent().unwrap_or(here).join(name)];
+    let found = candidates.iter().find(|p| p.is_file());
+    found.cloned().unwrap_or_else(|| {
+        panic!(
+            "{} is not built: run `cargo build --bins` first (`./x test` does)",
+            candidates[1].display()
+        )
+    })
 }
 
 pub struct Ztunnel {

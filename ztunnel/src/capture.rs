@@ -427,12 +427,14 @@ where
         feature: "a ztunnel built from this repository",
         source: Box::new(aya::programs::ProgramError::NotLoaded),
     })?;
-    prog.try_into().map_err(|source: aya::programs::ProgramError| CaptureError::Program {
-        program: name,
-        action: "reading its type",
-        feature: "a ztunnel built from this repository",
-        source: Box::new(source),
-    })
+    prog.try_into().map_err(
+        |source: aya::programs::ProgramError| CaptureError::Program {
+            program: name,
+            action: "reading its type",
+            feature: "a ztunnel built from this repository",
+            source: Box::new(source),
+        },
+    )
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(

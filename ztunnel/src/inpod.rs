@@ -38,7 +38,10 @@ pub enum EnrollError {
     )]
     Listeners { pod: String, source: io::Error },
     #[error("pod {pod}: {source}")]
-    Capture { pod: String, source: Box<CaptureError> },
+    Capture {
+        pod: String,
+        source: Box<CaptureError>,
+    },
     #[error("pods {first} and {second} both claim IP {ip}: neither is enrolled until one lets go")]
     DuplicateIp {
         ip: IpAddr,
