@@ -143,6 +143,7 @@ fn nightly(pins: &Pins) -> Result<()> {
     run_checked(Command::new("rustup").args([
         "toolchain",
         "install",
+        "--no-self-update",
         &pins.nightly,
         "--profile",
         "minimal",
