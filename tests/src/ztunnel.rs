@@ -15,9 +15,13 @@ use warren_core::model::{NodeConfig, Workload};
 
 use crate::{topology::Node, wait_until};
 
-/// Where cargo put the workspace's binaries: beside this executable (xtask), or one level up
-/// from a test executable in `deps/`.
+/// Where cargo put the workspace's binaries: `WARREN_BIN_DIR` if set, else beside this
+/// executable (xtask), or one level up from a test executable in `deps/`.
 pub fn binary(name: &str) -> PathBuf {
+    // The benchmark points this at the release binaries.
+    if let Some(dir) = std::env::var_os("WARREN_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let here = exe.parent().expect("exe dir");
     let candidates = [here.join(name), here.parent().unwrap_or(here).join(name)];

@@ -84,7 +84,7 @@ pub fn run() -> Result<()> {
     );
     drop(client);
     wait_until(Duration::from_secs(3), || {
-        z.access_log("inbound").len() >= 1
+        !z.access_log("inbound").is_empty()
     });
     for line in z
         .access_log("outbound")

@@ -3,6 +3,7 @@
 //! Every command but `setup` runs the setup first: it is idempotent and takes about a second
 //! when everything is in place.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -26,12 +27,28 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Show capture on this kernel: a node and two pods in network namespaces, one enrolled.
+    /// Show capture on this kernel: a node and three pods in network namespaces.
     Demo,
+    /// Measure Warren against baselines in the same run (needs root); writes
+    /// target/bench/results.json and docs/performance.md.
+    Bench {
+        /// Fewer rounds and connections: a few minutes at most, for everyday checks.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Setup => setup::run(),
         Command::Test { cargo_test_args } => {
@@ -41,6 +58,10 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Command::Bench { quick } => {
+            setup::run()?;
+            bench::run(quick)
         }
     }
 }
