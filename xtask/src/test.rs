@@ -1,8 +1,11 @@
 //! `cargo xtask test`: everything CI runs, in the order that fails fastest.
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
 use crate::setup::{run_checked, workspace_root};
 
@@ -28,5 +31,37 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
     println!("==> cargo build --bins");
     run_checked(cargo().args(["build", "--bins"]))?;
     println!("==> cargo test");
-    run_checked(cargo().arg("test").args(cargo_test_args))
+    let mut child = cargo()
+        .arg("test")
+        .args(cargo_test_args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    // Echo the output and add up every test binary's result line, for one closing summary.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next())
+                    && let Ok(n) = n.parse::<u64>()
+                {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
 }

@@ -60,7 +60,7 @@ async fn serve(config: Config) -> Result<()> {
         cgroup2_root: &cgroup_root,
         ztunnel_cgroup_id: cgroup_id,
         mark: config.mark,
-        ebpf_debug_logs: tracing::enabled!(target: "warren_ebpf", tracing::Level::DEBUG),
+        ebpf_debug_logs: tracing::enabled!(target: "warren_capture", tracing::Level::DEBUG),
     })?);
     capture.set_probe_sources(&config.probe_sources)?;
     for a in capture.cgroup_attachments() {
