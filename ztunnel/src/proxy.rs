@@ -17,7 +17,6 @@ use std::{
 
 use serde::Serialize;
 use tokio::{
-    io::AsyncWriteExt,
     net::{TcpListener, TcpSocket, TcpStream},
     task::JoinHandle,
 };
@@ -170,7 +169,9 @@ async fn relay(
                 .upstream_connect_failures
                 .fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction, pod = pod.pod, %src, %dst, error = %e, "connection failed");
-            let _ = downstream.shutdown().await;
+            // Reset rather than close, so the client sees a failed connection as it would
+            // without the mesh, not an empty response.
+            let _ = socket2::SockRef::from(&downstream).set_linger(Some(std::time::Duration::ZERO));
             return;
         }
     };
