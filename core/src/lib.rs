@@ -1,5 +1,9 @@
 //! What Warren's ztunnel, waypoint and controller all need: the config model the controller
-//! produces and the proxies consume, and SPIFFE workload identities.
+//! produces and the proxies consume, SPIFFE workload identities, the mesh CA's signing, mutual
+//! TLS set-up with SPIFFE verification, and the HBONE codec.
 
+pub mod ca;
+pub mod hbone;
 pub mod identity;
 pub mod model;
+pub mod tls;

@@ -1,0 +1,207 @@
+//! The mesh CA's cryptography: a root, workload keys with their CSRs, and signing a CSR for
+//! exactly one SPIFFE identity. Who may ask for which identity is the CA service's business
+//! (the controller); this module only never lets a CSR choose its own SANs.
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+
+use crate::identity::SpiffeId;
+
+/// Default workload certificate lifetime (Istio's).
+pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Tolerated clock skew: leaves are valid from a little before they are signed.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("generating a key or certificate: {0}")]
+    Generate(rcgen::Error),
+    #[error("the certificate signing request is invalid or its signature does not verify: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("the CA root in PEM could not be read: {0}")]
+    BadRoot(String),
+}
+
+/// A workload's key and certificate chain (leaf first; the root is not included).
+#[derive(Clone, Debug)]
+pub struct WorkloadCertificate {
+    pub identity: SpiffeId,
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8; shared, never copied out of the process.
+    pub key: std::sync::Arc<PrivatePkcs8KeyDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl WorkloadCertificate {
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// When to renew: half-way through the lifetime.
+    pub fn refresh_at(&self) -> SystemTime {
+        let lifetime = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + lifetime / 2
+    }
+}
+
+/// A fresh key for `identity` (ECDSA P-256; it never leaves the process that made it) and a
+/// CSR asking for that identity.
+pub fn new_key_and_csr(
+    identity: &SpiffeId,
+) -> Result<(KeyPair, CertificateSigningRequestDer<'static>), CaError> {
+    let key = KeyPair::generate().map_err(CaError::Generate)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(CaError::Generate)?;
+    params.subject_alt_names = vec![SanType::URI(
+        identity.to_string().try_into().map_err(CaError::Generate)?,
+    )];
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key).map_err(CaError::Generate)?;
+    Ok((key, csr.der().clone()))
+}
+
+/// Completes a [`WorkloadCertificate`] from the key kept locally and the chain the CA returned.
+pub fn workload_certificate(
+    identity: SpiffeId,
+    key: &KeyPair,
+    chain: Vec<CertificateDer<'static>>,
+) -> Result<WorkloadCertificate, CaError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| CaError::BadRoot("empty certificate chain".into()))?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| CaError::BadRoot(e.to_string()))?;
+    let to_time = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    Ok(WorkloadCertificate {
+        identity,
+        not_before: to_time(parsed.validity().not_before),
+        not_after: to_time(parsed.validity().not_after),
+        chain,
+        key: std::sync::Arc::new(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    })
+}
+
+/// The mesh root and its signing key.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    root: CertificateDer<'static>,
+    root_pem: String,
+    key_pem: String,
+}
+
+impl Ca {
+    /// A new self-signed root for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(CaError::Generate)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "Warren mesh root");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key).map_err(CaError::Generate)?;
+        let root_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        Ok(Ca {
+            root: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+            root_pem,
+            key_pem,
+        })
+    }
+
+    /// A root from its PEM certificate and PKCS#8 key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadRoot(format!("key: {e}")))?;
+        let root = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| CaError::BadRoot(format!("certificate: {e:?}")))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| CaError::BadRoot(format!("certificate: {e}")))?;
+        Ok(Ca {
+            issuer,
+            root,
+            root_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        })
+    }
+
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Signs `csr` for `identity` only: whatever SANs the CSR asks for are ignored. Valid from
+    /// a little before `now` (clock skew) until `now + lifetime`.
+    pub fn sign(
+        &self,
+        csr: &CertificateSigningRequestDer<'_>,
+        identity: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let request = CertificateSigningRequestParams::from_der(csr).map_err(CaError::BadCsr)?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(CaError::Generate)?;
+        params.subject_alt_names = vec![SanType::URI(
+            identity.to_string().try_into().map_err(CaError::Generate)?,
+        )];
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::from(now);
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = now + lifetime;
+        let leaf = CertificateSigningRequestParams {
+            params,
+            public_key: request.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(CaError::Generate)?;
+        Ok(vec![leaf.der().clone()])
+    }
+
+    /// Key, CSR and signature in one go, for this CA's own use and for tests.
+    pub fn issue(
+        &self,
+        identity: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<WorkloadCertificate, CaError> {
+        let (key, csr) = new_key_and_csr(identity)?;
+        let chain = self.sign(&csr, identity, lifetime, SystemTime::now())?;
+        workload_certificate(identity.clone(), &key, chain)
+    }
+}
