@@ -2,9 +2,15 @@
 //! directory) and streams to the proxies. Today ztunnel also reads it from a local file
 //! ([`NodeConfig`]) until the config stream exists.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
+
+use crate::identity::SpiffeId;
 
 /// A pod as the mesh sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +42,43 @@ impl Workload {
     /// `namespace/name`, how operators name a pod in messages.
     pub fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The workload's SPIFFE identity: its ServiceAccount in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> SpiffeId {
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+        }
+    }
+
+    /// The pod's address in the family of `like` (its first IP when it has none of it).
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| ip.is_ipv4() == like.is_ipv4()).or(self.ips.first().copied())
+    }
+}
+
+/// Workloads by IP, for resolving a connection's original destination.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadIndex {
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl WorkloadIndex {
+    pub fn new(config: &NodeConfig) -> Self {
+        let mut by_ip = HashMap::new();
+        for w in &config.workloads {
+            let w = Arc::new(w.clone());
+            for ip in &w.ips {
+                by_ip.insert(*ip, w.clone());
+            }
+        }
+        Self { by_ip }
+    }
+
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
     }
 }
 

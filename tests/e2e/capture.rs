@@ -135,7 +135,10 @@ fn ztunnels_own_sockets_are_exempt_but_a_pod_carrying_its_mark_is_captured() {
     assert_eq!(client.greeting().unwrap().ip(), b.ipv4);
     assert_eq!(client.echo("no loop").unwrap(), "no loop");
     assert_eq!(z.stat("outbound_accepted"), 1);
-    assert_eq!(z.stat("inbound_plaintext_accepted"), 1);
+    // Both meshed: ztunnel's HBONE connection from A's netns reached B's 15008 (not its own
+    // 15001 again), and its delivery inside B reached the application (not 15006).
+    assert_eq!(z.stat("hbone_streams_served"), 1);
+    assert_eq!(z.stat("inbound_plaintext_accepted"), 0);
 
     // A pod that sets ztunnel's mark on its own socket is still captured: the exemption also
     // needs ztunnel's cgroup.

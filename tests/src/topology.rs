@@ -33,18 +33,68 @@ impl Pod {
 pub struct Node {
     pub name: String,
     pub ns: Netns,
-    /// Third octet of 10.<a>.<b>.0/24 and fd00:<a>:<b>::/64, unique per node in this process.
+    /// 10.<a>.<b>.0/24 and fd00:<a>:<b>::/64, unique per node in this process.
     subnet: (u8, u8),
     next_host: u8,
 }
 
+/// A /24 (and /64) no other node or underlay of this process uses: 10.200-249.x.0/24, far
+/// from anything the machine itself uses.
+fn next_subnet() -> (u8, u8) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
+    (200 + (std::process::id() % 50) as u8, (n % 250) as u8)
+}
+
+/// Nodes joined by an underlay (a bridge in a netns of its own), with routes to each other's
+/// pod subnets: the shape of a real cluster network.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    underlay: Netns,
+}
+
+impl Cluster {
+    pub fn new(node_count: usize) -> Self {
+        let (a, b) = next_subnet();
+        let underlay = Netns::new(&unique_name("wu"));
+        underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+        underlay.ip(&["link", "set", "br0", "up"]);
+        let nodes: Vec<Node> = (0..node_count).map(|_| Node::new()).collect();
+        let underlay_ip = |i: usize| (format!("10.{a}.{b}.{}", i + 2), format!("fd00:{a}:{b}::{}", i + 2));
+        for (i, node) in nodes.iter().enumerate() {
+            let link = format!("u{i}");
+            underlay.ip(&["link", "add", &link, "type", "veth", "peer", "name", "uplink", "netns", &node.ns.name]);
+            underlay.ip(&["link", "set", &link, "master", "br0", "up"]);
+            let (v4, v6) = underlay_ip(i);
+            node.ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "uplink"]);
+            node.ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "uplink", "nodad"]);
+            node.ns.ip(&["link", "set", "uplink", "up"]);
+            let forwarding = "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding";
+            crate::sh("ip", &["netns", "exec", &node.ns.name, "sh", "-c", forwarding]);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            for (j, other) in nodes.iter().enumerate() {
+                if i != j {
+                    let (v4, v6) = underlay_ip(j);
+                    let (oa, ob) = other.subnet;
+                    node.ns.ip(&["route", "add", &format!("10.{oa}.{ob}.0/24"), "via", &v4]);
+                    node.ns.ip(&["-6", "route", "add", &format!("fd00:{oa}:{ob}::/64"), "via", &v6]);
+                }
+            }
+        }
+        Cluster { nodes, underlay }
+    }
+
+    /// Keeps the underlay alive as long as the cluster (its name, for debugging).
+    pub fn underlay_name(&self) -> &str {
+        &self.underlay.name
+    }
+}
+
 impl Node {
     pub fn new() -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT_SUBNET.fetch_add(1, Ordering::Relaxed);
-        // 10.200-249.x.0/24: far from anything the machine itself uses.
-        let subnet = (200 + (std::process::id() % 50) as u8, (n % 250) as u8);
+        let subnet = next_subnet();
         let name = unique_name("wn");
         let ns = Netns::new(&name);
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -96,6 +146,7 @@ impl Node {
         ns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.{a}.{b}.1")]);
+        ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{a}:{b}::1")]);
         Pod {
             name,
             ns,

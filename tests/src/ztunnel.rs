@@ -34,19 +34,62 @@ pub fn binary(name: &str) -> PathBuf {
     })
 }
 
+/// A mesh root for a test: written where ztunnel's `--dev-ca-dir` reads it, shared by every
+/// ztunnel of one test cluster, and usable by the test itself to sign certificates.
+pub struct MeshCa {
+    pub ca: warren_core::ca::Ca,
+    pub dir: PathBuf,
+}
+
+impl MeshCa {
+    pub fn new() -> Self {
+        let ca = warren_core::ca::Ca::generate("cluster.local").expect("generate root");
+        let dir = std::env::temp_dir().join("warren-e2e").join(crate::unique_name("ca"));
+        fs::create_dir_all(&dir).expect("CA dir");
+        fs::write(dir.join("root-cert.pem"), ca.root_pem()).expect("write root");
+        fs::write(dir.join("root-key.pem"), ca.key_pem()).expect("write key");
+        MeshCa { ca, dir }
+    }
+}
+
+impl Default for MeshCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for MeshCa {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 pub struct Ztunnel {
     pub node: String,
     netns: PathBuf,
     dir: PathBuf,
     child: Option<Child>,
     cgroup: String,
+    ca_dir: PathBuf,
+    extra_args: Vec<String>,
+    /// The CA this ztunnel made for itself (when not given one).
+    _own_ca: Option<MeshCa>,
 }
 
 pub const ADMIN: &str = "127.0.0.1:15000";
 
 impl Ztunnel {
-    /// Starts ztunnel for `node` with these workloads, and waits until it is ready.
+    /// Starts ztunnel for `node` with these workloads and a CA of its own, and waits until it
+    /// is ready.
     pub fn start(node: &Node, workloads: &[Workload]) -> Self {
+        let ca = MeshCa::new();
+        let mut z = Self::start_with(node, workloads, &ca, &[]);
+        z._own_ca = Some(ca);
+        z
+    }
+
+    /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
+    pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let mut z = Ztunnel {
@@ -55,6 +98,9 @@ impl Ztunnel {
             dir,
             child: None,
             cgroup: format!("warren-e2e/{}", node.name),
+            ca_dir: ca.dir.clone(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            _own_ca: None,
         };
         z.set_workloads(workloads);
         z.spawn(node);
@@ -75,6 +121,9 @@ impl Ztunnel {
                 "--reconcile-interval-ms",
                 "100",
             ])
+            .arg("--dev-ca-dir")
+            .arg(&self.ca_dir)
+            .args(&self.extra_args)
             .env("WARREN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -193,6 +242,11 @@ impl Ztunnel {
     pub fn wait_unenrolled(&self, uid: &str) {
         let ok = wait_until(Duration::from_secs(10), || self.enrolled_pod(uid).is_none());
         assert!(ok, "{uid} was not unenrolled:\n{}", self.log());
+    }
+
+    /// The admin `/config_dump`.
+    pub fn config_dump(&self) -> Value {
+        serde_json::from_str(&self.get("/config_dump").expect("GET /config_dump")).expect("JSON")
     }
 
     pub fn stat(&self, name: &str) -> u64 {

@@ -17,12 +17,13 @@ use tokio::net::TcpListener;
 use tracing::warn;
 use warren_core::model::NodeConfig;
 
-use crate::{capture::Capture, config::Config, inpod::InPod};
+use crate::{capture::Capture, config::Config, inpod::InPod, proxy::Proxy};
 
 pub struct AdminState {
     pub config: Config,
     pub capture: Arc<Capture>,
     pub inpod: Arc<InPod>,
+    pub proxy: Arc<Proxy>,
     pub workloads: Mutex<NodeConfig>,
     pub ready: AtomicBool,
 }
@@ -38,7 +39,11 @@ impl AdminState {
             "enrolledMapCookies": self.capture.enrolled_cookies(),
             "originalDstEntries": self.capture.original_dst_entries(),
             "pendingDstEntries": self.capture.pending_dst_entries(),
-            "stats": &*self.inpod.stats,
+            "stats": &self.proxy.stats,
+            "hbonePool": {
+                "open": self.proxy.pool.open_connections(),
+                "opened": self.proxy.pool.connections_opened.load(Ordering::Relaxed),
+            },
         })
     }
 
@@ -46,6 +51,8 @@ impl AdminState {
         json!({
             "config": self.config,
             "workloads": *self.workloads.lock().expect("poisoned"),
+            "certificates": self.proxy.certs.view(),
+            "certificateRotations": self.proxy.certs.rotations.load(Ordering::Relaxed),
             "capture": self.capture_view(),
         })
     }

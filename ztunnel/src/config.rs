@@ -52,6 +52,28 @@ pub struct Config {
     #[arg(long, env = "WARREN_RECONCILE_INTERVAL_MS", default_value_t = 500)]
     pub reconcile_interval_ms: u64,
 
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "WARREN_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Development and tests only: a directory with the mesh root (`root-cert.pem`,
+    /// `root-key.pem`) that ztunnel signs its workloads' certificates with itself. In a real
+    /// mesh the controller is the CA. Without it ztunnel has no certificates and refuses HBONE.
+    #[arg(long, env = "WARREN_DEV_CA_DIR")]
+    pub dev_ca_dir: Option<PathBuf>,
+
+    /// Lifetime of the workload certificates the development CA signs (renewed at half-life).
+    #[arg(long, env = "WARREN_CERT_LIFETIME_SECS", default_value_t = 24 * 3600)]
+    pub cert_lifetime_secs: u64,
+
+    /// CONNECT streams per pooled HBONE connection before another connection is opened.
+    #[arg(long, env = "WARREN_POOL_MAX_STREAMS", default_value_t = 100)]
+    pub pool_max_streams: usize,
+
+    /// Seconds an HBONE connection with no streams stays open for reuse.
+    #[arg(long, env = "WARREN_POOL_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub pool_idle_timeout_secs: u64,
+
     /// Log output format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

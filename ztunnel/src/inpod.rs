@@ -24,7 +24,7 @@ use warren_ebpf_types::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOU
 use crate::{
     capture::{Attachment, Capture, CaptureError},
     netns::{self, NetnsError, NetnsRef},
-    proxy::{self, PodContext},
+    proxy::{self, PodContext, Proxy},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +73,11 @@ struct EnrolledPod {
 /// The enrolled pods of this node.
 pub struct InPod {
     capture: Arc<Capture>,
-    mark: u32,
+    proxy: Arc<Proxy>,
     runtime: Handle,
     pods: Mutex<BTreeMap<String, EnrolledPod>>,
     /// Last error reported per pod, so a pod that stays broken is logged once, not every tick.
     last_error: Mutex<HashMap<String, String>>,
-    pub stats: Arc<proxy::Stats>,
 }
 
 /// Sockets created inside a pod's netns.
@@ -89,14 +88,13 @@ struct InPodSockets {
 }
 
 impl InPod {
-    pub fn new(capture: Arc<Capture>, mark: u32, runtime: Handle) -> Self {
+    pub fn new(proxy: Arc<Proxy>, runtime: Handle) -> Self {
         Self {
-            capture,
-            mark,
+            capture: proxy.capture.clone(),
+            proxy,
             runtime,
             pods: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(HashMap::new()),
-            stats: Arc::new(proxy::Stats::default()),
         }
     }
 
@@ -240,11 +238,10 @@ impl InPod {
             };
         let context = Arc::new(PodContext {
             pod: pod.clone(),
+            workload: workload.clone(),
             netns: netns_file,
             netns_cookie: cookie,
-            mark: self.mark,
-            capture: self.capture.clone(),
-            stats: self.stats.clone(),
+            proxy: self.proxy.clone(),
         });
         let accept_loops = {
             let _guard = self.runtime.enter();

@@ -2,8 +2,10 @@
 
 mod admin;
 mod capture;
+mod certs;
 mod cgroup;
 mod config;
+mod hbone;
 mod inpod;
 mod netns;
 mod proxy;

@@ -1,15 +1,17 @@
-//! The in-pod listeners' accept loops and the TCP relays behind them.
+//! The in-pod listeners' accept loops and what happens to each connection.
 //!
-//! Until HBONE lands, traffic is relayed as plain TCP: outbound to the original destination
-//! (from a socket inside the source pod's netns, so the source IP stays the pod's), inbound
-//! to the application inside the destination pod's netns.
+//! - Outbound (15001): the original destination decides. A meshed (enrolled) workload is
+//!   reached over HBONE, from the source pod's netns with the source pod's identity; anything
+//!   else is relayed as plain TCP from the source pod's netns.
+//! - Inbound plaintext (15006): delivered to the application inside the pod.
+//! - HBONE (15008): mTLS + HTTP/2 CONNECT, see `hbone`.
 
 use std::{
     fs::File,
     io,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::Instant,
@@ -21,18 +23,44 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::{info, warn};
+use warren_core::{
+    hbone::{ConnectRequest, baggage, new_traceparent},
+    model::{Workload, WorkloadIndex},
+};
 use warren_ebpf_types::ListenerKind;
 
-use crate::{capture::Capture, netns};
+use crate::{
+    capture::Capture,
+    certs::CertManager,
+    hbone::{self, Pool, PoolKey},
+    netns,
+};
 
-/// What every connection of one pod needs.
+/// What every connection on this node shares.
+pub struct Proxy {
+    pub capture: Arc<Capture>,
+    pub certs: Arc<CertManager>,
+    pub pool: Arc<Pool>,
+    pub index: RwLock<Arc<WorkloadIndex>>,
+    pub stats: Stats,
+    pub mark: u32,
+    pub trust_domain: String,
+}
+
+impl Proxy {
+    pub fn index(&self) -> Arc<WorkloadIndex> {
+        self.index.read().expect("poisoned").clone()
+    }
+}
+
+/// One enrolled pod, as its connections see it.
 pub struct PodContext {
+    /// `namespace/name`, for logs.
     pub pod: String,
+    pub workload: Workload,
     pub netns: File,
     pub netns_cookie: u64,
-    pub mark: u32,
-    pub capture: Arc<Capture>,
-    pub stats: Arc<Stats>,
+    pub proxy: Arc<Proxy>,
 }
 
 /// Connection counters of this ztunnel, shown by the admin view.
@@ -41,8 +69,11 @@ pub struct Stats {
     pub outbound_accepted: AtomicU64,
     /// Outbound connections with no recorded original destination (closed at once).
     pub outbound_without_original_dst: AtomicU64,
+    pub outbound_hbone: AtomicU64,
+    pub outbound_passthrough: AtomicU64,
     pub inbound_plaintext_accepted: AtomicU64,
     pub hbone_accepted: AtomicU64,
+    pub hbone_streams_served: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
 }
 
@@ -54,11 +85,7 @@ pub fn spawn_accept_loops(
     let mut loops = Vec::new();
     for listener in outbound {
         let listener = TcpListener::from_std(listener)?;
-        loops.push(tokio::spawn(accept_loop(
-            listener,
-            pod.clone(),
-            Direction::Outbound,
-        )));
+        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), Direction::Outbound)));
     }
     for (_, kind, listener) in inbound {
         let listener = TcpListener::from_std(listener)?;
@@ -93,103 +120,136 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, direction: Dir
             match direction {
                 Direction::Outbound => outbound(stream, peer, &pod).await,
                 Direction::InboundPlaintext => inbound_plaintext(stream, peer, &pod).await,
-                Direction::Hbone => hbone(stream, peer, &pod).await,
+                Direction::Hbone => {
+                    pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
+                    hbone::serve_connection(stream, peer, pod).await
+                }
             }
         });
     }
 }
 
 async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
-    pod.stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
-    let Some(original_dst) = pod.capture.take_original_dst(pod.netns_cookie, peer) else {
-        pod.stats
-            .outbound_without_original_dst
-            .fetch_add(1, Ordering::Relaxed);
+    let stats = &pod.proxy.stats;
+    stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(original_dst) = pod.proxy.capture.take_original_dst(pod.netns_cookie, peer) else {
+        stats.outbound_without_original_dst.fetch_add(1, Ordering::Relaxed);
         warn!(pod = pod.pod, %peer, "outbound connection without a recorded original destination: closed");
         return;
     };
-    relay(stream, original_dst, pod, "outbound", peer).await;
+    let destination = pod.proxy.index().by_ip(original_dst.ip()).cloned();
+    match destination {
+        Some(dst_workload) if dst_workload.enrolled => {
+            stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
+            outbound_hbone(stream, peer, original_dst, &dst_workload, pod).await
+        }
+        _ => {
+            stats.outbound_passthrough.fetch_add(1, Ordering::Relaxed);
+            relay(stream, original_dst, pod, "outbound", peer).await
+        }
+    }
+}
+
+async fn outbound_hbone(mut downstream: TcpStream, peer: SocketAddr, dst: SocketAddr, dst_workload: &Workload, pod: &PodContext) {
+    let started = Instant::now();
+    let td = &pod.proxy.trust_domain;
+    let src_ip = pod.workload.ip_like(dst.ip()).unwrap_or(peer.ip());
+    let key = PoolKey {
+        src_identity: pod.workload.identity(td),
+        dst_identity: dst_workload.identity(td),
+        dst: hbone::hbone_addr(dst.ip()),
+        src_ip,
+    };
+    let version = pod.workload.labels.get("version").map(String::as_str).unwrap_or("latest");
+    let app = pod.workload.labels.get("app").map(String::as_str).unwrap_or(&pod.workload.name);
+    let request = ConnectRequest {
+        target: dst,
+        forwarded_for: Some(SocketAddr::new(src_ip, peer.port())),
+        baggage: Some(baggage(&pod.workload.namespace, &pod.workload.name, app, version)),
+        traceparent: Some(new_traceparent()),
+    };
+    let mut upstream = match pod.proxy.pool.connect(&key, &request, pod).await {
+        Ok(s) => s,
+        Err(e) => {
+            pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", direction = "outbound", protocol = "HBONE", pod = pod.pod, src = %request.forwarded_for.unwrap_or(peer),
+                  src_identity = %key.src_identity, dst = %dst, dst_identity = %key.dst_identity, error = %e, "connection failed");
+            reset(&downstream);
+            return;
+        }
+    };
+    let (sent, received, error) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((a, b)) => (a, b, String::new()),
+        Err(e) => (0, 0, e.to_string()),
+    };
+    info!(
+        target: "access",
+        direction = "outbound",
+        protocol = "HBONE",
+        pod = pod.pod,
+        src = %request.forwarded_for.unwrap_or(peer),
+        src_identity = %key.src_identity,
+        dst = %dst,
+        dst_identity = %key.dst_identity,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error,
+        "connection complete"
+    );
 }
 
 async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
-    pod.stats
-        .inbound_plaintext_accepted
-        .fetch_add(1, Ordering::Relaxed);
+    pod.proxy.stats.inbound_plaintext_accepted.fetch_add(1, Ordering::Relaxed);
     // sk_lookup kept the packet's destination as the socket's local address.
-    let Ok(original_dst) = stream.local_addr() else {
-        return;
-    };
+    let Ok(original_dst) = stream.local_addr() else { return };
     relay(stream, original_dst, pod, "inbound", peer).await;
 }
 
-async fn hbone(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
-    pod.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
-    let local = stream.local_addr().ok();
-    // The HBONE server (mTLS + HTTP/2 CONNECT) is not built yet: refuse rather than pretend.
-    info!(
-        target: "access",
-        direction = "hbone",
-        pod = pod.pod,
-        src = %peer,
-        dst = ?local,
-        error = "HBONE server not implemented yet",
-        "connection closed"
-    );
-    drop(stream);
-}
-
 /// Opens a socket inside the pod's netns, marked as ztunnel's, and connects it.
-async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
+pub async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = netns::run_in(&pod.netns, || {
-        let domain = if dst.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
+        let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
         let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-        s.set_mark(pod.mark)?;
+        s.set_mark(pod.proxy.mark)?;
         s.set_nonblocking(true)?;
         io::Result::Ok(s)
     })??;
     TcpSocket::from_std_stream(socket.into()).connect(dst).await
 }
 
-async fn relay(
-    mut downstream: TcpStream,
-    dst: SocketAddr,
-    pod: &PodContext,
-    direction: &str,
-    src: SocketAddr,
-) {
+/// Resets rather than closes, so a client sees a failed connection as it would without the
+/// mesh, not an empty response.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+async fn relay(mut downstream: TcpStream, dst: SocketAddr, pod: &PodContext, direction: &str, src: SocketAddr) {
     let started = Instant::now();
     let mut upstream = match connect_from_pod(pod, dst).await {
         Ok(s) => s,
         Err(e) => {
-            pod.stats
-                .upstream_connect_failures
-                .fetch_add(1, Ordering::Relaxed);
-            info!(target: "access", direction, pod = pod.pod, %src, %dst, error = %e, "connection failed");
-            // Reset rather than close, so the client sees a failed connection as it would
-            // without the mesh, not an empty response.
-            let _ = socket2::SockRef::from(&downstream).set_linger(Some(std::time::Duration::ZERO));
+            pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", direction, protocol = "TCP", pod = pod.pod, %src, %dst, error = %e, "connection failed");
+            reset(&downstream);
             return;
         }
     };
-    let (sent, received, error) =
-        match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-            Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, None),
-            Err(e) => (0, 0, Some(e.to_string())),
-        };
+    let (sent, received, error) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
+        Err(e) => (0, 0, e.to_string()),
+    };
     info!(
         target: "access",
         direction,
+        protocol = "TCP",
         pod = pod.pod,
         %src,
         %dst,
         bytes_sent = sent,
         bytes_received = received,
         duration_ms = started.elapsed().as_millis() as u64,
-        error = error.as_deref().unwrap_or(""),
+        error,
         "connection complete"
     );
 }

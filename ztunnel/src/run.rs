@@ -3,21 +3,27 @@
 use std::{
     path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
-use tracing::{error, info};
-use warren_core::model::NodeConfig;
+use tracing::{error, info, warn};
+use warren_core::{
+    model::{NodeConfig, WorkloadIndex},
+    tls::TrustBundle,
+};
 
 use crate::{
     admin::{self, AdminState},
     capture::{Capture, CaptureSettings},
+    certs::{CertManager, DevCa},
     cgroup,
+    hbone::Pool,
     config::{Config, LogFormat},
     inpod::InPod,
     netns,
+    proxy::Proxy,
 };
 
 pub fn run(config: Config) -> Result<()> {
@@ -74,11 +80,28 @@ async fn serve(config: Config) -> Result<()> {
         "capture loaded; ztunnel's own sockets are exempt"
     );
 
-    let inpod = Arc::new(InPod::new(
-        capture.clone(),
-        config.mark,
-        tokio::runtime::Handle::current(),
-    ));
+    let certs = match &config.dev_ca_dir {
+        Some(dir) => {
+            let ca = DevCa::load(dir, Duration::from_secs(config.cert_lifetime_secs))?;
+            let bundle = TrustBundle::new(&[ca.root()]).context("the development CA's root")?;
+            info!(dir = %dir.display(), "using the development CA in this process (not for production)");
+            CertManager::new(Some(Arc::new(ca)), Some(bundle))
+        }
+        None => {
+            warn!("no CA configured: enrolled pods can reach only destinations outside the mesh");
+            CertManager::new(None, None)
+        }
+    };
+    let proxy = Arc::new(Proxy {
+        capture: capture.clone(),
+        certs,
+        pool: Pool::new(config.pool_max_streams, Duration::from_secs(config.pool_idle_timeout_secs)),
+        index: Default::default(),
+        stats: Default::default(),
+        mark: config.mark,
+        trust_domain: config.trust_domain.clone(),
+    });
+    let inpod = Arc::new(InPod::new(proxy.clone(), tokio::runtime::Handle::current()));
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint {}", config.admin_addr))?;
@@ -86,6 +109,7 @@ async fn serve(config: Config) -> Result<()> {
         config: config.clone(),
         capture: capture.clone(),
         inpod: inpod.clone(),
+        proxy: proxy.clone(),
         workloads: Mutex::new(NodeConfig::default()),
         ready: false.into(),
     });
@@ -117,6 +141,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
         if modified != last_seen || first {
             match read_workloads(&config.workloads_file) {
                 Ok(workloads) => {
+                    *state.proxy.index.write().expect("poisoned") = Arc::new(WorkloadIndex::new(&workloads));
                     *state.workloads.lock().expect("poisoned") = workloads;
                     last_seen = modified;
                     last_error.clear();

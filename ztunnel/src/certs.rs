@@ -1,0 +1,196 @@
+//! Workload certificates: one key per identity, generated here (it never leaves ztunnel), a CSR
+//! to the CA, renewal at half-life. If renewal fails the current certificate is kept until it
+//! expires, and renewal is retried. Connections are never dropped by a rotation: new
+//! connections pick up the new certificate, established ones keep the one they started with.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use serde::Serialize;
+use tracing::{info, warn};
+use warren_core::{
+    ca::{Ca, CaError, WorkloadCertificate, new_key_and_csr, workload_certificate},
+    identity::SpiffeId,
+    tls::TrustBundle,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error(
+        "no CA is configured, so ztunnel has no certificates and cannot speak HBONE: pass --dev-ca-dir (development and tests) until the controller's CA is available"
+    )]
+    NoCa,
+    #[error("the CA refused or failed to sign for {identity}: {reason}")]
+    Signing { identity: SpiffeId, reason: String },
+    #[error("reading the CA in {dir}: {reason}")]
+    LoadCa { dir: String, reason: String },
+    #[error("building the TLS configuration: {0}")]
+    Tls(String),
+}
+
+impl CertError {
+    pub fn from_tls(e: rustls::Error) -> Self {
+        CertError::Tls(e.to_string())
+    }
+}
+
+type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<CertificateDer<'static>>, CertError>> + Send + 'a>>;
+
+/// Where certificates come from. The controller's CA service will implement this over its
+/// config stream; today the only implementation is the in-process development CA.
+pub trait CaClient: Send + Sync {
+    fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_>;
+}
+
+/// A CA in this process, from a root key on disk. For development and tests only: in a real
+/// mesh only the controller holds the root key.
+pub struct DevCa {
+    ca: Ca,
+    lifetime: Duration,
+}
+
+impl DevCa {
+    /// Reads `root-cert.pem` and `root-key.pem` from `dir`.
+    pub fn load(dir: &Path, lifetime: Duration) -> Result<Self, CertError> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| CertError::LoadCa {
+                dir: dir.display().to_string(),
+                reason: format!("{name}: {e}"),
+            })
+        };
+        let ca = Ca::from_pem(&read("root-cert.pem")?, &read("root-key.pem")?)
+            .map_err(|e| CertError::LoadCa { dir: dir.display().to_string(), reason: e.to_string() })?;
+        Ok(Self { ca, lifetime })
+    }
+
+    pub fn root(&self) -> CertificateDer<'static> {
+        self.ca.root().clone()
+    }
+}
+
+impl CaClient for DevCa {
+    fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
+        Box::pin(async move {
+            self.ca
+                .sign(&csr, &identity, self.lifetime, SystemTime::now())
+                .map_err(|e: CaError| CertError::Signing { identity, reason: e.to_string() })
+        })
+    }
+}
+
+/// A certificate as `/config_dump` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertView {
+    pub identity: String,
+    pub not_before: u64,
+    pub not_after: u64,
+    pub refresh_at: u64,
+    pub serial_sha256: String,
+}
+
+pub struct CertManager {
+    ca: Option<Arc<dyn CaClient>>,
+    pub bundle: Option<TrustBundle>,
+    certs: Mutex<HashMap<SpiffeId, Arc<WorkloadCertificate>>>,
+    /// One signing request per identity at a time.
+    fetching: tokio::sync::Mutex<()>,
+    pub rotations: std::sync::atomic::AtomicU64,
+}
+
+impl CertManager {
+    pub fn new(ca: Option<Arc<dyn CaClient>>, bundle: Option<TrustBundle>) -> Arc<Self> {
+        Arc::new(Self {
+            ca,
+            bundle,
+            certs: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+            rotations: 0.into(),
+        })
+    }
+
+    pub fn bundle(&self) -> Result<&TrustBundle, CertError> {
+        self.bundle.as_ref().ok_or(CertError::NoCa)
+    }
+
+    /// The current certificate for `identity`, fetching it the first time (and starting its
+    /// renewal loop).
+    pub async fn get(self: &Arc<Self>, identity: &SpiffeId) -> Result<Arc<WorkloadCertificate>, CertError> {
+        if let Some(cert) = self.cached(identity) {
+            return Ok(cert);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some(cert) = self.cached(identity) {
+            return Ok(cert);
+        }
+        let cert = Arc::new(self.fetch(identity).await?);
+        info!(%identity, not_after = ?cert.not_after, "certificate issued");
+        self.certs.lock().expect("poisoned").insert(identity.clone(), cert.clone());
+        tokio::spawn(self.clone().renew_loop(identity.clone()));
+        Ok(cert)
+    }
+
+    fn cached(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCertificate>> {
+        let certs = self.certs.lock().expect("poisoned");
+        certs.get(identity).filter(|c| c.not_after > SystemTime::now()).cloned()
+    }
+
+    async fn fetch(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
+        let ca = self.ca.as_ref().ok_or(CertError::NoCa)?;
+        let signing = |reason: String| CertError::Signing { identity: identity.clone(), reason };
+        let (key, csr) = new_key_and_csr(identity).map_err(|e| signing(e.to_string()))?;
+        let chain = ca.sign(csr, identity.clone()).await?;
+        workload_certificate(identity.clone(), &key, chain).map_err(|e| signing(e.to_string()))
+    }
+
+    /// Renews at half-life; on failure keeps the current certificate and retries with backoff.
+    async fn renew_loop(self: Arc<Self>, identity: SpiffeId) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let Some(current) = self.certs.lock().expect("poisoned").get(&identity).cloned() else { return };
+            let wait = current.refresh_at().duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            match self.fetch(&identity).await {
+                Ok(fresh) => {
+                    info!(%identity, not_after = ?fresh.not_after, "certificate renewed");
+                    self.certs.lock().expect("poisoned").insert(identity.clone(), Arc::new(fresh));
+                    self.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    backoff = Duration::from_secs(1);
+                }
+                Err(e) => {
+                    warn!(%identity, "renewal failed, keeping the current certificate until it expires: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    pub fn view(&self) -> Vec<CertView> {
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let certs = self.certs.lock().expect("poisoned");
+        let mut out: Vec<CertView> = certs
+            .values()
+            .map(|c| CertView {
+                identity: c.identity.to_string(),
+                not_before: secs(c.not_before),
+                not_after: secs(c.not_after),
+                refresh_at: secs(c.refresh_at()),
+                serial_sha256: fingerprint(&c.chain[0]),
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+}
+
+fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert);
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}

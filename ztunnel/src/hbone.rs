@@ -1,0 +1,355 @@
+//! HBONE in ztunnel: the client side (a pool of mTLS HTTP/2 connections, many CONNECT streams
+//! on each) and the server side (a pod's 15008 listener).
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Response, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{debug, info, warn};
+use warren_core::{
+    hbone::{self, CONNECTION_WINDOW, ConnectRequest, FRAME_SIZE, H2Stream, STREAM_WINDOW},
+    identity::SpiffeId,
+    tls,
+};
+
+use crate::{
+    certs::CertError,
+    proxy::{PodContext, connect_from_pod},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("certificates: {0}")]
+    Certs(#[from] CertError),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("mTLS handshake with {addr} (expecting {expected}): {source}")]
+    Tls { addr: SocketAddr, expected: SpiffeId, source: io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("the peer answered the CONNECT with {0}")]
+    Status(StatusCode),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// What a pooled connection is for: the same source and destination identities, the same
+/// destination address, from the same source IP.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src_identity: SpiffeId,
+    pub dst_identity: SpiffeId,
+    pub dst: SocketAddr,
+    pub src_ip: IpAddr,
+}
+
+struct PooledConn {
+    send: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConn {
+    /// Takes a stream slot if the connection is alive and below the limit.
+    fn reserve(&self, max: usize) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.active.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+}
+
+pub struct Pool {
+    max_streams: usize,
+    idle_timeout: Duration,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    pub connections_opened: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(max_streams: usize, idle_timeout: Duration) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            max_streams: max_streams.max(1),
+            idle_timeout,
+            conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+            connections_opened: AtomicUsize::new(0),
+        });
+        tokio::spawn(Self::release_idle(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Open pooled connections, for the admin view.
+    pub fn open_connections(&self) -> usize {
+        self.conns.lock().expect("poisoned").values().flatten().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+    }
+
+    fn try_reserve(&self, key: &PoolKey) -> Option<Arc<PooledConn>> {
+        let mut conns = self.conns.lock().expect("poisoned");
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Ordering::Relaxed));
+        list.iter().find(|c| c.reserve(self.max_streams)).cloned()
+    }
+
+    /// A connection with a free stream slot: an existing one, or a new one. Only one dial per
+    /// key is in flight; others wait for it.
+    async fn checkout(&self, key: &PoolKey, pod: &PodContext) -> Result<Arc<PooledConn>, HboneError> {
+        if let Some(c) = self.try_reserve(key) {
+            return Ok(c);
+        }
+        let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
+        let _dialing = lock.lock().await;
+        if let Some(c) = self.try_reserve(key) {
+            return Ok(c);
+        }
+        let conn = Arc::new(dial(key, pod).await?);
+        conn.active.store(1, Ordering::Release);
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().expect("poisoned").entry(key.clone()).or_default().push(conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a CONNECT stream for `request` over a pooled connection.
+    pub async fn connect(&self, key: &PoolKey, request: &ConnectRequest, pod: &PodContext) -> Result<PooledStream, HboneError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let conn = self.checkout(key, pod).await?;
+            let guard = StreamGuard(conn.clone());
+            match open_stream(&conn, request, key.dst).await {
+                Ok(stream) => return Ok(PooledStream { inner: stream, _guard: guard }),
+                // A pooled connection the peer has since closed: mark it and dial afresh once.
+                Err(HboneError::H2 { .. }) if attempt == 1 => conn.closed.store(true, Ordering::Relaxed),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn release_idle(pool: std::sync::Weak<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let mut conns = pool.conns.lock().expect("poisoned");
+            for list in conns.values_mut() {
+                list.retain(|c| {
+                    let idle = c.active.load(Ordering::Acquire) == 0
+                        && c.idle_since.lock().expect("poisoned").elapsed() > pool.idle_timeout;
+                    // Dropping the last SendRequest lets h2 close the connection cleanly.
+                    !idle && !c.closed.load(Ordering::Relaxed)
+                });
+            }
+            conns.retain(|_, list| !list.is_empty());
+        }
+    }
+}
+
+async fn open_stream(conn: &PooledConn, request: &ConnectRequest, dst: SocketAddr) -> Result<H2Stream, HboneError> {
+    let h2 = |source| HboneError::H2 { addr: dst, source };
+    let mut send = conn.send.clone().ready().await.map_err(h2)?;
+    let (response, stream) = send.send_request(request.to_request(), false).map_err(h2)?;
+    let response = response.await.map_err(h2)?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status(response.status()));
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
+}
+
+/// TCP from inside the source pod's netns (so the source IP is the pod's), mTLS presenting
+/// the source identity and expecting the destination's, then HTTP/2.
+async fn dial(key: &PoolKey, pod: &PodContext) -> Result<PooledConn, HboneError> {
+    let certs = &pod.proxy.certs;
+    let own = certs.get(&key.src_identity).await?;
+    let config = tls::client_config(&own, certs.bundle()?, &key.dst_identity)?;
+    let tcp = connect_from_pod(pod, key.dst)
+        .await
+        .map_err(|source| HboneError::Connect { addr: key.dst, source })?;
+    let _ = tcp.set_nodelay(true);
+    // No SNI is sent; the name only satisfies the API.
+    let name = ServerName::IpAddress(key.dst.ip().into());
+    let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|source| HboneError::Tls {
+        addr: key.dst,
+        expected: key.dst_identity.clone(),
+        source,
+    })?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        .handshake(tls)
+        .await
+        .map_err(|source| HboneError::H2 { addr: key.dst, source })?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let (dst, closed_flag) = (key.dst, closed.clone());
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(%dst, "HBONE connection ended: {e}");
+        }
+        closed_flag.store(true, Ordering::Relaxed);
+    });
+    debug!(src = %key.src_identity, dst = %key.dst_identity, addr = %key.dst, "HBONE connection opened");
+    Ok(PooledConn { send, active: Arc::new(AtomicUsize::new(0)), closed, idle_since: Mutex::new(Instant::now()) })
+}
+
+/// Gives the stream slot back when the stream ends.
+struct StreamGuard(Arc<PooledConn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().expect("poisoned") = Instant::now();
+        }
+    }
+}
+
+/// A CONNECT stream that holds its pool slot while alive.
+pub struct PooledStream {
+    inner: H2Stream,
+    _guard: StreamGuard,
+}
+
+impl AsyncRead for PooledStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PooledStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Server side: one TCP connection accepted on a pod's 15008 listener. Terminates mTLS with
+/// the pod's own certificate, then serves CONNECT streams until the peer goes away.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
+    let certs = &pod.proxy.certs;
+    let identity = pod.workload.identity(&pod.proxy.trust_domain);
+    let config = match certs.get(&identity).await.and_then(|own| Ok(tls::server_config(&own, certs.bundle()?).map_err(CertError::from_tls)?)) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(pod = pod.pod, %peer, "HBONE connection refused: {e}");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let tls = match TlsAcceptor::from(Arc::new(config)).accept(stream).await {
+        Ok(t) => t,
+        Err(e) => {
+            info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer, error = %format!("mTLS handshake failed: {e}"), "connection refused");
+            return;
+        }
+    };
+    let Some(src_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else { return };
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    while let Some(next) = connection.accept().await {
+        let Ok((request, respond)) = next else { break };
+        let (pod, src_identity) = (pod.clone(), src_identity.clone());
+        tokio::spawn(async move { serve_stream(request, respond, peer, src_identity, &pod).await });
+    }
+}
+
+async fn serve_stream(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    src_identity: SpiffeId,
+    pod: &PodContext,
+) {
+    let started = Instant::now();
+    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let response = Response::builder().status(status).body(()).expect("static response");
+        respond.send_response(response, status != StatusCode::OK)
+    };
+    let log_refused = |status: StatusCode, error: &str| {
+        info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer,
+              src_identity = %src_identity, response = status.as_u16(), error, "connection refused");
+    };
+    let connect = match ConnectRequest::from_request(&request) {
+        Ok(c) => c,
+        Err(e) => {
+            log_refused(e.status(), &e.to_string());
+            let _ = reply(&mut respond, e.status());
+            return;
+        }
+    };
+    let target = connect.target;
+    if !pod.workload.ips.contains(&target.ip().to_canonical()) {
+        log_refused(StatusCode::BAD_REQUEST, &format!("CONNECT to {target}, which is not this pod's IP"));
+        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+        return;
+    }
+    let mut upstream = match connect_from_pod(pod, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            log_refused(StatusCode::SERVICE_UNAVAILABLE, &format!("connecting to {target}: {e}"));
+            let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let Ok(send) = reply(&mut respond, StatusCode::OK) else { return };
+    pod.proxy.stats.hbone_streams_served.fetch_add(1, Ordering::Relaxed);
+    let mut downstream = H2Stream::new(send, request.into_body());
+    let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    let (from_client, to_client, error) = match result {
+        Ok((a, b)) => (a, b, String::new()),
+        Err(e) => (0, 0, e.to_string()),
+    };
+    info!(
+        target: "access",
+        direction = "inbound",
+        protocol = "HBONE",
+        pod = pod.pod,
+        src = %connect.forwarded_for.unwrap_or(peer),
+        src_identity = %src_identity,
+        dst = %target,
+        dst_identity = %pod.workload.identity(&pod.proxy.trust_domain),
+        bytes_sent = to_client,
+        bytes_received = from_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error,
+        "connection complete"
+    );
+}
+
+/// The HBONE port on a destination pod.
+pub fn hbone_addr(ip: IpAddr) -> SocketAddr {
+    SocketAddr::new(ip, hbone::PORT)
+}
