@@ -55,7 +55,11 @@ impl Workload {
 
     /// The pod's address in the family of `like` (its first IP when it has none of it).
     pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
-        self.ips.iter().copied().find(|ip| ip.is_ipv4() == like.is_ipv4()).or(self.ips.first().copied())
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+            .or(self.ips.first().copied())
     }
 }
 

@@ -31,11 +31,14 @@ pub enum IdentityCheckError {
     Parse(String),
     #[error("the peer is {actual}, but {expected} was expected for this destination")]
     WrongIdentity {
-        expected: SpiffeId,
-        actual: SpiffeId,
+        expected: Box<SpiffeId>,
+        actual: Box<SpiffeId>,
     },
     #[error("the peer {actual} is not in trust domain {expected}")]
-    WrongTrustDomain { expected: String, actual: SpiffeId },
+    WrongTrustDomain {
+        expected: String,
+        actual: Box<SpiffeId>,
+    },
 }
 
 /// The SPIFFE identity in a certificate's single URI SAN.
@@ -163,8 +166,8 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         )?;
         if actual != self.expected {
             return Err(other(IdentityCheckError::WrongIdentity {
-                expected: self.expected.clone(),
-                actual,
+                expected: Box::new(self.expected.clone()),
+                actual: Box::new(actual),
             }));
         }
         Ok(ServerCertVerified::assertion())
@@ -222,7 +225,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         if actual.trust_domain != self.trust_domain {
             return Err(other(IdentityCheckError::WrongTrustDomain {
                 expected: self.trust_domain.clone(),
-                actual,
+                actual: Box::new(actual),
             }));
         }
         Ok(ClientCertVerified::assertion())

@@ -61,25 +61,54 @@ impl Cluster {
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["link", "set", "br0", "up"]);
         let nodes: Vec<Node> = (0..node_count).map(|_| Node::new()).collect();
-        let underlay_ip = |i: usize| (format!("10.{a}.{b}.{}", i + 2), format!("fd00:{a}:{b}::{}", i + 2));
+        let underlay_ip = |i: usize| {
+            (
+                format!("10.{a}.{b}.{}", i + 2),
+                format!("fd00:{a}:{b}::{}", i + 2),
+            )
+        };
         for (i, node) in nodes.iter().enumerate() {
             let link = format!("u{i}");
-            underlay.ip(&["link", "add", &link, "type", "veth", "peer", "name", "uplink", "netns", &node.ns.name]);
+            underlay.ip(&[
+                "link",
+                "add",
+                &link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "uplink",
+                "netns",
+                &node.ns.name,
+            ]);
             underlay.ip(&["link", "set", &link, "master", "br0", "up"]);
             let (v4, v6) = underlay_ip(i);
-            node.ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "uplink"]);
-            node.ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "uplink", "nodad"]);
+            node.ns
+                .ip(&["addr", "add", &format!("{v4}/24"), "dev", "uplink"]);
+            node.ns
+                .ip(&["addr", "add", &format!("{v6}/64"), "dev", "uplink", "nodad"]);
             node.ns.ip(&["link", "set", "uplink", "up"]);
             let forwarding = "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding";
-            crate::sh("ip", &["netns", "exec", &node.ns.name, "sh", "-c", forwarding]);
+            crate::sh(
+                "ip",
+                &["netns", "exec", &node.ns.name, "sh", "-c", forwarding],
+            );
         }
         for (i, node) in nodes.iter().enumerate() {
             for (j, other) in nodes.iter().enumerate() {
                 if i != j {
                     let (v4, v6) = underlay_ip(j);
                     let (oa, ob) = other.subnet;
-                    node.ns.ip(&["route", "add", &format!("10.{oa}.{ob}.0/24"), "via", &v4]);
-                    node.ns.ip(&["-6", "route", "add", &format!("fd00:{oa}:{ob}::/64"), "via", &v6]);
+                    node.ns
+                        .ip(&["route", "add", &format!("10.{oa}.{ob}.0/24"), "via", &v4]);
+                    node.ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:{oa}:{ob}::/64"),
+                        "via",
+                        &v6,
+                    ]);
                 }
             }
         }
@@ -146,7 +175,14 @@ impl Node {
         ns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.{a}.{b}.1")]);
-        ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{a}:{b}::1")]);
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:{a}:{b}::1"),
+        ]);
         Pod {
             name,
             ns,

@@ -44,7 +44,9 @@ pub struct MeshCa {
 impl MeshCa {
     pub fn new() -> Self {
         let ca = warren_core::ca::Ca::generate("cluster.local").expect("generate root");
-        let dir = std::env::temp_dir().join("warren-e2e").join(crate::unique_name("ca"));
+        let dir = std::env::temp_dir()
+            .join("warren-e2e")
+            .join(crate::unique_name("ca"));
         fs::create_dir_all(&dir).expect("CA dir");
         fs::write(dir.join("root-cert.pem"), ca.root_pem()).expect("write root");
         fs::write(dir.join("root-key.pem"), ca.key_pem()).expect("write key");
@@ -89,7 +91,12 @@ impl Ztunnel {
     }
 
     /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
-    pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
+    pub fn start_with(
+        node: &Node,
+        workloads: &[Workload],
+        ca: &MeshCa,
+        extra_args: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let mut z = Ztunnel {

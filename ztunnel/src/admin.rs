@@ -42,6 +42,7 @@ impl AdminState {
             "stats": &self.proxy.stats,
             "hbonePool": {
                 "open": self.proxy.pool.open_connections(),
+                "activeStreams": self.proxy.pool.active_streams(),
                 "opened": self.proxy.pool.connections_opened.load(Ordering::Relaxed),
             },
         })

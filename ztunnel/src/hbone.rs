@@ -42,7 +42,11 @@ pub enum HboneError {
     #[error("connecting to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
     #[error("mTLS handshake with {addr} (expecting {expected}): {source}")]
-    Tls { addr: SocketAddr, expected: SpiffeId, source: io::Error },
+    Tls {
+        addr: SocketAddr,
+        expected: SpiffeId,
+        source: io::Error,
+    },
     #[error("HTTP/2 with {addr}: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
     #[error("the peer answered the CONNECT with {0}")]
@@ -74,7 +78,11 @@ impl PooledConn {
         if self.closed.load(Ordering::Relaxed) {
             return false;
         }
-        self.active.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+        self.active
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 }
 
@@ -101,7 +109,24 @@ impl Pool {
 
     /// Open pooled connections, for the admin view.
     pub fn open_connections(&self) -> usize {
-        self.conns.lock().expect("poisoned").values().flatten().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+        self.conns
+            .lock()
+            .expect("poisoned")
+            .values()
+            .flatten()
+            .filter(|c| !c.closed.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// CONNECT streams in use across the pooled connections.
+    pub fn active_streams(&self) -> usize {
+        self.conns
+            .lock()
+            .expect("poisoned")
+            .values()
+            .flatten()
+            .map(|c| c.active.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn try_reserve(&self, key: &PoolKey) -> Option<Arc<PooledConn>> {
@@ -113,11 +138,21 @@ impl Pool {
 
     /// A connection with a free stream slot: an existing one, or a new one. Only one dial per
     /// key is in flight; others wait for it.
-    async fn checkout(&self, key: &PoolKey, pod: &PodContext) -> Result<Arc<PooledConn>, HboneError> {
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        pod: &PodContext,
+    ) -> Result<Arc<PooledConn>, HboneError> {
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
         }
-        let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
+        let lock = self
+            .dialing
+            .lock()
+            .expect("poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
         let _dialing = lock.lock().await;
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
@@ -125,21 +160,38 @@ impl Pool {
         let conn = Arc::new(dial(key, pod).await?);
         conn.active.store(1, Ordering::Release);
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
-        self.conns.lock().expect("poisoned").entry(key.clone()).or_default().push(conn.clone());
+        self.conns
+            .lock()
+            .expect("poisoned")
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
         Ok(conn)
     }
 
     /// Opens a CONNECT stream for `request` over a pooled connection.
-    pub async fn connect(&self, key: &PoolKey, request: &ConnectRequest, pod: &PodContext) -> Result<PooledStream, HboneError> {
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+        pod: &PodContext,
+    ) -> Result<PooledStream, HboneError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let conn = self.checkout(key, pod).await?;
             let guard = StreamGuard(conn.clone());
             match open_stream(&conn, request, key.dst).await {
-                Ok(stream) => return Ok(PooledStream { inner: stream, _guard: guard }),
+                Ok(stream) => {
+                    return Ok(PooledStream {
+                        inner: stream,
+                        _guard: guard,
+                    });
+                }
                 // A pooled connection the peer has since closed: mark it and dial afresh once.
-                Err(HboneError::H2 { .. }) if attempt == 1 => conn.closed.store(true, Ordering::Relaxed),
+                Err(HboneError::H2 { .. }) if attempt == 1 => {
+                    conn.closed.store(true, Ordering::Relaxed)
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -163,7 +215,11 @@ impl Pool {
     }
 }
 
-async fn open_stream(conn: &PooledConn, request: &ConnectRequest, dst: SocketAddr) -> Result<H2Stream, HboneError> {
+async fn open_stream(
+    conn: &PooledConn,
+    request: &ConnectRequest,
+    dst: SocketAddr,
+) -> Result<H2Stream, HboneError> {
     let h2 = |source| HboneError::H2 { addr: dst, source };
     let mut send = conn.send.clone().ready().await.map_err(h2)?;
     let (response, stream) = send.send_request(request.to_request(), false).map_err(h2)?;
@@ -182,22 +238,31 @@ async fn dial(key: &PoolKey, pod: &PodContext) -> Result<PooledConn, HboneError>
     let config = tls::client_config(&own, certs.bundle()?, &key.dst_identity)?;
     let tcp = connect_from_pod(pod, key.dst)
         .await
-        .map_err(|source| HboneError::Connect { addr: key.dst, source })?;
+        .map_err(|source| HboneError::Connect {
+            addr: key.dst,
+            source,
+        })?;
     let _ = tcp.set_nodelay(true);
     // No SNI is sent; the name only satisfies the API.
     let name = ServerName::IpAddress(key.dst.ip().into());
-    let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|source| HboneError::Tls {
-        addr: key.dst,
-        expected: key.dst_identity.clone(),
-        source,
-    })?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|source| HboneError::Tls {
+            addr: key.dst,
+            expected: key.dst_identity.clone(),
+            source,
+        })?;
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME_SIZE)
         .handshake(tls)
         .await
-        .map_err(|source| HboneError::H2 { addr: key.dst, source })?;
+        .map_err(|source| HboneError::H2 {
+            addr: key.dst,
+            source,
+        })?;
     let closed = Arc::new(AtomicBool::new(false));
     let (dst, closed_flag) = (key.dst, closed.clone());
     tokio::spawn(async move {
@@ -207,7 +272,12 @@ async fn dial(key: &PoolKey, pod: &PodContext) -> Result<PooledConn, HboneError>
         closed_flag.store(true, Ordering::Relaxed);
     });
     debug!(src = %key.src_identity, dst = %key.dst_identity, addr = %key.dst, "HBONE connection opened");
-    Ok(PooledConn { send, active: Arc::new(AtomicUsize::new(0)), closed, idle_since: Mutex::new(Instant::now()) })
+    Ok(PooledConn {
+        send,
+        active: Arc::new(AtomicUsize::new(0)),
+        closed,
+        idle_since: Mutex::new(Instant::now()),
+    })
 }
 
 /// Gives the stream slot back when the stream ends.
@@ -228,13 +298,21 @@ pub struct PooledStream {
 }
 
 impl AsyncRead for PooledStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PooledStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -250,7 +328,11 @@ impl AsyncWrite for PooledStream {
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let certs = &pod.proxy.certs;
     let identity = pod.workload.identity(&pod.proxy.trust_domain);
-    let config = match certs.get(&identity).await.and_then(|own| Ok(tls::server_config(&own, certs.bundle()?).map_err(CertError::from_tls)?)) {
+    let config = match certs
+        .get(&identity)
+        .await
+        .and_then(|own| tls::server_config(&own, certs.bundle()?).map_err(CertError::from_tls))
+    {
         Ok(c) => c,
         Err(e) => {
             warn!(pod = pod.pod, %peer, "HBONE connection refused: {e}");
@@ -265,7 +347,9 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodC
             return;
         }
     };
-    let Some(src_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else { return };
+    let Some(src_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+        return;
+    };
     let mut connection = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -295,7 +379,10 @@ async fn serve_stream(
 ) {
     let started = Instant::now();
     let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
-        let response = Response::builder().status(status).body(()).expect("static response");
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .expect("static response");
         respond.send_response(response, status != StatusCode::OK)
     };
     let log_refused = |status: StatusCode, error: &str| {
@@ -312,20 +399,31 @@ async fn serve_stream(
     };
     let target = connect.target;
     if !pod.workload.ips.contains(&target.ip().to_canonical()) {
-        log_refused(StatusCode::BAD_REQUEST, &format!("CONNECT to {target}, which is not this pod's IP"));
+        log_refused(
+            StatusCode::BAD_REQUEST,
+            &format!("CONNECT to {target}, which is not this pod's IP"),
+        );
         let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
     }
     let mut upstream = match connect_from_pod(pod, target).await {
         Ok(s) => s,
         Err(e) => {
-            log_refused(StatusCode::SERVICE_UNAVAILABLE, &format!("connecting to {target}: {e}"));
+            log_refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("connecting to {target}: {e}"),
+            );
             let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
     };
-    let Ok(send) = reply(&mut respond, StatusCode::OK) else { return };
-    pod.proxy.stats.hbone_streams_served.fetch_add(1, Ordering::Relaxed);
+    let Ok(send) = reply(&mut respond, StatusCode::OK) else {
+        return;
+    };
+    pod.proxy
+        .stats
+        .hbone_streams_served
+        .fetch_add(1, Ordering::Relaxed);
     let mut downstream = H2Stream::new(send, request.into_body());
     let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
     let (from_client, to_client, error) = match result {

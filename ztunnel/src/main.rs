@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the capture programs, enroll this node's pods and proxy their traffic.
-    Run(config::Config),
+    Run(Box<config::Config>),
     /// Show the attached programs and links and the enrolled pods of a running ztunnel.
     Status {
         /// The ztunnel's admin address.
@@ -47,7 +47,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(config) => run::run(config),
+        Command::Run(config) => run::run(*config),
         Command::Status { admin, json } => status(admin, json),
         Command::Uninstall { node_name, bpffs } => {
             let dir = bpffs.join("warren").join(&node_name);

@@ -85,7 +85,11 @@ pub fn spawn_accept_loops(
     let mut loops = Vec::new();
     for listener in outbound {
         let listener = TcpListener::from_std(listener)?;
-        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), Direction::Outbound)));
+        loops.push(tokio::spawn(accept_loop(
+            listener,
+            pod.clone(),
+            Direction::Outbound,
+        )));
     }
     for (_, kind, listener) in inbound {
         let listener = TcpListener::from_std(listener)?;
@@ -121,7 +125,10 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, direction: Dir
                 Direction::Outbound => outbound(stream, peer, &pod).await,
                 Direction::InboundPlaintext => inbound_plaintext(stream, peer, &pod).await,
                 Direction::Hbone => {
-                    pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
+                    pod.proxy
+                        .stats
+                        .hbone_accepted
+                        .fetch_add(1, Ordering::Relaxed);
                     hbone::serve_connection(stream, peer, pod).await
                 }
             }
@@ -133,7 +140,9 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
     let stats = &pod.proxy.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(original_dst) = pod.proxy.capture.take_original_dst(pod.netns_cookie, peer) else {
-        stats.outbound_without_original_dst.fetch_add(1, Ordering::Relaxed);
+        stats
+            .outbound_without_original_dst
+            .fetch_add(1, Ordering::Relaxed);
         warn!(pod = pod.pod, %peer, "outbound connection without a recorded original destination: closed");
         return;
     };
@@ -150,7 +159,13 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
     }
 }
 
-async fn outbound_hbone(mut downstream: TcpStream, peer: SocketAddr, dst: SocketAddr, dst_workload: &Workload, pod: &PodContext) {
+async fn outbound_hbone(
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    dst_workload: &Workload,
+    pod: &PodContext,
+) {
     let started = Instant::now();
     let td = &pod.proxy.trust_domain;
     let src_ip = pod.workload.ip_like(dst.ip()).unwrap_or(peer.ip());
@@ -160,28 +175,47 @@ async fn outbound_hbone(mut downstream: TcpStream, peer: SocketAddr, dst: Socket
         dst: hbone::hbone_addr(dst.ip()),
         src_ip,
     };
-    let version = pod.workload.labels.get("version").map(String::as_str).unwrap_or("latest");
-    let app = pod.workload.labels.get("app").map(String::as_str).unwrap_or(&pod.workload.name);
+    let version = pod
+        .workload
+        .labels
+        .get("version")
+        .map(String::as_str)
+        .unwrap_or("latest");
+    let app = pod
+        .workload
+        .labels
+        .get("app")
+        .map(String::as_str)
+        .unwrap_or(&pod.workload.name);
     let request = ConnectRequest {
         target: dst,
         forwarded_for: Some(SocketAddr::new(src_ip, peer.port())),
-        baggage: Some(baggage(&pod.workload.namespace, &pod.workload.name, app, version)),
+        baggage: Some(baggage(
+            &pod.workload.namespace,
+            &pod.workload.name,
+            app,
+            version,
+        )),
         traceparent: Some(new_traceparent()),
     };
     let mut upstream = match pod.proxy.pool.connect(&key, &request, pod).await {
         Ok(s) => s,
         Err(e) => {
-            pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
+            pod.proxy
+                .stats
+                .upstream_connect_failures
+                .fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction = "outbound", protocol = "HBONE", pod = pod.pod, src = %request.forwarded_for.unwrap_or(peer),
                   src_identity = %key.src_identity, dst = %dst, dst_identity = %key.dst_identity, error = %e, "connection failed");
             reset(&downstream);
             return;
         }
     };
-    let (sent, received, error) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((a, b)) => (a, b, String::new()),
-        Err(e) => (0, 0, e.to_string()),
-    };
+    let (sent, received, error) =
+        match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+            Ok((a, b)) => (a, b, String::new()),
+            Err(e) => (0, 0, e.to_string()),
+        };
     info!(
         target: "access",
         direction = "outbound",
@@ -200,16 +234,25 @@ async fn outbound_hbone(mut downstream: TcpStream, peer: SocketAddr, dst: Socket
 }
 
 async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
-    pod.proxy.stats.inbound_plaintext_accepted.fetch_add(1, Ordering::Relaxed);
+    pod.proxy
+        .stats
+        .inbound_plaintext_accepted
+        .fetch_add(1, Ordering::Relaxed);
     // sk_lookup kept the packet's destination as the socket's local address.
-    let Ok(original_dst) = stream.local_addr() else { return };
+    let Ok(original_dst) = stream.local_addr() else {
+        return;
+    };
     relay(stream, original_dst, pod, "inbound", peer).await;
 }
 
 /// Opens a socket inside the pod's netns, marked as ztunnel's, and connects it.
 pub async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = netns::run_in(&pod.netns, || {
-        let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+        let domain = if dst.is_ipv4() {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
         let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         s.set_mark(pod.proxy.mark)?;
         s.set_nonblocking(true)?;
@@ -224,21 +267,31 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-async fn relay(mut downstream: TcpStream, dst: SocketAddr, pod: &PodContext, direction: &str, src: SocketAddr) {
+async fn relay(
+    mut downstream: TcpStream,
+    dst: SocketAddr,
+    pod: &PodContext,
+    direction: &str,
+    src: SocketAddr,
+) {
     let started = Instant::now();
     let mut upstream = match connect_from_pod(pod, dst).await {
         Ok(s) => s,
         Err(e) => {
-            pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
+            pod.proxy
+                .stats
+                .upstream_connect_failures
+                .fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction, protocol = "TCP", pod = pod.pod, %src, %dst, error = %e, "connection failed");
             reset(&downstream);
             return;
         }
     };
-    let (sent, received, error) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
-        Err(e) => (0, 0, e.to_string()),
-    };
+    let (sent, received, error) =
+        match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+            Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
+            Err(e) => (0, 0, e.to_string()),
+        };
     info!(
         target: "access",
         direction,

@@ -19,8 +19,8 @@ use crate::{
     capture::{Capture, CaptureSettings},
     certs::{CertManager, DevCa},
     cgroup,
-    hbone::Pool,
     config::{Config, LogFormat},
+    hbone::Pool,
     inpod::InPod,
     netns,
     proxy::Proxy,
@@ -95,7 +95,10 @@ async fn serve(config: Config) -> Result<()> {
     let proxy = Arc::new(Proxy {
         capture: capture.clone(),
         certs,
-        pool: Pool::new(config.pool_max_streams, Duration::from_secs(config.pool_idle_timeout_secs)),
+        pool: Pool::new(
+            config.pool_max_streams,
+            Duration::from_secs(config.pool_idle_timeout_secs),
+        ),
         index: Default::default(),
         stats: Default::default(),
         mark: config.mark,
@@ -141,7 +144,8 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
         if modified != last_seen || first {
             match read_workloads(&config.workloads_file) {
                 Ok(workloads) => {
-                    *state.proxy.index.write().expect("poisoned") = Arc::new(WorkloadIndex::new(&workloads));
+                    *state.proxy.index.write().expect("poisoned") =
+                        Arc::new(WorkloadIndex::new(&workloads));
                     *state.workloads.lock().expect("poisoned") = workloads;
                     last_seen = modified;
                     last_error.clear();

@@ -1,0 +1,518 @@
+//! HBONE end to end: real mTLS between SPIFFE identities, HTTP/2 CONNECT, across nodes joined
+//! by an underlay, and wire compatibility checked against an independent HTTP/2 peer written
+//! here with the `h2` crate (not Warren's code).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use rustls_pki_types::ServerName;
+use warren_core::{
+    ca::{Ca, WorkloadCertificate, new_key_and_csr, workload_certificate},
+    identity::SpiffeId,
+    model::Workload,
+    tls::{self, TrustBundle},
+};
+use warren_e2e::{
+    app::{Client, Server},
+    netns::Netns,
+    require_root,
+    topology::{Cluster, Pod},
+    wait_until,
+    ztunnel::{MeshCa, Ztunnel},
+};
+
+const APP_PORT: u16 = 8080;
+
+fn with_sa(mut w: Workload, sa: &str) -> Workload {
+    w.service_account = sa.into();
+    w
+}
+
+fn identity(sa: &str) -> SpiffeId {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+        .parse()
+        .unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A TCP socket connected from inside `ns` (the connect happens there; the socket stays).
+fn tcp_from(ns: &Netns, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+}
+
+#[test]
+fn pods_talk_over_hbone_within_and_across_nodes_with_their_identities() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(2);
+    let (a, c) = (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let b = cluster.nodes[1].add_pod();
+    let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let workloads = [
+        with_sa(a.workload(&n0, true), "checkout"),
+        with_sa(c.workload(&n0, true), "payment"),
+        with_sa(b.workload(&n1, true), "payment"),
+    ];
+    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
+    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
+    z0.wait_enrolled(&a.name);
+    z0.wait_enrolled(&c.name);
+    z1.wait_enrolled(&b.name);
+    let _sb = Server::start(&b, APP_PORT);
+    let _sc = Server::start(&c, APP_PORT);
+
+    for (dst_pod, dst_ztunnel, what) in [(&b, &z1, "cross-node"), (&c, &z0, "same-node")] {
+        for dst_ip in [dst_pod.ipv4, dst_pod.ipv6] {
+            let dst = SocketAddr::new(dst_ip, APP_PORT);
+            let mut client =
+                Client::connect(&a, dst).unwrap_or_else(|e| panic!("{what} {dst}: {e}"));
+            assert_eq!(
+                client.greeting().unwrap().ip(),
+                dst_ip,
+                "{what}: delivered inside the destination pod"
+            );
+            assert_eq!(client.echo(what).unwrap(), what);
+            drop(client);
+            let outbound = |z: &Ztunnel| {
+                z.access_log("outbound").into_iter().any(|l| {
+                    l["protocol"] == "HBONE"
+                        && l["dst"] == dst.to_string()
+                        && l["src_identity"] == identity("checkout").to_string()
+                        && l["dst_identity"] == identity("payment").to_string()
+                        && l["error"] == ""
+                })
+            };
+            let inbound = |z: &Ztunnel| {
+                z.access_log("inbound").into_iter().any(|l| {
+                    l["protocol"] == "HBONE"
+                        && l["dst"] == dst.to_string()
+                        && l["src_identity"] == identity("checkout").to_string()
+                        && l["src"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains(&a.ip_like(dst_ip).to_string())
+                })
+            };
+            assert!(
+                wait_until(Duration::from_secs(5), || outbound(&z0)),
+                "{what} {dst}: no outbound HBONE log:\n{}",
+                z0.log()
+            );
+            assert!(
+                wait_until(Duration::from_secs(5), || inbound(dst_ztunnel)),
+                "{what} {dst}: no inbound HBONE log:\n{}",
+                dst_ztunnel.log()
+            );
+        }
+    }
+    assert_eq!(
+        z1.stat("inbound_plaintext_accepted"),
+        0,
+        "cross-node traffic went in plaintext"
+    );
+}
+
+trait IpLike {
+    fn ip_like(&self, like: IpAddr) -> IpAddr;
+}
+
+impl IpLike for Pod {
+    fn ip_like(&self, like: IpAddr) -> IpAddr {
+        if like.is_ipv4() { self.ipv4 } else { self.ipv6 }
+    }
+}
+
+fn issue(ca: &Ca, id: &SpiffeId, lifetime: Duration, now: SystemTime) -> WorkloadCertificate {
+    let (key, csr) = new_key_and_csr(id).unwrap();
+    workload_certificate(id.clone(), &key, ca.sign(&csr, id, lifetime, now).unwrap()).unwrap()
+}
+
+/// An HBONE client made of the `h2` crate and rustls directly: TLS with `own`, expecting
+/// `server`, then one CONNECT to `target`. Returns the status and, on 200, what the
+/// application greeted with and echoed.
+async fn independent_connect(
+    tcp: std::net::TcpStream,
+    own: &WorkloadCertificate,
+    bundle: &TrustBundle,
+    server: &SpiffeId,
+    target: SocketAddr,
+) -> Result<(StatusCode, String), String> {
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let config = tls::client_config(own, bundle, server).unwrap();
+    let name = ServerName::IpAddress(target.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (send, connection) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(connection);
+    let mut send = send.ready().await.map_err(|e| format!("h2 ready: {e}"))?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .unwrap();
+    let (response, mut stream) = send
+        .send_request(request, false)
+        .map_err(|e| format!("send: {e}"))?;
+    let response = response.await.map_err(|e| format!("response: {e}"))?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        return Ok((status, String::new()));
+    }
+    stream
+        .send_data(Bytes::from_static(b"over hbone\n"), true)
+        .map_err(|e| e.to_string())?;
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.contains("over hbone") {
+            break;
+        }
+    }
+    Ok((status, text))
+}
+
+#[test]
+fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(1);
+    let (b, x) = (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let node = cluster.nodes[0].name.clone();
+    let z = Ztunnel::start_with(
+        &cluster.nodes[0],
+        &[
+            with_sa(b.workload(&node, true), "payment"),
+            x.workload(&node, false),
+        ],
+        &ca,
+        &[],
+    );
+    z.wait_enrolled(&b.name);
+    let _server = Server::start(&b, APP_PORT);
+    let bundle = TrustBundle::new(std::slice::from_ref(ca.ca.root())).unwrap();
+    let tester = issue(
+        &ca.ca,
+        &identity("tester"),
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    );
+    let hbone = SocketAddr::new(b.ipv4, 15008);
+    let rt = runtime();
+
+    // CONNECT to B:8080: 200, then bytes both ways.
+    let (status, text) = rt
+        .block_on(independent_connect(
+            tcp_from(&x.ns, hbone).unwrap(),
+            &tester,
+            &bundle,
+            &identity("payment"),
+            SocketAddr::new(b.ipv4, APP_PORT),
+        ))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        text.starts_with("peer=") && text.contains("over hbone"),
+        "{text:?}"
+    );
+
+    // CONNECT to an IP that is not this pod's: 400.
+    let elsewhere = SocketAddr::new(x.ipv4, APP_PORT);
+    let (status, _) = rt
+        .block_on(independent_connect(
+            tcp_from(&x.ns, hbone).unwrap(),
+            &tester,
+            &bundle,
+            &identity("payment"),
+            elsewhere,
+        ))
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Nothing listening on the port: 503.
+    let (status, _) = rt
+        .block_on(independent_connect(
+            tcp_from(&x.ns, hbone).unwrap(),
+            &tester,
+            &bundle,
+            &identity("payment"),
+            SocketAddr::new(b.ipv4, 9),
+        ))
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Client certificates ztunnel must refuse: another CA, another trust domain, expired.
+    let stranger_ca = Ca::generate("cluster.local").unwrap();
+    let stranger = issue(
+        &stranger_ca,
+        &identity("tester"),
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    );
+    let foreign_domain = issue(
+        &ca.ca,
+        &"spiffe://evil.example/ns/default/sa/tester"
+            .parse()
+            .unwrap(),
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    );
+    let expired = issue(
+        &ca.ca,
+        &identity("tester"),
+        Duration::from_secs(60),
+        SystemTime::now() - Duration::from_secs(3600),
+    );
+    for (what, cert) in [
+        ("another CA", &stranger),
+        ("another trust domain", &foreign_domain),
+        ("expired", &expired),
+    ] {
+        let result = rt.block_on(independent_connect(
+            tcp_from(&x.ns, hbone).unwrap(),
+            cert,
+            &bundle,
+            &identity("payment"),
+            SocketAddr::new(b.ipv4, APP_PORT),
+        ));
+        assert!(
+            result.is_err(),
+            "a client certificate from {what} was accepted: {result:?}"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || z
+            .log()
+            .matches("mTLS handshake failed")
+            .count()
+            >= 3),
+        "{}",
+        z.log()
+    );
+}
+
+#[test]
+fn ztunnels_client_speaks_to_an_independent_hbone_server() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(1);
+    let (a, d) = (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let node = cluster.nodes[0].name.clone();
+    // d is meshed but lives on a node with no Warren ztunnel: the test's own HBONE server,
+    // built from h2 and rustls, answers on its 15008.
+    let workloads = [
+        with_sa(a.workload(&node, true), "checkout"),
+        with_sa(d.workload("another-node", true), "inventory"),
+    ];
+    let z = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
+    z.wait_enrolled(&a.name);
+
+    let d_cert = issue(
+        &ca.ca,
+        &identity("inventory"),
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    );
+    let bundle = TrustBundle::new(std::slice::from_ref(ca.ca.root())).unwrap();
+    let listener =
+        d.ns.run(|| std::net::TcpListener::bind("0.0.0.0:15008"))
+            .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let server_config = Arc::new(tls::server_config(&d_cert, &bundle).unwrap());
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+                .await
+                .unwrap()
+                .unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(server_config)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let client_id = tls::peer_identity(tls.get_ref().1.peer_certificates());
+            let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+            let sni = tls.get_ref().1.server_name().map(str::to_string);
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            let headers: Vec<(String, String)> = request
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            seen_tx
+                .send((
+                    request.method().clone(),
+                    request.uri().to_string(),
+                    headers,
+                    client_id,
+                    alpn,
+                    sni,
+                ))
+                .unwrap();
+            let mut send = respond
+                .send_response(Response::builder().status(200).body(()).unwrap(), false)
+                .unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                send.send_data(chunk, false).unwrap();
+            }
+            let _ = send.send_data(Bytes::new(), true);
+        })
+    });
+
+    let dst = SocketAddr::new(d.ipv4, APP_PORT);
+    let stream = tcp_from(&a.ns, dst).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    writeln!(writer, "hello inventory").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    assert_eq!(line, "hello inventory\n");
+
+    let (method, uri, headers, client_id, alpn, sni) =
+        seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(method, Method::CONNECT);
+    assert_eq!(uri, dst.to_string());
+    assert_eq!(client_id, Some(identity("checkout")));
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(sni, None, "HBONE clients send no SNI");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        header("forwarded").starts_with(&format!("for=\"{}:", a.ipv4)),
+        "{headers:?}"
+    );
+    assert!(
+        header("baggage").contains("k8s.namespace.name=default"),
+        "{headers:?}"
+    );
+    let traceparent = header("traceparent");
+    assert_eq!(
+        traceparent.split('-').map(str::len).collect::<Vec<_>>(),
+        [2, 32, 16, 2],
+        "{traceparent}"
+    );
+    drop(writer);
+    let _ = server.join();
+}
+
+#[test]
+fn certificates_rotate_under_live_traffic_without_dropping_anything() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(2);
+    let a = cluster.nodes[0].add_pod();
+    let b = cluster.nodes[1].add_pod();
+    let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let workloads = [a.workload(&n0, true), b.workload(&n1, true)];
+    // Four-second certificates: renewed every two seconds.
+    let args = ["--cert-lifetime-secs", "4"];
+    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &args);
+    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &args);
+    z0.wait_enrolled(&a.name);
+    z1.wait_enrolled(&b.name);
+    let _server = Server::start(&b, APP_PORT);
+    let dst = SocketAddr::new(b.ipv4, APP_PORT);
+
+    let mut live = Client::connect(&a, dst).unwrap();
+    live.greeting().unwrap();
+    let started = Instant::now();
+    let mut exchanges = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        let text = format!("message {exchanges}");
+        assert_eq!(
+            live.echo(&text).unwrap(),
+            text,
+            "the live connection broke during rotation"
+        );
+        // A new connection each second also works with whatever certificate is current.
+        if exchanges % 10 == 0 {
+            let mut fresh = Client::connect(&a, dst).unwrap();
+            fresh.greeting().unwrap();
+            assert_eq!(fresh.echo("fresh").unwrap(), "fresh");
+        }
+        exchanges += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for z in [&z0, &z1] {
+        let rotations = z.config_dump()["certificateRotations"].as_u64().unwrap();
+        assert!(
+            rotations >= 2,
+            "{} renewed {rotations} times in 7 s with 4 s certificates",
+            z.node
+        );
+    }
+    assert_eq!(z0.stat("upstream_connect_failures"), 0);
+}
+
+#[test]
+fn many_connections_share_pooled_hbone_connections() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(2);
+    let a = cluster.nodes[0].add_pod();
+    let b = cluster.nodes[1].add_pod();
+    let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let workloads = [a.workload(&n0, true), b.workload(&n1, true)];
+    let z0 = Ztunnel::start_with(
+        &cluster.nodes[0],
+        &workloads,
+        &ca,
+        &["--pool-max-streams", "5"],
+    );
+    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
+    z0.wait_enrolled(&a.name);
+    z1.wait_enrolled(&b.name);
+    let _server = Server::start(&b, APP_PORT);
+    let dst = SocketAddr::new(b.ipv4, APP_PORT);
+
+    // 20 connections open at once, 5 streams per connection: 4 HBONE connections.
+    let mut clients: Vec<Client> = (0..20).map(|_| Client::connect(&a, dst).unwrap()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.greeting().unwrap();
+        assert_eq!(c.echo(&i.to_string()).unwrap(), i.to_string());
+    }
+    let pool = &z0.capture()["hbonePool"];
+    assert_eq!(pool["opened"], 4, "{pool}");
+    drop(clients);
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || z0.capture()["hbonePool"]["activeStreams"] == 0
+    ));
+    // Later connections reuse the pooled ones.
+    for _ in 0..10 {
+        let mut c = Client::connect(&a, dst).unwrap();
+        c.greeting().unwrap();
+    }
+    assert_eq!(z0.capture()["hbonePool"]["opened"], 4);
+}
