@@ -6,4 +6,5 @@ pub mod ca;
 pub mod hbone;
 pub mod identity;
 pub mod model;
+pub mod policy;
 pub mod tls;

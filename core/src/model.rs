@@ -93,6 +93,14 @@ impl WorkloadIndex {
 pub struct NodeConfig {
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// L4 AuthorizationPolicies (as the controller translates them).
+    #[serde(default)]
+    pub authorizations: Vec<crate::policy::Authorization>,
+    #[serde(default)]
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    /// The namespace whose selector-less policies apply mesh-wide (`istio-system` if empty).
+    #[serde(default)]
+    pub root_namespace: String,
 }
 
 impl NodeConfig {
@@ -131,6 +139,7 @@ mod tests {
         };
         let config = NodeConfig {
             workloads: vec![w("a", "n1", true), w("b", "n1", false), w("c", "n2", true)],
+            ..Default::default()
         };
         let names: Vec<_> = config.enrolled_on("n1").map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["a"]);

@@ -183,13 +183,18 @@ impl Ztunnel {
             .collect()
     }
 
-    /// Replaces the workloads file atomically (ztunnel re-reads it on change).
+    /// Replaces the workloads file with just these workloads.
     pub fn set_workloads(&self, workloads: &[Workload]) {
-        let config = NodeConfig {
+        self.set_config(&NodeConfig {
             workloads: workloads.to_vec(),
-        };
+            ..Default::default()
+        });
+    }
+
+    /// Replaces the workloads file atomically (ztunnel re-reads it on change).
+    pub fn set_config(&self, config: &NodeConfig) {
         let tmp = self.dir.join("workloads.json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(&config).unwrap()).expect("write workloads");
+        fs::write(&tmp, serde_json::to_vec_pretty(config).unwrap()).expect("write workloads");
         fs::rename(&tmp, self.dir.join("workloads.json")).expect("rename workloads");
     }
 

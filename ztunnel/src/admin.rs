@@ -40,6 +40,8 @@ impl AdminState {
             "originalDstEntries": self.capture.original_dst_entries(),
             "pendingDstEntries": self.capture.pending_dst_entries(),
             "stats": &self.proxy.stats,
+            "openInboundConnections": self.proxy.tracker.open_connections(),
+            "closedByPolicy": self.proxy.tracker.closed_by_policy.load(Ordering::Relaxed),
             "hbonePool": {
                 "open": self.proxy.pool.open_connections(),
                 "activeStreams": self.proxy.pool.active_streams(),

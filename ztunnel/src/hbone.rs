@@ -406,6 +406,24 @@ async fn serve_stream(
         let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
         return;
     }
+    // TCP peer of this HBONE connection: ztunnel dialed from inside the source pod's netns.
+    let policies = pod.proxy.policies();
+    if let Err(reason) = crate::enforce::decide(
+        &policies,
+        Some(&src_identity),
+        peer.ip(),
+        &pod.workload,
+        target.port(),
+        false,
+    ) {
+        pod.proxy
+            .stats
+            .denied_by_policy
+            .fetch_add(1, Ordering::Relaxed);
+        log_refused(StatusCode::UNAUTHORIZED, &reason);
+        let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+        return;
+    }
     let mut upstream = match connect_from_pod(pod, target).await {
         Ok(s) => s,
         Err(e) => {
@@ -425,10 +443,22 @@ async fn serve_stream(
         .hbone_streams_served
         .fetch_add(1, Ordering::Relaxed);
     let mut downstream = H2Stream::new(send, request.into_body());
-    let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+    let (_tracked, closed) = pod.proxy.tracker.track(
+        Some(src_identity.clone()),
+        peer.ip(),
+        target.ip(),
+        target.port(),
+        false,
+    );
+    let result = crate::proxy::until_closed(
+        tokio::io::copy_bidirectional(&mut downstream, &mut upstream),
+        Some(closed),
+    )
+    .await;
+    // Dropping the stream resets it: the client's ztunnel closes its side.
     let (from_client, to_client, error) = match result {
         Ok((a, b)) => (a, b, String::new()),
-        Err(e) => (0, 0, e.to_string()),
+        Err(e) => (0, 0, e),
     };
     info!(
         target: "access",

@@ -5,6 +5,7 @@ mod capture;
 mod certs;
 mod cgroup;
 mod config;
+mod enforce;
 mod hbone;
 mod inpod;
 mod netns;

@@ -26,12 +26,14 @@ use tracing::{info, warn};
 use warren_core::{
     hbone::{ConnectRequest, baggage, new_traceparent},
     model::{Workload, WorkloadIndex},
+    policy::Policies,
 };
 use warren_ebpf_types::ListenerKind;
 
 use crate::{
     capture::Capture,
     certs::CertManager,
+    enforce::{self, Tracker},
     hbone::{self, Pool, PoolKey},
     netns,
 };
@@ -42,6 +44,8 @@ pub struct Proxy {
     pub certs: Arc<CertManager>,
     pub pool: Arc<Pool>,
     pub index: RwLock<Arc<WorkloadIndex>>,
+    pub policies: RwLock<Arc<Policies>>,
+    pub tracker: Tracker,
     pub stats: Stats,
     pub mark: u32,
     pub trust_domain: String,
@@ -50,6 +54,10 @@ pub struct Proxy {
 impl Proxy {
     pub fn index(&self) -> Arc<WorkloadIndex> {
         self.index.read().expect("poisoned").clone()
+    }
+
+    pub fn policies(&self) -> Arc<Policies> {
+        self.policies.read().expect("poisoned").clone()
     }
 }
 
@@ -74,6 +82,7 @@ pub struct Stats {
     pub inbound_plaintext_accepted: AtomicU64,
     pub hbone_accepted: AtomicU64,
     pub hbone_streams_served: AtomicU64,
+    pub denied_by_policy: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
 }
 
@@ -154,7 +163,7 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
         }
         _ => {
             stats.outbound_passthrough.fetch_add(1, Ordering::Relaxed);
-            relay(stream, original_dst, pod, "outbound", peer).await
+            relay_until(stream, original_dst, pod, "outbound", peer, None).await
         }
     }
 }
@@ -234,7 +243,8 @@ async fn outbound_hbone(
 }
 
 async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
-    pod.proxy
+    let proxy = &pod.proxy;
+    proxy
         .stats
         .inbound_plaintext_accepted
         .fetch_add(1, Ordering::Relaxed);
@@ -242,7 +252,31 @@ async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext
     let Ok(original_dst) = stream.local_addr() else {
         return;
     };
-    relay(stream, original_dst, pod, "inbound", peer).await;
+    let original_dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
+    let policies = proxy.policies();
+    let decision = enforce::decide(
+        &policies,
+        None,
+        peer.ip(),
+        &pod.workload,
+        original_dst.port(),
+        true,
+    );
+    if let Err(reason) = decision {
+        proxy.stats.denied_by_policy.fetch_add(1, Ordering::Relaxed);
+        info!(target: "access", direction = "inbound", protocol = "TCP", pod = pod.pod,
+              src = %peer, dst = %original_dst, error = %reason, "connection refused");
+        reset(&stream);
+        return;
+    }
+    let (_tracked, closed) = proxy.tracker.track(
+        None,
+        peer.ip(),
+        original_dst.ip(),
+        original_dst.port(),
+        true,
+    );
+    relay_until(stream, original_dst, pod, "inbound", peer, Some(closed)).await;
 }
 
 /// Opens a socket inside the pod's netns, marked as ztunnel's, and connects it.
@@ -267,12 +301,14 @@ fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
-async fn relay(
+/// Relays until either side closes, or until `closed` fires (a policy now denies it).
+async fn relay_until(
     mut downstream: TcpStream,
     dst: SocketAddr,
     pod: &PodContext,
     direction: &str,
     src: SocketAddr,
+    closed: Option<tokio::sync::oneshot::Receiver<String>>,
 ) {
     let started = Instant::now();
     let mut upstream = match connect_from_pod(pod, dst).await {
@@ -287,11 +323,14 @@ async fn relay(
             return;
         }
     };
-    let (sent, received, error) =
-        match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-            Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
-            Err(e) => (0, 0, e.to_string()),
-        };
+    let relay = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    let (sent, received, error) = match until_closed(relay, closed).await {
+        Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
+        Err(e) => {
+            reset(&downstream);
+            (0, 0, e)
+        }
+    };
     info!(
         target: "access",
         direction,
@@ -305,4 +344,28 @@ async fn relay(
         error,
         "connection complete"
     );
+}
+
+/// Runs a relay until it ends or `closed` fires; the error says which.
+pub async fn until_closed<F>(
+    relay: F,
+    closed: Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Result<(u64, u64), String>
+where
+    F: std::future::Future<Output = io::Result<(u64, u64)>>,
+{
+    let closed = async move {
+        match closed {
+            // A dropped sender means the tracker let go: never a reason to close.
+            Some(rx) => match rx.await {
+                Ok(reason) => reason,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = relay => result.map_err(|e| e.to_string()),
+        reason = closed => Err(format!("closed by policy: {reason}")),
+    }
 }

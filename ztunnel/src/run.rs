@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use warren_core::{
     model::{NodeConfig, WorkloadIndex},
+    policy::Policies,
     tls::TrustBundle,
 };
 
@@ -100,6 +101,8 @@ async fn serve(config: Config) -> Result<()> {
             Duration::from_secs(config.pool_idle_timeout_secs),
         ),
         index: Default::default(),
+        policies: Default::default(),
+        tracker: Default::default(),
         stats: Default::default(),
         mark: config.mark,
         trust_domain: config.trust_domain.clone(),
@@ -144,6 +147,14 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
         if modified != last_seen || first {
             match read_workloads(&config.workloads_file) {
                 Ok(workloads) => {
+                    let policies = Arc::new(Policies {
+                        root_namespace: workloads.root_namespace.clone(),
+                        authorizations: workloads.authorizations.clone(),
+                        peer_authentications: workloads.peer_authentications.clone(),
+                    });
+                    let index = Arc::new(WorkloadIndex::new(&workloads));
+                    state.proxy.tracker.reevaluate(&policies, &index);
+                    *state.proxy.policies.write().expect("poisoned") = policies;
                     *state.proxy.index.write().expect("poisoned") =
                         Arc::new(WorkloadIndex::new(&workloads));
                     *state.workloads.lock().expect("poisoned") = workloads;
