@@ -6,9 +6,7 @@ use std::{env, fs, path::PathBuf, process::Command};
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir
-        .parent()
-        .expect("ztunnel lives in the workspace root");
+    let root = manifest_dir.parent().expect("ztunnel lives in the workspace root");
     let pins_path = root.join("ebpf/pins.env");
     println!("cargo:rerun-if-changed={}", pins_path.display());
     let pins = fs::read_to_string(&pins_path).expect("ebpf/pins.env is part of the repository");
@@ -56,10 +54,7 @@ fn main() {
         std::process::exit(1);
     }
     // aya-build does not see changes to the shared types crate on its own.
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("ebpf/types/src").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("ebpf/types/src").display());
 }
 
 /// Where `cargo xtask setup` installs bpf-linker: a directory of its own per (version, nightly),
@@ -73,9 +68,7 @@ fn bpf_linker_path(nightly: &str, version: &str) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .expect("CARGO_HOME or HOME is set");
-    cargo_home.join(format!(
-        "warren/bpf-linker-{version}-{nightly}/bin/bpf-linker"
-    ))
+    cargo_home.join(format!("warren/bpf-linker-{version}-{nightly}/bin/bpf-linker"))
 }
 
 fn check_tools(nightly: &str, linker: &std::path::Path) -> Result<(), String> {
@@ -90,15 +83,10 @@ fn check_tools(nightly: &str, linker: &std::path::Path) -> Result<(), String> {
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        return Err(format!(
-            "the rust-src component of {nightly} is not installed"
-        ));
+        return Err(format!("the rust-src component of {nightly} is not installed"));
     }
     if !linker.is_file() {
-        return Err(format!(
-            "bpf-linker is not installed at {}",
-            linker.display()
-        ));
+        return Err(format!("bpf-linker is not installed at {}", linker.display()));
     }
     let runs = Command::new(linker).arg("--version").output();
     if !runs.is_ok_and(|o| o.status.success()) {

@@ -5,12 +5,10 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls_pki_types::{
-    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
-};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::identity::SpiffeId;
 
@@ -47,10 +45,7 @@ impl WorkloadCertificate {
 
     /// When to renew: half-way through the lifetime.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
+        let lifetime = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_before + lifetime / 2
     }
 }
@@ -62,9 +57,8 @@ pub fn new_key_and_csr(
 ) -> Result<(KeyPair, CertificateSigningRequestDer<'static>), CaError> {
     let key = KeyPair::generate().map_err(CaError::Generate)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(CaError::Generate)?;
-    params.subject_alt_names = vec![SanType::URI(
-        identity.to_string().try_into().map_err(CaError::Generate)?,
-    )];
+    params.subject_alt_names =
+        vec![SanType::URI(identity.to_string().try_into().map_err(CaError::Generate)?)];
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key).map_err(CaError::Generate)?;
     Ok((key, csr.der().clone()))
@@ -76,9 +70,7 @@ pub fn workload_certificate(
     key: &KeyPair,
     chain: Vec<CertificateDer<'static>>,
 ) -> Result<WorkloadCertificate, CaError> {
-    let leaf = chain
-        .first()
-        .ok_or_else(|| CaError::BadRoot("empty certificate chain".into()))?;
+    let leaf = chain.first().ok_or_else(|| CaError::BadRoot("empty certificate chain".into()))?;
     let (_, parsed) =
         x509_parser::parse_x509_certificate(leaf).map_err(|e| CaError::BadRoot(e.to_string()))?;
     let to_time = |t: x509_parser::time::ASN1Time| {
@@ -111,23 +103,15 @@ impl Ca {
         dn.push(DnType::CommonName, "Warren mesh root");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(3650);
         let cert = params.self_signed(&key).map_err(CaError::Generate)?;
         let root_pem = cert.pem();
         let key_pem = key.serialize_pem();
-        Ok(Ca {
-            root: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-            root_pem,
-            key_pem,
-        })
+        Ok(Ca { root: cert.der().clone(), issuer: Issuer::new(params, key), root_pem, key_pem })
     }
 
     /// A root from its PEM certificate and PKCS#8 key.
@@ -137,12 +121,7 @@ impl Ca {
             .map_err(|e| CaError::BadRoot(format!("certificate: {e:?}")))?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
             .map_err(|e| CaError::BadRoot(format!("certificate: {e}")))?;
-        Ok(Ca {
-            issuer,
-            root,
-            root_pem: cert_pem.to_string(),
-            key_pem: key_pem.to_string(),
-        })
+        Ok(Ca { issuer, root, root_pem: cert_pem.to_string(), key_pem: key_pem.to_string() })
     }
 
     pub fn root(&self) -> &CertificateDer<'static> {
@@ -168,38 +147,25 @@ impl Ca {
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let request = CertificateSigningRequestParams::from_der(csr).map_err(CaError::BadCsr)?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(CaError::Generate)?;
-        params.subject_alt_names = vec![SanType::URI(
-            identity.to_string().try_into().map_err(CaError::Generate)?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(identity.to_string().try_into().map_err(CaError::Generate)?)];
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::from(now);
         params.not_before = now - CLOCK_SKEW;
         params.not_after = now + lifetime;
-        let leaf = CertificateSigningRequestParams {
-            params,
-            public_key: request.public_key,
-        }
-        .signed_by(&self.issuer)
-        .map_err(CaError::Generate)?;
+        let leaf = CertificateSigningRequestParams { params, public_key: request.public_key }
+            .signed_by(&self.issuer)
+            .map_err(CaError::Generate)?;
         Ok(vec![leaf.der().clone()])
     }
 
     /// Key, CSR and signature in one go, for this CA's own use and for tests.
-    pub fn issue(
-        &self,
-        identity: &SpiffeId,
-        lifetime: Duration,
-    ) -> Result<WorkloadCertificate, CaError> {
+    pub fn issue(&self, identity: &SpiffeId, lifetime: Duration) -> Result<WorkloadCertificate, CaError> {
         let (key, csr) = new_key_and_csr(identity)?;
         let chain = self.sign(&csr, identity, lifetime, SystemTime::now())?;
         workload_certificate(identity.clone(), &key, chain)

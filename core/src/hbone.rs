@@ -56,12 +56,7 @@ impl RequestError {
 
 impl ConnectRequest {
     pub fn new(target: SocketAddr) -> Self {
-        Self {
-            target,
-            forwarded_for: None,
-            baggage: None,
-            traceparent: None,
-        }
+        Self { target, forwarded_for: None, baggage: None, traceparent: None }
     }
 
     /// The HTTP/2 request to send.
@@ -91,27 +86,12 @@ impl ConnectRequest {
         if req.method() != Method::CONNECT {
             return Err(RequestError::NotConnect(req.method().clone()));
         }
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        let target = authority
-            .parse()
-            .map_err(|_| RequestError::BadAuthority(authority))?;
-        let header = |name: &HeaderName| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
+        let authority = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+        let target = authority.parse().map_err(|_| RequestError::BadAuthority(authority))?;
+        let header =
+            |name: &HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let forwarded_for = header(&FORWARDED).and_then(|f| parse_forwarded_for(&f));
-        Ok(Self {
-            target,
-            forwarded_for,
-            baggage: header(&BAGGAGE),
-            traceparent: header(&TRACEPARENT),
-        })
+        Ok(Self { target, forwarded_for, baggage: header(&BAGGAGE), traceparent: header(&TRACEPARENT) })
     }
 }
 
@@ -151,19 +131,13 @@ pub struct H2Stream {
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self {
-            send,
-            recv,
-            pending: Bytes::new(),
-            recv_done: false,
-        }
+        Self { send, recv, pending: Bytes::new(), recv_done: false }
     }
 }
 
 fn h2_to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else {
         io::Error::new(io::ErrorKind::ConnectionReset, e)
     }
@@ -196,11 +170,7 @@ impl AsyncRead for H2Stream {
 }
 
 impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -208,16 +178,11 @@ impl AsyncWrite for H2Stream {
         match ready!(self.send.poll_capacity(cx)) {
             Some(Ok(n)) => {
                 let n = n.min(buf.len());
-                self.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(h2_to_io)?;
+                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
                 Poll::Ready(Ok(n))
             }
             Some(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
-            None => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "HBONE stream closed",
-            ))),
+            None => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed"))),
         }
     }
 
@@ -250,33 +215,16 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_400() {
-        let get = Request::builder()
-            .method(Method::GET)
-            .uri("http://x/")
-            .body(())
-            .unwrap();
-        assert_eq!(
-            ConnectRequest::from_request(&get).unwrap_err().status(),
-            StatusCode::BAD_REQUEST
-        );
-        let by_name = Request::builder()
-            .method(Method::CONNECT)
-            .uri("payment.shop:8080")
-            .body(())
-            .unwrap();
-        assert!(matches!(
-            ConnectRequest::from_request(&by_name),
-            Err(RequestError::BadAuthority(_))
-        ));
+        let get = Request::builder().method(Method::GET).uri("http://x/").body(()).unwrap();
+        assert_eq!(ConnectRequest::from_request(&get).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        let by_name = Request::builder().method(Method::CONNECT).uri("payment.shop:8080").body(()).unwrap();
+        assert!(matches!(ConnectRequest::from_request(&by_name), Err(RequestError::BadAuthority(_))));
     }
 
     #[test]
     fn traceparent_is_w3c_shaped() {
         let t = new_traceparent();
         let parts: Vec<&str> = t.split('-').collect();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [2, 32, 16, 2]
-        );
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [2, 32, 16, 2]);
     }
 }

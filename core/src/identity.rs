@@ -26,11 +26,7 @@ pub enum IdentityError {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -42,13 +38,11 @@ impl FromStr for SpiffeId {
         let rest = s.strip_prefix("spiffe://").ok_or_else(malformed)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(SpiffeId {
-                    trust_domain: td.to_string(),
-                    namespace: ns.to_string(),
-                    service_account: sa.to_string(),
-                })
-            }
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(SpiffeId {
+                trust_domain: td.to_string(),
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+            }),
             _ => Err(malformed()),
         }
     }
@@ -73,15 +67,10 @@ mod tests {
 
     #[test]
     fn round_trips_through_its_uri_form() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/production/sa/payment"
-            .parse()
-            .unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/production/sa/payment".parse().unwrap();
         assert_eq!(id.namespace, "production");
         assert_eq!(id.service_account, "payment");
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/production/sa/payment"
-        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/production/sa/payment");
     }
 
     #[test]

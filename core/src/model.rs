@@ -55,11 +55,7 @@ impl Workload {
 
     /// The pod's address in the family of `like` (its first IP when it has none of it).
     pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == like.is_ipv4())
-            .or(self.ips.first().copied())
+        self.ips.iter().copied().find(|ip| ip.is_ipv4() == like.is_ipv4()).or(self.ips.first().copied())
     }
 }
 
@@ -106,9 +102,7 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// The workloads on `node` that are enrolled in the mesh.
     pub fn enrolled_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads
-            .iter()
-            .filter(move |w| w.enrolled && w.node == node)
+        self.workloads.iter().filter(move |w| w.enrolled && w.node == node)
     }
 }
 

@@ -147,18 +147,12 @@ pub struct Policies {
 }
 
 fn selects(selector: &Option<BTreeMap<String, String>>, workload: &Workload) -> bool {
-    selector
-        .as_ref()
-        .is_none_or(|s| s.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
+    selector.as_ref().is_none_or(|s| s.iter().all(|(k, v)| workload.labels.get(k) == Some(v)))
 }
 
 impl Policies {
     fn root(&self) -> &str {
-        if self.root_namespace.is_empty() {
-            DEFAULT_ROOT_NAMESPACE
-        } else {
-            &self.root_namespace
-        }
+        if self.root_namespace.is_empty() { DEFAULT_ROOT_NAMESPACE } else { &self.root_namespace }
     }
 
     /// Whether an AuthorizationPolicy applies to `workload`.
@@ -168,26 +162,15 @@ impl Policies {
     }
 
     pub fn authorize(&self, facts: &ConnectionFacts<'_>) -> Verdict {
-        let applicable: Vec<&Authorization> = self
-            .authorizations
-            .iter()
-            .filter(|p| self.applies(p, facts.destination))
-            .collect();
-        if let Some(deny) = applicable
-            .iter()
-            .find(|p| p.action == Action::Deny && p.rules.iter().any(|r| r.matches(facts)))
+        let applicable: Vec<&Authorization> =
+            self.authorizations.iter().filter(|p| self.applies(p, facts.destination)).collect();
+        if let Some(deny) =
+            applicable.iter().find(|p| p.action == Action::Deny && p.rules.iter().any(|r| r.matches(facts)))
         {
             return Verdict::DeniedBy(format!("{}/{}", deny.namespace, deny.name));
         }
-        let allows: Vec<&&Authorization> = applicable
-            .iter()
-            .filter(|p| p.action == Action::Allow)
-            .collect();
-        if allows.is_empty()
-            || allows
-                .iter()
-                .any(|p| p.rules.iter().any(|r| r.matches(facts)))
-        {
+        let allows: Vec<&&Authorization> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
+        if allows.is_empty() || allows.iter().any(|p| p.rules.iter().any(|r| r.matches(facts))) {
             Verdict::Allow
         } else {
             Verdict::NoAllowMatched
@@ -204,19 +187,13 @@ impl Policies {
         let workload_level = all
             .iter()
             .find(|p| {
-                p.namespace == workload.namespace
-                    && p.selector.is_some()
-                    && selects(&p.selector, workload)
+                p.namespace == workload.namespace && p.selector.is_some() && selects(&p.selector, workload)
             })
             .map(pick);
-        let namespace_level = all
-            .iter()
-            .find(|p| p.namespace == workload.namespace && p.selector.is_none())
-            .map(|p| p.mode);
-        let mesh_level = all
-            .iter()
-            .find(|p| p.namespace == self.root() && p.selector.is_none())
-            .map(|p| p.mode);
+        let namespace_level =
+            all.iter().find(|p| p.namespace == workload.namespace && p.selector.is_none()).map(|p| p.mode);
+        let mesh_level =
+            all.iter().find(|p| p.namespace == self.root() && p.selector.is_none()).map(|p| p.mode);
         [workload_level, namespace_level, mesh_level]
             .into_iter()
             .flatten()
@@ -236,16 +213,14 @@ impl Rule {
 impl Source {
     fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
         // Istio's principal form drops the scheme: cluster.local/ns/x/sa/y.
-        let principal = facts
-            .source_identity
-            .map(|id| id.to_string().trim_start_matches("spiffe://").to_string());
+        let principal =
+            facts.source_identity.map(|id| id.to_string().trim_start_matches("spiffe://").to_string());
         let namespace = facts.source_identity.map(|id| id.namespace.as_str());
         let any_of = |values: &[String], actual: Option<&str>| {
             actual.is_some_and(|a| values.iter().any(|v| wildcard(v, a)))
         };
         let field = |values: &[String], not: &[String], actual: Option<&str>| {
-            (values.is_empty() || any_of(values, actual))
-                && (not.is_empty() || !any_of(not, actual))
+            (values.is_empty() || any_of(values, actual)) && (not.is_empty() || !any_of(not, actual))
         };
         let ip_in = |blocks: &[String]| blocks.iter().any(|b| cidr_contains(b, facts.source_ip));
         field(&self.principals, &self.not_principals, principal.as_deref())
@@ -293,11 +268,7 @@ pub fn cidr_contains(block: &str, ip: IpAddr) -> bool {
         }
         (IpAddr::V6(n), IpAddr::V6(i)) => {
             let len = len.unwrap_or(128).min(128);
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
             u128::from(n) & mask == u128::from(i) & mask
         }
         _ => false,
@@ -317,10 +288,7 @@ mod tests {
             node: "n".into(),
             ips: vec!["10.0.0.9".parse().unwrap()],
             enrolled: true,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
@@ -335,22 +303,10 @@ mod tests {
     }
 
     fn from_principal(p: &str) -> Rule {
-        Rule {
-            from: vec![Source {
-                principals: vec![p.into()],
-                ..Default::default()
-            }],
-            to: vec![],
-        }
+        Rule { from: vec![Source { principals: vec![p.into()], ..Default::default() }], to: vec![] }
     }
 
-    fn decide(
-        policies: &Policies,
-        src: Option<&str>,
-        ip: &str,
-        port: u16,
-        dst: &Workload,
-    ) -> Verdict {
+    fn decide(policies: &Policies, src: Option<&str>, ip: &str, port: u16, dst: &Workload) -> Verdict {
         let id: Option<SpiffeId> = src.map(|s| s.parse().unwrap());
         policies.authorize(&ConnectionFacts {
             source_identity: id.as_ref(),
@@ -366,33 +322,17 @@ mod tests {
     #[test]
     fn table_of_istio_semantics() {
         let dst = workload("shop", &[("app", "payment")]);
-        let allow_checkout = policy(
-            "shop",
-            Action::Allow,
-            vec![from_principal("cluster.local/ns/shop/sa/checkout")],
-        );
-        let deny_checkout = policy(
-            "shop",
-            Action::Deny,
-            vec![from_principal("cluster.local/ns/shop/sa/checkout")],
-        );
+        let allow_checkout =
+            policy("shop", Action::Allow, vec![from_principal("cluster.local/ns/shop/sa/checkout")]);
+        let deny_checkout =
+            policy("shop", Action::Deny, vec![from_principal("cluster.local/ns/shop/sa/checkout")]);
         let deny_port = policy(
             "shop",
             Action::Deny,
-            vec![Rule {
-                from: vec![],
-                to: vec![Destination {
-                    ports: vec![9090],
-                    not_ports: vec![],
-                }],
-            }],
+            vec![Rule { from: vec![], to: vec![Destination { ports: vec![9090], not_ports: vec![] }] }],
         );
         let allow_nothing = policy("shop", Action::Allow, vec![]);
-        let mesh_deny = policy(
-            DEFAULT_ROOT_NAMESPACE,
-            Action::Deny,
-            vec![from_principal("*/sa/other")],
-        );
+        let mesh_deny = policy(DEFAULT_ROOT_NAMESPACE, Action::Deny, vec![from_principal("*/sa/other")]);
         let other_ns = policy("elsewhere", Action::Allow, vec![]);
         let allow_block = policy(
             "shop",
@@ -419,31 +359,10 @@ mod tests {
             }],
         );
 
-        type Case<'a> = (
-            &'a str,
-            Vec<Authorization>,
-            Option<&'a str>,
-            &'a str,
-            u16,
-            bool,
-        );
+        type Case<'a> = (&'a str, Vec<Authorization>, Option<&'a str>, &'a str, u16, bool);
         let cases: Vec<Case> = vec![
-            (
-                "no policy allows",
-                vec![],
-                Some(OTHER),
-                "10.1.1.1",
-                80,
-                true,
-            ),
-            (
-                "plaintext with no policy",
-                vec![],
-                None,
-                "10.1.1.1",
-                80,
-                true,
-            ),
+            ("no policy allows", vec![], Some(OTHER), "10.1.1.1", 80, true),
+            ("plaintext with no policy", vec![], None, "10.1.1.1", 80, true),
             (
                 "ALLOW admits its principal",
                 vec![allow_checkout.clone()],
@@ -452,22 +371,8 @@ mod tests {
                 80,
                 true,
             ),
-            (
-                "ALLOW refuses others",
-                vec![allow_checkout.clone()],
-                Some(OTHER),
-                "10.1.1.1",
-                80,
-                false,
-            ),
-            (
-                "ALLOW refuses plaintext",
-                vec![allow_checkout.clone()],
-                None,
-                "10.1.1.1",
-                80,
-                false,
-            ),
+            ("ALLOW refuses others", vec![allow_checkout.clone()], Some(OTHER), "10.1.1.1", 80, false),
+            ("ALLOW refuses plaintext", vec![allow_checkout.clone()], None, "10.1.1.1", 80, false),
             (
                 "DENY beats ALLOW",
                 vec![allow_checkout.clone(), deny_checkout.clone()],
@@ -476,22 +381,8 @@ mod tests {
                 80,
                 false,
             ),
-            (
-                "DENY on a port",
-                vec![deny_port.clone()],
-                Some(CHECKOUT),
-                "10.1.1.1",
-                9090,
-                false,
-            ),
-            (
-                "DENY on another port does not apply",
-                vec![deny_port],
-                Some(CHECKOUT),
-                "10.1.1.1",
-                80,
-                true,
-            ),
+            ("DENY on a port", vec![deny_port.clone()], Some(CHECKOUT), "10.1.1.1", 9090, false),
+            ("DENY on another port does not apply", vec![deny_port], Some(CHECKOUT), "10.1.1.1", 80, true),
             (
                 "ALLOW with no rules denies everything",
                 vec![allow_nothing],
@@ -508,77 +399,17 @@ mod tests {
                 80,
                 false,
             ),
-            (
-                "mesh-wide DENY misses others",
-                vec![mesh_deny],
-                Some(CHECKOUT),
-                "10.1.1.1",
-                80,
-                true,
-            ),
-            (
-                "another namespace's ALLOW does not apply",
-                vec![other_ns],
-                Some(OTHER),
-                "10.1.1.1",
-                80,
-                true,
-            ),
-            (
-                "ipBlocks admit",
-                vec![allow_block.clone()],
-                None,
-                "10.1.9.9",
-                80,
-                true,
-            ),
-            (
-                "notIpBlocks exclude",
-                vec![allow_block.clone()],
-                None,
-                "10.1.2.3",
-                80,
-                false,
-            ),
-            (
-                "ipBlocks miss",
-                vec![allow_block],
-                None,
-                "10.2.0.1",
-                80,
-                false,
-            ),
-            (
-                "namespace AND notPrincipals",
-                vec![allow_ns.clone()],
-                Some(CHECKOUT),
-                "10.1.1.1",
-                80,
-                true,
-            ),
-            (
-                "notPrincipals excludes",
-                vec![allow_ns.clone()],
-                Some(OTHER),
-                "10.1.1.1",
-                80,
-                false,
-            ),
-            (
-                "namespace needs an identity",
-                vec![allow_ns],
-                None,
-                "10.1.1.1",
-                80,
-                false,
-            ),
+            ("mesh-wide DENY misses others", vec![mesh_deny], Some(CHECKOUT), "10.1.1.1", 80, true),
+            ("another namespace's ALLOW does not apply", vec![other_ns], Some(OTHER), "10.1.1.1", 80, true),
+            ("ipBlocks admit", vec![allow_block.clone()], None, "10.1.9.9", 80, true),
+            ("notIpBlocks exclude", vec![allow_block.clone()], None, "10.1.2.3", 80, false),
+            ("ipBlocks miss", vec![allow_block], None, "10.2.0.1", 80, false),
+            ("namespace AND notPrincipals", vec![allow_ns.clone()], Some(CHECKOUT), "10.1.1.1", 80, true),
+            ("notPrincipals excludes", vec![allow_ns.clone()], Some(OTHER), "10.1.1.1", 80, false),
+            ("namespace needs an identity", vec![allow_ns], None, "10.1.1.1", 80, false),
         ];
         for (what, authorizations, src, ip, port, allowed) in cases {
-            let p = Policies {
-                root_namespace: String::new(),
-                authorizations,
-                peer_authentications: vec![],
-            };
+            let p = Policies { root_namespace: String::new(), authorizations, peer_authentications: vec![] };
             assert_eq!(decide(&p, src, ip, port, &dst).allowed(), allowed, "{what}");
         }
     }
@@ -587,84 +418,42 @@ mod tests {
     fn selector_scope_picks_workloads_by_label() {
         let mut p = policy("shop", Action::Deny, vec![Rule::default()]);
         p.selector = Some([("app".to_string(), "payment".to_string())].into());
-        let policies = Policies {
-            authorizations: vec![p],
-            ..Default::default()
-        };
+        let policies = Policies { authorizations: vec![p], ..Default::default() };
         assert!(
-            !decide(
-                &policies,
-                Some(CHECKOUT),
-                "10.0.0.1",
-                80,
-                &workload("shop", &[("app", "payment")])
-            )
-            .allowed()
+            !decide(&policies, Some(CHECKOUT), "10.0.0.1", 80, &workload("shop", &[("app", "payment")]))
+                .allowed()
         );
         assert!(
-            decide(
-                &policies,
-                Some(CHECKOUT),
-                "10.0.0.1",
-                80,
-                &workload("shop", &[("app", "cart")])
-            )
-            .allowed()
+            decide(&policies, Some(CHECKOUT), "10.0.0.1", 80, &workload("shop", &[("app", "cart")]))
+                .allowed()
         );
     }
 
     #[test]
     fn peer_authentication_precedence() {
-        let pa = |ns: &str, selector: Option<&str>, mode, ports: &[(u16, MtlsMode)]| {
-            PeerAuthentication {
-                name: "pa".into(),
-                namespace: ns.into(),
-                selector: selector.map(|app| [("app".to_string(), app.to_string())].into()),
-                mode,
-                port_level: ports.iter().copied().collect(),
-            }
+        let pa = |ns: &str, selector: Option<&str>, mode, ports: &[(u16, MtlsMode)]| PeerAuthentication {
+            name: "pa".into(),
+            namespace: ns.into(),
+            selector: selector.map(|app| [("app".to_string(), app.to_string())].into()),
+            mode,
+            port_level: ports.iter().copied().collect(),
         };
         let w = workload("shop", &[("app", "payment")]);
-        let with = |pas: Vec<PeerAuthentication>| Policies {
-            peer_authentications: pas,
-            ..Default::default()
-        };
+        let with =
+            |pas: Vec<PeerAuthentication>| Policies { peer_authentications: pas, ..Default::default() };
         assert_eq!(with(vec![]).mtls_mode(&w, 80), MtlsMode::Permissive);
         assert_eq!(
-            with(vec![pa(
-                DEFAULT_ROOT_NAMESPACE,
-                None,
-                MtlsMode::Strict,
-                &[]
-            )])
-            .mtls_mode(&w, 80),
+            with(vec![pa(DEFAULT_ROOT_NAMESPACE, None, MtlsMode::Strict, &[])]).mtls_mode(&w, 80),
             MtlsMode::Strict
         );
         let layered = with(vec![
             pa(DEFAULT_ROOT_NAMESPACE, None, MtlsMode::Strict, &[]),
             pa("shop", None, MtlsMode::Permissive, &[]),
-            pa(
-                "shop",
-                Some("payment"),
-                MtlsMode::Unset,
-                &[(9090, MtlsMode::Disable)],
-            ),
+            pa("shop", Some("payment"), MtlsMode::Unset, &[(9090, MtlsMode::Disable)]),
         ]);
-        assert_eq!(
-            layered.mtls_mode(&w, 9090),
-            MtlsMode::Disable,
-            "port level wins"
-        );
-        assert_eq!(
-            layered.mtls_mode(&w, 80),
-            MtlsMode::Permissive,
-            "UNSET inherits the namespace's"
-        );
-        assert_eq!(
-            layered.mtls_mode(&workload("other", &[]), 80),
-            MtlsMode::Strict,
-            "mesh-wide default"
-        );
+        assert_eq!(layered.mtls_mode(&w, 9090), MtlsMode::Disable, "port level wins");
+        assert_eq!(layered.mtls_mode(&w, 80), MtlsMode::Permissive, "UNSET inherits the namespace's");
+        assert_eq!(layered.mtls_mode(&workload("other", &[]), 80), MtlsMode::Strict, "mesh-wide default");
     }
 
     #[test]
@@ -672,10 +461,7 @@ mod tests {
         assert!(cidr_contains("10.0.0.0/8", "10.200.1.1".parse().unwrap()));
         assert!(!cidr_contains("10.0.0.0/8", "11.0.0.1".parse().unwrap()));
         assert!(cidr_contains("fd00::/16", "fd00:1::5".parse().unwrap()));
-        assert!(cidr_contains(
-            "10.1.2.3",
-            "::ffff:10.1.2.3".parse().unwrap()
-        ));
+        assert!(cidr_contains("10.1.2.3", "::ffff:10.1.2.3".parse().unwrap()));
         assert!(!cidr_contains("garbage", "10.1.2.3".parse().unwrap()));
     }
 }

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError,
-    OtherError, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError, OtherError,
+    ServerConfig, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     server::danger::{ClientCertVerified, ClientCertVerifier},
@@ -30,21 +30,15 @@ pub enum IdentityCheckError {
     #[error("the certificate could not be parsed: {0}")]
     Parse(String),
     #[error("the peer is {actual}, but {expected} was expected for this destination")]
-    WrongIdentity {
-        expected: Box<SpiffeId>,
-        actual: Box<SpiffeId>,
-    },
+    WrongIdentity { expected: Box<SpiffeId>, actual: Box<SpiffeId> },
     #[error("the peer {actual} is not in trust domain {expected}")]
-    WrongTrustDomain {
-        expected: String,
-        actual: Box<SpiffeId>,
-    },
+    WrongTrustDomain { expected: String, actual: Box<SpiffeId> },
 }
 
 /// The SPIFFE identity in a certificate's single URI SAN.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityCheckError> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| IdentityCheckError::Parse(e.to_string()))?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| IdentityCheckError::Parse(e.to_string()))?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| IdentityCheckError::Parse(e.to_string()))?
@@ -60,9 +54,9 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityCheck
         .collect();
     match uris.as_slice() {
         [] => Err(IdentityCheckError::NoSpiffeId),
-        [one] => one.parse().map_err(|e: crate::identity::IdentityError| {
-            IdentityCheckError::Malformed(e.to_string())
-        }),
+        [one] => one
+            .parse()
+            .map_err(|e: crate::identity::IdentityError| IdentityCheckError::Malformed(e.to_string())),
         many => Err(IdentityCheckError::SeveralUris(many.len())),
     }
 }
@@ -90,9 +84,7 @@ impl TrustBundle {
             .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TlsError::General(format!("mesh root: {e}")))?;
-        Ok(Self {
-            anchors: Arc::new(anchors),
-        })
+        Ok(Self { anchors: Arc::new(anchors) })
     }
 
     fn verify(
@@ -105,16 +97,8 @@ impl TrustBundle {
     ) -> Result<SpiffeId, TlsError> {
         let cert = EndEntityCert::try_from(end_entity)
             .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
-        cert.verify_for_usage(
-            algorithms.all,
-            &self.anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(webpki_error)?;
+        cert.verify_for_usage(algorithms.all, &self.anchors, intermediates, now, usage, None, None)
+            .map_err(webpki_error)?;
         spiffe_id_of(end_entity).map_err(other)
     }
 }
@@ -126,9 +110,7 @@ fn webpki_error(e: webpki::Error) -> TlsError {
         E::CertNotValidYet { .. } => CertificateError::NotValidYet,
         E::UnknownIssuer => CertificateError::UnknownIssuer,
         E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        other_error => {
-            CertificateError::Other(OtherError(Arc::new(WebpkiError(format!("{other_error}")))))
-        }
+        other_error => CertificateError::Other(OtherError(Arc::new(WebpkiError(format!("{other_error}"))))),
     })
 }
 
@@ -157,13 +139,8 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let actual = self.bundle.verify(
-            &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::server_auth(),
-        )?;
+        let actual =
+            self.bundle.verify(&self.algorithms, end_entity, intermediates, now, KeyUsage::server_auth())?;
         if actual != self.expected {
             return Err(other(IdentityCheckError::WrongIdentity {
                 expected: Box::new(self.expected.clone()),
@@ -215,13 +192,8 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let actual = self.bundle.verify(
-            &self.algorithms,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::client_auth(),
-        )?;
+        let actual =
+            self.bundle.verify(&self.algorithms, end_entity, intermediates, now, KeyUsage::client_auth())?;
         if actual.trust_domain != self.trust_domain {
             return Err(other(IdentityCheckError::WrongTrustDomain {
                 expected: self.trust_domain.clone(),
@@ -278,10 +250,7 @@ pub fn client_config(
 
 /// TLS server config for a workload's HBONE listener: present `own`, require a client of
 /// `own`'s trust domain.
-pub fn server_config(
-    own: &WorkloadCertificate,
-    bundle: &TrustBundle,
-) -> Result<ServerConfig, TlsError> {
+pub fn server_config(own: &WorkloadCertificate, bundle: &TrustBundle) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let verifier = ClientIdentityVerifier {
         bundle: bundle.clone(),
@@ -323,9 +292,8 @@ mod tests {
         server_roots: &TrustBundle,
     ) -> Result<(SpiffeId, SpiffeId), String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let connector = TlsConnector::from(Arc::new(
-            client_config(client, client_roots, client_expects).unwrap(),
-        ));
+        let connector =
+            TlsConnector::from(Arc::new(client_config(client, client_roots, client_expects).unwrap()));
         let acceptor = TlsAcceptor::from(Arc::new(server_config(server, server_roots).unwrap()));
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
         let (c, s) = tokio::join!(connector.connect(name, a), acceptor.accept(b));
@@ -341,27 +309,17 @@ mod tests {
     fn setup() -> (Ca, TrustBundle, WorkloadCertificate, WorkloadCertificate) {
         let ca = Ca::generate("cluster.local").unwrap();
         let bundle = TrustBundle::new(std::slice::from_ref(ca.root())).unwrap();
-        let client = ca
-            .issue(
-                &id("spiffe://cluster.local/ns/shop/sa/checkout"),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let server = ca
-            .issue(
-                &id("spiffe://cluster.local/ns/shop/sa/payment"),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
+        let client =
+            ca.issue(&id("spiffe://cluster.local/ns/shop/sa/checkout"), Duration::from_secs(3600)).unwrap();
+        let server =
+            ca.issue(&id("spiffe://cluster.local/ns/shop/sa/payment"), Duration::from_secs(3600)).unwrap();
         (ca, bundle, client, server)
     }
 
     #[tokio::test]
     async fn both_sides_see_each_others_spiffe_identity() {
         let (_ca, bundle, client, server) = setup();
-        let (c, s) = handshake(&client, &server.identity, &server, &bundle, &bundle)
-            .await
-            .unwrap();
+        let (c, s) = handshake(&client, &server.identity, &server, &bundle, &bundle).await.unwrap();
         assert_eq!(c, server.identity);
         assert_eq!(s, client.identity);
     }
@@ -369,15 +327,10 @@ mod tests {
     #[tokio::test]
     async fn the_client_refuses_a_server_that_is_not_the_expected_identity() {
         let (_ca, bundle, client, server) = setup();
-        let err = handshake(
-            &client,
-            &id("spiffe://cluster.local/ns/shop/sa/other"),
-            &server,
-            &bundle,
-            &bundle,
-        )
-        .await
-        .unwrap_err();
+        let err =
+            handshake(&client, &id("spiffe://cluster.local/ns/shop/sa/other"), &server, &bundle, &bundle)
+                .await
+                .unwrap_err();
         assert!(
             err.starts_with("client") && err.contains("WrongIdentity") && err.contains("\"other\""),
             "{err}"
@@ -389,19 +342,13 @@ mod tests {
         let (_ca, bundle, _client, server) = setup();
         let stranger_ca = Ca::generate("cluster.local").unwrap();
         let stranger = stranger_ca
-            .issue(
-                &id("spiffe://cluster.local/ns/shop/sa/checkout"),
-                Duration::from_secs(3600),
-            )
+            .issue(&id("spiffe://cluster.local/ns/shop/sa/checkout"), Duration::from_secs(3600))
             .unwrap();
         // The stranger trusts the server's root, so only the server can object.
-        let err = handshake(&stranger, &server.identity, &server, &bundle, &bundle)
-            .await
-            .unwrap_err();
+        let err = handshake(&stranger, &server.identity, &server, &bundle, &bundle).await.unwrap_err();
         // Same issuer name, other key: the chain's signature does not verify.
         assert!(
-            err.starts_with("server")
-                && (err.contains("UnknownIssuer") || err.contains("BadSignature")),
+            err.starts_with("server") && (err.contains("UnknownIssuer") || err.contains("BadSignature")),
             "{err}"
         );
     }
@@ -409,19 +356,10 @@ mod tests {
     #[tokio::test]
     async fn another_trust_domain_is_refused() {
         let (ca, bundle, _client, server) = setup();
-        let foreign = ca
-            .issue(
-                &id("spiffe://other.domain/ns/shop/sa/checkout"),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let err = handshake(&foreign, &server.identity, &server, &bundle, &bundle)
-            .await
-            .unwrap_err();
-        assert!(
-            err.starts_with("server") && err.contains("WrongTrustDomain"),
-            "{err}"
-        );
+        let foreign =
+            ca.issue(&id("spiffe://other.domain/ns/shop/sa/checkout"), Duration::from_secs(3600)).unwrap();
+        let err = handshake(&foreign, &server.identity, &server, &bundle, &bundle).await.unwrap_err();
+        assert!(err.starts_with("server") && err.contains("WrongTrustDomain"), "{err}");
     }
 
     #[tokio::test]
@@ -430,25 +368,18 @@ mod tests {
         let identity = id("spiffe://cluster.local/ns/shop/sa/checkout");
         let (key, csr) = new_key_and_csr(&identity).unwrap();
         let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-        let chain = ca
-            .sign(&csr, &identity, Duration::from_secs(3600), two_hours_ago)
-            .unwrap();
+        let chain = ca.sign(&csr, &identity, Duration::from_secs(3600), two_hours_ago).unwrap();
         let expired = workload_certificate(identity, &key, chain).unwrap();
-        let err = handshake(&expired, &server.identity, &server, &bundle, &bundle)
-            .await
-            .unwrap_err();
+        let err = handshake(&expired, &server.identity, &server, &bundle, &bundle).await.unwrap_err();
         assert!(err.to_lowercase().contains("expired"), "{err}");
     }
 
     #[test]
     fn the_ca_signs_only_the_identity_it_is_told_not_what_the_csr_asks() {
         let ca = Ca::generate("cluster.local").unwrap();
-        let (_key, csr) =
-            new_key_and_csr(&id("spiffe://cluster.local/ns/kube-system/sa/admin")).unwrap();
+        let (_key, csr) = new_key_and_csr(&id("spiffe://cluster.local/ns/kube-system/sa/admin")).unwrap();
         let granted = id("spiffe://cluster.local/ns/shop/sa/checkout");
-        let chain = ca
-            .sign(&csr, &granted, Duration::from_secs(60), SystemTime::now())
-            .unwrap();
+        let chain = ca.sign(&csr, &granted, Duration::from_secs(60), SystemTime::now()).unwrap();
         assert_eq!(spiffe_id_of(&chain[0]).unwrap(), granted);
     }
 
@@ -456,12 +387,7 @@ mod tests {
     fn a_root_round_trips_through_pem() {
         let ca = Ca::generate("cluster.local").unwrap();
         let again = Ca::from_pem(ca.root_pem(), ca.key_pem()).unwrap();
-        let cert = again
-            .issue(
-                &id("spiffe://cluster.local/ns/a/sa/b"),
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let cert = again.issue(&id("spiffe://cluster.local/ns/a/sa/b"), Duration::from_secs(60)).unwrap();
         assert!(cert.not_after > SystemTime::now());
         assert!(cert.refresh_at() < cert.not_after);
     }

@@ -21,11 +21,7 @@ const APP_PORT: u16 = 8080;
 const ZTUNNEL_MARK: u32 = 0x539;
 
 fn outbound_listener(dst: IpAddr) -> SocketAddr {
-    if dst.is_ipv4() {
-        "127.0.0.1:15001".parse().unwrap()
-    } else {
-        "[::1]:15001".parse().unwrap()
-    }
+    if dst.is_ipv4() { "127.0.0.1:15001".parse().unwrap() } else { "[::1]:15001".parse().unwrap() }
 }
 
 #[test]
@@ -33,10 +29,7 @@ fn enrolled_pods_outbound_connects_reach_ztunnel_with_their_original_destination
     require_root();
     let mut node = Node::new();
     let (a, b) = (node.add_pod(), node.add_pod());
-    let z = Ztunnel::start(
-        &node,
-        &[a.workload(&node.name, true), b.workload(&node.name, false)],
-    );
+    let z = Ztunnel::start(&node, &[a.workload(&node.name, true), b.workload(&node.name, false)]);
     z.wait_enrolled(&a.name);
     let _server = Server::start(&b, APP_PORT);
 
@@ -83,11 +76,7 @@ fn an_unenrolled_pod_and_the_node_itself_are_not_captured() {
     let (a, b, c) = (node.add_pod(), node.add_pod(), node.add_pod());
     let z = Ztunnel::start(
         &node,
-        &[
-            a.workload(&node.name, true),
-            b.workload(&node.name, false),
-            c.workload(&node.name, false),
-        ],
+        &[a.workload(&node.name, true), b.workload(&node.name, false), c.workload(&node.name, false)],
     );
     z.wait_enrolled(&a.name);
     let _server = Server::start(&b, APP_PORT);
@@ -95,22 +84,13 @@ fn an_unenrolled_pod_and_the_node_itself_are_not_captured() {
     for dst_ip in [b.ipv4, b.ipv6] {
         let dst = SocketAddr::new(dst_ip, APP_PORT);
         let mut client = Client::connect(&c, dst).unwrap();
-        assert_eq!(
-            client.peer(),
-            dst,
-            "the unenrolled pod's connect was rewritten"
-        );
-        assert_eq!(
-            client.greeting().unwrap().ip(),
-            if dst_ip.is_ipv4() { c.ipv4 } else { c.ipv6 }
-        );
+        assert_eq!(client.peer(), dst, "the unenrolled pod's connect was rewritten");
+        assert_eq!(client.greeting().unwrap().ip(), if dst_ip.is_ipv4() { c.ipv4 } else { c.ipv6 });
     }
     // The node's own netns (the test plays a node process there).
     let dst = SocketAddr::new(b.ipv4, APP_PORT);
-    let node_stream = node
-        .ns
-        .run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
-        .unwrap();
+    let node_stream =
+        node.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))).unwrap();
     assert_eq!(node_stream.peer_addr().unwrap(), dst);
     assert_eq!(z.stat("outbound_accepted"), 0);
 }
@@ -122,10 +102,7 @@ fn ztunnels_own_sockets_are_exempt_but_a_pod_carrying_its_mark_is_captured() {
     let (a, b) = (node.add_pod(), node.add_pod());
     // Both enrolled: ztunnel's outbound connect from A's netns and its delivery inside B's
     // netns would loop back into ztunnel if they were captured.
-    let z = Ztunnel::start(
-        &node,
-        &[a.workload(&node.name, true), b.workload(&node.name, true)],
-    );
+    let z = Ztunnel::start(&node, &[a.workload(&node.name, true), b.workload(&node.name, true)]);
     z.wait_enrolled(&a.name);
     z.wait_enrolled(&b.name);
     let _server = Server::start(&b, APP_PORT);
@@ -143,8 +120,7 @@ fn ztunnels_own_sockets_are_exempt_but_a_pod_carrying_its_mark_is_captured() {
     // A pod that sets ztunnel's mark on its own socket is still captured: the exemption also
     // needs ztunnel's cgroup.
     let marked =
-        Client::connect_with_mark(&a, SocketAddr::new(b.ipv4, APP_PORT), Some(ZTUNNEL_MARK))
-            .unwrap();
+        Client::connect_with_mark(&a, SocketAddr::new(b.ipv4, APP_PORT), Some(ZTUNNEL_MARK)).unwrap();
     assert_eq!(marked.peer(), "127.0.0.1:15001".parse().unwrap());
 }
 
@@ -155,11 +131,7 @@ fn inbound_goes_to_ztunnels_listeners_and_fails_closed_without_them() {
     let (a, b, c) = (node.add_pod(), node.add_pod(), node.add_pod());
     let mut z = Ztunnel::start(
         &node,
-        &[
-            a.workload(&node.name, true),
-            b.workload(&node.name, true),
-            c.workload(&node.name, false),
-        ],
+        &[a.workload(&node.name, true), b.workload(&node.name, true), c.workload(&node.name, false)],
     );
     z.wait_enrolled(&a.name);
     z.wait_enrolled(&b.name);
@@ -169,21 +141,14 @@ fn inbound_goes_to_ztunnels_listeners_and_fails_closed_without_them() {
     // address, and ztunnel delivers it.
     let dst = SocketAddr::new(b.ipv4, APP_PORT);
     let mut client = Client::connect(&c, dst).unwrap();
-    assert_eq!(
-        client.greeting().unwrap().ip(),
-        b.ipv4,
-        "delivered by ztunnel inside B"
-    );
+    assert_eq!(client.greeting().unwrap().ip(), b.ipv4, "delivered by ztunnel inside B");
     assert_eq!(client.echo("in").unwrap(), "in");
     drop(client);
     assert!(wait_until(Duration::from_secs(5), || z
         .access_log("inbound")
         .iter()
         .any(|l| l["dst"] == dst.to_string()
-            && l["src"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with(&c.ipv4.to_string()))));
+            && l["src"].as_str().unwrap_or("").starts_with(&c.ipv4.to_string()))));
     // IPv6 too.
     let mut client6 = Client::connect(&c, SocketAddr::new(b.ipv6, APP_PORT)).unwrap();
     assert_eq!(client6.greeting().unwrap().ip(), b.ipv6);
@@ -191,34 +156,18 @@ fn inbound_goes_to_ztunnels_listeners_and_fails_closed_without_them() {
 
     // Port 15008 goes to the HBONE listener.
     let hbone = Client::connect(&c, SocketAddr::new(b.ipv4, 15008));
-    assert!(
-        hbone.is_ok(),
-        "HBONE listener not reached: {:?}",
-        hbone.err()
-    );
-    assert!(wait_until(Duration::from_secs(5), || z
-        .stat("hbone_accepted")
-        == 1));
+    assert!(hbone.is_ok(), "HBONE listener not reached: {:?}", hbone.err());
+    assert!(wait_until(Duration::from_secs(5), || z.stat("hbone_accepted") == 1));
 
     // With ztunnel gone (its listeners closed, its programs still pinned), nothing reaches
     // the application: inbound is dropped, captured outbound is refused.
     z.stop();
     let before = server.accepted_count();
     let inbound = Client::connect(&c, dst);
-    assert!(
-        inbound.is_err(),
-        "inbound connection bypassed the stopped ztunnel"
-    );
+    assert!(inbound.is_err(), "inbound connection bypassed the stopped ztunnel");
     let outbound = Client::connect(&a, SocketAddr::new(b.ipv4, APP_PORT));
-    assert_eq!(
-        outbound.err().map(|e| e.kind()),
-        Some(ErrorKind::ConnectionRefused)
-    );
-    assert_eq!(
-        server.accepted_count(),
-        before,
-        "the application saw a connection"
-    );
+    assert_eq!(outbound.err().map(|e| e.kind()), Some(ErrorKind::ConnectionRefused));
+    assert_eq!(server.accepted_count(), before, "the application saw a connection");
 
     // A restarted ztunnel takes over the pinned state: capture works again.
     z.restart(&node);
@@ -233,10 +182,7 @@ fn enrolling_and_unenrolling_keep_live_connections_and_clean_up() {
     require_root();
     let mut node = Node::new();
     let (a, b) = (node.add_pod(), node.add_pod());
-    let z = Ztunnel::start(
-        &node,
-        &[a.workload(&node.name, false), b.workload(&node.name, false)],
-    );
+    let z = Ztunnel::start(&node, &[a.workload(&node.name, false), b.workload(&node.name, false)]);
     let _server = Server::start(&b, APP_PORT);
     let dst = SocketAddr::new(b.ipv4, APP_PORT);
 
@@ -247,17 +193,8 @@ fn enrolling_and_unenrolling_keep_live_connections_and_clean_up() {
     z.set_workloads(&[a.workload(&node.name, true), b.workload(&node.name, false)]);
     let enrolled = z.wait_enrolled(&a.name);
     let cookie = enrolled["netns_cookie"].as_u64().unwrap();
-    assert!(
-        z.capture()["enrolledMapCookies"]
-            .as_array()
-            .unwrap()
-            .contains(&cookie.into())
-    );
-    assert_eq!(
-        direct.echo("still here").unwrap(),
-        "still here",
-        "enrollment broke a live connection"
-    );
+    assert!(z.capture()["enrolledMapCookies"].as_array().unwrap().contains(&cookie.into()));
+    assert_eq!(direct.echo("still here").unwrap(), "still here", "enrollment broke a live connection");
 
     let mut captured = Client::connect(&a, dst).unwrap();
     assert_eq!(captured.peer(), "127.0.0.1:15001".parse().unwrap());
@@ -265,50 +202,23 @@ fn enrolling_and_unenrolling_keep_live_connections_and_clean_up() {
 
     z.set_workloads(&[a.workload(&node.name, false), b.workload(&node.name, false)]);
     z.wait_unenrolled(&a.name);
-    assert_eq!(
-        captured.echo("relayed").unwrap(),
-        "relayed",
-        "unenrollment broke a relayed connection"
-    );
+    assert_eq!(captured.echo("relayed").unwrap(), "relayed", "unenrollment broke a relayed connection");
     assert_eq!(direct.echo("direct").unwrap(), "direct");
     let after = Client::connect(&a, dst).unwrap();
     assert_eq!(after.peer(), dst, "still captured after unenrolling");
     let view = z.capture();
-    assert!(
-        !view["enrolledMapCookies"]
-            .as_array()
-            .unwrap()
-            .contains(&cookie.into())
-    );
-    assert!(
-        !z.pin_dir()
-            .join(format!("links/sk_lookup-{cookie}"))
-            .exists(),
-        "sk_lookup pin left behind"
-    );
+    assert!(!view["enrolledMapCookies"].as_array().unwrap().contains(&cookie.into()));
+    assert!(!z.pin_dir().join(format!("links/sk_lookup-{cookie}")).exists(), "sk_lookup pin left behind");
 
     // Deleting an enrolled pod's netns unenrolls it and removes its entries.
     let mut d = node.add_pod();
     z.set_workloads(&[d.workload(&node.name, true)]);
     let cookie = z.wait_enrolled(&d.name)["netns_cookie"].as_u64().unwrap();
-    assert!(
-        z.pin_dir()
-            .join(format!("links/sk_lookup-{cookie}"))
-            .exists()
-    );
+    assert!(z.pin_dir().join(format!("links/sk_lookup-{cookie}")).exists());
     d.ns.delete();
     z.wait_unenrolled(&d.name);
-    assert!(
-        !z.capture()["enrolledMapCookies"]
-            .as_array()
-            .unwrap()
-            .contains(&cookie.into())
-    );
-    assert!(
-        !z.pin_dir()
-            .join(format!("links/sk_lookup-{cookie}"))
-            .exists()
-    );
+    assert!(!z.capture()["enrolledMapCookies"].as_array().unwrap().contains(&cookie.into()));
+    assert!(!z.pin_dir().join(format!("links/sk_lookup-{cookie}")).exists());
 }
 
 #[test]
@@ -318,17 +228,11 @@ fn a_foreign_connect4_program_on_the_same_cgroup_keeps_working_beside_ours() {
     let (a, b, c) = (node.add_pod(), node.add_pod(), node.add_pod());
     let z = Ztunnel::start(
         &node,
-        &[
-            a.workload(&node.name, true),
-            b.workload(&node.name, false),
-            c.workload(&node.name, false),
-        ],
+        &[a.workload(&node.name, true), b.workload(&node.name, false), c.workload(&node.name, false)],
     );
     z.wait_enrolled(&a.name);
     let _server = Server::start(&b, APP_PORT);
-    let IpAddr::V4(b4) = b.ipv4 else {
-        unreachable!()
-    };
+    let IpAddr::V4(b4) = b.ipv4 else { unreachable!() };
     // Another agent's socket load balancer: B:9999 is really B:8080.
     let _foreign = PortRewrite::attach(&cgroup2_mount(), b4, 9999, APP_PORT).unwrap();
 
@@ -350,10 +254,7 @@ fn ten_thousand_short_connections_leave_no_stale_map_entries() {
     const CONNECTIONS: usize = 10_000;
     let mut node = Node::new();
     let (a, b) = (node.add_pod(), node.add_pod());
-    let z = Ztunnel::start(
-        &node,
-        &[a.workload(&node.name, true), b.workload(&node.name, false)],
-    );
+    let z = Ztunnel::start(&node, &[a.workload(&node.name, true), b.workload(&node.name, false)]);
     z.wait_enrolled(&a.name);
     let server = Server::start(&b, APP_PORT);
     let dst = SocketAddr::new(b.ipv4, APP_PORT);
@@ -363,8 +264,7 @@ fn ten_thousand_short_connections_leave_no_stale_map_entries() {
         let deadline = Instant::now() + Duration::from_secs(240);
         let mut done = 0;
         while done < CONNECTIONS && Instant::now() < deadline {
-            let Ok(mut s) = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))
-            else {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)) else {
                 continue;
             };
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -410,12 +310,7 @@ fn pods_without_an_ip_or_sharing_one_are_not_enrolled_and_say_why() {
         z.log()
     );
     assert!(z.capture()["pods"].as_array().unwrap().is_empty());
-    assert!(
-        z.capture()["enrolledMapCookies"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(z.capture()["enrolledMapCookies"].as_array().unwrap().is_empty());
     // Nothing is half-enrolled: B's traffic goes direct.
     let _server = Server::start(&c, APP_PORT);
     let dst = SocketAddr::new(c.ipv4, APP_PORT);

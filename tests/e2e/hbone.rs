@@ -35,16 +35,11 @@ fn with_sa(mut w: Workload, sa: &str) -> Workload {
 }
 
 fn identity(sa: &str) -> SpiffeId {
-    format!("spiffe://cluster.local/ns/default/sa/{sa}")
-        .parse()
-        .unwrap()
+    format!("spiffe://cluster.local/ns/default/sa/{sa}").parse().unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// A TCP socket connected from inside `ns` (the connect happens there; the socket stays).
@@ -76,8 +71,7 @@ fn pods_talk_over_hbone_within_and_across_nodes_with_their_identities() {
     for (dst_pod, dst_ztunnel, what) in [(&b, &z1, "cross-node"), (&c, &z0, "same-node")] {
         for dst_ip in [dst_pod.ipv4, dst_pod.ipv6] {
             let dst = SocketAddr::new(dst_ip, APP_PORT);
-            let mut client =
-                Client::connect(&a, dst).unwrap_or_else(|e| panic!("{what} {dst}: {e}"));
+            let mut client = Client::connect(&a, dst).unwrap_or_else(|e| panic!("{what} {dst}: {e}"));
             assert_eq!(
                 client.greeting().unwrap().ip(),
                 dst_ip,
@@ -99,10 +93,7 @@ fn pods_talk_over_hbone_within_and_across_nodes_with_their_identities() {
                     l["protocol"] == "HBONE"
                         && l["dst"] == dst.to_string()
                         && l["src_identity"] == identity("checkout").to_string()
-                        && l["src"]
-                            .as_str()
-                            .unwrap_or("")
-                            .contains(&a.ip_like(dst_ip).to_string())
+                        && l["src"].as_str().unwrap_or("").contains(&a.ip_like(dst_ip).to_string())
                 })
             };
             assert!(
@@ -117,11 +108,7 @@ fn pods_talk_over_hbone_within_and_across_nodes_with_their_identities() {
             );
         }
     }
-    assert_eq!(
-        z1.stat("inbound_plaintext_accepted"),
-        0,
-        "cross-node traffic went in plaintext"
-    );
+    assert_eq!(z1.stat("inbound_plaintext_accepted"), 0, "cross-node traffic went in plaintext");
 }
 
 trait IpLike {
@@ -157,27 +144,17 @@ async fn independent_connect(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("tls: {e}"))?;
-    let (send, connection) = h2::client::handshake(tls)
-        .await
-        .map_err(|e| format!("h2: {e}"))?;
+    let (send, connection) = h2::client::handshake(tls).await.map_err(|e| format!("h2: {e}"))?;
     tokio::spawn(connection);
     let mut send = send.ready().await.map_err(|e| format!("h2 ready: {e}"))?;
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .body(())
-        .unwrap();
-    let (response, mut stream) = send
-        .send_request(request, false)
-        .map_err(|e| format!("send: {e}"))?;
+    let request = Request::builder().method(Method::CONNECT).uri(target.to_string()).body(()).unwrap();
+    let (response, mut stream) = send.send_request(request, false).map_err(|e| format!("send: {e}"))?;
     let response = response.await.map_err(|e| format!("response: {e}"))?;
     let status = response.status();
     if status != StatusCode::OK {
         return Ok((status, String::new()));
     }
-    stream
-        .send_data(Bytes::from_static(b"over hbone\n"), true)
-        .map_err(|e| e.to_string())?;
+    stream.send_data(Bytes::from_static(b"over hbone\n"), true).map_err(|e| e.to_string())?;
     let mut body = response.into_body();
     let mut text = String::new();
     while let Some(chunk) = body.data().await {
@@ -200,22 +177,14 @@ fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
     let node = cluster.nodes[0].name.clone();
     let z = Ztunnel::start_with(
         &cluster.nodes[0],
-        &[
-            with_sa(b.workload(&node, true), "payment"),
-            x.workload(&node, false),
-        ],
+        &[with_sa(b.workload(&node, true), "payment"), x.workload(&node, false)],
         &ca,
         &[],
     );
     z.wait_enrolled(&b.name);
     let _server = Server::start(&b, APP_PORT);
     let bundle = TrustBundle::new(std::slice::from_ref(ca.ca.root())).unwrap();
-    let tester = issue(
-        &ca.ca,
-        &identity("tester"),
-        Duration::from_secs(3600),
-        SystemTime::now(),
-    );
+    let tester = issue(&ca.ca, &identity("tester"), Duration::from_secs(3600), SystemTime::now());
     let hbone = SocketAddr::new(b.ipv4, 15008);
     let rt = runtime();
 
@@ -230,10 +199,7 @@ fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
         ))
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    assert!(
-        text.starts_with("peer=") && text.contains("over hbone"),
-        "{text:?}"
-    );
+    assert!(text.starts_with("peer=") && text.contains("over hbone"), "{text:?}");
 
     // CONNECT to an IP that is not this pod's: 400.
     let elsewhere = SocketAddr::new(x.ipv4, APP_PORT);
@@ -262,17 +228,10 @@ fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
 
     // Client certificates ztunnel must refuse: another CA, another trust domain, expired.
     let stranger_ca = Ca::generate("cluster.local").unwrap();
-    let stranger = issue(
-        &stranger_ca,
-        &identity("tester"),
-        Duration::from_secs(3600),
-        SystemTime::now(),
-    );
+    let stranger = issue(&stranger_ca, &identity("tester"), Duration::from_secs(3600), SystemTime::now());
     let foreign_domain = issue(
         &ca.ca,
-        &"spiffe://evil.example/ns/default/sa/tester"
-            .parse()
-            .unwrap(),
+        &"spiffe://evil.example/ns/default/sa/tester".parse().unwrap(),
         Duration::from_secs(3600),
         SystemTime::now(),
     );
@@ -282,11 +241,9 @@ fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
         Duration::from_secs(60),
         SystemTime::now() - Duration::from_secs(3600),
     );
-    for (what, cert) in [
-        ("another CA", &stranger),
-        ("another trust domain", &foreign_domain),
-        ("expired", &expired),
-    ] {
+    for (what, cert) in
+        [("another CA", &stranger), ("another trust domain", &foreign_domain), ("expired", &expired)]
+    {
         let result = rt.block_on(independent_connect(
             tcp_from(&x.ns, hbone).unwrap(),
             cert,
@@ -294,17 +251,10 @@ fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
             &identity("payment"),
             SocketAddr::new(b.ipv4, APP_PORT),
         ));
-        assert!(
-            result.is_err(),
-            "a client certificate from {what} was accepted: {result:?}"
-        );
+        assert!(result.is_err(), "a client certificate from {what} was accepted: {result:?}");
     }
     assert!(
-        wait_until(Duration::from_secs(5), || z
-            .log()
-            .matches("mTLS handshake failed")
-            .count()
-            >= 3),
+        wait_until(Duration::from_secs(5), || z.log().matches("mTLS handshake failed").count() >= 3),
         "{}",
         z.log()
     );
@@ -326,30 +276,18 @@ fn ztunnels_client_speaks_to_an_independent_hbone_server() {
     let z = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
     z.wait_enrolled(&a.name);
 
-    let d_cert = issue(
-        &ca.ca,
-        &identity("inventory"),
-        Duration::from_secs(3600),
-        SystemTime::now(),
-    );
+    let d_cert = issue(&ca.ca, &identity("inventory"), Duration::from_secs(3600), SystemTime::now());
     let bundle = TrustBundle::new(std::slice::from_ref(ca.ca.root())).unwrap();
-    let listener =
-        d.ns.run(|| std::net::TcpListener::bind("0.0.0.0:15008"))
-            .unwrap();
+    let listener = d.ns.run(|| std::net::TcpListener::bind("0.0.0.0:15008")).unwrap();
     listener.set_nonblocking(true).unwrap();
     let server_config = Arc::new(tls::server_config(&d_cert, &bundle).unwrap());
     let (seen_tx, seen_rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || {
         runtime().block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-                .await
-                .unwrap()
-                .unwrap();
-            let tls = tokio_rustls::TlsAcceptor::from(server_config)
-                .accept(tcp)
-                .await
-                .unwrap();
+            let (tcp, _) =
+                tokio::time::timeout(Duration::from_secs(10), listener.accept()).await.unwrap().unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(server_config).accept(tcp).await.unwrap();
             let client_id = tls::peer_identity(tls.get_ref().1.peer_certificates());
             let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
             let sni = tls.get_ref().1.server_name().map(str::to_string);
@@ -361,18 +299,10 @@ fn ztunnels_client_speaks_to_an_independent_hbone_server() {
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect();
             seen_tx
-                .send((
-                    request.method().clone(),
-                    request.uri().to_string(),
-                    headers,
-                    client_id,
-                    alpn,
-                    sni,
-                ))
+                .send((request.method().clone(), request.uri().to_string(), headers, client_id, alpn, sni))
                 .unwrap();
-            let mut send = respond
-                .send_response(Response::builder().status(200).body(()).unwrap(), false)
-                .unwrap();
+            let mut send =
+                respond.send_response(Response::builder().status(200).body(()).unwrap(), false).unwrap();
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
             let mut body = request.into_body();
             while let Some(Ok(chunk)) = body.data().await {
@@ -385,43 +315,25 @@ fn ztunnels_client_speaks_to_an_independent_hbone_server() {
 
     let dst = SocketAddr::new(d.ipv4, APP_PORT);
     let stream = tcp_from(&a.ns, dst).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut writer = stream.try_clone().unwrap();
     writeln!(writer, "hello inventory").unwrap();
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).unwrap();
     assert_eq!(line, "hello inventory\n");
 
-    let (method, uri, headers, client_id, alpn, sni) =
-        seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let (method, uri, headers, client_id, alpn, sni) = seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(method, Method::CONNECT);
     assert_eq!(uri, dst.to_string());
     assert_eq!(client_id, Some(identity("checkout")));
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
     assert_eq!(sni, None, "HBONE clients send no SNI");
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    assert!(
-        header("forwarded").starts_with(&format!("for=\"{}:", a.ipv4)),
-        "{headers:?}"
-    );
-    assert!(
-        header("baggage").contains("k8s.namespace.name=default"),
-        "{headers:?}"
-    );
+    let header =
+        |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+    assert!(header("forwarded").starts_with(&format!("for=\"{}:", a.ipv4)), "{headers:?}");
+    assert!(header("baggage").contains("k8s.namespace.name=default"), "{headers:?}");
     let traceparent = header("traceparent");
-    assert_eq!(
-        traceparent.split('-').map(str::len).collect::<Vec<_>>(),
-        [2, 32, 16, 2],
-        "{traceparent}"
-    );
+    assert_eq!(traceparent.split('-').map(str::len).collect::<Vec<_>>(), [2, 32, 16, 2], "{traceparent}");
     drop(writer);
     let _ = server.join();
 }
@@ -450,11 +362,7 @@ fn certificates_rotate_under_live_traffic_without_dropping_anything() {
     let mut exchanges = 0;
     while started.elapsed() < Duration::from_secs(7) {
         let text = format!("message {exchanges}");
-        assert_eq!(
-            live.echo(&text).unwrap(),
-            text,
-            "the live connection broke during rotation"
-        );
+        assert_eq!(live.echo(&text).unwrap(), text, "the live connection broke during rotation");
         // A new connection each second also works with whatever certificate is current.
         if exchanges % 10 == 0 {
             let mut fresh = Client::connect(&a, dst).unwrap();
@@ -466,11 +374,7 @@ fn certificates_rotate_under_live_traffic_without_dropping_anything() {
     }
     for z in [&z0, &z1] {
         let rotations = z.config_dump()["certificateRotations"].as_u64().unwrap();
-        assert!(
-            rotations >= 2,
-            "{} renewed {rotations} times in 7 s with 4 s certificates",
-            z.node
-        );
+        assert!(rotations >= 2, "{} renewed {rotations} times in 7 s with 4 s certificates", z.node);
     }
     assert_eq!(z0.stat("upstream_connect_failures"), 0);
 }
@@ -484,12 +388,7 @@ fn many_connections_share_pooled_hbone_connections() {
     let b = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
     let workloads = [a.workload(&n0, true), b.workload(&n1, true)];
-    let z0 = Ztunnel::start_with(
-        &cluster.nodes[0],
-        &workloads,
-        &ca,
-        &["--pool-max-streams", "5"],
-    );
+    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &["--pool-max-streams", "5"]);
     let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
     z0.wait_enrolled(&a.name);
     z1.wait_enrolled(&b.name);
@@ -505,14 +404,106 @@ fn many_connections_share_pooled_hbone_connections() {
     let pool = &z0.capture()["hbonePool"];
     assert_eq!(pool["opened"], 4, "{pool}");
     drop(clients);
-    assert!(wait_until(
-        Duration::from_secs(5),
-        || z0.capture()["hbonePool"]["activeStreams"] == 0
-    ));
+    assert!(wait_until(Duration::from_secs(5), || z0.capture()["hbonePool"]["activeStreams"] == 0));
     // Later connections reuse the pooled ones.
     for _ in 0..10 {
         let mut c = Client::connect(&a, dst).unwrap();
         c.greeting().unwrap();
     }
     assert_eq!(z0.capture()["hbonePool"]["opened"], 4);
+}
+
+/// The value of the first sample of `name` whose labels include all of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    metrics.lines().filter(|l| l.starts_with(&format!("{name}{{"))).find_map(|l| {
+        let all = labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")));
+        all.then(|| l.rsplit(' ').next()?.parse().ok())?
+    })
+}
+
+#[test]
+fn metrics_and_readiness_speak_istios_language() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(2);
+    let a = cluster.nodes[0].add_pod();
+    let b = cluster.nodes[1].add_pod();
+    let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let mut b_w = with_sa(b.workload(&n1, true), "payment");
+    b_w.labels.insert("app".into(), "payment".into());
+    b_w.labels.insert("version".into(), "v2".into());
+    let workloads = [with_sa(a.workload(&n0, true), "checkout"), b_w];
+    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
+    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
+    z0.wait_enrolled(&a.name);
+    z1.wait_enrolled(&b.name);
+    let _server = Server::start(&b, APP_PORT);
+    assert_eq!(z0.get_at("127.0.0.1:15021".parse().unwrap(), "/healthz/ready").unwrap(), "ready\n");
+
+    let mut client = Client::connect(&a, SocketAddr::new(b.ipv4, APP_PORT)).unwrap();
+    client.greeting().unwrap();
+    assert_eq!(client.echo("0123456789").unwrap(), "0123456789");
+    drop(client);
+
+    let principals = [
+        ("source_principal", "spiffe://cluster.local/ns/default/sa/checkout"),
+        ("destination_principal", "spiffe://cluster.local/ns/default/sa/payment"),
+        ("connection_security_policy", "mutual_tls"),
+        ("destination_canonical_service", "payment"),
+        ("destination_canonical_revision", "v2"),
+        ("destination_workload_namespace", "default"),
+    ];
+    for (z, reporter) in [(&z0, "source"), (&z1, "destination")] {
+        let mut labels = principals.to_vec();
+        labels.push(("reporter", reporter));
+        let ok = wait_until(Duration::from_secs(5), || {
+            let m = z.get_at("127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap_or_default();
+            sample(&m, "istio_tcp_connections_closed_total", &labels) == Some(1)
+                && sample(&m, "istio_tcp_connections_opened_total", &labels) == Some(1)
+                // 11 bytes each way, plus the greeting in the response direction.
+                && sample(&m, "istio_tcp_received_bytes_total", &labels) == Some(11)
+                && sample(&m, "istio_tcp_sent_bytes_total", &labels).is_some_and(|n| n > 11)
+        });
+        let m = z.get_at("127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap_or_default();
+        assert!(ok, "{reporter} metrics wrong:\n{m}");
+    }
+}
+
+#[test]
+fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(1);
+    let (a, b) = (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let node = cluster.nodes[0].name.clone();
+    let mut z = Ztunnel::start_with(
+        &cluster.nodes[0],
+        &[a.workload(&node, true), b.workload(&node, true)],
+        &ca,
+        &["--drain-timeout-secs", "10"],
+    );
+    z.wait_enrolled(&a.name);
+    z.wait_enrolled(&b.name);
+    let _server = Server::start(&b, APP_PORT);
+    let dst = SocketAddr::new(b.ipv4, APP_PORT);
+    let mut live = Client::connect(&a, dst).unwrap();
+    live.greeting().unwrap();
+
+    z.terminate();
+    assert!(wait_until(Duration::from_secs(3), || z.log().contains("SIGTERM: draining")));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(Client::connect(&a, dst).is_err(), "a new connection was accepted while draining");
+    assert_eq!(
+        live.echo("still draining").unwrap(),
+        "still draining",
+        "an open connection was cut by the drain"
+    );
+    assert!(!z.exits_within(Duration::from_millis(500)), "ztunnel exited with a connection open");
+    drop(live);
+    assert!(
+        z.exits_within(Duration::from_secs(5)),
+        "ztunnel did not exit once its connections closed:\n{}",
+        z.log()
+    );
+    assert!(z.log().contains("drained"));
 }

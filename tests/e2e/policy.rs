@@ -29,21 +29,14 @@ fn allow_from(principal: &str) -> Authorization {
         selector: Some([("app".to_string(), "payment".to_string())].into()),
         action: Action::Allow,
         rules: vec![Rule {
-            from: vec![Source {
-                principals: vec![principal.into()],
-                ..Default::default()
-            }],
+            from: vec![Source { principals: vec![principal.into()], ..Default::default() }],
             to: vec![],
         }],
     }
 }
 
 fn deny_from(principal: &str) -> Authorization {
-    Authorization {
-        name: "deny-checkout".into(),
-        action: Action::Deny,
-        ..allow_from(principal)
-    }
+    Authorization { name: "deny-checkout".into(), action: Action::Deny, ..allow_from(principal) }
 }
 
 /// Whether a connection from `from` to `to`:8080 gets through to the application.
@@ -91,25 +84,11 @@ fn mesh() -> Mesh {
         z.wait_enrolled(&p.name);
     }
     let server = Server::start(&payment, APP_PORT);
-    Mesh {
-        _ca: ca,
-        _cluster: cluster,
-        z,
-        checkout,
-        other,
-        legacy,
-        payment,
-        workloads,
-        _server: server,
-    }
+    Mesh { _ca: ca, _cluster: cluster, z, checkout, other, legacy, payment, workloads, _server: server }
 }
 
 impl Mesh {
-    fn apply(
-        &self,
-        authorizations: Vec<Authorization>,
-        peer_authentications: Vec<PeerAuthentication>,
-    ) {
+    fn apply(&self, authorizations: Vec<Authorization>, peer_authentications: Vec<PeerAuthentication>) {
         self.z.set_config(&NodeConfig {
             workloads: self.workloads.clone(),
             authorizations,
@@ -125,10 +104,7 @@ impl Mesh {
 fn strict_peer_authentication_refuses_plaintext_while_hbone_works() {
     require_root();
     let m = mesh();
-    assert!(
-        reaches(&m.legacy, &m.payment),
-        "PERMISSIVE (the default) admits plaintext"
-    );
+    assert!(reaches(&m.legacy, &m.payment), "PERMISSIVE (the default) admits plaintext");
     let strict = PeerAuthentication {
         name: "default".into(),
         namespace: "default".into(),
@@ -137,14 +113,8 @@ fn strict_peer_authentication_refuses_plaintext_while_hbone_works() {
         port_level: Default::default(),
     };
     m.apply(vec![], vec![strict]);
-    assert!(
-        !reaches(&m.legacy, &m.payment),
-        "STRICT let plaintext through"
-    );
-    assert!(
-        reaches(&m.checkout, &m.payment),
-        "HBONE refused under STRICT"
-    );
+    assert!(!reaches(&m.legacy, &m.payment), "STRICT let plaintext through");
+    assert!(reaches(&m.checkout, &m.payment), "HBONE refused under STRICT");
     assert!(m.z.log().contains("PeerAuthentication is STRICT"));
 }
 
@@ -152,30 +122,16 @@ fn strict_peer_authentication_refuses_plaintext_while_hbone_works() {
 fn allow_admits_its_principal_and_deny_beats_allow() {
     require_root();
     let m = mesh();
-    m.apply(
-        vec![allow_from("cluster.local/ns/default/sa/checkout")],
-        vec![],
-    );
-    assert!(
-        reaches(&m.checkout, &m.payment),
-        "the allowed principal was refused"
-    );
-    assert!(
-        !reaches(&m.other, &m.payment),
-        "another principal got through an ALLOW policy"
-    );
-    assert!(
-        !reaches(&m.legacy, &m.payment),
-        "plaintext (no principal) got through an ALLOW policy"
-    );
+    m.apply(vec![allow_from("cluster.local/ns/default/sa/checkout")], vec![]);
+    assert!(reaches(&m.checkout, &m.payment), "the allowed principal was refused");
+    assert!(!reaches(&m.other, &m.payment), "another principal got through an ALLOW policy");
+    assert!(!reaches(&m.legacy, &m.payment), "plaintext (no principal) got through an ALLOW policy");
     // The refusal happened at the HBONE layer: 401 in ztunnel's access log.
     assert!(wait_until(Duration::from_secs(3), || m
         .z
         .access_log("inbound")
         .iter()
-        .any(|l| l["response"] == 401
-            && l["src_identity"]
-                == "spiffe://cluster.local/ns/default/sa/other")));
+        .any(|l| l["response"] == 401 && l["src_identity"] == "spiffe://cluster.local/ns/default/sa/other")));
 
     m.apply(
         vec![
@@ -194,27 +150,13 @@ fn a_policy_update_closes_a_live_connection_it_now_denies() {
     let mut live = Client::connect(&m.checkout, SocketAddr::new(m.payment.ipv4, APP_PORT)).unwrap();
     live.greeting().unwrap();
     assert_eq!(live.echo("before").unwrap(), "before");
-    let mut plaintext =
-        Client::connect(&m.legacy, SocketAddr::new(m.payment.ipv4, APP_PORT)).unwrap();
+    let mut plaintext = Client::connect(&m.legacy, SocketAddr::new(m.payment.ipv4, APP_PORT)).unwrap();
     plaintext.greeting().unwrap();
 
-    m.apply(
-        vec![deny_from("cluster.local/ns/default/sa/checkout")],
-        vec![],
-    );
-    assert!(wait_until(
-        Duration::from_secs(5),
-        || m.z.capture()["closedByPolicy"].as_u64() >= Some(1)
-    ));
-    assert!(
-        live.echo("after").is_err_or_empty(),
-        "the denied live connection still carries data"
-    );
-    assert_eq!(
-        plaintext.echo("still allowed").unwrap(),
-        "still allowed",
-        "an allowed connection was closed"
-    );
+    m.apply(vec![deny_from("cluster.local/ns/default/sa/checkout")], vec![]);
+    assert!(wait_until(Duration::from_secs(5), || m.z.capture()["closedByPolicy"].as_u64() >= Some(1)));
+    assert!(live.echo("after").is_err_or_empty(), "the denied live connection still carries data");
+    assert_eq!(plaintext.echo("still allowed").unwrap(), "still allowed", "an allowed connection was closed");
 }
 
 trait ErrOrEmpty {

@@ -54,11 +54,7 @@ impl Server {
                 }
             })
         };
-        Server {
-            accepted,
-            stop,
-            thread: Some(thread),
-        }
+        Server { accepted, stop, thread: Some(thread) }
     }
 
     pub fn accepted_count(&self) -> usize {
@@ -103,11 +99,7 @@ impl Client {
     /// Connects from `pod` to `dst`, optionally with SO_MARK set first, and a 2 s timeout.
     pub fn connect_with_mark(pod: &Pod, dst: SocketAddr, mark: Option<u32>) -> io::Result<Client> {
         let stream = pod.ns.run(move || {
-            let domain = if dst.is_ipv4() {
-                socket2::Domain::IPV4
-            } else {
-                socket2::Domain::IPV6
-            };
+            let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
             let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
             if let Some(mark) = mark {
                 s.set_mark(mark)?;

@@ -75,9 +75,6 @@ impl PortRewrite {
         attr[4..8].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
         attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
         let link = bpf(BPF_LINK_CREATE, &mut attr)?;
-        Ok(PortRewrite {
-            _prog: prog,
-            _link: link,
-        })
+        Ok(PortRewrite { _prog: prog, _link: link })
     }
 }

@@ -65,8 +65,7 @@ pub fn cgroup2_mount() -> std::path::PathBuf {
     info.lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4))?
+            (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4))?
         })
         .map(std::path::PathBuf::from)
         .expect("a cgroup2 mount")

@@ -19,10 +19,7 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Self {
         sh("ip", &["netns", "add", name]);
-        let ns = Netns {
-            name: name.to_string(),
-            deleted: false,
-        };
+        let ns = Netns { name: name.to_string(), deleted: false };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -81,9 +78,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if !self.deleted {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .status();
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
         }
     }
 }

@@ -61,12 +61,7 @@ impl Cluster {
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["link", "set", "br0", "up"]);
         let nodes: Vec<Node> = (0..node_count).map(|_| Node::new()).collect();
-        let underlay_ip = |i: usize| {
-            (
-                format!("10.{a}.{b}.{}", i + 2),
-                format!("fd00:{a}:{b}::{}", i + 2),
-            )
-        };
+        let underlay_ip = |i: usize| (format!("10.{a}.{b}.{}", i + 2), format!("fd00:{a}:{b}::{}", i + 2));
         for (i, node) in nodes.iter().enumerate() {
             let link = format!("u{i}");
             underlay.ip(&[
@@ -83,32 +78,20 @@ impl Cluster {
             ]);
             underlay.ip(&["link", "set", &link, "master", "br0", "up"]);
             let (v4, v6) = underlay_ip(i);
-            node.ns
-                .ip(&["addr", "add", &format!("{v4}/24"), "dev", "uplink"]);
-            node.ns
-                .ip(&["addr", "add", &format!("{v6}/64"), "dev", "uplink", "nodad"]);
+            node.ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "uplink"]);
+            node.ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "uplink", "nodad"]);
             node.ns.ip(&["link", "set", "uplink", "up"]);
-            let forwarding = "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding";
-            crate::sh(
-                "ip",
-                &["netns", "exec", &node.ns.name, "sh", "-c", forwarding],
-            );
+            let forwarding =
+                "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding";
+            crate::sh("ip", &["netns", "exec", &node.ns.name, "sh", "-c", forwarding]);
         }
         for (i, node) in nodes.iter().enumerate() {
             for (j, other) in nodes.iter().enumerate() {
                 if i != j {
                     let (v4, v6) = underlay_ip(j);
                     let (oa, ob) = other.subnet;
-                    node.ns
-                        .ip(&["route", "add", &format!("10.{oa}.{ob}.0/24"), "via", &v4]);
-                    node.ns.ip(&[
-                        "-6",
-                        "route",
-                        "add",
-                        &format!("fd00:{oa}:{ob}::/64"),
-                        "via",
-                        &v6,
-                    ]);
+                    node.ns.ip(&["route", "add", &format!("10.{oa}.{ob}.0/24"), "via", &v4]);
+                    node.ns.ip(&["-6", "route", "add", &format!("fd00:{oa}:{ob}::/64"), "via", &v6]);
                 }
             }
         }
@@ -127,35 +110,15 @@ impl Node {
         let name = unique_name("wn");
         let ns = Netns::new(&name);
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("10.{}.{}.1/24", subnet.0, subnet.1),
-            "dev",
-            "br0",
-        ]);
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("fd00:{}:{}::1/64", subnet.0, subnet.1),
-            "dev",
-            "br0",
-            "nodad",
-        ]);
+        ns.ip(&["addr", "add", &format!("10.{}.{}.1/24", subnet.0, subnet.1), "dev", "br0"]);
+        ns.ip(&["addr", "add", &format!("fd00:{}:{}::1/64", subnet.0, subnet.1), "dev", "br0", "nodad"]);
         ns.ip(&["link", "set", "br0", "up"]);
-        Node {
-            name,
-            ns,
-            subnet,
-            next_host: 2,
-        }
+        Node { name, ns, subnet, next_host: 2 }
     }
 
     /// The node's own address on its pod bridge.
     pub fn ipv4(&self) -> IpAddr {
-        format!("10.{}.{}.1", self.subnet.0, self.subnet.1)
-            .parse()
-            .unwrap()
+        format!("10.{}.{}.1", self.subnet.0, self.subnet.1).parse().unwrap()
     }
 
     pub fn add_pod(&mut self) -> Pod {
@@ -167,28 +130,14 @@ impl Node {
         let ipv4: IpAddr = format!("10.{a}.{b}.{host}").parse().unwrap();
         let ipv6: IpAddr = format!("fd00:{a}:{b}::{host}").parse().unwrap();
         // The node end is named after the pod netns (unique, and short enough).
-        self.ns.ip(&[
-            "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ]);
+        self.ns.ip(&["link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
         self.ns.ip(&["link", "set", &name, "master", "br0", "up"]);
         ns.ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
         ns.ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.{a}.{b}.1")]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:{a}:{b}::1"),
-        ]);
-        Pod {
-            name,
-            ns,
-            ipv4,
-            ipv6,
-        }
+        ns.ip(&["-6", "route", "add", "default", "via", &format!("fd00:{a}:{b}::1")]);
+        Pod { name, ns, ipv4, ipv6 }
     }
 }
 

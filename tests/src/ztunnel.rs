@@ -27,10 +27,7 @@ pub fn binary(name: &str) -> PathBuf {
     let candidates = [here.join(name), here.parent().unwrap_or(here).join(name)];
     let found = candidates.iter().find(|p| p.is_file());
     found.cloned().unwrap_or_else(|| {
-        panic!(
-            "{} is not built: run `cargo build --bins` first (`./x test` does)",
-            candidates[1].display()
-        )
+        panic!("{} is not built: run `cargo build --bins` first (`./x test` does)", candidates[1].display())
     })
 }
 
@@ -44,9 +41,7 @@ pub struct MeshCa {
 impl MeshCa {
     pub fn new() -> Self {
         let ca = warren_core::ca::Ca::generate("cluster.local").expect("generate root");
-        let dir = std::env::temp_dir()
-            .join("warren-e2e")
-            .join(crate::unique_name("ca"));
+        let dir = std::env::temp_dir().join("warren-e2e").join(crate::unique_name("ca"));
         fs::create_dir_all(&dir).expect("CA dir");
         fs::write(dir.join("root-cert.pem"), ca.root_pem()).expect("write root");
         fs::write(dir.join("root-key.pem"), ca.key_pem()).expect("write key");
@@ -91,12 +86,7 @@ impl Ztunnel {
     }
 
     /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
-    pub fn start_with(
-        node: &Node,
-        workloads: &[Workload],
-        ca: &MeshCa,
-        extra_args: &[&str],
-    ) -> Self {
+    pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let mut z = Ztunnel {
@@ -122,12 +112,7 @@ impl Ztunnel {
             .args(["run", "--node", &self.node, "--log-format", "json"])
             .arg("--workloads")
             .arg(self.dir.join("workloads.json"))
-            .args([
-                "--own-cgroup",
-                &self.cgroup,
-                "--reconcile-interval-ms",
-                "100",
-            ])
+            .args(["--own-cgroup", &self.cgroup, "--reconcile-interval-ms", "100"])
             .arg("--dev-ca-dir")
             .arg(&self.ca_dir)
             .args(&self.extra_args)
@@ -137,14 +122,9 @@ impl Ztunnel {
             .spawn()
             .expect("start ztunnel");
         self.child = Some(child);
-        let ready = wait_until(Duration::from_secs(20), || {
-            self.get("/healthz/ready").is_ok() || self.exited()
-        });
-        assert!(
-            ready && !self.exited(),
-            "ztunnel did not become ready:\n{}",
-            self.log()
-        );
+        let ready =
+            wait_until(Duration::from_secs(20), || self.get("/healthz/ready").is_ok() || self.exited());
+        assert!(ready && !self.exited(), "ztunnel did not become ready:\n{}", self.log());
     }
 
     /// Starts it again after `stop` (same node, same pins).
@@ -154,9 +134,7 @@ impl Ztunnel {
     }
 
     fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -169,10 +147,7 @@ impl Ztunnel {
 
     /// JSON log lines (access log and events).
     pub fn log_lines(&self) -> Vec<Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Access-log records of one direction.
@@ -185,10 +160,7 @@ impl Ztunnel {
 
     /// Replaces the workloads file with just these workloads.
     pub fn set_workloads(&self, workloads: &[Workload]) {
-        self.set_config(&NodeConfig {
-            workloads: workloads.to_vec(),
-            ..Default::default()
-        });
+        self.set_config(&NodeConfig { workloads: workloads.to_vec(), ..Default::default() });
     }
 
     /// Replaces the workloads file atomically (ztunnel re-reads it on change).
@@ -200,6 +172,11 @@ impl Ztunnel {
 
     /// GET on the admin endpoint, from inside the node's netns.
     pub fn get(&self, path: &str) -> std::io::Result<String> {
+        self.get_at(ADMIN.parse().unwrap(), path)
+    }
+
+    /// GET on any of ztunnel's HTTP endpoints (admin, :15020 metrics, :15021 readiness).
+    pub fn get_at(&self, addr: SocketAddr, path: &str) -> std::io::Result<String> {
         let netns = fs::File::open(&self.netns)?;
         let path = path.to_string();
         std::thread::spawn(move || {
@@ -208,7 +185,6 @@ impl Ztunnel {
             if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let addr: SocketAddr = ADMIN.parse().unwrap();
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
@@ -216,9 +192,7 @@ impl Ztunnel {
             s.read_to_string(&mut text)?;
             let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
             if !head.contains(" 200 ") {
-                return Err(std::io::Error::other(
-                    head.lines().next().unwrap_or("").to_string(),
-                ));
+                return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_string()));
             }
             Ok(body.to_string())
         })
@@ -234,11 +208,7 @@ impl Ztunnel {
     /// The enrolled pod named `uid` in `/capture`, if enrolled.
     pub fn enrolled_pod(&self, uid: &str) -> Option<Value> {
         let view = self.capture();
-        view["pods"]
-            .as_array()?
-            .iter()
-            .find(|p| p["uid"] == uid)
-            .cloned()
+        view["pods"].as_array()?.iter().find(|p| p["uid"] == uid).cloned()
     }
 
     pub fn wait_enrolled(&self, uid: &str) -> Value {
@@ -269,14 +239,25 @@ impl Ztunnel {
         PathBuf::from("/sys/fs/bpf/warren").join(&self.node)
     }
 
+    /// Sends SIGTERM and returns at once (ztunnel drains).
+    pub fn terminate(&mut self) {
+        if let Some(child) = &self.child {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Whether the process has exited within `timeout`.
+    pub fn exits_within(&mut self, timeout: Duration) -> bool {
+        wait_until(timeout, || self.exited())
+    }
+
     /// SIGTERM and wait; the pins stay (capture fails closed while it is down).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: plain kill(2) on our child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if !wait_until(Duration::from_secs(5), || {
-                child.try_wait().ok().flatten().is_some()
-            }) {
+            if !wait_until(Duration::from_secs(5), || child.try_wait().ok().flatten().is_some()) {
                 let _ = child.kill();
             }
             let _ = child.wait();

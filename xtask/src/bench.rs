@@ -52,10 +52,7 @@ pub fn run(quick: bool) -> Result<()> {
     });
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
-    fs::write(
-        dir.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
+    fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     let report = markdown(&results);
     fs::write(root.join("docs/performance.md"), &report)?;
     println!("\n{report}");
@@ -95,11 +92,7 @@ fn capture_bench(rounds: usize, connects: usize) -> Result<Value> {
     let (client, server_pod) = (node.add_pod(), node.add_pod());
     let _server = Server::start(&server_pod, 8080);
     let dst = SocketAddr::new(server_pod.ipv4, 8080);
-    let variants = [
-        Variant::Baseline,
-        Variant::AttachedNotEnrolled,
-        Variant::Enrolled,
-    ];
+    let variants = [Variant::Baseline, Variant::AttachedNotEnrolled, Variant::Enrolled];
     let mut samples: Vec<(Variant, Sample)> = Vec::new();
     for round in 1..=rounds {
         for variant in variants {
@@ -128,11 +121,7 @@ fn capture_bench(rounds: usize, connects: usize) -> Result<Value> {
     }
     let summary = |v: Variant| {
         let of = |f: fn(&Sample) -> f64| -> Vec<f64> {
-            samples
-                .iter()
-                .filter(|(x, _)| *x == v)
-                .map(|(_, s)| f(s))
-                .collect()
+            samples.iter().filter(|(x, _)| *x == v).map(|(_, s)| f(s)).collect()
         };
         json!({
             "variant": v.name(),
@@ -179,37 +168,27 @@ fn capture_bench(rounds: usize, connects: usize) -> Result<Value> {
 /// TIME_WAIT to exhaust ports). Only connect() itself is timed.
 fn measure_connects(pod: &Pod, dst: SocketAddr, connects: usize) -> Result<Sample> {
     let deadline = Duration::from_secs(120);
-    let timings = pod
-        .ns
-        .run(move || -> std::io::Result<(Vec<u64>, Duration)> {
-            pin_to_cpu(0)?;
-            let mut timings = Vec::with_capacity(connects);
-            let started = Instant::now();
-            while timings.len() < connects && started.elapsed() < deadline {
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                s.set_linger(Some(Duration::ZERO))?;
-                let t = Instant::now();
-                let ok = s.connect(&dst.into()).is_ok();
-                let took = t.elapsed().as_nanos() as u64;
-                if ok {
-                    timings.push(took);
-                }
+    let timings = pod.ns.run(move || -> std::io::Result<(Vec<u64>, Duration)> {
+        pin_to_cpu(0)?;
+        let mut timings = Vec::with_capacity(connects);
+        let started = Instant::now();
+        while timings.len() < connects && started.elapsed() < deadline {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            let t = Instant::now();
+            let ok = s.connect(&dst.into()).is_ok();
+            let took = t.elapsed().as_nanos() as u64;
+            if ok {
+                timings.push(took);
             }
-            Ok((timings, started.elapsed()))
-        });
+        }
+        Ok((timings, started.elapsed()))
+    });
     let (mut timings, elapsed) = timings.context("connect loop")?;
-    anyhow::ensure!(
-        timings.len() == connects,
-        "only {} of {connects} connects succeeded",
-        timings.len()
-    );
+    anyhow::ensure!(timings.len() == connects, "only {} of {connects} connects succeeded", timings.len());
     timings.sort_unstable();
     let at = |q: f64| timings[((timings.len() as f64 * q) as usize).min(timings.len() - 1)] as f64;
-    Ok(Sample {
-        median_ns: at(0.5),
-        p99_ns: at(0.99),
-        per_second: connects as f64 / elapsed.as_secs_f64(),
-    })
+    Ok(Sample { median_ns: at(0.5), p99_ns: at(0.99), per_second: connects as f64 / elapsed.as_secs_f64() })
 }
 
 fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
@@ -227,11 +206,7 @@ fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
 fn stats(v: &[f64]) -> Value {

@@ -28,33 +28,22 @@ pub fn run() -> Result<()> {
     warren_e2e::require_root();
     say("building ztunnel (the eBPF programs are compiled and embedded in it)");
     run_checked(
-        Command::new("cargo")
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "--bin", "ztunnel"]),
+        Command::new("cargo").current_dir(workspace_root()).args(["build", "--quiet", "--bin", "ztunnel"]),
     )?;
 
     say("creating a node and three pods (network namespaces joined by veths)");
     let mut node = Node::new();
     let (a, b, c) = (node.add_pod(), node.add_pod(), node.add_pod());
-    for (role, pod) in [
-        ("a (enrolled)", &a),
-        ("b (enrolled, runs the app on :8080)", &b),
-        ("c (not enrolled)", &c),
-    ] {
-        println!(
-            "    pod {role:<38} {}  {}  netns {}",
-            pod.ipv4, pod.ipv6, pod.ns.name
-        );
+    for (role, pod) in
+        [("a (enrolled)", &a), ("b (enrolled, runs the app on :8080)", &b), ("c (not enrolled)", &c)]
+    {
+        println!("    pod {role:<38} {}  {}  netns {}", pod.ipv4, pod.ipv6, pod.ns.name);
     }
 
     say("starting ztunnel: it loads its eBPF programs into this kernel and enrolls a and b");
     let z = Ztunnel::start(
         &node,
-        &[
-            a.workload(&node.name, true),
-            b.workload(&node.name, true),
-            c.workload(&node.name, false),
-        ],
+        &[a.workload(&node.name, true), b.workload(&node.name, true), c.workload(&node.name, false)],
     );
     z.wait_enrolled(&a.name);
     z.wait_enrolled(&b.name);
@@ -70,27 +59,12 @@ pub fn run() -> Result<()> {
     say("pod a connects to b:8080 (captured: outbound and inbound both go through ztunnel)");
     let dst = SocketAddr::new(b.ipv4, 8080);
     let mut client = Client::connect(&a, dst)?;
-    println!(
-        "    a's socket is connected to {} (ztunnel's in-pod listener)",
-        client.peer()
-    );
-    println!(
-        "    the application in b sees the connection come from {}",
-        client.greeting()?
-    );
-    println!(
-        "    echo through both relays: {:?}",
-        client.echo("hello through ztunnel")?
-    );
+    println!("    a's socket is connected to {} (ztunnel's in-pod listener)", client.peer());
+    println!("    the application in b sees the connection come from {}", client.greeting()?);
+    println!("    echo through both relays: {:?}", client.echo("hello through ztunnel")?);
     drop(client);
-    wait_until(Duration::from_secs(3), || {
-        !z.access_log("inbound").is_empty()
-    });
-    for line in z
-        .access_log("outbound")
-        .iter()
-        .chain(z.access_log("inbound").iter())
-    {
+    wait_until(Duration::from_secs(3), || !z.access_log("inbound").is_empty());
+    for line in z.access_log("outbound").iter().chain(z.access_log("inbound").iter()) {
         println!(
             "    ztunnel access log: {:<8} {} -> {}  ({} bytes out, {} bytes back)",
             line["direction"].as_str().unwrap_or(""),
@@ -103,11 +77,7 @@ pub fn run() -> Result<()> {
 
     say("pod a connects to b over IPv6: captured the same way");
     let mut v6 = Client::connect(&a, SocketAddr::new(b.ipv6, 8080))?;
-    println!(
-        "    a's socket is connected to {}; b sees {}",
-        v6.peer(),
-        v6.greeting()?
-    );
+    println!("    a's socket is connected to {}; b sees {}", v6.peer(), v6.greeting()?);
 
     say("ztunnel stops: capture stays pinned in the kernel and fails closed");
     let mut z = z;

@@ -21,8 +21,7 @@ pub struct Pins {
 impl Pins {
     pub fn read() -> Result<Self> {
         let path = workspace_root().join("ebpf/pins.env");
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let get = |name: &str| -> Result<String> {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
@@ -38,18 +37,12 @@ impl Pins {
 
     /// Mirrors ztunnel/build.rs: one install directory per (bpf-linker version, nightly).
     fn bpf_linker_root(&self) -> PathBuf {
-        cargo_home().join(format!(
-            "warren/bpf-linker-{}-{}",
-            self.bpf_linker, self.nightly
-        ))
+        cargo_home().join(format!("warren/bpf-linker-{}-{}", self.bpf_linker, self.nightly))
     }
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
 }
 
 fn cargo_home() -> PathBuf {
@@ -64,10 +57,7 @@ pub fn run() -> Result<()> {
     debian_packages()?;
     nightly(&pins)?;
     bpf_linker(&pins)?;
-    println!(
-        "==> setup complete ({:.1}s)",
-        started.elapsed().as_secs_f64()
-    );
+    println!("==> setup complete ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -84,9 +74,7 @@ fn debian_packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|pkg| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", pkg])
-                .output();
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -94,10 +82,7 @@ fn debian_packages() -> Result<()> {
         ok(&format!("Debian packages ({})", DEBIAN_PACKAGES.join(", ")));
         return Ok(());
     }
-    step(&format!(
-        "installing Debian packages: {}",
-        missing.join(", ")
-    ));
+    step(&format!("installing Debian packages: {}", missing.join(", ")));
     run_checked(Command::new("apt-get").args(["update", "-q"]))?;
     run_checked(
         Command::new("apt-get")
@@ -114,32 +99,20 @@ fn rustup_run(toolchain: &str, args: &[&str]) -> Option<String> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .output()
         .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly_sysroot(pins: &Pins) -> Option<PathBuf> {
-    let sysroot =
-        PathBuf::from(rustup_run(&pins.nightly, &["rustc", "--print", "sysroot"])?.trim());
-    sysroot
-        .join("lib/rustlib/src/rust/library/core")
-        .is_dir()
-        .then_some(sysroot)
+    let sysroot = PathBuf::from(rustup_run(&pins.nightly, &["rustc", "--print", "sysroot"])?.trim());
+    sysroot.join("lib/rustlib/src/rust/library/core").is_dir().then_some(sysroot)
 }
 
 fn nightly(pins: &Pins) -> Result<()> {
     if nightly_sysroot(pins).is_some() {
-        ok(&format!(
-            "{} with rust-src (builds the eBPF crate)",
-            pins.nightly
-        ));
+        ok(&format!("{} with rust-src (builds the eBPF crate)", pins.nightly));
         return Ok(());
     }
-    step(&format!(
-        "installing {} with rust-src (builds the eBPF crate)",
-        pins.nightly
-    ));
+    step(&format!("installing {} with rust-src (builds the eBPF crate)", pins.nightly));
     run_checked(Command::new("rustup").args([
         "toolchain",
         "install",
@@ -155,16 +128,9 @@ fn nightly(pins: &Pins) -> Result<()> {
 fn bpf_linker(pins: &Pins) -> Result<()> {
     let root = pins.bpf_linker_root();
     let binary = root.join("bin/bpf-linker");
-    let works = Command::new(&binary)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let works = Command::new(&binary).arg("--version").output().is_ok_and(|o| o.status.success());
     if works {
-        ok(&format!(
-            "bpf-linker {} at {}",
-            pins.bpf_linker,
-            binary.display()
-        ));
+        ok(&format!("bpf-linker {} at {}", pins.bpf_linker, binary.display()));
         return Ok(());
     }
     step(&format!(
@@ -190,10 +156,7 @@ fn bpf_linker(pins: &Pins) -> Result<()> {
     let libllvm = fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so"))
-        })
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so")))
         .with_context(|| format!("no libLLVM.so in {}/lib", sysroot.display()))?;
     let prefix = root.join("llvm");
     let lib = prefix.join("lib");
@@ -202,39 +165,22 @@ fn bpf_linker(pins: &Pins) -> Result<()> {
     for name in [Path::new("libLLVM.so").as_os_str(), soname.as_os_str()] {
         let link = lib.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&libllvm, &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
     }
     run_checked(
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--force",
-                "--no-default-features",
-            ])
+            .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features"])
             .args(["--version", &pins.bpf_linker])
             .args(["--features", &format!("llvm-{}", pins.llvm_major)])
             .arg("--root")
             .arg(&root)
             .env("LLVM_PREFIX", &prefix),
     )?;
-    let works = Command::new(&binary)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let works = Command::new(&binary).arg("--version").output().is_ok_and(|o| o.status.success());
     if !works {
-        bail!(
-            "bpf-linker was installed at {} but does not run",
-            binary.display()
-        );
+        bail!("bpf-linker was installed at {} but does not run", binary.display());
     }
-    ok(&format!(
-        "bpf-linker {} at {}",
-        pins.bpf_linker,
-        binary.display()
-    ));
+    ok(&format!("bpf-linker {} at {}", pins.bpf_linker, binary.display()));
     Ok(())
 }
 

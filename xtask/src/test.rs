@@ -19,14 +19,7 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
     println!("==> cargo fmt --check");
     run_checked(cargo().args(["fmt", "--all", "--", "--check"]))?;
     println!("==> cargo clippy --workspace --all-targets -- -D warnings");
-    run_checked(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run_checked(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests run the real binaries: build them first.
     println!("==> cargo build --bins");
     run_checked(cargo().args(["build", "--bins"]))?;

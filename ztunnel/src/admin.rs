@@ -61,7 +61,18 @@ impl AdminState {
     }
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoints {
+    /// 127.0.0.1:15000: /config_dump, /capture, /healthz/ready.
+    Admin,
+    /// :15020: Prometheus metrics at /metrics and /stats/prometheus.
+    Metrics,
+    /// :15021: /healthz/ready only.
+    Readiness,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -70,30 +81,38 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, hyper::Error>(route(&state, &req)) }
+                async move { Ok::<_, hyper::Error>(route(&state, endpoints, &req)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 warn!("admin connection: {e}");
             }
         });
     }
 }
 
-fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/config_dump" => (StatusCode::OK, pretty(&state.config_dump())),
-        "/capture" => (StatusCode::OK, pretty(&state.capture_view())),
-        "/healthz/ready" if state.ready.load(Ordering::Relaxed) => {
+fn route(
+    state: &AdminState,
+    endpoints: Endpoints,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let ready = state.ready.load(Ordering::Relaxed);
+    let (status, body) = match (endpoints, req.uri().path()) {
+        (Endpoints::Admin, "/config_dump") => (StatusCode::OK, pretty(&state.config_dump())),
+        (Endpoints::Admin, "/capture") => (StatusCode::OK, pretty(&state.capture_view())),
+        (Endpoints::Admin | Endpoints::Readiness, "/healthz/ready") if ready => {
             (StatusCode::OK, "ready\n".into())
         }
-        "/healthz/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "endpoints: /config_dump /capture /healthz/ready\n".into(),
-        ),
+        (Endpoints::Admin | Endpoints::Readiness, "/healthz/ready") => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+        }
+        (Endpoints::Metrics, "/metrics" | "/stats/prometheus") => {
+            (StatusCode::OK, state.proxy.metrics.render())
+        }
+        (Endpoints::Admin, _) => {
+            (StatusCode::NOT_FOUND, "endpoints: /config_dump /capture /healthz/ready\n".into())
+        }
+        (Endpoints::Metrics, _) => (StatusCode::NOT_FOUND, "endpoints: /metrics /stats/prometheus\n".into()),
+        (Endpoints::Readiness, _) => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n".into()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -107,17 +126,13 @@ fn pretty(value: &serde_json::Value) -> String {
 /// A blocking GET against the admin endpoint, for `ztunnel status`.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!(
-            "{path}: {}",
-            head.lines().next().unwrap_or("")
-        )));
+        return Err(std::io::Error::other(format!("{path}: {}", head.lines().next().unwrap_or(""))));
     }
     Ok(body.to_string())
 }

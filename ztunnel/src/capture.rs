@@ -23,8 +23,7 @@ use aya::{
 };
 use serde::Serialize;
 use warren_ebpf_types::{
-    ConnKey, EnrolledPod, ListenerKey, ListenerKind, SockAddr16, global_names, map_names,
-    program_names,
+    ConnKey, EnrolledPod, ListenerKey, ListenerKind, SockAddr16, global_names, map_names, program_names,
 };
 
 /// The capture programs, built by build.rs from ebpf/programs.
@@ -32,19 +31,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wa
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error(
-        "this ztunnel was built with AYA_BUILD_SKIP=1 and holds no eBPF object: rebuild it without"
-    )]
+    #[error("this ztunnel was built with AYA_BUILD_SKIP=1 and holds no eBPF object: rebuild it without")]
     NoObject,
     #[error("the BPF filesystem at {path}: {source}")]
     Bpffs { path: PathBuf, source: io::Error },
     #[error(
         "loading the eBPF object into the kernel failed ({source}); the kernel needs BPF, BTF and the {needs}"
     )]
-    Load {
-        needs: &'static str,
-        source: aya::EbpfError,
-    },
+    Load { needs: &'static str, source: aya::EbpfError },
     #[error("program {program}: {action} failed: {source}. It needs {feature}")]
     Program {
         program: &'static str,
@@ -53,10 +47,7 @@ pub enum CaptureError {
         source: Box<aya::programs::ProgramError>,
     },
     #[error("map {map}: {source}")]
-    Map {
-        map: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { map: &'static str, source: aya::maps::MapError },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("opening {path}: {source}")]
@@ -117,18 +108,12 @@ impl Capture {
             return Err(CaptureError::NoObject);
         }
         let pin_dir = settings.pin_dir.to_path_buf();
-        fs::create_dir_all(pin_dir.join("links")).map_err(|source| CaptureError::Bpffs {
-            path: pin_dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(pin_dir.join("links"))
+            .map_err(|source| CaptureError::Bpffs { path: pin_dir.clone(), source })?;
         let log_level: u8 = if settings.ebpf_debug_logs { 4 } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
-            .override_global(
-                global_names::ZTUNNEL_CGROUP_ID,
-                &settings.ztunnel_cgroup_id,
-                true,
-            )
+            .override_global(global_names::ZTUNNEL_CGROUP_ID, &settings.ztunnel_cgroup_id, true)
             .override_global(global_names::ZTUNNEL_MARK, &settings.mark, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(OBJECT)
@@ -140,10 +125,8 @@ impl Capture {
             spawn_ebpf_logger(&mut ebpf);
         }
 
-        let cgroup = File::open(settings.cgroup2_root).map_err(|source| CaptureError::Open {
-            path: settings.cgroup2_root.to_path_buf(),
-            source,
-        })?;
+        let cgroup = File::open(settings.cgroup2_root)
+            .map_err(|source| CaptureError::Open { path: settings.cgroup2_root.to_path_buf(), source })?;
         let root = settings.cgroup2_root.display().to_string();
         let mut attachments = Vec::new();
         let mut links = Vec::new();
@@ -156,9 +139,7 @@ impl Capture {
                 source: Box::new(source),
             };
             prog.load().map_err(|e| fail("loading", e))?;
-            let id = prog
-                .attach(&cgroup, LINK_ATTACH_MODE)
-                .map_err(|e| fail("attaching", e))?;
+            let id = prog.attach(&cgroup, LINK_ATTACH_MODE).map_err(|e| fail("attaching", e))?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|e| fail("taking the link", e))?
@@ -179,9 +160,7 @@ impl Capture {
                 source: Box::new(source),
             };
             prog.load().map_err(|e| fail("loading", e))?;
-            let id = prog
-                .attach(&cgroup, LINK_ATTACH_MODE)
-                .map_err(|e| fail("attaching", e))?;
+            let id = prog.attach(&cgroup, LINK_ATTACH_MODE).map_err(|e| fail("attaching", e))?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|e| fail("taking the link", e))?
@@ -207,25 +186,15 @@ impl Capture {
         let pending_dst = take_map(&mut ebpf, map_names::PENDING_ORIGINAL_DST)?;
         let probe_sources = take_map(&mut ebpf, map_names::PROBE_SOURCES)?;
         let listeners = {
-            let map = ebpf
-                .take_map(map_names::LISTENERS)
-                .ok_or(CaptureError::Map {
-                    map: map_names::LISTENERS,
-                    source: aya::maps::MapError::InvalidName {
-                        name: map_names::LISTENERS.into(),
-                    },
-                })?;
-            SockHash::try_from(map).map_err(|source| CaptureError::Map {
+            let map = ebpf.take_map(map_names::LISTENERS).ok_or(CaptureError::Map {
                 map: map_names::LISTENERS,
-                source,
-            })?
+                source: aya::maps::MapError::InvalidName { name: map_names::LISTENERS.into() },
+            })?;
+            SockHash::try_from(map)
+                .map_err(|source| CaptureError::Map { map: map_names::LISTENERS, source })?
         };
         Ok(Capture {
-            programs: Mutex::new(Programs {
-                ebpf,
-                cgroup_attachments: attachments,
-                _cgroup_links: links,
-            }),
+            programs: Mutex::new(Programs { ebpf, cgroup_attachments: attachments, _cgroup_links: links }),
             enrolled: Mutex::new(enrolled),
             listeners: Mutex::new(listeners),
             original_dst: Mutex::new(original_dst),
@@ -237,11 +206,7 @@ impl Capture {
 
     /// The root-cgroup attachments (connect4, connect6, sock_ops).
     pub fn cgroup_attachments(&self) -> Vec<Attachment> {
-        self.programs
-            .lock()
-            .expect("poisoned")
-            .cgroup_attachments
-            .clone()
+        self.programs.lock().expect("poisoned").cgroup_attachments.clone()
     }
 
     /// Attaches sk_lookup to a pod's netns, pinned by netns cookie (replacing a pin a previous
@@ -262,20 +227,10 @@ impl Capture {
             source: Box::new(source),
         };
         let id = prog.attach(netns).map_err(|e| fail("attaching", e))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| fail("taking the link", e))?
-            .into();
+        let link: FdLink = prog.take_link(id).map_err(|e| fail("taking the link", e))?.into();
         let program_id = prog.info().map(|i| i.id()).unwrap_or_default();
         let attach_point = netns_path.display().to_string();
-        pin_replacing(
-            &self.pin_dir,
-            &sk_lookup_pin_name(cookie),
-            name,
-            program_id,
-            &attach_point,
-            link,
-        )
+        pin_replacing(&self.pin_dir, &sk_lookup_pin_name(cookie), name, program_id, &attach_point, link)
     }
 
     /// Detaches a pod's sk_lookup link, whether this process or a previous one pinned it.
@@ -295,10 +250,7 @@ impl Capture {
             .lock()
             .expect("poisoned")
             .insert(&cookie, &EnrolledPod::default(), 0)
-            .map_err(|source| CaptureError::Map {
-                map: map_names::ENROLLED,
-                source,
-            })
+            .map_err(|source| CaptureError::Map { map: map_names::ENROLLED, source })
     }
 
     pub fn unenroll(&self, cookie: u64) {
@@ -307,12 +259,7 @@ impl Capture {
 
     /// Netns cookies in the enrolled map (including ones a previous ztunnel left).
     pub fn enrolled_cookies(&self) -> Vec<u64> {
-        self.enrolled
-            .lock()
-            .expect("poisoned")
-            .keys()
-            .filter_map(Result::ok)
-            .collect()
+        self.enrolled.lock().expect("poisoned").keys().filter_map(Result::ok).collect()
     }
 
     /// Cookies that have a pinned sk_lookup link under this node's pin directory.
@@ -322,13 +269,7 @@ impl Capture {
         };
         entries
             .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("sk_lookup-")?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("sk_lookup-")?.parse().ok())
             .collect()
     }
 
@@ -345,27 +286,17 @@ impl Capture {
             .lock()
             .expect("poisoned")
             .insert(&key, fd, 0)
-            .map_err(|source| CaptureError::Map {
-                map: map_names::LISTENERS,
-                source,
-            })
+            .map_err(|source| CaptureError::Map { map: map_names::LISTENERS, source })
     }
 
     pub fn remove_listener(&self, pod_ip: IpAddr, kind: ListenerKind) {
-        let _ = self
-            .listeners
-            .lock()
-            .expect("poisoned")
-            .remove(&ListenerKey::new(mapped(pod_ip), kind));
+        let _ = self.listeners.lock().expect("poisoned").remove(&ListenerKey::new(mapped(pod_ip), kind));
     }
 
     /// The original destination of a connection accepted on the outbound listener of the pod
     /// netns `cookie`, by its peer address; the entry is consumed.
     pub fn take_original_dst(&self, cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let key = ConnKey {
-            netns_cookie: cookie,
-            client: SockAddr16::new(mapped(peer.ip()), peer.port()),
-        };
+        let key = ConnKey { netns_cookie: cookie, client: SockAddr16::new(mapped(peer.ip()), peer.port()) };
         let mut map = self.original_dst.lock().expect("poisoned");
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
@@ -390,10 +321,7 @@ impl Capture {
         }
         for ip in sources {
             map.insert(&mapped(*ip), &1, 0)
-                .map_err(|source| CaptureError::Map {
-                    map: map_names::PROBE_SOURCES,
-                    source,
-                })?;
+                .map_err(|source| CaptureError::Map { map: map_names::PROBE_SOURCES, source })?;
         }
         Ok(())
     }
@@ -427,14 +355,12 @@ where
         feature: "a ztunnel built from this repository",
         source: Box::new(aya::programs::ProgramError::NotLoaded),
     })?;
-    prog.try_into().map_err(
-        |source: aya::programs::ProgramError| CaptureError::Program {
-            program: name,
-            action: "reading its type",
-            feature: "a ztunnel built from this repository",
-            source: Box::new(source),
-        },
-    )
+    prog.try_into().map_err(|source: aya::programs::ProgramError| CaptureError::Program {
+        program: name,
+        action: "reading its type",
+        feature: "a ztunnel built from this repository",
+        source: Box::new(source),
+    })
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(
@@ -459,10 +385,7 @@ fn pin_replacing(
     link: FdLink,
 ) -> Result<(Attachment, PinnedLink), CaptureError> {
     let path = pin_dir.join("links").join(pin_name);
-    let pin_err = |reason: String| CaptureError::Pin {
-        path: path.clone(),
-        reason,
-    };
+    let pin_err = |reason: String| CaptureError::Pin { path: path.clone(), reason };
     if path.exists() {
         match PinnedLink::from_pin(&path) {
             Ok(old) => drop(old.unpin().map_err(|e| pin_err(e.to_string()))?),
@@ -471,13 +394,8 @@ fn pin_replacing(
     }
     let link_id = link.info().map(|i| i.id()).unwrap_or_default();
     let pinned = link.pin(&path).map_err(|e| pin_err(e.to_string()))?;
-    let attachment = Attachment {
-        program,
-        program_id,
-        link_id,
-        attach_point: attach_point.to_string(),
-        pin: path,
-    };
+    let attachment =
+        Attachment { program, program_id, link_id, attach_point: attach_point.to_string(), pin: path };
     Ok((attachment, pinned))
 }
 
@@ -487,10 +405,7 @@ fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
             tokio::spawn(async move {
                 // SAFETY: the logger owns its ring buffer fd and lives inside the AsyncFd.
                 let registered = unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        logger,
-                        tokio::io::Interest::READABLE,
-                    )
+                    tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
                 };
                 let Ok(mut fd) = registered else {
                     return;

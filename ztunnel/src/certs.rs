@@ -47,11 +47,7 @@ type SignFuture<'a> =
 /// Where certificates come from. The controller's CA service will implement this over its
 /// config stream; today the only implementation is the in-process development CA.
 pub trait CaClient: Send + Sync {
-    fn sign(
-        &self,
-        csr: CertificateSigningRequestDer<'static>,
-        identity: SpiffeId,
-    ) -> SignFuture<'_>;
+    fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_>;
 }
 
 /// A CA in this process, from a root key on disk. For development and tests only: in a real
@@ -70,12 +66,8 @@ impl DevCa {
                 reason: format!("{name}: {e}"),
             })
         };
-        let ca = Ca::from_pem(&read("root-cert.pem")?, &read("root-key.pem")?).map_err(|e| {
-            CertError::LoadCa {
-                dir: dir.display().to_string(),
-                reason: e.to_string(),
-            }
-        })?;
+        let ca = Ca::from_pem(&read("root-cert.pem")?, &read("root-key.pem")?)
+            .map_err(|e| CertError::LoadCa { dir: dir.display().to_string(), reason: e.to_string() })?;
         Ok(Self { ca, lifetime })
     }
 
@@ -85,18 +77,11 @@ impl DevCa {
 }
 
 impl CaClient for DevCa {
-    fn sign(
-        &self,
-        csr: CertificateSigningRequestDer<'static>,
-        identity: SpiffeId,
-    ) -> SignFuture<'_> {
+    fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
         Box::pin(async move {
             self.ca
                 .sign(&csr, &identity, self.lifetime, SystemTime::now())
-                .map_err(|e: CaError| CertError::Signing {
-                    identity,
-                    reason: e.to_string(),
-                })
+                .map_err(|e: CaError| CertError::Signing { identity, reason: e.to_string() })
         })
     }
 }
@@ -137,10 +122,7 @@ impl CertManager {
 
     /// The current certificate for `identity`, fetching it the first time (and starting its
     /// renewal loop).
-    pub async fn get(
-        self: &Arc<Self>,
-        identity: &SpiffeId,
-    ) -> Result<Arc<WorkloadCertificate>, CertError> {
+    pub async fn get(self: &Arc<Self>, identity: &SpiffeId) -> Result<Arc<WorkloadCertificate>, CertError> {
         if let Some(cert) = self.cached(identity) {
             return Ok(cert);
         }
@@ -150,28 +132,19 @@ impl CertManager {
         }
         let cert = Arc::new(self.fetch(identity).await?);
         info!(%identity, not_after = ?cert.not_after, "certificate issued");
-        self.certs
-            .lock()
-            .expect("poisoned")
-            .insert(identity.clone(), cert.clone());
+        self.certs.lock().expect("poisoned").insert(identity.clone(), cert.clone());
         tokio::spawn(self.clone().renew_loop(identity.clone()));
         Ok(cert)
     }
 
     fn cached(&self, identity: &SpiffeId) -> Option<Arc<WorkloadCertificate>> {
         let certs = self.certs.lock().expect("poisoned");
-        certs
-            .get(identity)
-            .filter(|c| c.not_after > SystemTime::now())
-            .cloned()
+        certs.get(identity).filter(|c| c.not_after > SystemTime::now()).cloned()
     }
 
     async fn fetch(&self, identity: &SpiffeId) -> Result<WorkloadCertificate, CertError> {
         let ca = self.ca.as_ref().ok_or(CertError::NoCa)?;
-        let signing = |reason: String| CertError::Signing {
-            identity: identity.clone(),
-            reason,
-        };
+        let signing = |reason: String| CertError::Signing { identity: identity.clone(), reason };
         let (key, csr) = new_key_and_csr(identity).map_err(|e| signing(e.to_string()))?;
         let chain = ca.sign(csr, identity.clone()).await?;
         workload_certificate(identity.clone(), &key, chain).map_err(|e| signing(e.to_string()))
@@ -184,20 +157,13 @@ impl CertManager {
             let Some(current) = self.certs.lock().expect("poisoned").get(&identity).cloned() else {
                 return;
             };
-            let wait = current
-                .refresh_at()
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
+            let wait = current.refresh_at().duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::sleep(wait).await;
             match self.fetch(&identity).await {
                 Ok(fresh) => {
                     info!(%identity, not_after = ?fresh.not_after, "certificate renewed");
-                    self.certs
-                        .lock()
-                        .expect("poisoned")
-                        .insert(identity.clone(), Arc::new(fresh));
-                    self.rotations
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.certs.lock().expect("poisoned").insert(identity.clone(), Arc::new(fresh));
+                    self.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     backoff = Duration::from_secs(1);
                 }
                 Err(e) => {
@@ -210,11 +176,7 @@ impl CertManager {
     }
 
     pub fn view(&self) -> Vec<CertView> {
-        let secs = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let certs = self.certs.lock().expect("poisoned");
         let mut out: Vec<CertView> = certs
             .values()
@@ -233,8 +195,5 @@ impl CertManager {
 
 fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert);
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -15,10 +15,7 @@ pub enum CgroupError {
     )]
     NotMounted,
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(
         "ztunnel runs in the root cgroup, shared with every process: its sockets could not be told \
          apart from pods'; give it a cgroup of its own with --own-cgroup (WARREN_OWN_CGROUP)"
@@ -27,10 +24,7 @@ pub enum CgroupError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CgroupError::Io { path: path.to_path_buf(), source }
 }
 
 /// The first cgroup2 mount in /proc/self/mountinfo.
@@ -51,11 +45,7 @@ pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
 pub fn own_cgroup_path() -> Result<String, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or("/")
-        .to_string())
+    Ok(text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").to_string())
 }
 
 /// Moves this process into `relative` under `root`, creating it.
@@ -63,10 +53,7 @@ pub fn move_self_into(root: &Path, relative: &str) -> Result<(), CgroupError> {
     let dir = root.join(relative.trim_start_matches('/'));
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let procs = dir.join("cgroup.procs");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .open(&procs)
-        .map_err(io_err(&procs))?;
+    let mut file = fs::OpenOptions::new().write(true).open(&procs).map_err(io_err(&procs))?;
     write!(file, "{}", std::process::id()).map_err(io_err(&procs))
 }
 

@@ -40,12 +40,20 @@ pub struct Config {
     #[arg(long, env = "WARREN_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// Prometheus metrics (/metrics, /stats/prometheus).
+    #[arg(long, env = "WARREN_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (/healthz/ready): 200 once capture is attached and the first reconcile ran.
+    #[arg(long, env = "WARREN_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// On SIGTERM: stop accepting, then give open connections this long to finish.
+    #[arg(long, env = "WARREN_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+
     /// Source IPs whose connections to pods are not captured (kubelet probes from the node).
-    #[arg(
-        long = "probe-source",
-        env = "WARREN_PROBE_SOURCES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "probe-source", env = "WARREN_PROBE_SOURCES", value_delimiter = ',')]
     pub probe_sources: Vec<IpAddr>,
 
     /// How often the workloads file and the pods' network namespaces are checked.

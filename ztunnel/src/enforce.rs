@@ -112,18 +112,12 @@ pub fn decide(
     destination_port: u16,
     plaintext: bool,
 ) -> Result<(), String> {
-    if plaintext
-        && policies.mtls_mode(destination, destination_port)
-            == warren_core::policy::MtlsMode::Strict
+    if plaintext && policies.mtls_mode(destination, destination_port) == warren_core::policy::MtlsMode::Strict
     {
         return Err("plaintext refused: PeerAuthentication is STRICT".into());
     }
-    let verdict = policies.authorize(&ConnectionFacts {
-        source_identity,
-        source_ip,
-        destination,
-        destination_port,
-    });
+    let verdict =
+        policies.authorize(&ConnectionFacts { source_identity, source_ip, destination, destination_port });
     match verdict {
         Verdict::Allow => Ok(()),
         denied => Err(denied.to_string()),

@@ -32,6 +32,7 @@ use warren_core::{
 
 use crate::{
     certs::CertError,
+    metrics::{ConnectionLabels, Peer, Reporter, Security},
     proxy::{PodContext, connect_from_pod},
 };
 
@@ -42,11 +43,7 @@ pub enum HboneError {
     #[error("connecting to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
     #[error("mTLS handshake with {addr} (expecting {expected}): {source}")]
-    Tls {
-        addr: SocketAddr,
-        expected: SpiffeId,
-        source: io::Error,
-    },
+    Tls { addr: SocketAddr, expected: SpiffeId, source: io::Error },
     #[error("HTTP/2 with {addr}: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
     #[error("the peer answered the CONNECT with {0}")]
@@ -78,11 +75,7 @@ impl PooledConn {
         if self.closed.load(Ordering::Relaxed) {
             return false;
         }
-        self.active
-            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+        self.active.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
     }
 }
 
@@ -138,21 +131,11 @@ impl Pool {
 
     /// A connection with a free stream slot: an existing one, or a new one. Only one dial per
     /// key is in flight; others wait for it.
-    async fn checkout(
-        &self,
-        key: &PoolKey,
-        pod: &PodContext,
-    ) -> Result<Arc<PooledConn>, HboneError> {
+    async fn checkout(&self, key: &PoolKey, pod: &PodContext) -> Result<Arc<PooledConn>, HboneError> {
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
         }
-        let lock = self
-            .dialing
-            .lock()
-            .expect("poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
         let _dialing = lock.lock().await;
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
@@ -160,12 +143,7 @@ impl Pool {
         let conn = Arc::new(dial(key, pod).await?);
         conn.active.store(1, Ordering::Release);
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
-        self.conns
-            .lock()
-            .expect("poisoned")
-            .entry(key.clone())
-            .or_default()
-            .push(conn.clone());
+        self.conns.lock().expect("poisoned").entry(key.clone()).or_default().push(conn.clone());
         Ok(conn)
     }
 
@@ -183,15 +161,10 @@ impl Pool {
             let guard = StreamGuard(conn.clone());
             match open_stream(&conn, request, key.dst).await {
                 Ok(stream) => {
-                    return Ok(PooledStream {
-                        inner: stream,
-                        _guard: guard,
-                    });
+                    return Ok(PooledStream { inner: stream, _guard: guard });
                 }
                 // A pooled connection the peer has since closed: mark it and dial afresh once.
-                Err(HboneError::H2 { .. }) if attempt == 1 => {
-                    conn.closed.store(true, Ordering::Relaxed)
-                }
+                Err(HboneError::H2 { .. }) if attempt == 1 => conn.closed.store(true, Ordering::Relaxed),
                 Err(e) => return Err(e),
             }
         }
@@ -238,31 +211,21 @@ async fn dial(key: &PoolKey, pod: &PodContext) -> Result<PooledConn, HboneError>
     let config = tls::client_config(&own, certs.bundle()?, &key.dst_identity)?;
     let tcp = connect_from_pod(pod, key.dst)
         .await
-        .map_err(|source| HboneError::Connect {
-            addr: key.dst,
-            source,
-        })?;
+        .map_err(|source| HboneError::Connect { addr: key.dst, source })?;
     let _ = tcp.set_nodelay(true);
     // No SNI is sent; the name only satisfies the API.
     let name = ServerName::IpAddress(key.dst.ip().into());
     let tls = TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|source| HboneError::Tls {
-            addr: key.dst,
-            expected: key.dst_identity.clone(),
-            source,
-        })?;
+        .map_err(|source| HboneError::Tls { addr: key.dst, expected: key.dst_identity.clone(), source })?;
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME_SIZE)
         .handshake(tls)
         .await
-        .map_err(|source| HboneError::H2 {
-            addr: key.dst,
-            source,
-        })?;
+        .map_err(|source| HboneError::H2 { addr: key.dst, source })?;
     let closed = Arc::new(AtomicBool::new(false));
     let (dst, closed_flag) = (key.dst, closed.clone());
     tokio::spawn(async move {
@@ -308,11 +271,7 @@ impl AsyncRead for PooledStream {
 }
 
 impl AsyncWrite for PooledStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -378,88 +337,77 @@ async fn serve_stream(
     pod: &PodContext,
 ) {
     let started = Instant::now();
-    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
-        let response = Response::builder()
-            .status(status)
-            .body(())
-            .expect("static response");
-        respond.send_response(response, status != StatusCode::OK)
-    };
-    let log_refused = |status: StatusCode, error: &str| {
-        info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer,
-              src_identity = %src_identity, response = status.as_u16(), error, "connection refused");
-    };
+    let proxy = &pod.proxy;
     let connect = match ConnectRequest::from_request(&request) {
         Ok(c) => c,
         Err(e) => {
-            log_refused(e.status(), &e.to_string());
-            let _ = reply(&mut respond, e.status());
+            refuse(&mut respond, pod, peer, &src_identity, None, e.status(), &e.to_string());
             return;
         }
     };
     let target = connect.target;
+    let source = proxy.index().by_ip(peer.ip()).map(|w| Peer::of(w, &proxy.trust_domain));
+    let mut labels = ConnectionLabels {
+        reporter: Reporter::Destination,
+        source: source.unwrap_or_else(|| Peer::from_identity(&src_identity)),
+        destination: Peer::of(&pod.workload, &proxy.trust_domain),
+        destination_service: target.ip().to_string(),
+        security: Security::MutualTls,
+        response_flags: "-",
+    };
     if !pod.workload.ips.contains(&target.ip().to_canonical()) {
-        log_refused(
-            StatusCode::BAD_REQUEST,
-            &format!("CONNECT to {target}, which is not this pod's IP"),
-        );
-        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+        let reason = format!("CONNECT to {target}, which is not this pod's IP");
+        refuse(&mut respond, pod, peer, &src_identity, None, StatusCode::BAD_REQUEST, &reason);
         return;
     }
-    // TCP peer of this HBONE connection: ztunnel dialed from inside the source pod's netns.
-    let policies = pod.proxy.policies();
-    if let Err(reason) = crate::enforce::decide(
+    // The TCP peer of this HBONE connection is the source pod's IP: its ztunnel dialed from
+    // inside the source pod's netns.
+    let policies = proxy.policies();
+    let decision = crate::enforce::decide(
         &policies,
         Some(&src_identity),
         peer.ip(),
         &pod.workload,
         target.port(),
         false,
-    ) {
-        pod.proxy
-            .stats
-            .denied_by_policy
-            .fetch_add(1, Ordering::Relaxed);
-        log_refused(StatusCode::UNAUTHORIZED, &reason);
-        let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+    );
+    if let Err(reason) = decision {
+        proxy.stats.denied_by_policy.fetch_add(1, Ordering::Relaxed);
+        labels.response_flags = "DENIED";
+        refuse(&mut respond, pod, peer, &src_identity, Some(&labels), StatusCode::UNAUTHORIZED, &reason);
         return;
     }
     let mut upstream = match connect_from_pod(pod, target).await {
         Ok(s) => s,
         Err(e) => {
-            log_refused(
+            labels.response_flags = "UF";
+            let reason = format!("connecting to {target}: {e}");
+            refuse(
+                &mut respond,
+                pod,
+                peer,
+                &src_identity,
+                Some(&labels),
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("connecting to {target}: {e}"),
+                &reason,
             );
-            let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
     };
-    let Ok(send) = reply(&mut respond, StatusCode::OK) else {
-        return;
-    };
-    pod.proxy
-        .stats
-        .hbone_streams_served
-        .fetch_add(1, Ordering::Relaxed);
+    let ok = Response::builder().status(StatusCode::OK).body(()).expect("static response");
+    let Ok(send) = respond.send_response(ok, false) else { return };
+    proxy.stats.hbone_streams_served.fetch_add(1, Ordering::Relaxed);
+    proxy.metrics.opened(&labels);
     let mut downstream = H2Stream::new(send, request.into_body());
-    let (_tracked, closed) = pod.proxy.tracker.track(
-        Some(src_identity.clone()),
-        peer.ip(),
-        target.ip(),
-        target.port(),
-        false,
-    );
-    let result = crate::proxy::until_closed(
-        tokio::io::copy_bidirectional(&mut downstream, &mut upstream),
-        Some(closed),
-    )
-    .await;
-    // Dropping the stream resets it: the client's ztunnel closes its side.
-    let (from_client, to_client, error) = match result {
+    let (_tracked, closed) =
+        proxy.tracker.track(Some(src_identity.clone()), peer.ip(), target.ip(), target.port(), false);
+    let relay = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    // On a policy close, dropping the stream resets it: the client's ztunnel closes its side.
+    let (from_client, to_client, error) = match crate::proxy::until_closed(relay, Some(closed)).await {
         Ok((a, b)) => (a, b, String::new()),
         Err(e) => (0, 0, e),
     };
+    proxy.metrics.closed(&labels, to_client, from_client);
     info!(
         target: "access",
         direction = "inbound",
@@ -468,13 +416,33 @@ async fn serve_stream(
         src = %connect.forwarded_for.unwrap_or(peer),
         src_identity = %src_identity,
         dst = %target,
-        dst_identity = %pod.workload.identity(&pod.proxy.trust_domain),
+        dst_identity = %pod.workload.identity(&proxy.trust_domain),
         bytes_sent = to_client,
         bytes_received = from_client,
         duration_ms = started.elapsed().as_millis() as u64,
         error,
         "connection complete"
     );
+}
+
+/// Answers a CONNECT with an error status, logs it, and counts it.
+fn refuse(
+    respond: &mut h2::server::SendResponse<Bytes>,
+    pod: &PodContext,
+    peer: SocketAddr,
+    src_identity: &SpiffeId,
+    labels: Option<&ConnectionLabels>,
+    status: StatusCode,
+    reason: &str,
+) {
+    if let Some(labels) = labels {
+        pod.proxy.metrics.opened(labels);
+        pod.proxy.metrics.closed(labels, 0, 0);
+    }
+    info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer,
+          src_identity = %src_identity, response = status.as_u16(), error = reason, "connection refused");
+    let response = Response::builder().status(status).body(()).expect("static response");
+    let _ = respond.send_response(response, true);
 }
 
 /// The HBONE port on a destination pod.

@@ -38,16 +38,9 @@ pub enum EnrollError {
     )]
     Listeners { pod: String, source: io::Error },
     #[error("pod {pod}: {source}")]
-    Capture {
-        pod: String,
-        source: Box<CaptureError>,
-    },
+    Capture { pod: String, source: Box<CaptureError> },
     #[error("pods {first} and {second} both claim IP {ip}: neither is enrolled until one lets go")]
-    DuplicateIp {
-        ip: IpAddr,
-        first: String,
-        second: String,
-    },
+    DuplicateIp { ip: IpAddr, first: String, second: String },
 }
 
 /// One enrolled pod, as the admin view shows it.
@@ -99,12 +92,7 @@ impl InPod {
     }
 
     pub fn view(&self) -> Vec<EnrolledPodView> {
-        self.pods
-            .lock()
-            .expect("poisoned")
-            .values()
-            .map(|p| p.view.clone())
-            .collect()
+        self.pods.lock().expect("poisoned").values().map(|p| p.view.clone()).collect()
     }
 
     /// Brings the enrolled set to `desired` (the enrolled workloads of this node). Blocking:
@@ -114,17 +102,14 @@ impl InPod {
         for conflict in conflicts {
             self.report(&conflict.to_string(), &conflict);
         }
-        let wanted: HashMap<&str, &Workload> =
-            admissible.iter().map(|w| (w.uid.as_str(), *w)).collect();
+        let wanted: HashMap<&str, &Workload> = admissible.iter().map(|w| (w.uid.as_str(), *w)).collect();
 
         // Unenroll what is no longer wanted, changed, or whose netns is gone.
         let stale: Vec<String> = {
             let pods = self.pods.lock().expect("poisoned");
             pods.iter()
                 .filter(|(uid, pod)| {
-                    wanted
-                        .get(uid.as_str())
-                        .is_none_or(|w| w.ips != pod.workload.ips)
+                    wanted.get(uid.as_str()).is_none_or(|w| w.ips != pod.workload.ips)
                         || !netns::still_present(pod.view.netns_inode, namespaces)
                 })
                 .map(|(uid, _)| uid.clone())
@@ -135,42 +120,34 @@ impl InPod {
         }
 
         for workload in admissible {
-            if self
-                .pods
-                .lock()
-                .expect("poisoned")
-                .contains_key(&workload.uid)
-            {
+            if self.pods.lock().expect("poisoned").contains_key(&workload.uid) {
                 continue;
             }
             match self.enroll(workload, namespaces) {
                 Ok(()) => {
-                    self.last_error
-                        .lock()
-                        .expect("poisoned")
-                        .remove(&workload.uid);
+                    self.last_error.lock().expect("poisoned").remove(&workload.uid);
                 }
                 Err(e) => self.report(&workload.uid, &e),
             }
         }
     }
 
+    /// Drain: stop accepting on every pod's listeners (closing them), keep everything else.
+    /// Connections already accepted carry on in their own tasks.
+    pub fn stop_accepting(&self) {
+        for pod in self.pods.lock().expect("poisoned").values() {
+            pod.accept_loops.iter().for_each(JoinHandle::abort);
+        }
+    }
+
     /// Removes what a previous ztunnel left for pods this one does not enroll. Call after the
     /// first reconcile.
     pub fn remove_leftovers(&self) {
-        let ours: HashSet<u64> = self
-            .pods
-            .lock()
-            .expect("poisoned")
-            .values()
-            .map(|p| p.view.netns_cookie)
-            .collect();
+        let ours: HashSet<u64> =
+            self.pods.lock().expect("poisoned").values().map(|p| p.view.netns_cookie).collect();
         for cookie in self.capture.enrolled_cookies() {
             if !ours.contains(&cookie) {
-                info!(
-                    netns_cookie = cookie,
-                    "removing an enrolled netns left by a previous ztunnel"
-                );
+                info!(netns_cookie = cookie, "removing an enrolled netns left by a previous ztunnel");
                 self.capture.unenroll(cookie);
             }
         }
@@ -195,26 +172,14 @@ impl InPod {
 
     fn enroll(&self, workload: &Workload, namespaces: &[NetnsRef]) -> Result<(), EnrollError> {
         let pod = workload.display_name();
-        let first_ip = *workload
-            .ips
-            .first()
-            .ok_or_else(|| EnrollError::NoIp { pod: pod.clone() })?;
-        let (netns_ref, netns_file) =
-            netns::find_by_ip(first_ip, namespaces).map_err(|source| EnrollError::Netns {
-                pod: pod.clone(),
-                source,
-            })?;
-        let sockets = open_listeners(&netns_file, &workload.ips).map_err(|source| {
-            EnrollError::Listeners {
-                pod: pod.clone(),
-                source,
-            }
-        })?;
+        let first_ip = *workload.ips.first().ok_or_else(|| EnrollError::NoIp { pod: pod.clone() })?;
+        let (netns_ref, netns_file) = netns::find_by_ip(first_ip, namespaces)
+            .map_err(|source| EnrollError::Netns { pod: pod.clone(), source })?;
+        let sockets = open_listeners(&netns_file, &workload.ips)
+            .map_err(|source| EnrollError::Listeners { pod: pod.clone(), source })?;
         let cookie = sockets.cookie;
-        let capture_err = |source: CaptureError| EnrollError::Capture {
-            pod: pod.clone(),
-            source: Box::new(source),
-        };
+        let capture_err =
+            |source: CaptureError| EnrollError::Capture { pod: pod.clone(), source: Box::new(source) };
 
         // Listener map first: sk_lookup must find the listeners the moment it is attached.
         let mut keys = Vec::new();
@@ -225,17 +190,13 @@ impl InPod {
             }
             keys.push((*ip, *kind));
         }
-        let (attachment, link) =
-            match self
-                .capture
-                .attach_sk_lookup(&netns_file, cookie, &netns_ref.path)
-            {
-                Ok(x) => x,
-                Err(e) => {
-                    self.remove_listener_keys(&keys);
-                    return Err(capture_err(e));
-                }
-            };
+        let (attachment, link) = match self.capture.attach_sk_lookup(&netns_file, cookie, &netns_ref.path) {
+            Ok(x) => x,
+            Err(e) => {
+                self.remove_listener_keys(&keys);
+                return Err(capture_err(e));
+            }
+        };
         let context = Arc::new(PodContext {
             pod: pod.clone(),
             workload: workload.clone(),
@@ -290,16 +251,11 @@ impl InPod {
             return;
         };
         self.capture.unenroll(pod.view.netns_cookie);
-        self.capture
-            .detach_sk_lookup(pod.view.netns_cookie, pod.sk_lookup.take());
+        self.capture.detach_sk_lookup(pod.view.netns_cookie, pod.sk_lookup.take());
         self.remove_listener_keys(&pod.listener_keys);
         // Aborting an accept loop drops (closes) its listener.
         pod.accept_loops.iter().for_each(JoinHandle::abort);
-        info!(
-            pod = pod.view.pod,
-            netns_cookie = pod.view.netns_cookie,
-            "unenrolled"
-        );
+        info!(pod = pod.view.pod, netns_cookie = pod.view.netns_cookie, "unenrolled");
     }
 
     fn remove_listener_keys(&self, keys: &[(IpAddr, ListenerKind)]) {
@@ -329,19 +285,12 @@ fn without_duplicate_ips(desired: &[Workload]) -> (Vec<&Workload>, Vec<EnrollErr
             }
         }
     }
-    let admissible = desired
-        .iter()
-        .filter(|w| !conflicted.contains(w.uid.as_str()))
-        .collect();
+    let admissible = desired.iter().filter(|w| !conflicted.contains(w.uid.as_str())).collect();
     (admissible, errors)
 }
 
 fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -369,18 +318,13 @@ fn open_listeners(netns: &File, ips: &[IpAddr]) -> io::Result<InPodSockets> {
         let mut inbound = Vec::new();
         for ip in ips {
             let local = if ip.is_ipv4() { v4 } else { v6 };
-            for (kind, port) in [
-                (ListenerKind::InboundPlaintext, INBOUND_PLAINTEXT_PORT),
-                (ListenerKind::Hbone, HBONE_PORT),
-            ] {
+            for (kind, port) in
+                [(ListenerKind::InboundPlaintext, INBOUND_PLAINTEXT_PORT), (ListenerKind::Hbone, HBONE_PORT)]
+            {
                 inbound.push((*ip, kind, listen(SocketAddr::new(local, port))?));
             }
         }
-        Ok(InPodSockets {
-            cookie,
-            outbound,
-            inbound,
-        })
+        Ok(InPodSockets { cookie, outbound, inbound })
     })?
 }
 
@@ -403,18 +347,12 @@ mod tests {
 
     #[test]
     fn pods_claiming_one_ip_are_both_held_back_and_named() {
-        let desired = [
-            workload("a", &["10.0.0.1"]),
-            workload("b", &["10.0.0.1"]),
-            workload("c", &["10.0.0.2"]),
-        ];
+        let desired =
+            [workload("a", &["10.0.0.1"]), workload("b", &["10.0.0.1"]), workload("c", &["10.0.0.2"])];
         let (ok, errors) = without_duplicate_ips(&desired);
         assert_eq!(ok.iter().map(|w| w.uid.as_str()).collect::<Vec<_>>(), ["c"]);
         assert_eq!(errors.len(), 1);
         let msg = errors[0].to_string();
-        assert!(
-            msg.contains("default/a") && msg.contains("default/b") && msg.contains("10.0.0.1"),
-            "{msg}"
-        );
+        assert!(msg.contains("default/a") && msg.contains("default/b") && msg.contains("10.0.0.1"), "{msg}");
     }
 }

@@ -8,6 +8,7 @@ mod config;
 mod enforce;
 mod hbone;
 mod inpod;
+mod metrics;
 mod netns;
 mod proxy;
 mod run;
@@ -54,10 +55,7 @@ fn main() -> ExitCode {
             let dir = bpffs.join("warren").join(&node_name);
             match capture::uninstall(&dir) {
                 Ok(true) => {
-                    println!(
-                        "removed {}: capture programs detached, maps gone",
-                        dir.display()
-                    );
+                    println!("removed {}: capture programs detached, maps gone", dir.display());
                     Ok(())
                 }
                 Ok(false) => {
@@ -85,11 +83,7 @@ fn status(admin: SocketAddr, raw: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let v: serde_json::Value = serde_json::from_str(&body)?;
-    println!(
-        "node {}  (pins in {})",
-        v["node"].as_str().unwrap_or("?"),
-        v["pinDir"].as_str().unwrap_or("?")
-    );
+    println!("node {}  (pins in {})", v["node"].as_str().unwrap_or("?"), v["pinDir"].as_str().unwrap_or("?"));
     println!("\nPROGRAM              PROG-ID  LINK-ID  ATTACHED TO");
     let empty = vec![];
     for p in v["programs"].as_array().unwrap_or(&empty) {
@@ -101,16 +95,10 @@ fn status(admin: SocketAddr, raw: bool) -> anyhow::Result<()> {
             p["attach_point"].as_str().unwrap_or("")
         );
     }
-    println!(
-        "\nPOD                            NETNS-COOKIE  IPS                  SK_LOOKUP LINK  NETNS"
-    );
+    println!("\nPOD                            NETNS-COOKIE  IPS                  SK_LOOKUP LINK  NETNS");
     for p in v["pods"].as_array().unwrap_or(&empty) {
-        let ips: Vec<&str> = p["ips"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .filter_map(|i| i.as_str())
-            .collect();
+        let ips: Vec<&str> =
+            p["ips"].as_array().unwrap_or(&empty).iter().filter_map(|i| i.as_str()).collect();
         println!(
             "{:<30} {:>12}  {:<20} {:>14}  {}",
             p["pod"].as_str().unwrap_or(""),

@@ -20,11 +20,7 @@ pub enum NetnsError {
     #[error(
         "{ip} is held by more than one network namespace ({first} and {second}): refusing to guess which is the pod"
     )]
-    Ambiguous {
-        ip: IpAddr,
-        first: PathBuf,
-        second: PathBuf,
-    },
+    Ambiguous { ip: IpAddr, first: PathBuf, second: PathBuf },
     #[error("entering network namespace {path}: {source}")]
     Enter { path: PathBuf, source: io::Error },
 }
@@ -50,10 +46,7 @@ pub fn run_in<T>(netns: &File, f: impl FnOnce() -> T) -> io::Result<T> {
     let out = f();
     // SAFETY: as above.
     if unsafe { libc::setns(home().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        eprintln!(
-            "ztunnel: cannot return to its own network namespace: {}",
-            io::Error::last_os_error()
-        );
+        eprintln!("ztunnel: cannot return to its own network namespace: {}", io::Error::last_os_error());
         std::process::abort();
     }
     Ok(out)
@@ -85,28 +78,18 @@ pub fn scan() -> Vec<NetnsRef> {
     }
     if let Ok(entries) = fs::read_dir("/proc") {
         for e in entries.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-            {
+            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                 visit(e.path().join("ns/net"));
             }
         }
     }
-    seen.into_iter()
-        .map(|(inode, path)| NetnsRef { path, inode })
-        .collect()
+    seen.into_iter().map(|(inode, path)| NetnsRef { path, inode }).collect()
 }
 
 /// Whether `ip` is a local address of the netns: binding to it succeeds only there.
 fn holds_ip(netns: &File, ip: IpAddr) -> io::Result<bool> {
     run_in(netns, || {
-        let domain = if ip.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
+        let domain = if ip.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
         let probe = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         match probe.bind(&SocketAddr::new(ip, 0).into()) {
             Ok(()) => Ok(true),
@@ -124,10 +107,8 @@ pub fn find_by_ip(ip: IpAddr, candidates: &[NetnsRef]) -> Result<(NetnsRef, File
         let Ok(file) = File::open(&candidate.path) else {
             continue;
         };
-        let holds = holds_ip(&file, ip).map_err(|source| NetnsError::Enter {
-            path: candidate.path.clone(),
-            source,
-        })?;
+        let holds = holds_ip(&file, ip)
+            .map_err(|source| NetnsError::Enter { path: candidate.path.clone(), source })?;
         if !holds {
             continue;
         }

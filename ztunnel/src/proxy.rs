@@ -17,6 +17,7 @@ use std::{
     time::Instant,
 };
 
+use http::StatusCode;
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
@@ -34,7 +35,8 @@ use crate::{
     capture::Capture,
     certs::CertManager,
     enforce::{self, Tracker},
-    hbone::{self, Pool, PoolKey},
+    hbone::{self, HboneError, Pool, PoolKey},
+    metrics::{ConnectionLabels, Metrics, Peer, Reporter, Security},
     netns,
 };
 
@@ -46,6 +48,7 @@ pub struct Proxy {
     pub index: RwLock<Arc<WorkloadIndex>>,
     pub policies: RwLock<Arc<Policies>>,
     pub tracker: Tracker,
+    pub metrics: Metrics,
     pub stats: Stats,
     pub mark: u32,
     pub trust_domain: String,
@@ -94,11 +97,7 @@ pub fn spawn_accept_loops(
     let mut loops = Vec::new();
     for listener in outbound {
         let listener = TcpListener::from_std(listener)?;
-        loops.push(tokio::spawn(accept_loop(
-            listener,
-            pod.clone(),
-            Direction::Outbound,
-        )));
+        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), Direction::Outbound)));
     }
     for (_, kind, listener) in inbound {
         let listener = TcpListener::from_std(listener)?;
@@ -134,10 +133,7 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, direction: Dir
                 Direction::Outbound => outbound(stream, peer, &pod).await,
                 Direction::InboundPlaintext => inbound_plaintext(stream, peer, &pod).await,
                 Direction::Hbone => {
-                    pod.proxy
-                        .stats
-                        .hbone_accepted
-                        .fetch_add(1, Ordering::Relaxed);
+                    pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
                     hbone::serve_connection(stream, peer, pod).await
                 }
             }
@@ -149,9 +145,7 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
     let stats = &pod.proxy.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(original_dst) = pod.proxy.capture.take_original_dst(pod.netns_cookie, peer) else {
-        stats
-            .outbound_without_original_dst
-            .fetch_add(1, Ordering::Relaxed);
+        stats.outbound_without_original_dst.fetch_add(1, Ordering::Relaxed);
         warn!(pod = pod.pod, %peer, "outbound connection without a recorded original destination: closed");
         return;
     };
@@ -163,7 +157,15 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
         }
         _ => {
             stats.outbound_passthrough.fetch_add(1, Ordering::Relaxed);
-            relay_until(stream, original_dst, pod, "outbound", peer, None).await
+            let labels = ConnectionLabels {
+                reporter: Reporter::Source,
+                source: Peer::of(&pod.workload, &pod.proxy.trust_domain),
+                destination: Peer::unknown(),
+                destination_service: original_dst.ip().to_string(),
+                security: Security::Unknown,
+                response_flags: "-",
+            };
+            relay_until(stream, original_dst, pod, "outbound", peer, None, Some(labels)).await
         }
     }
 }
@@ -184,47 +186,45 @@ async fn outbound_hbone(
         dst: hbone::hbone_addr(dst.ip()),
         src_ip,
     };
-    let version = pod
-        .workload
-        .labels
-        .get("version")
-        .map(String::as_str)
-        .unwrap_or("latest");
-    let app = pod
-        .workload
-        .labels
-        .get("app")
-        .map(String::as_str)
-        .unwrap_or(&pod.workload.name);
+    let version = pod.workload.labels.get("version").map(String::as_str).unwrap_or("latest");
+    let app = pod.workload.labels.get("app").map(String::as_str).unwrap_or(&pod.workload.name);
     let request = ConnectRequest {
         target: dst,
         forwarded_for: Some(SocketAddr::new(src_ip, peer.port())),
-        baggage: Some(baggage(
-            &pod.workload.namespace,
-            &pod.workload.name,
-            app,
-            version,
-        )),
+        baggage: Some(baggage(&pod.workload.namespace, &pod.workload.name, app, version)),
         traceparent: Some(new_traceparent()),
     };
+    let mut labels = ConnectionLabels {
+        reporter: Reporter::Source,
+        source: Peer::of(&pod.workload, td),
+        destination: Peer::of(dst_workload, td),
+        destination_service: dst.ip().to_string(),
+        security: Security::MutualTls,
+        response_flags: "-",
+    };
+    let metrics = &pod.proxy.metrics;
+    metrics.opened(&labels);
     let mut upstream = match pod.proxy.pool.connect(&key, &request, pod).await {
         Ok(s) => s,
         Err(e) => {
-            pod.proxy
-                .stats
-                .upstream_connect_failures
-                .fetch_add(1, Ordering::Relaxed);
+            labels.response_flags = if matches!(e, HboneError::Status(s) if s == StatusCode::UNAUTHORIZED) {
+                "DENIED"
+            } else {
+                "UF"
+            };
+            metrics.closed(&labels, 0, 0);
+            pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction = "outbound", protocol = "HBONE", pod = pod.pod, src = %request.forwarded_for.unwrap_or(peer),
                   src_identity = %key.src_identity, dst = %dst, dst_identity = %key.dst_identity, error = %e, "connection failed");
             reset(&downstream);
             return;
         }
     };
-    let (sent, received, error) =
-        match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-            Ok((a, b)) => (a, b, String::new()),
-            Err(e) => (0, 0, e.to_string()),
-        };
+    let (sent, received, error) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((a, b)) => (a, b, String::new()),
+        Err(e) => (0, 0, e.to_string()),
+    };
+    metrics.closed(&labels, received, sent);
     info!(
         target: "access",
         direction = "outbound",
@@ -244,49 +244,42 @@ async fn outbound_hbone(
 
 async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
     let proxy = &pod.proxy;
-    proxy
-        .stats
-        .inbound_plaintext_accepted
-        .fetch_add(1, Ordering::Relaxed);
+    proxy.stats.inbound_plaintext_accepted.fetch_add(1, Ordering::Relaxed);
     // sk_lookup kept the packet's destination as the socket's local address.
     let Ok(original_dst) = stream.local_addr() else {
         return;
     };
     let original_dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
     let policies = proxy.policies();
-    let decision = enforce::decide(
-        &policies,
-        None,
-        peer.ip(),
-        &pod.workload,
-        original_dst.port(),
-        true,
-    );
+    let decision = enforce::decide(&policies, None, peer.ip(), &pod.workload, original_dst.port(), true);
+    let source = proxy.index().by_ip(peer.ip()).map(|w| Peer::of(w, &proxy.trust_domain));
+    let mut labels = ConnectionLabels {
+        reporter: Reporter::Destination,
+        source: source.unwrap_or_else(Peer::unknown),
+        destination: Peer::of(&pod.workload, &proxy.trust_domain),
+        destination_service: original_dst.ip().to_string(),
+        security: Security::None,
+        response_flags: "-",
+    };
     if let Err(reason) = decision {
+        labels.response_flags = "DENIED";
+        proxy.metrics.opened(&labels);
+        proxy.metrics.closed(&labels, 0, 0);
         proxy.stats.denied_by_policy.fetch_add(1, Ordering::Relaxed);
         info!(target: "access", direction = "inbound", protocol = "TCP", pod = pod.pod,
               src = %peer, dst = %original_dst, error = %reason, "connection refused");
         reset(&stream);
         return;
     }
-    let (_tracked, closed) = proxy.tracker.track(
-        None,
-        peer.ip(),
-        original_dst.ip(),
-        original_dst.port(),
-        true,
-    );
-    relay_until(stream, original_dst, pod, "inbound", peer, Some(closed)).await;
+    let (_tracked, closed) =
+        proxy.tracker.track(None, peer.ip(), original_dst.ip(), original_dst.port(), true);
+    relay_until(stream, original_dst, pod, "inbound", peer, Some(closed), Some(labels)).await;
 }
 
 /// Opens a socket inside the pod's netns, marked as ztunnel's, and connects it.
 pub async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = netns::run_in(&pod.netns, || {
-        let domain = if dst.is_ipv4() {
-            socket2::Domain::IPV4
-        } else {
-            socket2::Domain::IPV6
-        };
+        let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
         let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         s.set_mark(pod.proxy.mark)?;
         s.set_nonblocking(true)?;
@@ -309,15 +302,21 @@ async fn relay_until(
     direction: &str,
     src: SocketAddr,
     closed: Option<tokio::sync::oneshot::Receiver<String>>,
+    mut labels: Option<ConnectionLabels>,
 ) {
     let started = Instant::now();
+    let metrics = &pod.proxy.metrics;
+    if let Some(l) = &labels {
+        metrics.opened(l);
+    }
     let mut upstream = match connect_from_pod(pod, dst).await {
         Ok(s) => s,
         Err(e) => {
-            pod.proxy
-                .stats
-                .upstream_connect_failures
-                .fetch_add(1, Ordering::Relaxed);
+            if let Some(l) = labels.as_mut() {
+                l.response_flags = "UF";
+                metrics.closed(l, 0, 0);
+            }
+            pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction, protocol = "TCP", pod = pod.pod, %src, %dst, error = %e, "connection failed");
             reset(&downstream);
             return;
@@ -331,6 +330,10 @@ async fn relay_until(
             (0, 0, e)
         }
     };
+    if let Some(l) = &labels {
+        // Istio's sent bytes are the response direction (upstream to client).
+        metrics.closed(l, received, sent);
+    }
     info!(
         target: "access",
         direction,

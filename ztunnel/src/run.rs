@@ -16,7 +16,7 @@ use warren_core::{
 };
 
 use crate::{
-    admin::{self, AdminState},
+    admin::{self, AdminState, Endpoints},
     capture::{Capture, CaptureSettings},
     certs::{CertManager, DevCa},
     cgroup,
@@ -31,18 +31,14 @@ pub fn run(config: Config) -> Result<()> {
     // Before any thread exists: every thread returns to this netns after entering a pod's.
     netns::init();
     init_logging(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(config))
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -96,21 +92,22 @@ async fn serve(config: Config) -> Result<()> {
     let proxy = Arc::new(Proxy {
         capture: capture.clone(),
         certs,
-        pool: Pool::new(
-            config.pool_max_streams,
-            Duration::from_secs(config.pool_idle_timeout_secs),
-        ),
+        pool: Pool::new(config.pool_max_streams, Duration::from_secs(config.pool_idle_timeout_secs)),
         index: Default::default(),
         policies: Default::default(),
         tracker: Default::default(),
+        metrics: Default::default(),
         stats: Default::default(),
         mark: config.mark,
         trust_domain: config.trust_domain.clone(),
     });
     let inpod = Arc::new(InPod::new(proxy.clone(), tokio::runtime::Handle::current()));
-    let admin_listener = TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin endpoint {}", config.admin_addr))?;
+    let bind = |addr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} endpoint {addr}"))
+    };
+    let admin_listener = bind(config.admin_addr, "admin").await?;
+    let metrics_listener = bind(config.metrics_addr, "metrics").await?;
+    let readiness_listener = bind(config.readiness_addr, "readiness").await?;
     let state = Arc::new(AdminState {
         config: config.clone(),
         capture: capture.clone(),
@@ -119,17 +116,41 @@ async fn serve(config: Config) -> Result<()> {
         workloads: Mutex::new(NodeConfig::default()),
         ready: false.into(),
     });
-    tokio::spawn(admin::serve(admin_listener, state.clone()));
-    info!(admin = %config.admin_addr, "admin endpoint listening");
+    tokio::spawn(admin::serve(admin_listener, state.clone(), Endpoints::Admin));
+    tokio::spawn(admin::serve(metrics_listener, state.clone(), Endpoints::Metrics));
+    tokio::spawn(admin::serve(readiness_listener, state.clone(), Endpoints::Readiness));
+    info!(admin = %config.admin_addr, metrics = %config.metrics_addr, readiness = %config.readiness_addr, "endpoints listening");
 
-    let reconciler = tokio::spawn(reconcile_loop(config, state));
+    let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
+    let reconciler = tokio::spawn(reconcile_loop(config, state.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping; capture stays pinned and fails closed until a ztunnel returns"),
-        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: draining"),
         r = reconciler => bail!("the reconcile loop ended: {r:?}"),
     }
+    drain(&state, drain_timeout).await;
     Ok(())
+}
+
+/// Stops accepting (new connections of enrolled pods are refused: capture stays pinned and
+/// fails closed until a ztunnel returns), then lets open connections finish, up to `timeout`.
+async fn drain(state: &AdminState, timeout: Duration) {
+    state.ready.store(false, Ordering::Relaxed);
+    state.inpod.stop_accepting();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let open = state.proxy.metrics.open_connections();
+        if open == 0 {
+            info!("drained: no connection open");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(open, "drain timeout: closing the remaining connections");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Re-reads the workloads file when it changes and brings the enrolled pods in line, checking
@@ -141,9 +162,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
     let mut tick = tokio::time::interval(config.reconcile_interval());
     loop {
         tick.tick().await;
-        let modified = std::fs::metadata(&config.workloads_file)
-            .and_then(|m| m.modified())
-            .ok();
+        let modified = std::fs::metadata(&config.workloads_file).and_then(|m| m.modified()).ok();
         if modified != last_seen || first {
             match read_workloads(&config.workloads_file) {
                 Ok(workloads) => {
@@ -155,8 +174,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
                     let index = Arc::new(WorkloadIndex::new(&workloads));
                     state.proxy.tracker.reevaluate(&policies, &index);
                     *state.proxy.policies.write().expect("poisoned") = policies;
-                    *state.proxy.index.write().expect("poisoned") =
-                        Arc::new(WorkloadIndex::new(&workloads));
+                    *state.proxy.index.write().expect("poisoned") = Arc::new(WorkloadIndex::new(&workloads));
                     *state.workloads.lock().expect("poisoned") = workloads;
                     last_seen = modified;
                     last_error.clear();
@@ -170,13 +188,8 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
                 }
             }
         }
-        let desired: Vec<_> = state
-            .workloads
-            .lock()
-            .expect("poisoned")
-            .enrolled_on(&config.node_name)
-            .cloned()
-            .collect();
+        let desired: Vec<_> =
+            state.workloads.lock().expect("poisoned").enrolled_on(&config.node_name).cloned().collect();
         let inpod = state.inpod.clone();
         let cleanup = first;
         let done = tokio::task::spawn_blocking(move || {
@@ -209,23 +222,13 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: c_path is a valid C string; statfs writes into `buf`.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } == 0 && buf.f_type as i64 == BPF_FS_MAGIC
-    {
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } == 0 && buf.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
     info!(path = %path.display(), "mounting the BPF filesystem");
     let fstype = c"bpf";
     // SAFETY: valid C strings; no data argument.
-    if unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            c_path.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    } != 0
-    {
+    if unsafe { libc::mount(fstype.as_ptr(), c_path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
         bail!(
             "mounting the BPF filesystem at {} failed: {} (ztunnel pins its maps and links there; mount it: mount -t bpf bpf {})",
             path.display(),

@@ -3,8 +3,8 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, sk_action,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        sk_action,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
@@ -13,8 +13,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use warren_ebpf_types::{
-    ConnKey, EnrolledPod, HBONE_PORT, ListenerKey, ListenerKind, OUTBOUND_PORT, SockAddr16,
-    v4_mapped,
+    ConnKey, EnrolledPod, HBONE_PORT, ListenerKey, ListenerKind, OUTBOUND_PORT, SockAddr16, v4_mapped,
 };
 
 /// Reads one context field with a volatile load. The verifier refuses context accesses through
@@ -116,11 +115,7 @@ pub fn warren_connect6(ctx: SockAddrContext) -> i32 {
         debug!(&ctx, "connect6: could not record the original destination");
     }
     // A v4-mapped destination keeps going over IPv4, to ztunnel's 127.0.0.1 listener.
-    let target = if v4_mapped_dst {
-        v4_mapped([127, 0, 0, 1])
-    } else {
-        ipv6_loopback()
-    };
+    let target = if v4_mapped_dst { v4_mapped([127, 0, 0, 1]) } else { ipv6_loopback() };
     sa.user_ip6 = ip6_words(target);
     sa.user_port = u32::from(OUTBOUND_PORT.to_be());
     CONNECT_PROCEED
@@ -156,22 +151,14 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
 pub fn warren_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY (all ctx_field! reads): l is the verifier-checked context.
-    let (protocol, ifindex, family) = unsafe {
-        (
-            ctx_field!(l, protocol),
-            ctx_field!(l, ingress_ifindex),
-            ctx_field!(l, family),
-        )
-    };
+    let (protocol, ifindex, family) =
+        unsafe { (ctx_field!(l, protocol), ctx_field!(l, ingress_ifindex), ctx_field!(l, family)) };
     if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX {
         return sk_action::SK_PASS;
     }
     let (local, remote) = if family == AF_INET {
         let (local, remote) = unsafe { (ctx_field!(l, local_ip4), ctx_field!(l, remote_ip4)) };
-        (
-            v4_mapped(u32::from_be(local).to_be_bytes()),
-            v4_mapped(u32::from_be(remote).to_be_bytes()),
-        )
+        (v4_mapped(u32::from_be(local).to_be_bytes()), v4_mapped(u32::from_be(remote).to_be_bytes()))
     } else {
         let local = unsafe {
             [
@@ -210,10 +197,7 @@ pub fn warren_sk_lookup(ctx: SkLookupContext) -> u32 {
     match LISTENERS.redirect_sk_lookup(&ctx, &ListenerKey::new(local, kind), 0) {
         Ok(()) => sk_action::SK_PASS,
         Err(_) => {
-            debug!(
-                &ctx,
-                "sk_lookup: no ztunnel listener for port {}: dropped", local_port
-            );
+            debug!(&ctx, "sk_lookup: no ztunnel listener for port {}: dropped", local_port);
             sk_action::SK_DROP
         }
     }
@@ -242,9 +226,7 @@ fn ztunnel_socket(ctx: &SockAddrContext) -> bool {
 fn park(ctx: &SockAddrContext, original: &SockAddr16) -> Result<(), i32> {
     // SAFETY: bpf_get_socket_cookie accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING_DST
-        .insert(&cookie, original, 0)
-        .map_err(|e| e as i32)
+    PENDING_DST.insert(&cookie, original, 0).map_err(|e| e as i32)
 }
 
 /// The client end of a captured connection, as ztunnel sees the peer it accepts.
@@ -268,10 +250,7 @@ fn client_key(ctx: &SockOpsContext) -> ConnKey {
         let ip4 = unsafe { ctx_field!(ops, local_ip4) };
         v4_mapped(u32::from_be(ip4).to_be_bytes())
     };
-    ConnKey {
-        netns_cookie,
-        client: SockAddr16::new(addr, port as u16),
-    }
+    ConnKey { netns_cookie, client: SockAddr16::new(addr, port as u16) }
 }
 
 /// The kernel keeps IPv6 addresses as four u32 in network order.
@@ -290,9 +269,7 @@ fn ip6_octets(words: [u32; 4]) -> [u8; 16] {
 }
 
 fn ip6_words(octets: [u8; 16]) -> [u32; 4] {
-    let w = |i: usize| {
-        u32::from_be_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]).to_be()
-    };
+    let w = |i: usize| u32::from_be_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]).to_be();
     [w(0), w(4), w(8), w(12)]
 }
 

@@ -58,11 +58,7 @@ pub struct SockAddr16 {
 
 impl SockAddr16 {
     pub const fn new(addr: [u8; 16], port: u16) -> Self {
-        Self {
-            addr,
-            port,
-            _pad: [0; 6],
-        }
+        Self { addr, port, _pad: [0; 6] }
     }
 }
 
@@ -95,19 +91,13 @@ pub struct ListenerKey {
 
 impl ListenerKey {
     pub const fn new(addr: [u8; 16], kind: ListenerKind) -> Self {
-        Self {
-            addr,
-            kind: kind as u32,
-            _pad: 0,
-        }
+        Self { addr, kind: kind as u32, _pad: 0 }
     }
 }
 
 /// v4-mapped IPv6 form of an IPv4 address given as its four octets.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
 }
 
 #[cfg(feature = "user")]
