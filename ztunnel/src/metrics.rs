@@ -96,6 +96,9 @@ struct Counters {
     received: u64,
 }
 
+/// A metric family: name, help text, and which counter it shows.
+type Family = (&'static str, &'static str, fn(&Counters) -> u64);
+
 #[derive(Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<ConnectionLabels, Counters>>,
@@ -125,7 +128,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let series = self.series.lock().expect("poisoned");
         let mut out = String::new();
-        let families: [(&str, &str, fn(&Counters) -> u64); 4] = [
+        let families: [Family; 4] = [
             ("istio_tcp_connections_opened_total", "Total TCP connections opened", |c| c.opened),
             ("istio_tcp_connections_closed_total", "Total TCP connections closed", |c| c.closed),
             ("istio_tcp_sent_bytes_total", "Bytes sent during response (server to client)", |c| c.sent),
