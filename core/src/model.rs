@@ -59,26 +59,108 @@ impl Workload {
     }
 }
 
-/// Workloads by IP, for resolving a connection's original destination.
+/// A Kubernetes Service as the data plane needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// ClusterIPs (one per family).
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// UIDs of the ready workloads behind it (the controller resolves selector and readiness).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// The waypoint that handles its traffic (`istio.io/use-waypoint`), by name in the
+    /// service's namespace.
+    #[serde(default)]
+    pub waypoint: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+impl Service {
+    /// `name.namespace.svc.cluster.local`, Istio's `destination_service`.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|p| p.port == port).map(|p| p.target_port)
+    }
+}
+
+/// Label that names the waypoint (Gateway) a workload belongs to.
+pub const WAYPOINT_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Workloads and services by IP, for resolving a connection's original destination.
 #[derive(Clone, Debug, Default)]
 pub struct WorkloadIndex {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_uid: HashMap<String, Arc<Workload>>,
+    services_by_vip: HashMap<IpAddr, Arc<Service>>,
 }
 
 impl WorkloadIndex {
     pub fn new(config: &NodeConfig) -> Self {
-        let mut by_ip = HashMap::new();
+        let mut index = Self::default();
         for w in &config.workloads {
             let w = Arc::new(w.clone());
             for ip in &w.ips {
-                by_ip.insert(*ip, w.clone());
+                index.by_ip.insert(*ip, w.clone());
+            }
+            index.by_uid.insert(w.uid.clone(), w);
+        }
+        for s in &config.services {
+            let s = Arc::new(s.clone());
+            for vip in &s.vips {
+                index.services_by_vip.insert(*vip, s.clone());
             }
         }
-        Self { by_ip }
+        index
     }
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip.to_canonical())
+    }
+
+    pub fn by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.by_uid.get(uid)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services_by_vip.get(&ip.to_canonical())
+    }
+
+    /// The service's endpoints that have an address.
+    pub fn endpoints(&self, service: &Service) -> Vec<Arc<Workload>> {
+        service
+            .endpoints
+            .iter()
+            .filter_map(|uid| self.by_uid(uid))
+            .filter(|w| !w.ips.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// The workloads of the waypoint named `name` in `namespace`.
+    pub fn waypoint(&self, namespace: &str, name: &str) -> Vec<Arc<Workload>> {
+        let mut found: Vec<Arc<Workload>> = self
+            .by_uid
+            .values()
+            .filter(|w| {
+                w.namespace == namespace && w.labels.get(WAYPOINT_LABEL).map(String::as_str) == Some(name)
+            })
+            .filter(|w| !w.ips.is_empty())
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| a.uid.cmp(&b.uid));
+        found
     }
 }
 
@@ -89,6 +171,8 @@ impl WorkloadIndex {
 pub struct NodeConfig {
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
     /// L4 AuthorizationPolicies (as the controller translates them).
     #[serde(default)]
     pub authorizations: Vec<crate::policy::Authorization>,

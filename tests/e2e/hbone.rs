@@ -507,3 +507,45 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     );
     assert!(z.log().contains("drained"));
 }
+
+#[test]
+fn a_service_vip_spreads_connections_over_endpoints_on_both_nodes() {
+    use warren_core::model::{NodeConfig, Service, ServicePort};
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(2);
+    let (a, e0) = (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let e1 = cluster.nodes[1].add_pod();
+    let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+    let workloads = vec![a.workload(&n0, true), e0.workload(&n0, true), e1.workload(&n1, true)];
+    // A ClusterIP inside the test's own range: captured in the pod, it never hits the wire.
+    let vip: IpAddr = "10.199.0.10".parse().unwrap();
+    let service = Service {
+        name: "payment".into(),
+        namespace: "default".into(),
+        vips: vec![vip],
+        ports: vec![ServicePort { port: 80, target_port: APP_PORT }],
+        endpoints: vec![e0.name.clone(), e1.name.clone()],
+        waypoint: None,
+    };
+    let config = NodeConfig { workloads: workloads.clone(), services: vec![service], ..Default::default() };
+    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
+    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
+    z0.set_config(&config);
+    z1.set_config(&config);
+    z0.wait_enrolled(&a.name);
+    z1.wait_enrolled(&e1.name);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_s0, _s1) = (Server::start(&e0, APP_PORT), Server::start(&e1, APP_PORT));
+
+    let mut answered_by = std::collections::HashMap::new();
+    for _ in 0..20 {
+        let mut c = Client::connect(&a, SocketAddr::new(vip, 80)).unwrap();
+        // Delivered inside the endpoint pod: the greeting names the endpoint.
+        *answered_by.entry(c.greeting().unwrap().ip()).or_insert(0) += 1;
+    }
+    assert_eq!(answered_by.get(&e0.ipv4), Some(&10), "{answered_by:?}");
+    assert_eq!(answered_by.get(&e1.ipv4), Some(&10), "{answered_by:?}");
+    let m = z0.get_at("127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
+    assert!(m.contains("destination_service=\"payment.default.svc.cluster.local\""), "{m}");
+}

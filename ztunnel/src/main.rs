@@ -11,6 +11,7 @@ mod inpod;
 mod metrics;
 mod netns;
 mod proxy;
+mod route;
 mod run;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};

@@ -38,6 +38,7 @@ use crate::{
     hbone::{self, HboneError, Pool, PoolKey},
     metrics::{ConnectionLabels, Metrics, Peer, Reporter, Security},
     netns,
+    route::{self, RoundRobin, Route},
 };
 
 /// What every connection on this node shares.
@@ -49,6 +50,7 @@ pub struct Proxy {
     pub policies: RwLock<Arc<Policies>>,
     pub tracker: Tracker,
     pub metrics: Metrics,
+    pub round_robin: RoundRobin,
     pub stats: Stats,
     pub mark: u32,
     pub trust_domain: String,
@@ -149,41 +151,58 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
         warn!(pod = pod.pod, %peer, "outbound connection without a recorded original destination: closed");
         return;
     };
-    let destination = pod.proxy.index().by_ip(original_dst.ip()).cloned();
-    match destination {
-        Some(dst_workload) if dst_workload.enrolled => {
+    match route::resolve(&pod.proxy.index(), original_dst, &pod.proxy.round_robin) {
+        Route::Hbone { authority, hbone_ip, peer: dst_workload, service } => {
             stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
-            outbound_hbone(stream, peer, original_dst, &dst_workload, pod).await
+            let target =
+                HboneTarget { authority, hbone_ip, workload: &dst_workload, service: service.as_deref() };
+            outbound_hbone(stream, peer, target, pod).await
         }
-        _ => {
+        Route::Passthrough { dst, service } => {
             stats.outbound_passthrough.fetch_add(1, Ordering::Relaxed);
             let labels = ConnectionLabels {
                 reporter: Reporter::Source,
                 source: Peer::of(&pod.workload, &pod.proxy.trust_domain),
                 destination: Peer::unknown(),
-                destination_service: original_dst.ip().to_string(),
+                destination_service: service.map_or_else(|| dst.ip().to_string(), |s| s.hostname()),
                 security: Security::Unknown,
                 response_flags: "-",
             };
-            relay_until(stream, original_dst, pod, "outbound", peer, None, Some(labels)).await
+            relay_until(stream, dst, pod, "outbound", peer, None, Some(labels)).await
+        }
+        Route::NoEndpoints { service } => {
+            stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", direction = "outbound", pod = pod.pod, src = %peer, dst = %original_dst,
+                  error = %format!("service {} has no ready endpoints", service.hostname()), "connection failed");
+            reset(&stream);
         }
     }
+}
+
+/// Where an HBONE connection goes.
+struct HboneTarget<'a> {
+    /// The CONNECT authority: the endpoint's ip:targetPort, or the VIP:port for a waypoint.
+    authority: SocketAddr,
+    /// Whose 15008 to dial.
+    hbone_ip: std::net::IpAddr,
+    workload: &'a Workload,
+    service: Option<&'a warren_core::model::Service>,
 }
 
 async fn outbound_hbone(
     mut downstream: TcpStream,
     peer: SocketAddr,
-    dst: SocketAddr,
-    dst_workload: &Workload,
+    target: HboneTarget<'_>,
     pod: &PodContext,
 ) {
     let started = Instant::now();
     let td = &pod.proxy.trust_domain;
-    let src_ip = pod.workload.ip_like(dst.ip()).unwrap_or(peer.ip());
+    let (dst, dst_workload) = (target.authority, target.workload);
+    let src_ip = pod.workload.ip_like(target.hbone_ip).unwrap_or(peer.ip());
     let key = PoolKey {
         src_identity: pod.workload.identity(td),
         dst_identity: dst_workload.identity(td),
-        dst: hbone::hbone_addr(dst.ip()),
+        dst: hbone::hbone_addr(target.hbone_ip),
         src_ip,
     };
     let version = pod.workload.labels.get("version").map(String::as_str).unwrap_or("latest");
@@ -198,7 +217,7 @@ async fn outbound_hbone(
         reporter: Reporter::Source,
         source: Peer::of(&pod.workload, td),
         destination: Peer::of(dst_workload, td),
-        destination_service: dst.ip().to_string(),
+        destination_service: target.service.map_or_else(|| dst.ip().to_string(), |s| s.hostname()),
         security: Security::MutualTls,
         response_flags: "-",
     };

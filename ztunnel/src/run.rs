@@ -97,6 +97,7 @@ async fn serve(config: Config) -> Result<()> {
         policies: Default::default(),
         tracker: Default::default(),
         metrics: Default::default(),
+        round_robin: Default::default(),
         stats: Default::default(),
         mark: config.mark,
         trust_domain: config.trust_domain.clone(),
