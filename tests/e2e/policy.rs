@@ -93,7 +93,7 @@ impl Mesh {
             workloads: self.workloads.clone(),
             authorizations,
             peer_authentications,
-            root_namespace: String::new(),
+            ..Default::default()
         });
         // The file is re-read within a reconcile tick.
         std::thread::sleep(Duration::from_millis(400));
