@@ -164,10 +164,64 @@ impl Ca {
         Ok(vec![leaf.der().clone()])
     }
 
+    /// A certificate and key in PEM for a non-mesh TLS peer (a benchmark's TLS relay, say),
+    /// for `identity`, signed by this root.
+    pub fn issue_pem(&self, identity: &SpiffeId, lifetime: Duration) -> Result<(String, String), CaError> {
+        let (key, csr) = new_key_and_csr(identity)?;
+        let chain = self.sign(&csr, identity, lifetime, SystemTime::now())?;
+        let body = base64(&chain[0]);
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in body.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        Ok((pem, key.serialize_pem()))
+    }
+
     /// Key, CSR and signature in one go, for this CA's own use and for tests.
     pub fn issue(&self, identity: &SpiffeId, lifetime: Duration) -> Result<WorkloadCertificate, CaError> {
         let (key, csr) = new_key_and_csr(identity)?;
         let chain = self.sign(&csr, identity, lifetime, SystemTime::now())?;
         workload_certificate(identity.clone(), &key, chain)
+    }
+}
+
+/// Standard base64 (for PEM bodies).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_rfc_vectors() {
+        for (input, expected) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(super::base64(input.as_bytes()), expected);
+        }
+    }
+
+    #[test]
+    fn issued_pem_parses_back() {
+        let ca = super::Ca::generate("cluster.local").unwrap();
+        let id = "spiffe://cluster.local/ns/bench/sa/relay".parse().unwrap();
+        let (cert, key) = ca.issue_pem(&id, std::time::Duration::from_secs(60)).unwrap();
+        let der: rustls_pki_types::CertificateDer =
+            rustls_pki_types::pem::PemObject::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(crate::tls::spiffe_id_of(&der).unwrap(), id);
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
     }
 }

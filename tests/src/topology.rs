@@ -51,6 +51,8 @@ fn next_subnet() -> (u8, u8) {
 /// pod subnets: the shape of a real cluster network.
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    /// Each node's address on the underlay, by node index.
+    pub underlay_ips: Vec<IpAddr>,
     underlay: Netns,
 }
 
@@ -95,7 +97,8 @@ impl Cluster {
                 }
             }
         }
-        Cluster { nodes, underlay }
+        let underlay_ips = (0..nodes.len()).map(|i| underlay_ip(i).0.parse().expect("an IPv4 address")).collect();
+        Cluster { nodes, underlay_ips, underlay }
     }
 
     /// Keeps the underlay alive as long as the cluster (its name, for debugging).

@@ -75,6 +75,26 @@ pub struct Ztunnel {
 
 pub const ADMIN: &str = "127.0.0.1:15000";
 
+/// CPU that ztunnels started from now on are pinned to (all threads), or -1. The benchmark
+/// pins every process of a measured path to one vCPU.
+pub static PIN_CPU: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Makes `cmd` run pinned to `cpu` (set before exec, so every thread inherits it).
+pub fn pin_command(cmd: &mut std::process::Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: sched_setaffinity is async-signal-safe; the set is built before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Ztunnel {
     /// Starts ztunnel for `node` with these workloads and a CA of its own, and waits until it
     /// is ready.
@@ -106,9 +126,12 @@ impl Ztunnel {
 
     fn spawn(&mut self, node: &Node) {
         let log = fs::File::create(self.log_path()).expect("log file");
-        let child = node
-            .ns
-            .command(binary("ztunnel"))
+        let mut command = node.ns.command(binary("ztunnel"));
+        let cpu = PIN_CPU.load(std::sync::atomic::Ordering::Relaxed);
+        if cpu >= 0 {
+            pin_command(&mut command, cpu as usize);
+        }
+        let child = command
             .args(["run", "--node", &self.node, "--log-format", "json"])
             .arg("--workloads")
             .arg(self.dir.join("workloads.json"))
@@ -131,6 +154,11 @@ impl Ztunnel {
     pub fn restart(&mut self, node: &Node) {
         assert!(self.child.is_none(), "stop it first");
         self.spawn(node);
+    }
+
+    /// The ztunnel process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn exited(&mut self) -> bool {

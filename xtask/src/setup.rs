@@ -70,7 +70,12 @@ fn ok(what: &str) {
 }
 
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_debian_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing (one apt-get run), saying what it does.
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -79,7 +84,7 @@ fn debian_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        ok(&format!("Debian packages ({})", DEBIAN_PACKAGES.join(", ")));
+        ok(&format!("Debian packages ({})", packages.join(", ")));
         return Ok(());
     }
     step(&format!("installing Debian packages: {}", missing.join(", ")));

@@ -31,6 +31,7 @@ pub fn run(config: Config) -> Result<()> {
     // Before any thread exists: every thread returns to this netns after entering a pod's.
     netns::init();
     init_logging(config.log_format);
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(config))
 }
@@ -214,6 +215,19 @@ fn read_workloads(path: &Path) -> Result<NodeConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the workloads file {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("workloads file {}", path.display()))
+}
+
+/// Every proxied connection holds two sockets; the usual soft limit of 1024 would cap a node
+/// at a few hundred connections. Raise it to the hard limit, as Envoy and Istio's ztunnel do.
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// Mounts the BPF filesystem at `path` if something else is there (or nothing).

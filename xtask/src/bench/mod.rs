@@ -1,8 +1,12 @@
 //! `cargo xtask bench`: Warren's measurements, as ratios against baselines run in the same
 //! invocation and interleaved (A B C A B C ...), so machine drift cancels out. Every figure is
-//! the median over rounds with its spread. Today: the cost of eBPF capture on connect().
+//! the median over rounds with its spread: the cost of eBPF capture on connect(), and the L4
+//! data path against direct and against relay pairs.
 //!
 //! Results go to target/bench/results.json and docs/performance.md.
+
+mod datapath;
+mod load;
 
 use std::{
     fmt::Write as _,
@@ -36,19 +40,36 @@ pub fn run(quick: bool) -> Result<()> {
     // SAFETY: single-threaded at this point.
     unsafe { std::env::set_var("WARREN_BIN_DIR", root.join("target/release")) };
 
+    crate::setup::ensure_debian_packages(&["haproxy"])?;
     let (rounds, connects) = if quick { (3, 2_000) } else { (5, 10_000) };
     // Before pinning: the machine's own CPU count.
     let machine = machine();
-    pin_to_cpu(0)?;
-    println!(
-        "==> capture: connect() latency, {rounds} rounds x {connects} connects per variant, pinned to CPU 0"
-    );
+    load::pin_to_cpu(0)?;
+    println!("==> capture: connect() latency, {rounds} rounds x {connects} connects per variant, pinned to CPU 0");
     let capture = capture_bench(rounds, connects)?;
+    let settings = if quick {
+        datapath::Settings {
+            rounds: 3,
+            rr_iterations: 3_000,
+            crr_duration: Duration::from_secs(1),
+            throughput_duration: Duration::from_millis(1500),
+        }
+    } else {
+        datapath::Settings {
+            rounds: 5,
+            rr_iterations: 20_000,
+            crr_duration: Duration::from_secs(3),
+            throughput_duration: Duration::from_secs(5),
+        }
+    };
+    println!("==> L4 data path: {} rounds per path, every process pinned to CPU 0", settings.rounds);
+    let data_path = datapath::run(&settings, root.join("target/bench/relay"))?;
 
     let results = json!({
         "machine": machine,
         "quick": quick,
         "capture_connect": capture,
+        "data_path": data_path,
     });
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
@@ -169,7 +190,7 @@ fn capture_bench(rounds: usize, connects: usize) -> Result<Value> {
 fn measure_connects(pod: &Pod, dst: SocketAddr, connects: usize) -> Result<Sample> {
     let deadline = Duration::from_secs(120);
     let timings = pod.ns.run(move || -> std::io::Result<(Vec<u64>, Duration)> {
-        pin_to_cpu(0)?;
+        load::pin_to_cpu(0)?;
         let mut timings = Vec::with_capacity(connects);
         let started = Instant::now();
         while timings.len() < connects && started.elapsed() < deadline {
@@ -191,25 +212,13 @@ fn measure_connects(pod: &Pod, dst: SocketAddr, connects: usize) -> Result<Sampl
     Ok(Sample { median_ns: at(0.5), p99_ns: at(0.99), per_second: connects as f64 / elapsed.as_secs_f64() })
 }
 
-fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
-fn stats(v: &[f64]) -> Value {
+pub(crate) fn stats(v: &[f64]) -> Value {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     json!({ "median": median(v), "min": min, "max": max, "rounds": v })
@@ -290,5 +299,88 @@ fn markdown(r: &Value) -> String {
         c["enrolled_ratio"].as_f64().unwrap_or(f64::NAN),
         met(c["target_met"] == true)
     );
+    data_path_markdown(&mut s, &r["data_path"]);
     s
+}
+
+fn data_path_markdown(s: &mut String, d: &Value) {
+    let _ = writeln!(s, "\n## L4 data path\n");
+    let _ = writeln!(
+        s,
+        "Client pod on node 1, server pod on node 2 (same node for the last row), {} rounds. \
+         Ratios are to the direct path's median.\n",
+        d["rounds"]
+    );
+    let paths = d["paths"].as_array().cloned().unwrap_or_default();
+    let med = |p: &Value, k: &str| p[k]["median"].as_f64().unwrap_or(f64::NAN);
+    let direct = paths.first().cloned().unwrap_or_default();
+    let relay = paths.get(1).cloned().unwrap_or_default();
+    let cell = |p: &Value, k: &str, decimals: usize| {
+        let v = &p[k];
+        if v.is_null() {
+            return "—".to_string();
+        }
+        format!(
+            "{:.*} [{:.*}–{:.*}]",
+            decimals,
+            v["median"].as_f64().unwrap_or(f64::NAN),
+            decimals,
+            v["min"].as_f64().unwrap_or(f64::NAN),
+            decimals,
+            v["max"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    let _ = writeln!(
+        s,
+        "| path | 1-byte RR p50 µs | p99 µs | p99.9 µs | RR tps | new conn/s | Gb/s 1 stream | Gb/s 8 streams | ztunnel CPU s/GB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for p in &paths {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p["path"].as_str().unwrap_or(""),
+            cell(p, "rr_p50_us", 1),
+            cell(p, "rr_p99_us", 1),
+            cell(p, "rr_p999_us", 1),
+            cell(p, "rr_tps", 0),
+            cell(p, "new_connections_per_s", 0),
+            cell(p, "throughput_1_stream_gbps", 2),
+            cell(p, "throughput_8_streams_gbps", 2),
+            cell(p, "ztunnel_cpu_s_per_gb", 2),
+        );
+    }
+    let _ = writeln!(s, "\n| path | p50 vs direct | p50 vs relay | conn/s vs direct | conn/s vs relay | 1-stream vs direct | 1-stream vs relay |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for p in &paths {
+        let ratio = |k: &str, base: &Value| format!("{:.2}×", med(p, k) / med(base, k));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p["path"].as_str().unwrap_or(""),
+            ratio("rr_p50_us", &direct),
+            ratio("rr_p50_us", &relay),
+            ratio("new_connections_per_s", &direct),
+            ratio("new_connections_per_s", &relay),
+            ratio("throughput_1_stream_gbps", &direct),
+            ratio("throughput_1_stream_gbps", &relay),
+        );
+    }
+    let rss = &d["ztunnel_rss_mib"];
+    let fmt = |v: &Value| {
+        v.as_array().map(|a| a.iter().map(|x| format!("{:.1}", x.as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>().join(" / ")).unwrap_or_default()
+    };
+    let _ = writeln!(
+        s,
+        "\nztunnel resident memory (node 1 / node 2): idle {} MiB; with 1,000 connections open through the mesh {} MiB.\n",
+        fmt(&rss["idle"]),
+        fmt(&rss["with_1000_connections"])
+    );
+    let _ = writeln!(s, "Targets:\n");
+    for t in d["targets"].as_array().into_iter().flatten() {
+        let detail = t.as_object().map(|o| {
+            o.iter().filter(|(k, _)| *k != "target" && *k != "met").map(|(k, v)| format!("{k} = {:.2}", v.as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>().join(", ")
+        }).unwrap_or_default();
+        let _ = writeln!(s, "- {}: **{}** ({detail})", t["target"].as_str().unwrap_or(""), if t["met"] == true { "met" } else { "NOT met" });
+    }
 }
