@@ -97,7 +97,8 @@ impl Cluster {
                 }
             }
         }
-        let underlay_ips = (0..nodes.len()).map(|i| underlay_ip(i).0.parse().expect("an IPv4 address")).collect();
+        let underlay_ips =
+            (0..nodes.len()).map(|i| underlay_ip(i).0.parse().expect("an IPv4 address")).collect();
         Cluster { nodes, underlay_ips, underlay }
     }
 

@@ -35,6 +35,9 @@ enum Command {
         /// Fewer rounds and connections: a few minutes at most, for everyday checks.
         #[arg(long)]
         quick: bool,
+        /// Run one group only: `capture` or `datapath` (the report then has only that group).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -59,9 +62,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::run()?;
             demo::run()
         }
-        Command::Bench { quick } => {
+        Command::Bench { quick, only } => {
             setup::run()?;
-            bench::run(quick)
+            bench::run(quick, only.as_deref())
         }
     }
 }

@@ -401,7 +401,7 @@ async fn serve_stream(
     let mut downstream = H2Stream::new(send, request.into_body());
     let (_tracked, closed) =
         proxy.tracker.track(Some(src_identity.clone()), peer.ip(), target.ip(), target.port(), false);
-    let relay = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    let relay = crate::proxy::splice(&mut downstream, &mut upstream);
     // On a policy close, dropping the stream resets it: the client's ztunnel closes its side.
     let (from_client, to_client, error) = match crate::proxy::until_closed(relay, Some(closed)).await {
         Ok((a, b)) => (a, b, String::new()),

@@ -239,7 +239,7 @@ async fn outbound_hbone(
             return;
         }
     };
-    let (sent, received, error) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+    let (sent, received, error) = match crate::proxy::splice(&mut downstream, &mut upstream).await {
         Ok((a, b)) => (a, b, String::new()),
         Err(e) => (0, 0, e.to_string()),
     };
@@ -341,7 +341,7 @@ async fn relay_until(
             return;
         }
     };
-    let relay = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    let relay = crate::proxy::splice(&mut downstream, &mut upstream);
     let (sent, received, error) = match until_closed(relay, closed).await {
         Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
         Err(e) => {
@@ -390,4 +390,17 @@ where
         result = relay => result.map_err(|e| e.to_string()),
         reason = closed => Err(format!("closed by policy: {reason}")),
     }
+}
+
+/// Buffer per direction for relaying. tokio's 8 KiB default caps a single stream well below
+/// what the link and TLS can do; 64 KiB lets one stream fill a TLS record train.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways until both sides are done; returns (bytes a→b, bytes b→a).
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
 }

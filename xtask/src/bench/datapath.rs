@@ -38,7 +38,8 @@ pub enum Path {
     WarrenSameNode,
 }
 
-pub const PATHS: [Path; 5] = [Path::Direct, Path::Relay, Path::RelayMtls, Path::WarrenCrossNode, Path::WarrenSameNode];
+pub const PATHS: [Path; 5] =
+    [Path::Direct, Path::Relay, Path::RelayMtls, Path::WarrenCrossNode, Path::WarrenSameNode];
 
 impl Path {
     pub fn name(self) -> &'static str {
@@ -117,7 +118,8 @@ fn setup(settings_dir: PathBuf) -> Result<Bed> {
     };
     let (workloads_off, workloads_on) = (workloads(false), workloads(true));
     PIN_CPU.store(0, std::sync::atomic::Ordering::Relaxed);
-    let ztunnels: Vec<Ztunnel> = cluster.nodes.iter().map(|n| Ztunnel::start_with(n, &workloads_off, &ca, &[])).collect();
+    let ztunnels: Vec<Ztunnel> =
+        cluster.nodes.iter().map(|n| Ztunnel::start_with(n, &workloads_off, &ca, &[])).collect();
 
     // The relay pairs: node 0 listens for the client, node 1 forwards to the server pod.
     fs::create_dir_all(&settings_dir)?;
@@ -141,7 +143,12 @@ fn setup(settings_dir: PathBuf) -> Result<Bed> {
     for port in ports {
         let off = port - load::ECHO_PORT;
         front.push((RELAY_BASE + off, SocketAddr::new(node1, HOP_BASE + off), None, None));
-        front.push((RELAY_MTLS_BASE + off, SocketAddr::new(node1, HOP_MTLS_BASE + off), None, Some(client_tls.as_str())));
+        front.push((
+            RELAY_MTLS_BASE + off,
+            SocketAddr::new(node1, HOP_MTLS_BASE + off),
+            None,
+            Some(client_tls.as_str()),
+        ));
         back.push((HOP_BASE + off, SocketAddr::new(server.ipv4, port), None, None));
         back.push((HOP_MTLS_BASE + off, SocketAddr::new(server.ipv4, port), Some(server_tls.as_str()), None));
     }
@@ -152,7 +159,15 @@ fn setup(settings_dir: PathBuf) -> Result<Bed> {
         let mut cmd = cluster.nodes[i].ns.command("haproxy");
         pin_command(&mut cmd, 0);
         let log = fs::File::create(settings_dir.join(format!("haproxy{i}.log")))?;
-        relays.push(cmd.arg("-f").arg(&path).arg("-db").stdout(Stdio::null()).stderr(log).spawn().context("starting haproxy")?);
+        relays.push(
+            cmd.arg("-f")
+                .arg(&path)
+                .arg("-db")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("starting haproxy")?,
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
     for (i, relay) in relays.iter_mut().enumerate() {
@@ -212,22 +227,48 @@ impl Bed {
 pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
     load::raise_open_file_limit();
     let bed = setup(work_dir)?;
+    // Idle memory first, before any traffic has grown ztunnel's buffers and allocator caches.
+    bed.set_enrolled(true);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = |b: &Bed| b.ztunnels.iter().filter_map(Ztunnel::pid).map(load::rss_mib).collect::<Vec<_>>();
+    let idle = rss(&bed);
     let servers_far = load::Servers::start(&bed.server)?;
     let servers_near = load::Servers::start(&bed.same_node_server)?;
-    let sunk_for = |path: Path| if path == Path::WarrenSameNode { &servers_near.sunk } else { &servers_far.sunk };
+    let sunk_for =
+        |path: Path| if path == Path::WarrenSameNode { &servers_near.sunk } else { &servers_far.sunk };
 
     let mut samples: Vec<(Path, &'static str, f64)> = Vec::new();
     for round in 1..=settings.rounds {
         for path in PATHS {
             bed.set_enrolled(path.enrolled());
-            let rr = load::request_response(&bed.client, bed.target(path, load::ECHO_PORT), settings.rr_iterations)?;
+            let rr = load::request_response(
+                &bed.client,
+                bed.target(path, load::ECHO_PORT),
+                settings.rr_iterations,
+            )?;
             let pct = |q: f64| rr[((rr.len() as f64 * q) as usize).min(rr.len() - 1)] as f64 / 1e3;
-            let crr = load::connections_per_second(&bed.client, bed.target(path, load::ECHO_PORT), settings.crr_duration)?;
+            let crr = load::connections_per_second(
+                &bed.client,
+                bed.target(path, load::ECHO_PORT),
+                settings.crr_duration,
+            )?;
             let cpu_before = bed.ztunnel_cpu();
             let sink = sunk_for(path);
             let before_bytes = sink.load(std::sync::atomic::Ordering::Relaxed);
-            let tp1 = load::throughput(&bed.client, bed.target(path, load::SINK_PORT), 1, settings.throughput_duration, sink)?;
-            let tp8 = load::throughput(&bed.client, bed.target(path, load::SINK_PORT), 8, settings.throughput_duration, sink)?;
+            let tp1 = load::throughput(
+                &bed.client,
+                bed.target(path, load::SINK_PORT),
+                1,
+                settings.throughput_duration,
+                sink,
+            )?;
+            let tp8 = load::throughput(
+                &bed.client,
+                bed.target(path, load::SINK_PORT),
+                8,
+                settings.throughput_duration,
+                sink,
+            )?;
             let moved_gb = (sink.load(std::sync::atomic::Ordering::Relaxed) - before_bytes) as f64 / 1e9;
             let cpu_per_gb = (bed.ztunnel_cpu() - cpu_before) / moved_gb.max(1e-9);
             println!(
@@ -254,11 +295,8 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
         }
     }
 
-    // Memory: both ztunnels idle, then with 1,000 connections open through the mesh.
+    // Memory with 1,000 connections open through the mesh.
     bed.set_enrolled(true);
-    let rss = |b: &Bed| b.ztunnels.iter().filter_map(Ztunnel::pid).map(load::rss_mib).collect::<Vec<_>>();
-    std::thread::sleep(Duration::from_millis(500));
-    let idle = rss(&bed);
     let held = load::hold(&bed.client, bed.target(Path::WarrenCrossNode, load::HOLD_PORT), 1000)?;
     std::thread::sleep(Duration::from_millis(1000));
     let loaded = rss(&bed);
@@ -266,7 +304,8 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
     servers_far.release_held();
 
     let figure = |path: Path, name: &str| {
-        let v: Vec<f64> = samples.iter().filter(|(p, n, _)| *p == path && *n == name).map(|(_, _, v)| *v).collect();
+        let v: Vec<f64> =
+            samples.iter().filter(|(p, n, _)| *p == path && *n == name).map(|(_, _, v)| *v).collect();
         stats(&v)
     };
     let names = [
@@ -296,7 +335,8 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
     let direct_p50 = median(Path::Direct, "rr_p50_us");
     let warren_added = median(Path::WarrenCrossNode, "rr_p50_us") - direct_p50;
     let mtls_added = median(Path::RelayMtls, "rr_p50_us") - direct_p50;
-    let tp_ratio = median(Path::WarrenCrossNode, "throughput_1_stream_gbps") / median(Path::Direct, "throughput_1_stream_gbps");
+    let tp_ratio = median(Path::WarrenCrossNode, "throughput_1_stream_gbps")
+        / median(Path::Direct, "throughput_1_stream_gbps");
     let idle_max = idle.iter().copied().fold(0.0, f64::max);
     Ok(json!({
         "rounds": settings.rounds,

@@ -168,7 +168,13 @@ pub fn connections_per_second(pod: &Pod, dst: SocketAddr, duration: Duration) ->
 }
 
 /// Bytes per second received by the sink from `streams` parallel senders over `duration`.
-pub fn throughput(pod: &Pod, dst: SocketAddr, streams: usize, duration: Duration, sunk: &AtomicU64) -> Result<f64> {
+pub fn throughput(
+    pod: &Pod,
+    dst: SocketAddr,
+    streams: usize,
+    duration: Duration,
+    sunk: &AtomicU64,
+) -> Result<f64> {
     let senders: Vec<TcpStream> = (0..streams)
         .map(|_| pod.ns.run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(3))))
         .collect::<std::io::Result<_>>()

@@ -25,7 +25,11 @@ use crate::setup::{run_checked, workspace_root};
 /// The connect() target of the capture benchmark (issue: capture adds < 2 µs at the median).
 const CAPTURE_TARGET_NS: f64 = 2_000.0;
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
+    let wants = |group: &str| only.is_none_or(|o| o == group);
+    if let Some(o) = only {
+        anyhow::ensure!(o == "capture" || o == "datapath", "--only takes capture or datapath, not {o:?}");
+    }
     warren_e2e::require_root();
     let root = workspace_root();
     println!("==> building release binaries");
@@ -45,8 +49,14 @@ pub fn run(quick: bool) -> Result<()> {
     // Before pinning: the machine's own CPU count.
     let machine = machine();
     load::pin_to_cpu(0)?;
-    println!("==> capture: connect() latency, {rounds} rounds x {connects} connects per variant, pinned to CPU 0");
-    let capture = capture_bench(rounds, connects)?;
+    let capture = if wants("capture") {
+        println!(
+            "==> capture: connect() latency, {rounds} rounds x {connects} connects per variant, pinned to CPU 0"
+        );
+        capture_bench(rounds, connects)?
+    } else {
+        Value::Null
+    };
     let settings = if quick {
         datapath::Settings {
             rounds: 3,
@@ -62,8 +72,12 @@ pub fn run(quick: bool) -> Result<()> {
             throughput_duration: Duration::from_secs(5),
         }
     };
-    println!("==> L4 data path: {} rounds per path, every process pinned to CPU 0", settings.rounds);
-    let data_path = datapath::run(&settings, root.join("target/bench/relay"))?;
+    let data_path = if wants("datapath") {
+        println!("==> L4 data path: {} rounds per path, every process pinned to CPU 0", settings.rounds);
+        datapath::run(&settings, root.join("target/bench/relay"))?
+    } else {
+        Value::Null
+    };
 
     let results = json!({
         "machine": machine,
@@ -258,6 +272,16 @@ fn markdown(r: &Value) -> String {
         m["load_average"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or("")
     );
+    if !c.is_null() {
+        capture_markdown(&mut s, c);
+    }
+    if !r["data_path"].is_null() {
+        data_path_markdown(&mut s, &r["data_path"]);
+    }
+    s
+}
+
+fn capture_markdown(s: &mut String, c: &Value) {
     let _ = writeln!(s, "## eBPF capture: cost per connect()\n");
     let _ = writeln!(
         s,
@@ -299,8 +323,6 @@ fn markdown(r: &Value) -> String {
         c["enrolled_ratio"].as_f64().unwrap_or(f64::NAN),
         met(c["target_met"] == true)
     );
-    data_path_markdown(&mut s, &r["data_path"]);
-    s
 }
 
 fn data_path_markdown(s: &mut String, d: &Value) {
@@ -350,7 +372,10 @@ fn data_path_markdown(s: &mut String, d: &Value) {
             cell(p, "ztunnel_cpu_s_per_gb", 2),
         );
     }
-    let _ = writeln!(s, "\n| path | p50 vs direct | p50 vs relay | conn/s vs direct | conn/s vs relay | 1-stream vs direct | 1-stream vs relay |");
+    let _ = writeln!(
+        s,
+        "\n| path | p50 vs direct | p50 vs relay | conn/s vs direct | conn/s vs relay | 1-stream vs direct | 1-stream vs relay |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for p in &paths {
         let ratio = |k: &str, base: &Value| format!("{:.2}×", med(p, k) / med(base, k));
@@ -368,7 +393,14 @@ fn data_path_markdown(s: &mut String, d: &Value) {
     }
     let rss = &d["ztunnel_rss_mib"];
     let fmt = |v: &Value| {
-        v.as_array().map(|a| a.iter().map(|x| format!("{:.1}", x.as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>().join(" / ")).unwrap_or_default()
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| format!("{:.1}", x.as_f64().unwrap_or(f64::NAN)))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            })
+            .unwrap_or_default()
     };
     let _ = writeln!(
         s,
@@ -378,9 +410,21 @@ fn data_path_markdown(s: &mut String, d: &Value) {
     );
     let _ = writeln!(s, "Targets:\n");
     for t in d["targets"].as_array().into_iter().flatten() {
-        let detail = t.as_object().map(|o| {
-            o.iter().filter(|(k, _)| *k != "target" && *k != "met").map(|(k, v)| format!("{k} = {:.2}", v.as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>().join(", ")
-        }).unwrap_or_default();
-        let _ = writeln!(s, "- {}: **{}** ({detail})", t["target"].as_str().unwrap_or(""), if t["met"] == true { "met" } else { "NOT met" });
+        let detail = t
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| *k != "target" && *k != "met")
+                    .map(|(k, v)| format!("{k} = {:.2}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "- {}: **{}** ({detail})",
+            t["target"].as_str().unwrap_or(""),
+            if t["met"] == true { "met" } else { "NOT met" }
+        );
     }
 }
