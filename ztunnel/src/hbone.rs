@@ -436,8 +436,7 @@ fn refuse(
     reason: &str,
 ) {
     if let Some(labels) = labels {
-        pod.proxy.metrics.opened(labels);
-        pod.proxy.metrics.closed(labels, 0, 0);
+        pod.proxy.metrics.failed(labels);
     }
     info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer,
           src_identity = %src_identity, response = status.as_u16(), error = reason, "connection refused");

@@ -109,6 +109,13 @@ impl Metrics {
         self.series.lock().expect("poisoned").entry(labels.clone()).or_default().opened += 1;
     }
 
+    /// A connection refused or failed before any byte moved: opened and closed at once, under
+    /// its failure flag.
+    pub fn failed(&self, labels: &ConnectionLabels) {
+        self.opened(labels);
+        self.closed(labels, 0, 0);
+    }
+
     /// `sent`: server to client; `received`: client to server.
     pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
         let mut series = self.series.lock().expect("poisoned");

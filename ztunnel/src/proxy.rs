@@ -222,7 +222,6 @@ async fn outbound_hbone(
         response_flags: "-",
     };
     let metrics = &pod.proxy.metrics;
-    metrics.opened(&labels);
     let mut upstream = match pod.proxy.pool.connect(&key, &request, pod).await {
         Ok(s) => s,
         Err(e) => {
@@ -231,7 +230,7 @@ async fn outbound_hbone(
             } else {
                 "UF"
             };
-            metrics.closed(&labels, 0, 0);
+            metrics.failed(&labels);
             pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction = "outbound", protocol = "HBONE", pod = pod.pod, src = %request.forwarded_for.unwrap_or(peer),
                   src_identity = %key.src_identity, dst = %dst, dst_identity = %key.dst_identity, error = %e, "connection failed");
@@ -239,6 +238,7 @@ async fn outbound_hbone(
             return;
         }
     };
+    metrics.opened(&labels);
     let (sent, received, error) = match crate::proxy::splice(&mut downstream, &mut upstream).await {
         Ok((a, b)) => (a, b, String::new()),
         Err(e) => (0, 0, e.to_string()),
@@ -282,8 +282,7 @@ async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext
     };
     if let Err(reason) = decision {
         labels.response_flags = "DENIED";
-        proxy.metrics.opened(&labels);
-        proxy.metrics.closed(&labels, 0, 0);
+        proxy.metrics.failed(&labels);
         proxy.stats.denied_by_policy.fetch_add(1, Ordering::Relaxed);
         info!(target: "access", direction = "inbound", protocol = "TCP", pod = pod.pod,
               src = %peer, dst = %original_dst, error = %reason, "connection refused");
@@ -325,15 +324,12 @@ async fn relay_until(
 ) {
     let started = Instant::now();
     let metrics = &pod.proxy.metrics;
-    if let Some(l) = &labels {
-        metrics.opened(l);
-    }
     let mut upstream = match connect_from_pod(pod, dst).await {
         Ok(s) => s,
         Err(e) => {
             if let Some(l) = labels.as_mut() {
                 l.response_flags = "UF";
-                metrics.closed(l, 0, 0);
+                metrics.failed(l);
             }
             pod.proxy.stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction, protocol = "TCP", pod = pod.pod, %src, %dst, error = %e, "connection failed");
@@ -341,6 +337,9 @@ async fn relay_until(
             return;
         }
     };
+    if let Some(l) = &labels {
+        metrics.opened(l);
+    }
     let relay = crate::proxy::splice(&mut downstream, &mut upstream);
     let (sent, received, error) = match until_closed(relay, closed).await {
         Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
