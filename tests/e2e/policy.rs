@@ -89,14 +89,12 @@ fn mesh() -> Mesh {
 
 impl Mesh {
     fn apply(&self, authorizations: Vec<Authorization>, peer_authentications: Vec<PeerAuthentication>) {
-        self.z.set_config(&NodeConfig {
+        self.z.apply_config(&NodeConfig {
             workloads: self.workloads.clone(),
             authorizations,
             peer_authentications,
             ..Default::default()
         });
-        // The file is re-read within a reconcile tick.
-        std::thread::sleep(Duration::from_millis(400));
     }
 }
 

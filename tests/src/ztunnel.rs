@@ -198,6 +198,19 @@ impl Ztunnel {
         fs::rename(&tmp, self.dir.join("workloads.json")).expect("rename workloads");
     }
 
+    /// Replaces the config and waits until ztunnel has loaded it (its `/config_dump` shows it).
+    pub fn apply_config(&self, config: &NodeConfig) {
+        self.set_config(config);
+        let want = serde_json::to_value(config).expect("serializable");
+        let loaded = wait_until(Duration::from_secs(10), || {
+            self.get("/config_dump")
+                .ok()
+                .and_then(|d| serde_json::from_str::<Value>(&d).ok())
+                .is_some_and(|d| d["workloads"] == want)
+        });
+        assert!(loaded, "ztunnel {} did not load the new config:\n{}", self.node, self.log());
+    }
+
     /// GET on the admin endpoint, from inside the node's netns.
     pub fn get(&self, path: &str) -> std::io::Result<String> {
         self.get_at(ADMIN.parse().unwrap(), path)

@@ -144,9 +144,8 @@ pub fn run() -> Result<()> {
         port_level: Default::default(),
     };
     for z in [&z1, &z2] {
-        z.set_config(&config(vec![], vec![strict.clone()]));
+        z.apply_config(&config(vec![], vec![strict.clone()]));
     }
-    std::thread::sleep(Duration::from_millis(800));
     if attempt("legacy (not in the mesh), with STRICT", &legacy, &payment) {
         bail!("STRICT PeerAuthentication let plaintext through");
     }
@@ -167,9 +166,8 @@ pub fn run() -> Result<()> {
         }],
     };
     for z in [&z1, &z2] {
-        z.set_config(&config(vec![allow.clone()], vec![strict.clone()]));
+        z.apply_config(&config(vec![allow.clone()], vec![strict.clone()]));
     }
-    std::thread::sleep(Duration::from_millis(800));
     attempt("checkout (sa checkout)", &checkout, &payment);
     if attempt("reporting (sa reporting, also in the mesh)", &other, &payment) {
         bail!("the AuthorizationPolicy let another principal through");
