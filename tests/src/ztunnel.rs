@@ -68,6 +68,8 @@ pub struct Ztunnel {
     child: Option<Child>,
     cgroup: String,
     ca_dir: PathBuf,
+    /// The config file ztunnel reads (written by the test, or by a controller).
+    workloads_file: PathBuf,
     extra_args: Vec<String>,
     /// The CA this ztunnel made for itself (when not given one).
     _own_ca: Option<MeshCa>,
@@ -107,9 +109,26 @@ impl Ztunnel {
 
     /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
     pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
+        Self::start_full(node, Some(workloads), None, ca, extra_args)
+    }
+
+    /// Starts ztunnel reading its config from `config_file`, which someone else (a controller)
+    /// writes.
+    pub fn start_reading(node: &Node, config_file: &std::path::Path, ca: &MeshCa) -> Self {
+        Self::start_full(node, None, Some(config_file.to_path_buf()), ca, &[])
+    }
+
+    fn start_full(
+        node: &Node,
+        workloads: Option<&[Workload]>,
+        config_file: Option<PathBuf>,
+        ca: &MeshCa,
+        extra_args: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let mut z = Ztunnel {
+            workloads_file: config_file.unwrap_or_else(|| dir.join("workloads.json")),
             node: node.name.clone(),
             netns: node.ns.path(),
             dir,
@@ -119,7 +138,9 @@ impl Ztunnel {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             _own_ca: None,
         };
-        z.set_workloads(workloads);
+        if let Some(workloads) = workloads {
+            z.set_workloads(workloads);
+        }
         z.spawn(node);
         z
     }
@@ -134,7 +155,7 @@ impl Ztunnel {
         let child = command
             .args(["run", "--node", &self.node, "--log-format", "json"])
             .arg("--workloads")
-            .arg(self.dir.join("workloads.json"))
+            .arg(&self.workloads_file)
             .args(["--own-cgroup", &self.cgroup, "--reconcile-interval-ms", "100"])
             .arg("--dev-ca-dir")
             .arg(&self.ca_dir)
@@ -193,9 +214,9 @@ impl Ztunnel {
 
     /// Replaces the workloads file atomically (ztunnel re-reads it on change).
     pub fn set_config(&self, config: &NodeConfig) {
-        let tmp = self.dir.join("workloads.json.tmp");
+        let tmp = self.workloads_file.with_extension("json.tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(config).unwrap()).expect("write workloads");
-        fs::rename(&tmp, self.dir.join("workloads.json")).expect("rename workloads");
+        fs::rename(&tmp, &self.workloads_file).expect("rename workloads");
     }
 
     /// Replaces the config and waits until ztunnel has loaded it (its `/config_dump` shows it).

@@ -1,0 +1,73 @@
+//! What the controller reports about the objects it reads, `istioctl analyze`-style: a stable
+//! code, a severity, the object (kind and namespace/name, or the file) and the field.
+
+use std::fmt;
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Stable code: `WRN`/`ERR` numbers never change meaning.
+    pub code: &'static str,
+    pub severity: Severity,
+    /// `Kind namespace/name`, or `file:document` when the object could not be read.
+    pub object: String,
+    /// The field concerned (`spec.rules[0].to[0].operation.methods`), if any.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Warning => "Warning",
+            Severity::Error => "Error",
+        };
+        write!(f, "{severity} [{}] ({})", self.code, self.object)?;
+        if let Some(field) = &self.field {
+            write!(f, " {field}:")?;
+        }
+        write!(f, " {}", self.message)
+    }
+}
+
+/// The codes, in one place so they stay stable.
+pub mod codes {
+    /// A document could not be parsed or has a field of the wrong type.
+    pub const SCHEMA: &str = "WA0001";
+    /// A document of a kind Warren does not read (ignored).
+    pub const UNKNOWN_KIND: &str = "WA0002";
+    /// An AuthorizationPolicy rule with L7 fields on workloads without a waypoint: ztunnel
+    /// enforces only its L4 part (ALLOW: the rule never matches; DENY: it matches on L4).
+    pub const L7_WITHOUT_WAYPOINT: &str = "WA0101";
+    /// STRICT PeerAuthentication in a namespace whose pods are not all in the mesh.
+    pub const STRICT_WITH_UNENROLLED: &str = "WA0102";
+    /// A value Warren does not understand (an mTLS mode, an action, a port).
+    pub const INVALID_VALUE: &str = "WA0103";
+    /// A Service whose selector matches no pod.
+    pub const NO_ENDPOINTS: &str = "WA0104";
+}
+
+pub fn error(
+    code: &'static str,
+    object: String,
+    field: Option<String>,
+    message: impl Into<String>,
+) -> Finding {
+    Finding { code, severity: Severity::Error, object, field, message: message.into() }
+}
+
+pub fn warning(
+    code: &'static str,
+    object: String,
+    field: Option<String>,
+    message: impl Into<String>,
+) -> Finding {
+    Finding { code, severity: Severity::Warning, object, field, message: message.into() }
+}

@@ -1,0 +1,107 @@
+//! Local mode's source: a directory of Kubernetes YAML (multi-document files), read into a
+//! [`Snapshot`]. A document that does not parse is reported with its file and position and
+//! skipped; the rest keeps flowing.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{
+    findings::{Finding, codes, error, warning},
+    objects::Snapshot,
+};
+
+/// Reads every `*.yaml` / `*.yml` under `dir` (recursively, in name order).
+pub fn read_dir(dir: &Path) -> std::io::Result<(Snapshot, Vec<Finding>)> {
+    let mut files = Vec::new();
+    collect(dir, &mut files)?;
+    files.sort();
+    let mut snapshot = Snapshot::default();
+    let mut findings = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        read_documents(&file.display().to_string(), &text, &mut snapshot, &mut findings);
+    }
+    Ok((snapshot, findings))
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+/// Parses the documents of one file into `snapshot`.
+pub fn read_documents(origin: &str, text: &str, snapshot: &mut Snapshot, findings: &mut Vec<Finding>) {
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let place = format!("{origin}: document {}", i + 1);
+        let value = match serde_yaml_ng::Value::deserialize(document) {
+            Ok(serde_yaml_ng::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                // The YAML parser cannot resynchronise after a syntax error: the rest of this
+                // file is unreadable, other files are not.
+                findings.push(error(
+                    codes::SCHEMA,
+                    place,
+                    None,
+                    format!("not valid YAML, rest of the file skipped: {e}"),
+                ));
+                break;
+            }
+        };
+        let meta: TypeMeta =
+            serde_yaml_ng::from_value(value.clone()).unwrap_or(TypeMeta { api_version: None, kind: None });
+        let (Some(api_version), Some(kind)) = (meta.api_version, meta.kind) else {
+            findings.push(error(codes::SCHEMA, place, None, "a Kubernetes object needs apiVersion and kind"));
+            continue;
+        };
+        let group = api_version.split_once('/').map_or("", |(g, _)| g);
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("<unnamed>")
+            .to_string();
+        let object = format!("{kind} {name} ({place})");
+        // The error names the field (`spec.containers`), not just the problem.
+        macro_rules! take {
+            ($list:expr) => {
+                match serde_path_to_error::deserialize(value) {
+                    Ok(o) => $list.push(o),
+                    Err(e) => {
+                        let field = e.path().to_string();
+                        findings.push(error(codes::SCHEMA, object, Some(field), e.into_inner().to_string()))
+                    }
+                }
+            };
+        }
+        match (group, kind.as_str()) {
+            ("", "Namespace") => take!(snapshot.namespaces),
+            ("", "Pod") => take!(snapshot.pods),
+            ("", "Service") => take!(snapshot.services),
+            ("", "ServiceAccount") => take!(snapshot.service_accounts),
+            ("security.istio.io", "PeerAuthentication") => take!(snapshot.peer_authentications),
+            ("security.istio.io", "AuthorizationPolicy") => take!(snapshot.authorization_policies),
+            _ => findings.push(warning(
+                codes::UNKNOWN_KIND,
+                object,
+                None,
+                format!("{api_version} {kind} is not read by Warren yet; ignored"),
+            )),
+        }
+    }
+}
