@@ -20,6 +20,10 @@ impl Netns {
     pub fn new(name: &str) -> Self {
         sh("ip", &["netns", "add", name]);
         let ns = Netns { name: name.to_string(), deleted: false };
+        // No IPv6 duplicate address detection: addresses (link-local ones included) are usable
+        // at once, instead of failing neighbour discovery for a second or two after start.
+        let no_dad = "echo 0 > /proc/sys/net/ipv6/conf/all/accept_dad && echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad";
+        sh("ip", &["netns", "exec", name, "sh", "-c", no_dad]);
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
