@@ -36,6 +36,9 @@ pub struct WorkloadCertificate {
     pub key: std::sync::Arc<PrivatePkcs8KeyDer<'static>>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this process received it. CAs backdate `not_before` for clock skew, so the
+    /// remaining lifetime is counted from here.
+    pub received_at: SystemTime,
 }
 
 impl WorkloadCertificate {
@@ -43,10 +46,10 @@ impl WorkloadCertificate {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 
-    /// When to renew: half-way through the lifetime.
+    /// When to renew: half-way through the lifetime left when it was received.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        self.not_before + lifetime / 2
+        let lifetime = self.not_after.duration_since(self.received_at).unwrap_or_default();
+        self.received_at + lifetime / 2
     }
 }
 
@@ -80,6 +83,7 @@ pub fn workload_certificate(
         identity,
         not_before: to_time(parsed.validity().not_before),
         not_after: to_time(parsed.validity().not_after),
+        received_at: SystemTime::now(),
         chain,
         key: std::sync::Arc::new(PrivatePkcs8KeyDer::from(key.serialize_der())),
     })

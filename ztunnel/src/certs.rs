@@ -197,3 +197,56 @@ fn fingerprint(cert: &CertificateDer<'_>) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert);
     digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// The real CA signing, that starts refusing after `good` certificates: how a renewal
+    /// failure looks to ztunnel (the CA unreachable or refusing).
+    struct FlakyCa {
+        ca: Ca,
+        lifetime: Duration,
+        good: usize,
+        calls: AtomicUsize,
+    }
+
+    impl CaClient for FlakyCa {
+        fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
+            Box::pin(async move {
+                if self.calls.fetch_add(1, Ordering::SeqCst) >= self.good {
+                    return Err(CertError::Signing { identity, reason: "CA unavailable".into() });
+                }
+                self.ca
+                    .sign(&csr, &identity, self.lifetime, SystemTime::now())
+                    .map_err(|e| CertError::Signing { identity, reason: e.to_string() })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_renewal_keeps_the_current_certificate_until_it_expires() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let bundle = TrustBundle::new(std::slice::from_ref(ca.root())).unwrap();
+        // Four-second certificates (to the second): renewal is due after about two.
+        let flaky =
+            Arc::new(FlakyCa { ca, lifetime: Duration::from_secs(4), good: 1, calls: AtomicUsize::new(0) });
+        let certs = CertManager::new(Some(flaky.clone()), Some(bundle));
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let first = certs.get(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(flaky.calls.load(Ordering::SeqCst) >= 2, "renewal was not attempted");
+        let still = certs.get(&id).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &still), "the current certificate was dropped after a failed renewal");
+        assert_eq!(certs.rotations.load(Ordering::Relaxed), 0);
+        // Once it has expired, and the CA still refuses, there is no certificate to hand out.
+        tokio::time::sleep(
+            first.not_after.duration_since(SystemTime::now()).unwrap_or_default()
+                + Duration::from_millis(1100),
+        )
+        .await;
+        assert!(certs.get(&id).await.is_err(), "an expired certificate was handed out");
+    }
+}
