@@ -346,11 +346,13 @@ async fn serve_stream(
         }
     };
     let target = connect.target;
-    let source = proxy.index().by_ip(peer.ip()).map(|w| Peer::of(w, &proxy.trust_domain));
+    let index = proxy.index();
+    let source = index.by_ip(peer.ip()).map(|w| Peer::of(w, &proxy.trust_domain));
+    let me = pod.current();
     let mut labels = ConnectionLabels {
         reporter: Reporter::Destination,
         source: source.unwrap_or_else(|| Peer::from_identity(&src_identity)),
-        destination: Peer::of(&pod.workload, &proxy.trust_domain),
+        destination: Peer::of(&me, &proxy.trust_domain),
         destination_service: target.ip().to_string(),
         security: Security::MutualTls,
         response_flags: "-",
@@ -363,14 +365,8 @@ async fn serve_stream(
     // The TCP peer of this HBONE connection is the source pod's IP: its ztunnel dialed from
     // inside the source pod's netns.
     let policies = proxy.policies();
-    let decision = crate::enforce::decide(
-        &policies,
-        Some(&src_identity),
-        peer.ip(),
-        &pod.workload,
-        target.port(),
-        false,
-    );
+    let decision =
+        crate::enforce::decide(&policies, Some(&src_identity), peer.ip(), &me, target.port(), false);
     if let Err(reason) = decision {
         proxy.stats.denied_by_policy.fetch_add(1, Ordering::Relaxed);
         labels.response_flags = "DENIED";

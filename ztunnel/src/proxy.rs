@@ -76,6 +76,18 @@ pub struct PodContext {
     pub proxy: Arc<Proxy>,
 }
 
+impl PodContext {
+    /// The pod as the config says now: labels can change after enrollment, and policy and
+    /// metrics must see the current ones.
+    pub fn current(&self) -> Arc<Workload> {
+        self.proxy
+            .index()
+            .by_uid(&self.workload.uid)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(self.workload.clone()))
+    }
+}
+
 /// Connection counters of this ztunnel, shown by the admin view.
 #[derive(Default, Serialize)]
 pub struct Stats {
@@ -162,13 +174,15 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
             stats.outbound_passthrough.fetch_add(1, Ordering::Relaxed);
             let labels = ConnectionLabels {
                 reporter: Reporter::Source,
-                source: Peer::of(&pod.workload, &pod.proxy.trust_domain),
+                source: Peer::of(&pod.current(), &pod.proxy.trust_domain),
                 destination: Peer::unknown(),
                 destination_service: service.map_or_else(|| dst.ip().to_string(), |s| s.hostname()),
                 security: Security::Unknown,
                 response_flags: "-",
             };
-            relay_until(stream, dst, pod, "outbound", peer, None, Some(labels)).await
+            // The client's own address is loopback inside its pod: log the pod's.
+            let src = SocketAddr::new(pod.workload.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
+            relay_until(stream, dst, pod, "outbound", src, None, Some(labels)).await
         }
         Route::NoEndpoints { service } => {
             stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -205,17 +219,18 @@ async fn outbound_hbone(
         dst: hbone::hbone_addr(target.hbone_ip),
         src_ip,
     };
-    let version = pod.workload.labels.get("version").map(String::as_str).unwrap_or("latest");
-    let app = pod.workload.labels.get("app").map(String::as_str).unwrap_or(&pod.workload.name);
+    let me = pod.current();
+    let version = me.labels.get("version").map(String::as_str).unwrap_or("latest");
+    let app = me.labels.get("app").map(String::as_str).unwrap_or(&me.name);
     let request = ConnectRequest {
         target: dst,
         forwarded_for: Some(SocketAddr::new(src_ip, peer.port())),
-        baggage: Some(baggage(&pod.workload.namespace, &pod.workload.name, app, version)),
+        baggage: Some(baggage(&me.namespace, &me.name, app, version)),
         traceparent: Some(new_traceparent()),
     };
     let mut labels = ConnectionLabels {
         reporter: Reporter::Source,
-        source: Peer::of(&pod.workload, td),
+        source: Peer::of(&me, td),
         destination: Peer::of(dst_workload, td),
         destination_service: target.service.map_or_else(|| dst.ip().to_string(), |s| s.hostname()),
         security: Security::MutualTls,
@@ -270,12 +285,13 @@ async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext
     };
     let original_dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
     let policies = proxy.policies();
-    let decision = enforce::decide(&policies, None, peer.ip(), &pod.workload, original_dst.port(), true);
+    let me = pod.current();
+    let decision = enforce::decide(&policies, None, peer.ip(), &me, original_dst.port(), true);
     let source = proxy.index().by_ip(peer.ip()).map(|w| Peer::of(w, &proxy.trust_domain));
     let mut labels = ConnectionLabels {
         reporter: Reporter::Destination,
         source: source.unwrap_or_else(Peer::unknown),
-        destination: Peer::of(&pod.workload, &proxy.trust_domain),
+        destination: Peer::of(&me, &proxy.trust_domain),
         destination_service: original_dst.ip().to_string(),
         security: Security::None,
         response_flags: "-",
