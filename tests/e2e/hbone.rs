@@ -15,7 +15,6 @@ use rustls_pki_types::ServerName;
 use warren_core::{
     ca::{Ca, WorkloadCertificate, new_key_and_csr, workload_certificate},
     identity::SpiffeId,
-    model::Workload,
     tls::{self, TrustBundle},
 };
 use warren_e2e::{
@@ -28,11 +27,6 @@ use warren_e2e::{
 };
 
 const APP_PORT: u16 = 8080;
-
-fn with_sa(mut w: Workload, sa: &str) -> Workload {
-    w.service_account = sa.into();
-    w
-}
 
 fn identity(sa: &str) -> SpiffeId {
     format!("spiffe://cluster.local/ns/default/sa/{sa}").parse().unwrap()
@@ -56,9 +50,9 @@ fn pods_talk_over_hbone_within_and_across_nodes_with_their_identities() {
     let b = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
     let workloads = [
-        with_sa(a.workload(&n0, true), "checkout"),
-        with_sa(c.workload(&n0, true), "payment"),
-        with_sa(b.workload(&n1, true), "payment"),
+        a.workload_as(&n0, true, "checkout"),
+        c.workload_as(&n0, true, "payment"),
+        b.workload_as(&n1, true, "payment"),
     ];
     let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
     let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
@@ -177,7 +171,7 @@ fn an_independent_http2_client_speaks_to_ztunnels_hbone_server() {
     let node = cluster.nodes[0].name.clone();
     let z = Ztunnel::start_with(
         &cluster.nodes[0],
-        &[with_sa(b.workload(&node, true), "payment"), x.workload(&node, false)],
+        &[b.workload_as(&node, true, "payment"), x.workload(&node, false)],
         &ca,
         &[],
     );
@@ -269,10 +263,8 @@ fn ztunnels_client_speaks_to_an_independent_hbone_server() {
     let node = cluster.nodes[0].name.clone();
     // d is meshed but lives on a node with no Warren ztunnel: the test's own HBONE server,
     // built from h2 and rustls, answers on its 15008.
-    let workloads = [
-        with_sa(a.workload(&node, true), "checkout"),
-        with_sa(d.workload("another-node", true), "inventory"),
-    ];
+    let workloads =
+        [a.workload_as(&node, true, "checkout"), d.workload_as("another-node", true, "inventory")];
     let z = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
     z.wait_enrolled(&a.name);
 
@@ -338,25 +330,43 @@ fn ztunnels_client_speaks_to_an_independent_hbone_server() {
     let _ = server.join();
 }
 
-#[test]
-fn certificates_rotate_under_live_traffic_without_dropping_anything() {
-    require_root();
+/// Pod `a` on node 0 and pod `b` (serving on APP_PORT) on node 1, both meshed, a ztunnel each.
+struct TwoNodes {
+    a: Pod,
+    b: Pod,
+    z0: Ztunnel,
+    z1: Ztunnel,
+    _server: Server,
+    _cluster: Cluster,
+    _ca: MeshCa,
+}
+
+fn two_nodes(z0_args: &[&str], z1_args: &[&str]) -> TwoNodes {
     let ca = MeshCa::new();
     let mut cluster = Cluster::new(2);
     let a = cluster.nodes[0].add_pod();
     let b = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
     let workloads = [a.workload(&n0, true), b.workload(&n1, true)];
-    // Four-second certificates: renewed every two seconds.
-    let args = ["--cert-lifetime-secs", "4"];
-    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &args);
-    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &args);
+    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, z0_args);
+    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, z1_args);
     z0.wait_enrolled(&a.name);
     z1.wait_enrolled(&b.name);
     let _server = Server::start(&b, APP_PORT);
+    TwoNodes { a, b, z0, z1, _server, _cluster: cluster, _ca: ca }
+}
+
+#[test]
+fn certificates_rotate_under_live_traffic_without_dropping_anything() {
+    require_root();
+    // Four-second certificates: renewed every two seconds.
+    let args = ["--cert-lifetime-secs", "4"];
+    // Bound whole: its other fields (the server, the cluster) must live as long as the test.
+    let mesh = two_nodes(&args, &args);
+    let (a, b, z0, z1) = (&mesh.a, &mesh.b, &mesh.z0, &mesh.z1);
     let dst = SocketAddr::new(b.ipv4, APP_PORT);
 
-    let mut live = Client::connect(&a, dst).unwrap();
+    let mut live = Client::connect(a, dst).unwrap();
     live.greeting().unwrap();
     let started = Instant::now();
     let mut exchanges = 0;
@@ -365,14 +375,14 @@ fn certificates_rotate_under_live_traffic_without_dropping_anything() {
         assert_eq!(live.echo(&text).unwrap(), text, "the live connection broke during rotation");
         // A new connection each second also works with whatever certificate is current.
         if exchanges % 10 == 0 {
-            let mut fresh = Client::connect(&a, dst).unwrap();
+            let mut fresh = Client::connect(a, dst).unwrap();
             fresh.greeting().unwrap();
             assert_eq!(fresh.echo("fresh").unwrap(), "fresh");
         }
         exchanges += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
-    for z in [&z0, &z1] {
+    for z in [z0, z1] {
         let rotations = z.config_dump()["certificateRotations"].as_u64().unwrap();
         assert!(rotations >= 2, "{} renewed {rotations} times in 7 s with 4 s certificates", z.node);
     }
@@ -382,21 +392,12 @@ fn certificates_rotate_under_live_traffic_without_dropping_anything() {
 #[test]
 fn many_connections_share_pooled_hbone_connections() {
     require_root();
-    let ca = MeshCa::new();
-    let mut cluster = Cluster::new(2);
-    let a = cluster.nodes[0].add_pod();
-    let b = cluster.nodes[1].add_pod();
-    let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
-    let workloads = [a.workload(&n0, true), b.workload(&n1, true)];
-    let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &["--pool-max-streams", "5"]);
-    let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
-    z0.wait_enrolled(&a.name);
-    z1.wait_enrolled(&b.name);
-    let _server = Server::start(&b, APP_PORT);
+    let mesh = two_nodes(&["--pool-max-streams", "5"], &[]);
+    let (a, b, z0) = (&mesh.a, &mesh.b, &mesh.z0);
     let dst = SocketAddr::new(b.ipv4, APP_PORT);
 
     // 20 connections open at once, 5 streams per connection: 4 HBONE connections.
-    let mut clients: Vec<Client> = (0..20).map(|_| Client::connect(&a, dst).unwrap()).collect();
+    let mut clients: Vec<Client> = (0..20).map(|_| Client::connect(a, dst).unwrap()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.greeting().unwrap();
         assert_eq!(c.echo(&i.to_string()).unwrap(), i.to_string());
@@ -407,7 +408,7 @@ fn many_connections_share_pooled_hbone_connections() {
     assert!(wait_until(Duration::from_secs(5), || z0.capture()["hbonePool"]["activeStreams"] == 0));
     // Later connections reuse the pooled ones.
     for _ in 0..10 {
-        let mut c = Client::connect(&a, dst).unwrap();
+        let mut c = Client::connect(a, dst).unwrap();
         c.greeting().unwrap();
     }
     assert_eq!(z0.capture()["hbonePool"]["opened"], 4);
@@ -429,10 +430,10 @@ fn metrics_and_readiness_speak_istios_language() {
     let a = cluster.nodes[0].add_pod();
     let b = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
-    let mut b_w = with_sa(b.workload(&n1, true), "payment");
+    let mut b_w = b.workload_as(&n1, true, "payment");
     b_w.labels.insert("app".into(), "payment".into());
     b_w.labels.insert("version".into(), "v2".into());
-    let workloads = [with_sa(a.workload(&n0, true), "checkout"), b_w];
+    let workloads = [a.workload_as(&n0, true, "checkout"), b_w];
     let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
     let z1 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
     z0.wait_enrolled(&a.name);

@@ -17,11 +17,6 @@ use warren_e2e::{
 
 const APP_PORT: u16 = 8080;
 
-fn with_sa(mut w: Workload, sa: &str) -> Workload {
-    w.service_account = sa.into();
-    w
-}
-
 fn allow_from(principal: &str) -> Authorization {
     Authorization {
         name: "allow-checkout".into(),
@@ -71,11 +66,11 @@ fn mesh() -> Mesh {
         cluster.nodes[0].add_pod(),
         cluster.nodes[0].add_pod(),
     );
-    let mut payment_w = with_sa(payment.workload(&node, true), "payment");
+    let mut payment_w = payment.workload_as(&node, true, "payment");
     payment_w.labels.insert("app".into(), "payment".into());
     let workloads = vec![
-        with_sa(checkout.workload(&node, true), "checkout"),
-        with_sa(other.workload(&node, true), "other"),
+        checkout.workload_as(&node, true, "checkout"),
+        other.workload_as(&node, true, "other"),
         legacy.workload(&node, false),
         payment_w,
     ];

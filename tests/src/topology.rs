@@ -15,6 +15,11 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// The pod as a workload of `node` running as ServiceAccount `sa`.
+    pub fn workload_as(&self, node: &str, enrolled: bool, sa: &str) -> Workload {
+        Workload { service_account: sa.into(), ..self.workload(node, enrolled) }
+    }
+
     /// The pod as a workload of `node`, enrolled or not.
     pub fn workload(&self, node: &str, enrolled: bool) -> Workload {
         Workload {
