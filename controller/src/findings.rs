@@ -52,6 +52,17 @@ pub mod codes {
     pub const INVALID_VALUE: &str = "WA0103";
     /// A Service whose selector matches no pod.
     pub const NO_ENDPOINTS: &str = "WA0104";
+    /// A route to a subset that no DestinationRule for its host defines: every request to it
+    /// would fail with 503.
+    pub const UNDEFINED_SUBSET: &str = "WA0201";
+    /// A route destination host that names no Service.
+    pub const UNKNOWN_HOST: &str = "WA0202";
+    /// The weights of a route's destinations do not add up to 100.
+    pub const WEIGHTS: &str = "WA0203";
+    /// Two VirtualServices claim the same host: which one applies is undefined.
+    pub const CONFLICTING_VIRTUAL_SERVICES: &str = "WA0204";
+    /// A regular expression that does not compile (RE2 syntax).
+    pub const INVALID_REGEX: &str = "WA0205";
 }
 
 pub fn error(

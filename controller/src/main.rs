@@ -2,6 +2,7 @@
 //! Kubernetes manifests, written as the config file ztunnels read. The Kubernetes watcher, the
 //! config stream and the CA service come next (see the controller issue).
 
+mod analyze;
 mod findings;
 mod objects;
 mod source;
@@ -111,6 +112,7 @@ fn translate_dir(dir: &std::path::Path) -> Result<(String, Vec<Finding>)> {
         source::read_dir(dir).with_context(|| format!("reading manifests in {}", dir.display()))?;
     let (config, more) = translate::translate(&snapshot);
     findings.extend(more);
+    findings.extend(analyze::analyze(&snapshot));
     Ok((serde_json::to_string_pretty(&config)?, findings))
 }
 

@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub service_accounts: Vec<ServiceAccount>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -161,4 +163,75 @@ pub fn object_name(meta: &ObjectMeta) -> String {
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or("<unnamed>")
     )
+}
+
+/// networking.istio.io VirtualService, the fields analysis and (later) the waypoint need.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VirtualService {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HttpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct HttpMatch {
+    pub uri: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+}
+
+/// A string match; analysis checks its `regex` (RE2 syntax). `exact` and `prefix` come with
+/// the waypoint's translation.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StringMatch {
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+}
+
+/// networking.istio.io DestinationRule: its host and subsets, for analysis.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DestinationRule {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Subset {
+    pub name: String,
 }

@@ -96,6 +96,8 @@ pub fn read_documents(origin: &str, text: &str, snapshot: &mut Snapshot, finding
             ("", "ServiceAccount") => take!(snapshot.service_accounts),
             ("security.istio.io", "PeerAuthentication") => take!(snapshot.peer_authentications),
             ("security.istio.io", "AuthorizationPolicy") => take!(snapshot.authorization_policies),
+            ("networking.istio.io", "VirtualService") => take!(snapshot.virtual_services),
+            ("networking.istio.io", "DestinationRule") => take!(snapshot.destination_rules),
             _ => findings.push(warning(
                 codes::UNKNOWN_KIND,
                 object,
