@@ -141,17 +141,14 @@ pub struct Operation {
     pub not_paths: Vec<String>,
 }
 
-/// A `when` condition. ztunnel treats any as L7 (conservatively), so only its presence matters
-/// today; the fields are read so a malformed condition is reported.
+/// A `when` condition: `source.ip`, `source.namespace`, `source.principal` and
+/// `destination.port` are L4 (ztunnel evaluates them); any other key is L7.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    #[allow(dead_code)]
     pub key: String,
-    #[allow(dead_code)]
     #[serde(default)]
     pub values: Vec<String>,
-    #[allow(dead_code)]
     #[serde(default)]
     pub not_values: Vec<String>,
 }

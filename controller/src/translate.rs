@@ -10,7 +10,10 @@ use k8s_openapi::{
 };
 use warren_core::{
     model::{NodeConfig, Service, ServicePort, Workload},
-    policy::{Action, Authorization, Destination, MtlsMode, PeerAuthentication, Rule, Source},
+    policy::{
+        Action, Authorization, Condition, ConditionKey, Destination, MtlsMode, PeerAuthentication, Rule,
+        Source,
+    },
 };
 
 use crate::{
@@ -264,8 +267,10 @@ fn l7_fields(rule: &AuthorizationRule, index: usize) -> Vec<String> {
             }
         }
     }
-    if !rule.when.is_empty() {
-        out.push(format!("spec.rules[{index}].when"));
+    for (i, c) in rule.when.iter().enumerate() {
+        if ConditionKey::parse(&c.key).is_none() {
+            out.push(format!("spec.rules[{index}].when[{i}] ({})", c.key));
+        }
     }
     out
 }
@@ -364,7 +369,20 @@ fn authorization(ap: &AuthorizationPolicy, findings: &mut Vec<Finding>) -> Optio
                 ),
             })
             .collect();
-        rules.push(Rule { from, to });
+        // The L4 keys of `when` (source.ip, source.namespace, source.principal,
+        // destination.port) are kept exactly; others were handled as L7 above.
+        let when = rule
+            .when
+            .iter()
+            .filter_map(|c| {
+                Some(Condition {
+                    key: ConditionKey::parse(&c.key)?,
+                    values: c.values.clone(),
+                    not_values: c.not_values.clone(),
+                })
+            })
+            .collect();
+        rules.push(Rule { from, to, when });
     }
     Some(Authorization {
         name: ap.metadata.name.clone().unwrap_or_default(),
@@ -470,8 +488,24 @@ mod tests {
             "targetRefs policies are the waypoint's"
         );
         let l7: Vec<_> = findings.iter().filter(|f| f.code == codes::L7_WITHOUT_WAYPOINT).collect();
-        assert_eq!(l7.len(), 2, "{l7:#?}");
+        assert_eq!(l7.len(), 3, "{l7:#?}");
         assert!(l7[0].field.as_deref().unwrap().contains("operation.methods"));
+    }
+
+    #[test]
+    fn l4_when_conditions_are_kept_and_l7_ones_drop_the_allow_rule() {
+        let (config, findings) = load(MESH);
+        let ledger = config.authorizations.iter().find(|a| a.name == "ledger-from-production").unwrap();
+        assert_eq!(ledger.rules.len(), 1, "the rule with a header condition is L7 and dropped");
+        let when = &ledger.rules[0].when;
+        assert_eq!(when.len(), 2);
+        assert_eq!(when[0].key, ConditionKey::SourceNamespace);
+        assert_eq!(when[1].not_values, vec!["9090"]);
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.field.as_deref().is_some_and(|x| x.contains("request.headers[x-debug]")))
+        );
     }
 
     #[test]

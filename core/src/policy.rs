@@ -49,6 +49,45 @@ pub struct Rule {
     pub from: Vec<Source>,
     #[serde(default)]
     pub to: Vec<Destination>,
+    /// Conditions that must all hold as well (the L4 keys of Istio's `when`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+/// The `when` keys ztunnel can evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConditionKey {
+    #[serde(rename = "source.ip")]
+    SourceIp,
+    #[serde(rename = "source.namespace")]
+    SourceNamespace,
+    #[serde(rename = "source.principal")]
+    SourcePrincipal,
+    #[serde(rename = "destination.port")]
+    DestinationPort,
+}
+
+impl ConditionKey {
+    /// The Istio key, or none for keys only a waypoint can evaluate.
+    pub fn parse(key: &str) -> Option<Self> {
+        Some(match key {
+            "source.ip" => Self::SourceIp,
+            "source.namespace" => Self::SourceNamespace,
+            "source.principal" => Self::SourcePrincipal,
+            "destination.port" => Self::DestinationPort,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: ConditionKey,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,7 +245,26 @@ impl Rule {
     fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
         let from = self.from.is_empty() || self.from.iter().any(|s| s.matches(facts));
         let to = self.to.is_empty() || self.to.iter().any(|d| d.matches(facts.destination_port));
-        from && to
+        from && to && self.when.iter().all(|c| c.matches(facts))
+    }
+}
+
+impl Condition {
+    fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
+        let test = |value: &str| -> bool {
+            match self.key {
+                ConditionKey::SourceIp => cidr_contains(value, facts.source_ip),
+                ConditionKey::SourceNamespace => {
+                    facts.source_identity.is_some_and(|id| wildcard(value, &id.namespace))
+                }
+                ConditionKey::SourcePrincipal => facts
+                    .source_identity
+                    .is_some_and(|id| wildcard(value, id.to_string().trim_start_matches("spiffe://"))),
+                ConditionKey::DestinationPort => value.parse() == Ok(facts.destination_port),
+            }
+        };
+        (self.values.is_empty() || self.values.iter().any(|v| test(v)))
+            && !self.not_values.iter().any(|v| test(v))
     }
 }
 
@@ -303,7 +361,7 @@ mod tests {
     }
 
     fn from_principal(p: &str) -> Rule {
-        Rule { from: vec![Source { principals: vec![p.into()], ..Default::default() }], to: vec![] }
+        Rule { from: vec![Source { principals: vec![p.into()], ..Default::default() }], ..Default::default() }
     }
 
     fn decide(policies: &Policies, src: Option<&str>, ip: &str, port: u16, dst: &Workload) -> Verdict {
@@ -329,7 +387,10 @@ mod tests {
         let deny_port = policy(
             "shop",
             Action::Deny,
-            vec![Rule { from: vec![], to: vec![Destination { ports: vec![9090], not_ports: vec![] }] }],
+            vec![Rule {
+                to: vec![Destination { ports: vec![9090], not_ports: vec![] }],
+                ..Default::default()
+            }],
         );
         let allow_nothing = policy("shop", Action::Allow, vec![]);
         let mesh_deny = policy(DEFAULT_ROOT_NAMESPACE, Action::Deny, vec![from_principal("*/sa/other")]);
@@ -343,7 +404,7 @@ mod tests {
                     not_ip_blocks: vec!["10.1.2.3".into()],
                     ..Default::default()
                 }],
-                to: vec![],
+                ..Default::default()
             }],
         );
         let allow_ns = policy(
@@ -355,7 +416,7 @@ mod tests {
                     not_principals: vec!["*/sa/other".into()],
                     ..Default::default()
                 }],
-                to: vec![],
+                ..Default::default()
             }],
         );
 
@@ -412,6 +473,39 @@ mod tests {
             let p = Policies { root_namespace: String::new(), authorizations, peer_authentications: vec![] };
             assert_eq!(decide(&p, src, ip, port, &dst).allowed(), allowed, "{what}");
         }
+    }
+
+    #[test]
+    fn when_conditions_all_hold_besides_from_and_to() {
+        let dst = workload("shop", &[]);
+        let rule = Rule {
+            from: vec![Source {
+                principals: vec!["cluster.local/ns/shop/sa/checkout".into()],
+                ..Default::default()
+            }],
+            to: vec![],
+            when: vec![
+                Condition {
+                    key: ConditionKey::SourceIp,
+                    values: vec!["10.1.0.0/16".into()],
+                    not_values: vec![],
+                },
+                Condition {
+                    key: ConditionKey::DestinationPort,
+                    values: vec![],
+                    not_values: vec!["9090".into()],
+                },
+            ],
+        };
+        let p = Policies {
+            authorizations: vec![policy("shop", Action::Allow, vec![rule])],
+            ..Default::default()
+        };
+        assert!(decide(&p, Some(CHECKOUT), "10.1.2.3", 80, &dst).allowed());
+        assert!(!decide(&p, Some(CHECKOUT), "10.2.0.1", 80, &dst).allowed(), "source.ip must also hold");
+        assert!(!decide(&p, Some(CHECKOUT), "10.1.2.3", 9090, &dst).allowed(), "notValues excludes");
+        assert!(!decide(&p, Some(OTHER), "10.1.2.3", 80, &dst).allowed(), "from must also hold");
+        assert_eq!(ConditionKey::parse("request.headers[x]"), None);
     }
 
     #[test]

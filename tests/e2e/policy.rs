@@ -25,7 +25,7 @@ fn allow_from(principal: &str) -> Authorization {
         action: Action::Allow,
         rules: vec![Rule {
             from: vec![Source { principals: vec![principal.into()], ..Default::default() }],
-            to: vec![],
+            ..Default::default()
         }],
     }
 }

@@ -162,7 +162,7 @@ pub fn run() -> Result<()> {
                 principals: vec!["cluster.local/ns/production/sa/checkout".into()],
                 ..Default::default()
             }],
-            to: vec![],
+            ..Default::default()
         }],
     };
     for z in [&z1, &z2] {
