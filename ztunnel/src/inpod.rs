@@ -12,6 +12,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use aya::programs::links::PinnedLink;
@@ -71,7 +72,13 @@ pub struct InPod {
     pods: Mutex<BTreeMap<String, EnrolledPod>>,
     /// Last error reported per pod, so a pod that stays broken is logged once, not every tick.
     last_error: Mutex<HashMap<String, String>>,
+    /// Pods that failed to enroll: when to try again, and the current backoff.
+    retry: Mutex<HashMap<String, (Instant, Duration)>>,
 }
+
+/// Backoff between enrollment attempts of a pod that fails (no netns yet, say).
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Sockets created inside a pod's netns.
 struct InPodSockets {
@@ -88,6 +95,7 @@ impl InPod {
             runtime,
             pods: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(HashMap::new()),
+            retry: Mutex::new(HashMap::new()),
         }
     }
 
@@ -119,17 +127,36 @@ impl InPod {
             self.unenroll(&uid);
         }
 
+        let now = Instant::now();
         for workload in admissible {
             if self.pods.lock().expect("poisoned").contains_key(&workload.uid) {
+                continue;
+            }
+            // A pod that failed recently waits its turn: each attempt may enter every network
+            // namespace on the node.
+            let due =
+                self.retry.lock().expect("poisoned").get(&workload.uid).is_none_or(|(at, _)| now >= *at);
+            if !due {
                 continue;
             }
             match self.enroll(workload, namespaces) {
                 Ok(()) => {
                     self.last_error.lock().expect("poisoned").remove(&workload.uid);
+                    self.retry.lock().expect("poisoned").remove(&workload.uid);
                 }
-                Err(e) => self.report(&workload.uid, &e),
+                // Waiting for an IP costs nothing: no backoff, so it enrolls as soon as it has one.
+                Err(e @ EnrollError::NoIp { .. }) => self.report(&workload.uid, &e),
+                Err(e) => {
+                    self.report(&workload.uid, &e);
+                    let mut retry = self.retry.lock().expect("poisoned");
+                    let backoff =
+                        retry.get(&workload.uid).map_or(RETRY_MIN, |(_, b)| (*b * 2).min(RETRY_MAX));
+                    retry.insert(workload.uid.clone(), (now + backoff, backoff));
+                }
             }
         }
+        // Forget the backoff of pods that are gone from the config.
+        self.retry.lock().expect("poisoned").retain(|uid, _| wanted.contains_key(uid.as_str()));
     }
 
     /// Drain: stop accepting on every pod's listeners (closing them), keep everything else.
