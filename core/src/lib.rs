@@ -3,6 +3,7 @@
 //! TLS set-up with SPIFFE verification, and the HBONE codec.
 
 pub mod ca;
+pub mod ca_protocol;
 pub mod hbone;
 pub mod identity;
 pub mod model;

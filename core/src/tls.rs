@@ -248,6 +248,33 @@ pub fn client_config(
     Ok(config)
 }
 
+/// TLS client config for a peer that has no certificate of its own yet (a ztunnel asking the
+/// CA for its first one): verify the server as `peer`, present nothing.
+pub fn anonymous_client_config(bundle: &TrustBundle, peer: &SpiffeId) -> Result<ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = ServerIdentityVerifier {
+        bundle: bundle.clone(),
+        expected: peer.clone(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.enable_sni = false;
+    Ok(config)
+}
+
+/// TLS server config for a service that authenticates its clients otherwise (the CA: by
+/// token), presenting `own`.
+pub fn server_config_without_client_auth(own: &WorkloadCertificate) -> Result<ServerConfig, TlsError> {
+    ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(own.chain.clone(), own.key_der())
+}
+
 /// TLS server config for a workload's HBONE listener: present `own`, require a client of
 /// `own`'s trust domain.
 pub fn server_config(own: &WorkloadCertificate, bundle: &TrustBundle) -> Result<ServerConfig, TlsError> {

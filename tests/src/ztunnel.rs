@@ -67,7 +67,8 @@ pub struct Ztunnel {
     dir: PathBuf,
     child: Option<Child>,
     cgroup: String,
-    ca_dir: PathBuf,
+    /// How it gets certificates: `--dev-ca-dir DIR`, or `--ca-addr ... --ca-root ... --ca-token-file ...`.
+    ca_args: Vec<String>,
     /// The config file ztunnel reads (written by the test, or by a controller).
     workloads_file: PathBuf,
     extra_args: Vec<String>,
@@ -118,12 +119,48 @@ impl Ztunnel {
         Self::start_full(node, None, Some(config_file.to_path_buf()), ca, &[])
     }
 
+    /// Starts ztunnel reading `config_file` and asking the controller's CA at `ca_addr` for
+    /// certificates, with the mesh root `root_pem` and this node's `token_file`.
+    pub fn start_with_remote_ca(
+        node: &Node,
+        config_file: &std::path::Path,
+        ca_addr: SocketAddr,
+        root_pem: &std::path::Path,
+        token_file: &std::path::Path,
+    ) -> Self {
+        let placeholder = MeshCa::new();
+        let mut z =
+            Self::start_full_with(node, None, Some(config_file.to_path_buf()), &placeholder, &[], |z| {
+                z.ca_args = vec![
+                    "--ca-addr".into(),
+                    ca_addr.to_string(),
+                    "--ca-root".into(),
+                    root_pem.display().to_string(),
+                    "--ca-token-file".into(),
+                    token_file.display().to_string(),
+                ];
+            });
+        z._own_ca = Some(placeholder);
+        z
+    }
+
     fn start_full(
         node: &Node,
         workloads: Option<&[Workload]>,
         config_file: Option<PathBuf>,
         ca: &MeshCa,
         extra_args: &[&str],
+    ) -> Self {
+        Self::start_full_with(node, workloads, config_file, ca, extra_args, |_| {})
+    }
+
+    fn start_full_with(
+        node: &Node,
+        workloads: Option<&[Workload]>,
+        config_file: Option<PathBuf>,
+        ca: &MeshCa,
+        extra_args: &[&str],
+        adjust: impl FnOnce(&mut Ztunnel),
     ) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
@@ -134,10 +171,11 @@ impl Ztunnel {
             dir,
             child: None,
             cgroup: format!("warren-e2e/{}", node.name),
-            ca_dir: ca.dir.clone(),
+            ca_args: vec!["--dev-ca-dir".into(), ca.dir.display().to_string()],
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             _own_ca: None,
         };
+        adjust(&mut z);
         if let Some(workloads) = workloads {
             z.set_workloads(workloads);
         }
@@ -157,8 +195,7 @@ impl Ztunnel {
             .arg("--workloads")
             .arg(&self.workloads_file)
             .args(["--own-cgroup", &self.cgroup, "--reconcile-interval-ms", "100"])
-            .arg("--dev-ca-dir")
-            .arg(&self.ca_dir)
+            .args(&self.ca_args)
             .args(&self.extra_args)
             .env("WARREN_LOG", "info")
             .stdout(Stdio::null())

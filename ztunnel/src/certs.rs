@@ -86,6 +86,31 @@ impl CaClient for DevCa {
     }
 }
 
+/// The mesh CA over the network (the controller): `warren_core::ca_protocol`.
+pub struct RemoteCa {
+    pub addr: std::net::SocketAddr,
+    pub bundle: TrustBundle,
+    pub ca_identity: SpiffeId,
+    pub token: String,
+}
+
+impl CaClient for RemoteCa {
+    fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
+        Box::pin(async move {
+            warren_core::ca_protocol::request_certificate(
+                self.addr,
+                &self.bundle,
+                &self.ca_identity,
+                &self.token,
+                &identity,
+                &csr,
+            )
+            .await
+            .map_err(|e| CertError::Signing { identity, reason: e.to_string() })
+        })
+    }
+}
+
 /// A certificate as `/config_dump` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct CertView {

@@ -70,6 +70,18 @@ pub struct Config {
     #[arg(long, env = "WARREN_DEV_CA_DIR")]
     pub dev_ca_dir: Option<PathBuf>,
 
+    /// The mesh CA (the controller's `serve`) to ask for workload certificates.
+    #[arg(long, env = "WARREN_CA_ADDR", conflicts_with = "dev_ca_dir")]
+    pub ca_addr: Option<SocketAddr>,
+
+    /// The mesh root certificate (PEM): what the CA and every peer must chain to.
+    #[arg(long, env = "WARREN_CA_ROOT", requires = "ca_addr")]
+    pub ca_root: Option<PathBuf>,
+
+    /// File holding this node's bootstrap token for the CA.
+    #[arg(long, env = "WARREN_CA_TOKEN_FILE", requires = "ca_addr")]
+    pub ca_token_file: Option<PathBuf>,
+
     /// Lifetime of the workload certificates the development CA signs (renewed at half-life).
     #[arg(long, env = "WARREN_CERT_LIFETIME_SECS", default_value_t = 24 * 3600)]
     pub cert_lifetime_secs: u64,
