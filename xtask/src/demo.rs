@@ -1,25 +1,28 @@
 //! `cargo xtask demo`: what the mesh gives, shown on this machine's kernel.
 //!
-//! Two nodes (network namespaces joined by an underlay) with pods on each. ztunnel captures
-//! the enrolled pods' traffic with eBPF and carries it between nodes over HBONE (mTLS between
-//! SPIFFE identities); PeerAuthentication and AuthorizationPolicy are enforced; Istio metrics
-//! are scraped; and capture fails closed when ztunnel is down. Everything is removed at the end.
+//! Two nodes (network namespaces joined by an underlay) with pods on each, described by
+//! Kubernetes manifests. The controller (local mode) translates the manifests and is the mesh
+//! CA; a ztunnel per node captures the enrolled pods' traffic with eBPF and carries it between
+//! nodes over HBONE (mTLS between SPIFFE identities). Policies are applied by adding manifests;
+//! Istio metrics are scraped; capture fails closed when ztunnel is down. Everything is removed
+//! at the end.
 //!
-//! It grows into the full local-cluster demo (controller, manifests, waypoint, canary) as those
-//! land.
+//! It grows into the full local-cluster demo (`xtask up`, waypoint, canary) as those land.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
-use warren_core::{
-    model::{NodeConfig, Workload},
-    policy::{Action, Authorization, MtlsMode, PeerAuthentication, Rule, Source},
-};
 use warren_e2e::{
     app::{Client, Server},
     topology::{Cluster, Pod},
-    wait_until,
-    ztunnel::{ADMIN, MeshCa, Ztunnel, binary},
+    unique_name, wait_until,
+    ztunnel::{ADMIN, Ztunnel, binary},
 };
 
 use crate::setup::{run_checked, workspace_root};
@@ -28,14 +31,31 @@ fn say(step: &str) {
     println!("\n\x1b[1m==> {step}\x1b[0m");
 }
 
-fn workload(pod: &Pod, node: &str, enrolled: bool, sa: &str, app: &str) -> Workload {
-    let mut w = pod.workload(node, enrolled);
-    w.namespace = "production".into();
-    w.uid = format!("production/{app}");
-    w.name = app.into();
-    w.service_account = sa.into();
-    w.labels.insert("app".into(), app.into());
-    w
+/// A pod manifest with the IPs the local cluster gave it (the harness plays the kubelet).
+fn pod_manifest(pod: &Pod, name: &str, node: &str, sa: &str, extra_labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: production\n  labels: {{app: {name}{extra_labels}}}\n\
+         spec:\n  serviceAccountName: {sa}\n  nodeName: {node}\n  containers: [{{name: app, image: echo}}]\n\
+         status:\n  phase: Running\n  podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]\n",
+        pod.ipv4, pod.ipv6
+    )
+}
+
+fn write(dir: &Path, file: &str, text: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(tmp, dir.join(file))?;
+    Ok(())
+}
+
+/// The controller process, stopped on drop.
+struct Controller(Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Tries checkout-style traffic from `from` to the payment pod and says what happened.
@@ -57,52 +77,102 @@ fn attempt(label: &str, from: &Pod, to: &Pod) -> bool {
     }
 }
 
+/// Waits until both ztunnels have loaded a config with `count` policies of `kind`.
+fn wait_for_policies(ztunnels: &[&Ztunnel], kind: &str, count: usize) -> Result<()> {
+    let loaded = wait_until(Duration::from_secs(10), || {
+        ztunnels.iter().all(|z| z.config_dump()["workloads"][kind].as_array().map_or(0, Vec::len) == count)
+    });
+    if !loaded {
+        bail!("the ztunnels did not pick up the new {kind}");
+    }
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
     warren_e2e::require_root();
-    say("building ztunnel (the eBPF programs are compiled and embedded in it)");
-    run_checked(
-        Command::new("cargo").current_dir(workspace_root()).args(["build", "--quiet", "--bin", "ztunnel"]),
-    )?;
+    say("building ztunnel (the eBPF programs are compiled and embedded in it) and the controller");
+    run_checked(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "--bin",
+        "ztunnel",
+        "--bin",
+        "controller",
+    ]))?;
 
     say("creating two nodes and four pods (network namespaces, veths, an underlay between nodes)");
-    let ca = MeshCa::new();
     let mut cluster = Cluster::new(2);
-    let (checkout, other, legacy) =
+    let (checkout, reporting, legacy) =
         (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
     let payment = cluster.nodes[1].add_pod();
     let (n1, n2) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
-    let workloads = vec![
-        workload(&checkout, &n1, true, "checkout", "checkout"),
-        workload(&other, &n1, true, "reporting", "reporting"),
-        workload(&legacy, &n1, false, "legacy", "legacy"),
-        workload(&payment, &n2, true, "payment", "payment"),
-    ];
-    for (w, pod) in workloads.iter().zip([&checkout, &other, &legacy, &payment]) {
-        println!(
-            "    {:<22} node {}  {:<14} {}",
-            w.display_name(),
-            if w.node == n1 { 1 } else { 2 },
-            pod.ipv4.to_string(),
-            if w.enrolled { "in the mesh (istio.io/dataplane-mode=ambient)" } else { "not in the mesh" }
-        );
+    for (name, node, pod, mesh) in [
+        ("production/checkout", 1, &checkout, "in the mesh (namespace labelled ambient)"),
+        ("production/reporting", 1, &reporting, "in the mesh"),
+        ("production/legacy", 1, &legacy, "opted out (istio.io/dataplane-mode: none)"),
+        ("production/payment", 2, &payment, "in the mesh"),
+    ] {
+        println!("    {name:<22} node {node}  {:<14} {mesh}", pod.ipv4.to_string());
     }
-    let config = |authorizations, peer_authentications| NodeConfig {
-        workloads: workloads.clone(),
-        authorizations,
-        peer_authentications,
-        ..Default::default()
-    };
 
-    say("starting a ztunnel per node: eBPF capture attached, pods enrolled, certificates issued");
-    let mut z1 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);
-    let z2 = Ztunnel::start_with(&cluster.nodes[1], &workloads, &ca, &[]);
-    for (z, pods) in [(&z1, vec![&checkout, &other]), (&z2, vec![&payment])] {
-        for p in pods {
-            let uid =
-                workloads.iter().find(|w| w.ips.contains(&p.ipv4)).map(|w| w.uid.clone()).unwrap_or_default();
-            z.wait_enrolled(&uid);
-        }
+    say("writing the Kubernetes manifests; the controller translates them and is the mesh CA");
+    let root = std::env::temp_dir().join("warren-demo").join(unique_name("d"));
+    let manifests = root.join("manifests");
+    fs::create_dir_all(&manifests)?;
+    write(
+        &manifests,
+        "namespace.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: production\n  labels: {istio.io/dataplane-mode: ambient}\n",
+    )?;
+    write(&manifests, "checkout.yaml", &pod_manifest(&checkout, "checkout", &n1, "checkout", ""))?;
+    write(&manifests, "reporting.yaml", &pod_manifest(&reporting, "reporting", &n1, "reporting", ""))?;
+    write(
+        &manifests,
+        "legacy.yaml",
+        &pod_manifest(&legacy, "legacy", &n1, "legacy", ", istio.io/dataplane-mode: none"),
+    )?;
+    write(&manifests, "payment.yaml", &pod_manifest(&payment, "payment", &n2, "payment", ""))?;
+    let tokens = root.join("tokens");
+    fs::write(&tokens, format!("{n1} token-node-1\n{n2} token-node-2\n"))?;
+    let token_files = ["token-node-1", "token-node-2"].map(|t| root.join(t));
+    for (file, token) in token_files.iter().zip(["token-node-1", "token-node-2"]) {
+        fs::write(file, token)?;
     }
+    let config = root.join("config.json");
+    let ca_dir = root.join("ca");
+    let ca_addr = SocketAddr::new(cluster.underlay_ips[0], 15012);
+    let _controller = Controller(
+        cluster.nodes[0]
+            .ns
+            .command(binary("controller"))
+            .args(["serve", "--interval-ms", "100", "--listen", &ca_addr.to_string()])
+            .arg("--dir")
+            .arg(&manifests)
+            .arg("--out")
+            .arg(&config)
+            .arg("--ca-dir")
+            .arg(&ca_dir)
+            .arg("--tokens")
+            .arg(&tokens)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the controller")?,
+    );
+    let root_pem = ca_dir.join("root-cert.pem");
+    if !wait_until(Duration::from_secs(10), || config.exists() && root_pem.exists()) {
+        bail!("the controller did not start");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    println!("    controller serve: manifests in {}, CA on {ca_addr}", manifests.display());
+
+    say("starting a ztunnel per node: eBPF capture attached, pods enrolled, certificates from the CA");
+    let mut z1 =
+        Ztunnel::start_with_remote_ca(&cluster.nodes[0], &config, ca_addr, &root_pem, &token_files[0]);
+    let z2 = Ztunnel::start_with_remote_ca(&cluster.nodes[1], &config, ca_addr, &root_pem, &token_files[1]);
+    z1.wait_enrolled("production/checkout");
+    z1.wait_enrolled("production/reporting");
+    z2.wait_enrolled("production/payment");
     let status = cluster.nodes[0]
         .ns
         .command(binary("ztunnel"))
@@ -134,42 +204,31 @@ pub fn run() -> Result<()> {
         }
     }
 
-    say("PeerAuthentication STRICT in production: plaintext from the legacy pod is refused");
+    say("adding a PeerAuthentication manifest (STRICT): plaintext from the legacy pod is refused");
     attempt("legacy (not in the mesh), before", &legacy, &payment);
-    let strict = PeerAuthentication {
-        name: "default".into(),
-        namespace: "production".into(),
-        selector: None,
-        mode: MtlsMode::Strict,
-        port_level: Default::default(),
-    };
-    for z in [&z1, &z2] {
-        z.apply_config(&config(vec![], vec![strict.clone()]));
-    }
+    write(
+        &manifests,
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: production\nspec:\n  mtls: {mode: STRICT}\n",
+    )?;
+    wait_for_policies(&[&z1, &z2], "peerAuthentications", 1)?;
     if attempt("legacy (not in the mesh), with STRICT", &legacy, &payment) {
         bail!("STRICT PeerAuthentication let plaintext through");
     }
     attempt("checkout (mTLS), with STRICT", &checkout, &payment);
 
-    say("AuthorizationPolicy: payment admits only spiffe://cluster.local/ns/production/sa/checkout");
-    let allow = Authorization {
-        name: "payment-allow-checkout".into(),
-        namespace: "production".into(),
-        selector: Some([("app".to_string(), "payment".to_string())].into()),
-        action: Action::Allow,
-        rules: vec![Rule {
-            from: vec![Source {
-                principals: vec!["cluster.local/ns/production/sa/checkout".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
-    for z in [&z1, &z2] {
-        z.apply_config(&config(vec![allow.clone()], vec![strict.clone()]));
-    }
+    say(
+        "adding an AuthorizationPolicy: payment admits only checkout's principal (POST /api/v1/charge needs the waypoint)",
+    );
+    write(
+        &manifests,
+        "allow.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: payment-allow-checkout\n  namespace: production\n\
+         spec:\n  selector:\n    matchLabels: {app: payment}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/production/sa/checkout]}}]\n",
+    )?;
+    wait_for_policies(&[&z1, &z2], "authorizations", 1)?;
     attempt("checkout (sa checkout)", &checkout, &payment);
-    if attempt("reporting (sa reporting, also in the mesh)", &other, &payment) {
+    if attempt("reporting (sa reporting, also in the mesh)", &reporting, &payment) {
         bail!("the AuthorizationPolicy let another principal through");
     }
     if let Some(l) = z2.access_log("inbound").iter().rev().find(|l| l["response"] == 401) {
@@ -178,6 +237,12 @@ pub fn run() -> Result<()> {
             l["src_identity"].as_str().unwrap_or(""),
             l["error"].as_str().unwrap_or("")
         );
+    }
+
+    say("controller analyze: what it says about these manifests");
+    let analyze = Command::new(binary("controller")).args(["analyze", "--dir"]).arg(&manifests).output()?;
+    for line in String::from_utf8_lossy(&analyze.stdout).lines() {
+        println!("    {line}");
     }
 
     say("Istio metrics, scraped from each ztunnel's :15020");
@@ -213,6 +278,7 @@ pub fn run() -> Result<()> {
     say("cleaning up: ztunnel uninstall removes the pins (programs detach), namespaces go");
     drop((z1, z2));
     drop(cluster);
+    let _ = fs::remove_dir_all(&root);
     println!(
         "    done. `./x test` runs the end-to-end tests that assert all of this; `./x bench` measures it."
     );
