@@ -4,6 +4,7 @@
 //! Everything is named uniquely per test (tests run in parallel) and torn down by `Drop`, so a
 //! failing or panicking test still removes its namespaces, processes and pins.
 
+pub mod controller;
 pub mod foreign;
 pub mod netns;
 pub mod topology;

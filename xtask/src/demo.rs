@@ -9,19 +9,14 @@
 //!
 //! It grows into the full local-cluster demo (`xtask up`, waypoint, canary) as those land.
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use warren_e2e::{
     app::{Client, Server},
+    controller::{LocalMode, ambient_namespace, pod_manifest},
     topology::{Cluster, Pod},
-    unique_name, wait_until,
+    wait_until,
     ztunnel::{ADMIN, Ztunnel, binary},
 };
 
@@ -29,33 +24,6 @@ use crate::setup::{run_checked, workspace_root};
 
 fn say(step: &str) {
     println!("\n\x1b[1m==> {step}\x1b[0m");
-}
-
-/// A pod manifest with the IPs the local cluster gave it (the harness plays the kubelet).
-fn pod_manifest(pod: &Pod, name: &str, node: &str, sa: &str, extra_labels: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: production\n  labels: {{app: {name}{extra_labels}}}\n\
-         spec:\n  serviceAccountName: {sa}\n  nodeName: {node}\n  containers: [{{name: app, image: echo}}]\n\
-         status:\n  phase: Running\n  podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]\n",
-        pod.ipv4, pod.ipv6
-    )
-}
-
-fn write(dir: &Path, file: &str, text: &str) -> Result<()> {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    fs::write(&tmp, text)?;
-    fs::rename(tmp, dir.join(file))?;
-    Ok(())
-}
-
-/// The controller process, stopped on drop.
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Tries checkout-style traffic from `from` to the payment pod and says what happened.
@@ -116,60 +84,34 @@ pub fn run() -> Result<()> {
     }
 
     say("writing the Kubernetes manifests; the controller translates them and is the mesh CA");
-    let root = std::env::temp_dir().join("warren-demo").join(unique_name("d"));
-    let manifests = root.join("manifests");
-    fs::create_dir_all(&manifests)?;
-    write(
-        &manifests,
-        "namespace.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: production\n  labels: {istio.io/dataplane-mode: ambient}\n",
-    )?;
-    write(&manifests, "checkout.yaml", &pod_manifest(&checkout, "checkout", &n1, "checkout", ""))?;
-    write(&manifests, "reporting.yaml", &pod_manifest(&reporting, "reporting", &n1, "reporting", ""))?;
-    write(
-        &manifests,
+    let mut local = LocalMode::new("demo");
+    local.write("namespace.yaml", &ambient_namespace("production"));
+    local.write("checkout.yaml", &pod_manifest(&checkout, "production", "checkout", &n1, "checkout", ""));
+    local.write("reporting.yaml", &pod_manifest(&reporting, "production", "reporting", &n1, "reporting", ""));
+    local.write(
         "legacy.yaml",
-        &pod_manifest(&legacy, "legacy", &n1, "legacy", ", istio.io/dataplane-mode: none"),
-    )?;
-    write(&manifests, "payment.yaml", &pod_manifest(&payment, "payment", &n2, "payment", ""))?;
-    let tokens = root.join("tokens");
-    fs::write(&tokens, format!("{n1} token-node-1\n{n2} token-node-2\n"))?;
-    let token_files = ["token-node-1", "token-node-2"].map(|t| root.join(t));
-    for (file, token) in token_files.iter().zip(["token-node-1", "token-node-2"]) {
-        fs::write(file, token)?;
-    }
-    let config = root.join("config.json");
-    let ca_dir = root.join("ca");
-    let ca_addr = SocketAddr::new(cluster.underlay_ips[0], 15012);
-    let _controller = Controller(
-        cluster.nodes[0]
-            .ns
-            .command(binary("controller"))
-            .args(["serve", "--interval-ms", "100", "--listen", &ca_addr.to_string()])
-            .arg("--dir")
-            .arg(&manifests)
-            .arg("--out")
-            .arg(&config)
-            .arg("--ca-dir")
-            .arg(&ca_dir)
-            .arg("--tokens")
-            .arg(&tokens)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the controller")?,
+        &pod_manifest(&legacy, "production", "legacy", &n1, "legacy", ", istio.io/dataplane-mode: none"),
     );
-    let root_pem = ca_dir.join("root-cert.pem");
-    if !wait_until(Duration::from_secs(10), || config.exists() && root_pem.exists()) {
-        bail!("the controller did not start");
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    println!("    controller serve: manifests in {}, CA on {ca_addr}", manifests.display());
+    local.write("payment.yaml", &pod_manifest(&payment, "production", "payment", &n2, "payment", ""));
+    let ca_addr = local.serve(&cluster);
+    println!("    controller serve: manifests in {}, CA on {ca_addr}", local.manifests().display());
 
     say("starting a ztunnel per node: eBPF capture attached, pods enrolled, certificates from the CA");
-    let mut z1 =
-        Ztunnel::start_with_remote_ca(&cluster.nodes[0], &config, ca_addr, &root_pem, &token_files[0]);
-    let z2 = Ztunnel::start_with_remote_ca(&cluster.nodes[1], &config, ca_addr, &root_pem, &token_files[1]);
+    let root_pem = local.root_pem();
+    let mut z1 = Ztunnel::start_with_remote_ca(
+        &cluster.nodes[0],
+        &local.config,
+        ca_addr,
+        &root_pem,
+        &local.token_file(&n1),
+    );
+    let z2 = Ztunnel::start_with_remote_ca(
+        &cluster.nodes[1],
+        &local.config,
+        ca_addr,
+        &root_pem,
+        &local.token_file(&n2),
+    );
     z1.wait_enrolled("production/checkout");
     z1.wait_enrolled("production/reporting");
     z2.wait_enrolled("production/payment");
@@ -206,11 +148,10 @@ pub fn run() -> Result<()> {
 
     say("adding a PeerAuthentication manifest (STRICT): plaintext from the legacy pod is refused");
     attempt("legacy (not in the mesh), before", &legacy, &payment);
-    write(
-        &manifests,
+    local.write(
         "strict.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: production\nspec:\n  mtls: {mode: STRICT}\n",
-    )?;
+    );
     wait_for_policies(&[&z1, &z2], "peerAuthentications", 1)?;
     if attempt("legacy (not in the mesh), with STRICT", &legacy, &payment) {
         bail!("STRICT PeerAuthentication let plaintext through");
@@ -220,12 +161,11 @@ pub fn run() -> Result<()> {
     say(
         "adding an AuthorizationPolicy: payment admits only checkout's principal (POST /api/v1/charge needs the waypoint)",
     );
-    write(
-        &manifests,
+    local.write(
         "allow.yaml",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: payment-allow-checkout\n  namespace: production\n\
          spec:\n  selector:\n    matchLabels: {app: payment}\n  action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/production/sa/checkout]}}]\n",
-    )?;
+    );
     wait_for_policies(&[&z1, &z2], "authorizations", 1)?;
     attempt("checkout (sa checkout)", &checkout, &payment);
     if attempt("reporting (sa reporting, also in the mesh)", &reporting, &payment) {
@@ -240,7 +180,8 @@ pub fn run() -> Result<()> {
     }
 
     say("controller analyze: what it says about these manifests");
-    let analyze = Command::new(binary("controller")).args(["analyze", "--dir"]).arg(&manifests).output()?;
+    let analyze =
+        Command::new(binary("controller")).args(["analyze", "--dir"]).arg(local.manifests()).output()?;
     for line in String::from_utf8_lossy(&analyze.stdout).lines() {
         println!("    {line}");
     }
@@ -277,8 +218,8 @@ pub fn run() -> Result<()> {
 
     say("cleaning up: ztunnel uninstall removes the pins (programs detach), namespaces go");
     drop((z1, z2));
+    drop(local);
     drop(cluster);
-    let _ = fs::remove_dir_all(&root);
     println!(
         "    done. `./x test` runs the end-to-end tests that assert all of this; `./x bench` measures it."
     );
