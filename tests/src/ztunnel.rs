@@ -98,6 +98,11 @@ pub fn pin_command(cmd: &mut std::process::Command, cpu: usize) {
     }
 }
 
+/// ztunnel's arguments for the development CA in `ca`.
+fn dev_ca_args(ca: &MeshCa) -> Vec<String> {
+    vec!["--dev-ca-dir".into(), ca.dir.display().to_string()]
+}
+
 impl Ztunnel {
     /// Starts ztunnel for `node` with these workloads and a CA of its own, and waits until it
     /// is ready.
@@ -110,13 +115,13 @@ impl Ztunnel {
 
     /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
     pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
-        Self::start_full(node, Some(workloads), None, ca, extra_args)
+        Self::start_full(node, Some(workloads), None, dev_ca_args(ca), extra_args)
     }
 
     /// Starts ztunnel reading its config from `config_file`, which someone else (a controller)
     /// writes.
     pub fn start_reading(node: &Node, config_file: &std::path::Path, ca: &MeshCa) -> Self {
-        Self::start_full(node, None, Some(config_file.to_path_buf()), ca, &[])
+        Self::start_full(node, None, Some(config_file.to_path_buf()), dev_ca_args(ca), &[])
     }
 
     /// Starts ztunnel reading `config_file` and asking the controller's CA at `ca_addr` for
@@ -128,39 +133,23 @@ impl Ztunnel {
         root_pem: &std::path::Path,
         token_file: &std::path::Path,
     ) -> Self {
-        let placeholder = MeshCa::new();
-        let mut z =
-            Self::start_full_with(node, None, Some(config_file.to_path_buf()), &placeholder, &[], |z| {
-                z.ca_args = vec![
-                    "--ca-addr".into(),
-                    ca_addr.to_string(),
-                    "--ca-root".into(),
-                    root_pem.display().to_string(),
-                    "--ca-token-file".into(),
-                    token_file.display().to_string(),
-                ];
-            });
-        z._own_ca = Some(placeholder);
-        z
+        let ca_args = vec![
+            "--ca-addr".into(),
+            ca_addr.to_string(),
+            "--ca-root".into(),
+            root_pem.display().to_string(),
+            "--ca-token-file".into(),
+            token_file.display().to_string(),
+        ];
+        Self::start_full(node, None, Some(config_file.to_path_buf()), ca_args, &[])
     }
 
     fn start_full(
         node: &Node,
         workloads: Option<&[Workload]>,
         config_file: Option<PathBuf>,
-        ca: &MeshCa,
+        ca_args: Vec<String>,
         extra_args: &[&str],
-    ) -> Self {
-        Self::start_full_with(node, workloads, config_file, ca, extra_args, |_| {})
-    }
-
-    fn start_full_with(
-        node: &Node,
-        workloads: Option<&[Workload]>,
-        config_file: Option<PathBuf>,
-        ca: &MeshCa,
-        extra_args: &[&str],
-        adjust: impl FnOnce(&mut Ztunnel),
     ) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
@@ -171,11 +160,10 @@ impl Ztunnel {
             dir,
             child: None,
             cgroup: format!("warren-e2e/{}", node.name),
-            ca_args: vec!["--dev-ca-dir".into(), ca.dir.display().to_string()],
+            ca_args,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             _own_ca: None,
         };
-        adjust(&mut z);
         if let Some(workloads) = workloads {
             z.set_workloads(workloads);
         }
