@@ -537,6 +537,7 @@ fn a_service_vip_spreads_connections_over_endpoints_on_both_nodes() {
     z0.apply_config(&config);
     z1.apply_config(&config);
     z0.wait_enrolled(&a.name);
+    z0.wait_enrolled(&e0.name);
     z1.wait_enrolled(&e1.name);
     let (_s0, _s1) = (Server::start(&e0, APP_PORT), Server::start(&e1, APP_PORT));
 

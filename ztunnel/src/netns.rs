@@ -21,8 +21,6 @@ pub enum NetnsError {
         "{ip} is held by more than one network namespace ({first} and {second}): refusing to guess which is the pod"
     )]
     Ambiguous { ip: IpAddr, first: PathBuf, second: PathBuf },
-    #[error("entering network namespace {path}: {source}")]
-    Enter { path: PathBuf, source: io::Error },
 }
 
 /// ztunnel's own netns, opened once at start from the main thread.
@@ -107,10 +105,15 @@ pub fn find_by_ip(ip: IpAddr, candidates: &[NetnsRef]) -> Result<(NetnsRef, File
         let Ok(file) = File::open(&candidate.path) else {
             continue;
         };
-        let holds = holds_ip(&file, ip)
-            .map_err(|source| NetnsError::Enter { path: candidate.path.clone(), source })?;
-        if !holds {
-            continue;
+        // A namespace being torn down refuses setns (EINVAL): it is not the pod's, and must not
+        // fail the search for every other pod on the node.
+        match holds_ip(&file, ip) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(source) => {
+                tracing::debug!(path = %candidate.path.display(), "skipping a namespace that cannot be entered: {source}");
+                continue;
+            }
         }
         if let Some((first, _)) = &found {
             return Err(NetnsError::Ambiguous {
