@@ -1,21 +1,16 @@
 //! Checks over a snapshot that are not part of translating it: the mistakes that turn into
-//! silent 503s or undefined behaviour at L7 (`istioctl analyze`'s job).
+//! silent 503s or undefined behaviour at L7 (`istioctl analyze`'s job). These relate objects
+//! to each other; what is wrong within one field (a regex, a duration, a port) is reported by
+//! translation, which also says what it dropped, so `controller analyze` (which prints both)
+//! never reports one thing twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     findings::{Finding, codes, error, warning},
-    objects::{Snapshot, StringMatch, VirtualService, object_name},
+    objects::{Snapshot, VirtualService, object_name},
+    translate_l7::fqdn,
 };
-
-/// Resolves a host as Istio does: a short name is in the object's namespace.
-fn fqdn(host: &str, namespace: &str) -> String {
-    if host.contains('.') {
-        if host.split('.').count() == 2 { format!("{host}.svc.cluster.local") } else { host.to_string() }
-    } else {
-        format!("{host}.{namespace}.svc.cluster.local")
-    }
-}
 
 pub fn analyze(snapshot: &Snapshot) -> Vec<Finding> {
     let mut findings = Vec::new();
@@ -70,20 +65,6 @@ fn routes(
 ) {
     let object = format!("VirtualService {}", object_name(&vs.metadata));
     for (i, http) in vs.spec.http.iter().enumerate() {
-        for (j, m) in http.matches.iter().enumerate() {
-            let mut check = |field: String, sm: &Option<StringMatch>| {
-                if let Some(re) = sm.as_ref().and_then(|s| s.regex.as_deref())
-                    && let Err(e) = regex::Regex::new(re)
-                {
-                    findings.push(error(codes::INVALID_REGEX, object.clone(), Some(field), e.to_string()));
-                }
-            };
-            check(format!("spec.http[{i}].match[{j}].uri.regex"), &m.uri);
-            check(format!("spec.http[{i}].match[{j}].authority.regex"), &m.authority);
-            for (name, header) in &m.headers {
-                check(format!("spec.http[{i}].match[{j}].headers.{name}.regex"), &Some(header.clone()));
-            }
-        }
         for (k, route) in http.route.iter().enumerate() {
             let host = fqdn(&route.destination.host, ns);
             let field = format!("spec.http[{i}].route[{k}].destination");
@@ -143,8 +124,7 @@ mod tests {
         assert_eq!(by_code(codes::WEIGHTS).len(), 1);
         assert!(by_code(codes::WEIGHTS)[0].message.contains("90"));
         assert_eq!(by_code(codes::CONFLICTING_VIRTUAL_SERVICES).len(), 1);
-        let regex = by_code(codes::INVALID_REGEX);
-        assert_eq!(regex.len(), 1);
-        assert_eq!(regex[0].field.as_deref(), Some("spec.http[0].match[0].uri.regex"));
+        // The bad regex is translation's to report (it drops the match).
+        assert!(by_code(codes::INVALID_REGEX).is_empty());
     }
 }

@@ -52,10 +52,15 @@ pub mod codes {
     pub const INVALID_VALUE: &str = "WA0103";
     /// A Service whose selector matches no pod.
     pub const NO_ENDPOINTS: &str = "WA0104";
+    /// A waypoint AuthorizationPolicy rule with a field the waypoint cannot evaluate (a `when`
+    /// key, `requestPrincipals`, `remoteIpBlocks`, an unusable port): ALLOW rules drop (never
+    /// match), DENY rules keep the rest (deny more).
+    pub const L7_POLICY_UNSUPPORTED: &str = "WA0105";
     /// A route to a subset that no DestinationRule for its host defines: every request to it
     /// would fail with 503.
     pub const UNDEFINED_SUBSET: &str = "WA0201";
-    /// A route destination host that names no Service.
+    /// A host that names no Service: a route destination (analysis), or a VirtualService or
+    /// DestinationRule host, an HTTPRoute parent or backend (translation, which drops it).
     pub const UNKNOWN_HOST: &str = "WA0202";
     /// The weights of a route's destinations do not add up to 100.
     pub const WEIGHTS: &str = "WA0203";
@@ -63,6 +68,13 @@ pub mod codes {
     pub const CONFLICTING_VIRTUAL_SERVICES: &str = "WA0204";
     /// A regular expression that does not compile (RE2 syntax).
     pub const INVALID_REGEX: &str = "WA0205";
+    /// A routing feature the waypoint does not implement (ignored, or what needs it dropped).
+    pub const UNSUPPORTED: &str = "WA0206";
+    /// Configuration that is not for the mesh (ingress Gateways, `gateways` without `mesh`):
+    /// out of Warren's scope, ignored.
+    pub const NOT_FOR_MESH: &str = "WA0207";
+    /// Routes or policies for a Service that has no waypoint: nothing applies them.
+    pub const NO_WAYPOINT: &str = "WA0208";
 }
 
 pub fn error(

@@ -8,6 +8,7 @@ mod findings;
 mod objects;
 mod source;
 mod translate;
+mod translate_l7;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 

@@ -98,6 +98,8 @@ pub fn read_documents(origin: &str, text: &str, snapshot: &mut Snapshot, finding
             ("security.istio.io", "AuthorizationPolicy") => take!(snapshot.authorization_policies),
             ("networking.istio.io", "VirtualService") => take!(snapshot.virtual_services),
             ("networking.istio.io", "DestinationRule") => take!(snapshot.destination_rules),
+            ("gateway.networking.k8s.io", "HTTPRoute") => take!(snapshot.http_routes),
+            ("gateway.networking.k8s.io", "Gateway") => take!(snapshot.gateways),
             _ => findings.push(warning(
                 codes::UNKNOWN_KIND,
                 object,

@@ -33,7 +33,7 @@ pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
     let namespaces: BTreeMap<&str, &Namespace> =
         snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, n))).collect();
     let workloads: Vec<Workload> = snapshot.pods.iter().map(|p| workload(p, &namespaces)).collect();
-    let services = snapshot
+    let services: Vec<Service> = snapshot
         .services
         .iter()
         .filter_map(|s| service(s, &snapshot.pods, &workloads, &namespaces, &mut findings))
@@ -46,12 +46,14 @@ pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
     let authorizations =
         snapshot.authorization_policies.iter().filter_map(|p| authorization(p, &mut findings)).collect();
     strict_with_unenrolled(&peer_authentications, &workloads, &mut findings);
+    let routing = crate::translate_l7::routing(snapshot, &services, &mut findings);
     let config = NodeConfig {
         workloads,
         services,
         authorizations,
         peer_authentications,
         root_namespace: String::new(),
+        routing,
     };
     (config, findings)
 }
@@ -236,11 +238,13 @@ fn peer_authentication(pa: &K8sPeerAuthentication, findings: &mut Vec<Finding>) 
     }
 }
 
-/// The L7 fields of a rule, by path (ztunnel cannot evaluate them).
+/// The L7 fields of a rule, by path (ztunnel cannot evaluate them). Fields Warren does not
+/// know (a newer Istio's) are counted with them, so they never widen an ALLOW rule.
 fn l7_fields(rule: &AuthorizationRule, index: usize) -> Vec<String> {
     let mut out = Vec::new();
     for (i, f) in rule.from.iter().enumerate() {
         let s = &f.source;
+        out.extend(s.other.keys().map(|k| format!("spec.rules[{index}].from[{i}].source.{k}")));
         for (name, v) in [
             ("requestPrincipals", &s.request_principals),
             ("notRequestPrincipals", &s.not_request_principals),
@@ -254,6 +258,7 @@ fn l7_fields(rule: &AuthorizationRule, index: usize) -> Vec<String> {
     }
     for (i, t) in rule.to.iter().enumerate() {
         let o = &t.operation;
+        out.extend(o.other.keys().map(|k| format!("spec.rules[{index}].to[{i}].operation.{k}")));
         for (name, v) in [
             ("hosts", &o.hosts),
             ("notHosts", &o.not_hosts),
@@ -300,7 +305,8 @@ fn authorization(ap: &AuthorizationPolicy, findings: &mut Vec<Finding>) -> Optio
     let object = format!("AuthorizationPolicy {}", object_name(&ap.metadata));
     let spec = &ap.spec;
     if !spec.target_refs.is_empty() || spec.target_ref.is_some() {
-        // Attached to a waypoint or a Service: enforced at L7 by the waypoint, not by ztunnel.
+        // Attached to a waypoint or a Service: enforced at L7 by the waypoint (translate_l7),
+        // not by ztunnel.
         return None;
     }
     let action = match spec.action.as_deref().map(str::to_ascii_uppercase).as_deref() {
@@ -506,6 +512,16 @@ mod tests {
                 .iter()
                 .any(|f| f.field.as_deref().is_some_and(|x| x.contains("request.headers[x-debug]")))
         );
+    }
+
+    #[test]
+    fn unknown_policy_fields_never_widen_an_allow_rule() {
+        let (config, findings) = load(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  rules:\n  - from: [{source: {serviceAccounts: [n/checkout]}}]\n  - to: [{operation: {ports: [\"80\"]}}]\n",
+        );
+        assert_eq!(config.authorizations[0].rules.len(), 1, "only the rule Warren understands stays");
+        assert_eq!(findings.len(), 1, "{findings:#?}");
+        assert_eq!(findings[0].field.as_deref(), Some("spec.rules[0].from[0].source.serviceAccounts"));
     }
 
     #[test]

@@ -4,8 +4,10 @@
 
 pub mod ca;
 pub mod ca_protocol;
+pub mod certs;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod model;
 pub mod policy;
 pub mod tls;

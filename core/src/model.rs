@@ -166,7 +166,7 @@ impl WorkloadIndex {
 
 /// What one node's ztunnel needs: its workloads. Read from `--config` (JSON) until the
 /// controller's config stream replaces it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeConfig {
     #[serde(default)]
@@ -181,6 +181,9 @@ pub struct NodeConfig {
     /// The namespace whose selector-less policies apply mesh-wide (`istio-system` if empty).
     #[serde(default)]
     pub root_namespace: String,
+    /// L7 configuration for waypoints (ztunnel ignores it).
+    #[serde(default, skip_serializing_if = "crate::l7::Routing::is_empty")]
+    pub routing: crate::l7::Routing,
 }
 
 impl NodeConfig {

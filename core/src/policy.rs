@@ -270,17 +270,22 @@ impl Condition {
 
 impl Source {
     fn matches(&self, facts: &ConnectionFacts<'_>) -> bool {
+        self.matches_peer(facts.source_identity, facts.source_ip)
+    }
+
+    /// Whether a peer with this identity (none: plaintext) and address is one of the sources.
+    /// Waypoints use it for L7 policies too.
+    pub fn matches_peer(&self, identity: Option<&SpiffeId>, source_ip: IpAddr) -> bool {
         // Istio's principal form drops the scheme: cluster.local/ns/x/sa/y.
-        let principal =
-            facts.source_identity.map(|id| id.to_string().trim_start_matches("spiffe://").to_string());
-        let namespace = facts.source_identity.map(|id| id.namespace.as_str());
+        let principal = identity.map(|id| id.to_string().trim_start_matches("spiffe://").to_string());
+        let namespace = identity.map(|id| id.namespace.as_str());
         let any_of = |values: &[String], actual: Option<&str>| {
             actual.is_some_and(|a| values.iter().any(|v| wildcard(v, a)))
         };
         let field = |values: &[String], not: &[String], actual: Option<&str>| {
             (values.is_empty() || any_of(values, actual)) && (not.is_empty() || !any_of(not, actual))
         };
-        let ip_in = |blocks: &[String]| blocks.iter().any(|b| cidr_contains(b, facts.source_ip));
+        let ip_in = |blocks: &[String]| blocks.iter().any(|b| cidr_contains(b, source_ip));
         field(&self.principals, &self.not_principals, principal.as_deref())
             && field(&self.namespaces, &self.not_namespaces, namespace)
             && (self.ip_blocks.is_empty() || ip_in(&self.ip_blocks))
@@ -295,7 +300,7 @@ impl Destination {
 }
 
 /// Istio's string match: exact, `*` alone, `prefix*` or `*suffix`.
-fn wildcard(pattern: &str, value: &str) -> bool {
+pub fn wildcard(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
         true
     } else if let Some(prefix) = pattern.strip_suffix('*') {

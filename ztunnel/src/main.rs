@@ -2,7 +2,7 @@
 
 mod admin;
 mod capture;
-mod certs;
+use warren_core::certs;
 mod cgroup;
 mod config;
 mod enforce;

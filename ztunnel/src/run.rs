@@ -12,13 +12,12 @@ use tracing::{error, info, warn};
 use warren_core::{
     model::{NodeConfig, WorkloadIndex},
     policy::Policies,
-    tls::TrustBundle,
 };
 
 use crate::{
     admin::{self, AdminState, Endpoints},
     capture::{Capture, CaptureSettings},
-    certs::{CertManager, DevCa, RemoteCa},
+    certs::{CaSettings, CertManager},
     cgroup,
     config::{Config, LogFormat},
     hbone::Pool,
@@ -78,39 +77,17 @@ async fn serve(config: Config) -> Result<()> {
         "capture loaded; ztunnel's own sockets are exempt"
     );
 
-    let certs = match (&config.ca_addr, &config.dev_ca_dir) {
-        (Some(addr), _) => {
-            let (Some(root), Some(token_file)) = (&config.ca_root, &config.ca_token_file) else {
-                bail!(
-                    "--ca-addr needs --ca-root (the mesh root, PEM) and --ca-token-file (this node's token)"
-                );
-            };
-            let pem =
-                std::fs::read(root).with_context(|| format!("reading the mesh root {}", root.display()))?;
-            let root_der: rustls_pki_types::CertificateDer<'static> =
-                rustls_pki_types::pem::PemObject::from_pem_slice(&pem)
-                    .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e:?}", root.display()))?;
-            let bundle = TrustBundle::new(&[root_der]).context("the mesh root")?;
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("reading the CA token {}", token_file.display()))?
-                .trim()
-                .to_string();
-            let ca_identity = warren_core::identity::SpiffeId {
-                trust_domain: config.trust_domain.clone(),
-                namespace: "warren-system".into(),
-                service_account: "warren-controller".into(),
-            };
-            info!(%addr, %ca_identity, "certificates from the mesh CA");
-            let ca = RemoteCa { addr: *addr, bundle: bundle.clone(), ca_identity, token };
-            CertManager::new(Some(Arc::new(ca)), Some(bundle))
-        }
-        (None, Some(dir)) => {
-            let ca = DevCa::load(dir, Duration::from_secs(config.cert_lifetime_secs))?;
-            let bundle = TrustBundle::new(&[ca.root()]).context("the development CA's root")?;
-            info!(dir = %dir.display(), "using the development CA in this process (not for production)");
-            CertManager::new(Some(Arc::new(ca)), Some(bundle))
-        }
-        (None, None) => {
+    let ca = CaSettings {
+        ca_addr: config.ca_addr,
+        ca_root: config.ca_root.clone(),
+        ca_token_file: config.ca_token_file.clone(),
+        dev_ca_dir: config.dev_ca_dir.clone(),
+        dev_cert_lifetime: Duration::from_secs(config.cert_lifetime_secs),
+        trust_domain: config.trust_domain.clone(),
+    };
+    let certs = match ca.cert_manager()? {
+        Some(certs) => certs,
+        None => {
             warn!("no CA configured: enrolled pods can reach only destinations outside the mesh");
             CertManager::new(None, None)
         }

@@ -1,4 +1,5 @@
-//! Workload certificates: one key per identity, generated here (it never leaves ztunnel), a CSR
+//! Workload certificates for ztunnel and waypoints: one key per identity, generated here (it
+//! never leaves the proxy), a CSR
 //! to the CA, renewal at half-life. If renewal fails the current certificate is kept until it
 //! expires, and renewal is retried. Connections are never dropped by a rotation: new
 //! connections pick up the new certificate, established ones keep the one they started with.
@@ -12,19 +13,19 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
-use serde::Serialize;
-use tracing::{info, warn};
-use warren_core::{
+use crate::{
     ca::{Ca, CaError, WorkloadCertificate, new_key_and_csr, workload_certificate},
     identity::SpiffeId,
     tls::TrustBundle,
 };
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use serde::Serialize;
+use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error(
-        "no CA is configured, so ztunnel has no certificates and cannot speak HBONE: pass --dev-ca-dir (development and tests) until the controller's CA is available"
+        "no CA is configured, so this proxy has no certificates and cannot speak HBONE: pass --ca-addr (the controller's CA) or --dev-ca-dir (development and tests)"
     )]
     NoCa,
     #[error("the CA refused or failed to sign for {identity}: {reason}")]
@@ -97,7 +98,7 @@ pub struct RemoteCa {
 impl CaClient for RemoteCa {
     fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
         Box::pin(async move {
-            warren_core::ca_protocol::request_certificate(
+            crate::ca_protocol::request_certificate(
                 self.addr,
                 &self.bundle,
                 &self.ca_identity,
@@ -108,6 +109,73 @@ impl CaClient for RemoteCa {
             .await
             .map_err(|e| CertError::Signing { identity, reason: e.to_string() })
         })
+    }
+}
+
+/// Where a proxy gets its certificates, as its flags say.
+#[derive(Clone, Debug, Default)]
+pub struct CaSettings {
+    /// The mesh CA (the controller) to send CSRs to.
+    pub ca_addr: Option<std::net::SocketAddr>,
+    /// The mesh root certificate (PEM), required with `ca_addr`.
+    pub ca_root: Option<std::path::PathBuf>,
+    /// The bootstrap token file, required with `ca_addr`.
+    pub ca_token_file: Option<std::path::PathBuf>,
+    /// Development and tests: sign with a root key in this directory, in-process.
+    pub dev_ca_dir: Option<std::path::PathBuf>,
+    pub dev_cert_lifetime: Duration,
+    pub trust_domain: String,
+}
+
+/// The controller's own identity, which proxies expect when they call the CA.
+pub fn ca_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId {
+        trust_domain: trust_domain.to_string(),
+        namespace: "warren-system".into(),
+        service_account: "warren-controller".into(),
+    }
+}
+
+impl CaSettings {
+    /// The certificate manager these settings describe; none when no CA is configured.
+    pub fn cert_manager(&self) -> Result<Option<Arc<CertManager>>, CertError> {
+        let load = |what: &str, path: &std::path::Path, reason: String| CertError::LoadCa {
+            dir: path.display().to_string(),
+            reason: format!("{what}: {reason}"),
+        };
+        if let Some(addr) = self.ca_addr {
+            let (Some(root), Some(token_file)) = (&self.ca_root, &self.ca_token_file) else {
+                return Err(CertError::LoadCa {
+                    dir: addr.to_string(),
+                    reason: "--ca-addr needs --ca-root (the mesh root, PEM) and --ca-token-file (the bootstrap token)".into(),
+                });
+            };
+            let pem = std::fs::read(root).map_err(|e| load("the mesh root", root, e.to_string()))?;
+            let root_der: CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(&pem)
+                .map_err(|e| load("the mesh root", root, format!("not a PEM certificate: {e:?}")))?;
+            let bundle =
+                TrustBundle::new(&[root_der]).map_err(|e| load("the mesh root", root, e.to_string()))?;
+            let token = std::fs::read_to_string(token_file)
+                .map_err(|e| load("the CA token", token_file, e.to_string()))?
+                .trim()
+                .to_string();
+            let ca = RemoteCa {
+                addr,
+                bundle: bundle.clone(),
+                ca_identity: ca_identity(&self.trust_domain),
+                token,
+            };
+            info!(%addr, "certificates from the mesh CA");
+            return Ok(Some(CertManager::new(Some(Arc::new(ca)), Some(bundle))));
+        }
+        if let Some(dir) = &self.dev_ca_dir {
+            let ca = DevCa::load(dir, self.dev_cert_lifetime)?;
+            let bundle =
+                TrustBundle::new(&[ca.root()]).map_err(|e| load("the development CA", dir, e.to_string()))?;
+            info!(dir = %dir.display(), "using the development CA in this process (not for production)");
+            return Ok(Some(CertManager::new(Some(Arc::new(ca)), Some(bundle))));
+        }
+        Ok(None)
     }
 }
 

@@ -1,0 +1,568 @@
+//! L7 configuration for waypoints: what the controller makes of VirtualService, HTTPRoute,
+//! DestinationRule and the AuthorizationPolicies attached to a waypoint or a Service.
+//!
+//! The controller does the Kubernetes-shaped work (short host names resolved to FQDNs, defaults
+//! filled, HTTPRoute turned into the same route form as a VirtualService, durations in
+//! milliseconds), so a waypoint evaluates this model as it is. Everything here is plain data;
+//! the waypoint compiles regexes and weights into its own structures when a config arrives.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Action, Source};
+
+/// All L7 configuration of the mesh. Waypoints pick what concerns the services they serve.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Routing {
+    /// VirtualServices and HTTPRoutes, in the order routing must consider them (oldest first,
+    /// as Istio merges several routes for one host).
+    #[serde(default)]
+    pub virtual_services: Vec<VirtualService>,
+    #[serde(default)]
+    pub destination_rules: Vec<DestinationRule>,
+    /// AuthorizationPolicies with `targetRefs` to a waypoint (Gateway) or a Service.
+    #[serde(default)]
+    pub authorizations: Vec<L7Authorization>,
+}
+
+impl Routing {
+    pub fn is_empty(&self) -> bool {
+        self.virtual_services.is_empty()
+            && self.destination_rules.is_empty()
+            && self.authorizations.is_empty()
+    }
+}
+
+/// Where a route table came from, for logs and `/config_dump`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteKind {
+    #[default]
+    VirtualService,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+}
+
+/// The HTTP routes of one VirtualService (or one HTTPRoute) for the services in `hosts`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualService {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub kind: RouteKind,
+    /// Service FQDNs (`name.namespace.svc.cluster.local`).
+    pub hosts: Vec<String>,
+    /// Ordered: the first route whose match holds handles the request.
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+impl VirtualService {
+    /// `VirtualService production/payment`, how messages name it.
+    pub fn display_name(&self) -> String {
+        let kind = match self.kind {
+            RouteKind::VirtualService => "VirtualService",
+            RouteKind::HttpRoute => "HTTPRoute",
+        };
+        format!("{kind} {}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one must hold (ORed); none: every request.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RequestMatch>,
+    /// Weighted destinations. Exactly one of `route`, `redirect`, `directResponse` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteDestination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Bounds the whole request, retries included. None: no timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// None: no retries. The controller fills Istio's default policy when the object says
+    /// nothing (see [`Retries`]), so an explicit `attempts: 0` is the only way to None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    /// Header operations for every destination of the route.
+    #[serde(default, skip_serializing_if = "Headers::is_empty")]
+    pub headers: Headers,
+}
+
+/// A request match: every field set must hold (ANDed).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The path, without the query string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatch>,
+    /// Header names lower-case.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// The request must NOT carry a matching header.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    /// `uri` compared case-insensitively.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
+    /// The service port the request arrived on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Labels the source workload must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
+}
+
+/// How a string is matched. Regexes are RE2 syntax and must match the whole value (Istio's
+/// semantics).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+    /// Gateway API `PathPrefix`: a prefix of whole path segments (`/api` matches `/api` and
+    /// `/api/x`, not `/apix`).
+    PathPrefix(String),
+    /// The header or parameter is present, whatever its value.
+    Present,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    /// Relative weight; the controller fills 100 for a lone destination.
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Headers::is_empty")]
+    pub headers: Headers,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    /// Service FQDN.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Service port; none: the port the request arrived on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Headers {
+    #[serde(default, skip_serializing_if = "HeaderOperations::is_empty")]
+    pub request: HeaderOperations,
+    #[serde(default, skip_serializing_if = "HeaderOperations::is_empty")]
+    pub response: HeaderOperations,
+}
+
+impl Headers {
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty()
+    }
+}
+
+/// Applied in the order remove, set, add (names lower-case).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOperations {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redirect {
+    /// Replaces the whole path, whatever the match (Istio's `redirect.uri`; HTTPRoute
+    /// `ReplaceFullPath`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// HTTPRoute `ReplacePrefixMatch`: replaces the matched prefix, keeping the rest of the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301 unless set.
+    pub redirect_code: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rewrite {
+    /// VirtualService `rewrite.uri` / HTTPRoute `ReplacePrefixMatch`: replaces the matched
+    /// prefix when the route matched on a prefix, the whole path otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// HTTPRoute `ReplaceFullPath`: replaces the whole path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_path: Option<String>,
+    /// `uriRegexRewrite`: every match of `regex` in the path replaced by `rewrite` (`\1`
+    /// references groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_regex: Option<RegexRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub regex: String,
+    pub rewrite: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first try (0: none).
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+    /// Istio/Envoy conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`,
+    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`, or bare status codes (the
+    /// codes `retriable-status-codes` retries). Istio's default policy, which the controller
+    /// fills when a route has no `retries`: 2 attempts on `connect-failure`, `refused-stream`,
+    /// `unavailable`, `cancelled`, `retriable-status-codes`, `503`.
+    #[serde(default)]
+    pub retry_on: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    pub fixed_delay_ms: u64,
+    /// 0–100; the controller fills 100 when unset.
+    pub percentage: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: u16,
+    pub percentage: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub destination: Destination,
+    /// 0–100 of requests copied; the controller fills 100 when unset.
+    pub percentage: f64,
+}
+
+/// A DestinationRule: subsets and traffic policy for one service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRule {
+    pub name: String,
+    pub namespace: String,
+    /// Service FQDN.
+    pub host: String,
+    #[serde(default, skip_serializing_if = "TrafficPolicy::is_empty")]
+    pub traffic_policy: TrafficPolicy,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
+}
+
+impl DestinationRule {
+    /// The policy for `subset`: the subset's own fields over the rule's (field by field, as
+    /// Istio merges them).
+    pub fn policy_for(&self, subset: Option<&str>) -> TrafficPolicy {
+        let own = subset.and_then(|name| self.subsets.iter().find(|s| s.name == name));
+        match own.and_then(|s| s.traffic_policy.as_ref()) {
+            None => self.traffic_policy.clone(),
+            Some(p) => TrafficPolicy {
+                load_balancer: p.load_balancer.clone().or_else(|| self.traffic_policy.load_balancer.clone()),
+                connection_pool: p
+                    .connection_pool
+                    .clone()
+                    .or_else(|| self.traffic_policy.connection_pool.clone()),
+                outlier_detection: p
+                    .outlier_detection
+                    .clone()
+                    .or_else(|| self.traffic_policy.outlier_detection.clone()),
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    /// Labels an endpoint must carry to belong to the subset.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl TrafficPolicy {
+    pub fn is_empty(&self) -> bool {
+        self.load_balancer.is_none() && self.connection_pool.is_none() && self.outlier_detection.is_none()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    Simple(SimpleLb),
+    ConsistentHash(HashKey),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SimpleLb {
+    RoundRobin,
+    /// Also what Istio's `LEAST_CONN` means.
+    LeastRequest,
+    Random,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashKey {
+    HttpHeaderName(String),
+    HttpCookie(String),
+    UseSourceIp,
+}
+
+/// Limits per destination (service or subset), enforced by the waypoint; overflow answers 503
+/// with response flag `UO`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPool {
+    /// `tcp.maxConnections`: upstream connections open at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// `http.http1MaxPendingRequests`: requests waiting for a connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1_max_pending_requests: Option<u32>,
+    /// `http.http2MaxRequests`: requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_requests: Option<u32>,
+    /// `http.maxRequestsPerConnection`: an upstream connection is retired after this many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// `http.maxRetries`: retries in flight at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx_errors: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    pub interval_ms: u64,
+    /// Ejection lasts this times the number of times the endpoint was ejected.
+    pub base_ejection_time_ms: u64,
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints, ejection is suspended.
+    pub min_health_percent: u32,
+}
+
+/// An AuthorizationPolicy enforced by waypoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L7Authorization {
+    pub name: String,
+    pub namespace: String,
+    /// What it is attached to; it applies to requests through that waypoint or to that
+    /// service, in the policy's namespace (mesh-wide when that is the root namespace).
+    pub targets: Vec<PolicyTarget>,
+    pub action: Action,
+    #[serde(default)]
+    pub rules: Vec<L7Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyTarget {
+    /// A waypoint, by Gateway name.
+    Gateway(String),
+    /// A Service, by name.
+    Service(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L7Rule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Source>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Operation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<L7Condition>,
+}
+
+/// Istio's `to.operation`. Paths and hosts accept `*` as a prefix or suffix wildcard.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<u16>,
+}
+
+/// A `when` condition. Keys a waypoint evaluates: `request.headers[<name>]`, `source.ip`,
+/// `source.namespace`, `source.principal`, `destination.port`, `request.method`,
+/// `request.path`; the controller refuses others.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L7Condition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// The `when` keys a waypoint understands.
+pub fn condition_key_supported(key: &str) -> bool {
+    matches!(
+        key,
+        "source.ip"
+            | "source.namespace"
+            | "source.principal"
+            | "destination.port"
+            | "request.method"
+            | "request.path"
+    ) || key.strip_prefix("request.headers[").is_some_and(|rest| rest.ends_with(']') && rest.len() > 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subset_policy_overrides_the_rule_field_by_field() {
+        let rule = DestinationRule {
+            name: "payment".into(),
+            namespace: "shop".into(),
+            host: "payment.shop.svc.cluster.local".into(),
+            traffic_policy: TrafficPolicy {
+                load_balancer: Some(LoadBalancer::Simple(SimpleLb::Random)),
+                connection_pool: Some(ConnectionPool { max_connections: Some(5), ..Default::default() }),
+                outlier_detection: None,
+            },
+            subsets: vec![Subset {
+                name: "v2".into(),
+                labels: [("version".to_string(), "v2".to_string())].into(),
+                traffic_policy: Some(TrafficPolicy {
+                    load_balancer: Some(LoadBalancer::Simple(SimpleLb::LeastRequest)),
+                    ..Default::default()
+                }),
+            }],
+        };
+        let v2 = rule.policy_for(Some("v2"));
+        assert_eq!(v2.load_balancer, Some(LoadBalancer::Simple(SimpleLb::LeastRequest)));
+        assert_eq!(v2.connection_pool.unwrap().max_connections, Some(5));
+        assert_eq!(rule.policy_for(None).load_balancer, Some(LoadBalancer::Simple(SimpleLb::Random)));
+        assert_eq!(rule.policy_for(Some("missing")), rule.traffic_policy);
+    }
+
+    #[test]
+    fn string_matches_have_istio_shapes() {
+        let m: BTreeMap<String, StringMatch> = serde_json::from_str(
+            r#"{"a":{"exact":"x"},"b":{"prefix":"/p"},"c":{"regex":"v[0-9]"},"d":"present"}"#,
+        )
+        .unwrap();
+        assert_eq!(m["a"], StringMatch::Exact("x".into()));
+        assert_eq!(m["d"], StringMatch::Present);
+    }
+
+    #[test]
+    fn condition_keys() {
+        assert!(condition_key_supported("request.headers[x-user]"));
+        assert!(!condition_key_supported("request.headers[]"));
+        assert!(!condition_key_supported("request.auth.claims[iss]"));
+    }
+}
