@@ -1,0 +1,295 @@
+//! One request: per-request overrides, the failure schedule, the JSON echo.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use serde::{Deserialize, Serialize};
+
+use super::schedule::FailFraction;
+
+/// Request header that picks the response status (200..=599).
+pub const STATUS_HEADER: &str = "x-echo-status";
+/// Request header that delays this response, in milliseconds (at most [`MAX_DELAY_MS`]).
+pub const DELAY_HEADER: &str = "x-echo-delay-ms";
+/// Longest delay a flag or a header may ask for: keeps a typo from parking a connection forever.
+pub const MAX_DELAY_MS: u64 = 60_000;
+
+/// The JSON body of every echo answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EchoBody {
+    pub pod: String,
+    pub namespace: String,
+    pub version: String,
+    /// `HTTP/1.1`, `HTTP/2` (or `HTTP/1.0`).
+    pub protocol: String,
+    pub method: String,
+    /// Path with the query string, as received.
+    pub path: String,
+    /// The `:authority` (HTTP/2) or `Host` header (HTTP/1.1); null when the request had none.
+    pub authority: Option<String>,
+    /// Request headers by lower-case name: a string, or a list when the header was repeated.
+    pub headers: BTreeMap<String, HeaderValues>,
+    pub body_bytes: u64,
+    /// The TCP peer as the server saw it (`ip:port`): through the mesh, who connected to us.
+    pub peer: String,
+}
+
+/// One header's value(s): a plain string when it appeared once, which is the common case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeaderValues {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Who this server is, stamped on every answer; already checked to be valid header values.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub pod: HeaderValue,
+    pub namespace: HeaderValue,
+    pub version: HeaderValue,
+}
+
+/// State shared by every connection of one server.
+#[derive(Debug)]
+pub struct Handler {
+    pub identity: Identity,
+    pub fail_fraction: FailFraction,
+    pub fail_status: StatusCode,
+    pub delay: Duration,
+    /// Requests counted for the failure schedule so far.
+    pub counter: AtomicU64,
+}
+
+/// What the request asked for through `x-echo-*` headers.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub status: Option<StatusCode>,
+    pub delay: Option<Duration>,
+}
+
+impl Overrides {
+    /// Reads the `x-echo-*` headers; the error message names the bad header so a client sees
+    /// at once what it got wrong.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Overrides, String> {
+        let status = match single_number(headers, STATUS_HEADER)? {
+            None => None,
+            Some(code) => Some(parse_status(code).map_err(|e| format!("{STATUS_HEADER}: {e}"))?),
+        };
+        let delay = match single_number(headers, DELAY_HEADER)? {
+            None => None,
+            Some(ms) if ms <= MAX_DELAY_MS => Some(Duration::from_millis(ms)),
+            Some(ms) => {
+                return Err(format!("{DELAY_HEADER}: {ms} ms is more than the maximum {MAX_DELAY_MS}"));
+            }
+        };
+        Ok(Overrides { status, delay })
+    }
+}
+
+/// The value of a header that must appear at most once and hold a decimal integer.
+fn single_number(headers: &HeaderMap, name: &str) -> Result<Option<u64>, String> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(format!("{name}: must appear at most once"));
+    }
+    let text = value.to_str().map_err(|_| format!("{name}: not a decimal integer"))?;
+    // `u64::from_str` accepts a leading '+'; a header value is clearer without one.
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{name}: {text:?} is not a decimal integer"));
+    }
+    text.parse().map(Some).map_err(|_| format!("{name}: {text:?} is too large"))
+}
+
+/// A status an echo may answer with: 1xx is excluded because an interim response cannot end a
+/// request, and codes above 599 are not HTTP.
+pub fn parse_status(code: u64) -> Result<StatusCode, String> {
+    u16::try_from(code)
+        .ok()
+        .filter(|c| (200..=599).contains(c))
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| format!("status {code} is not in 200..=599"))
+}
+
+impl Handler {
+    pub async fn handle<B>(
+        &self,
+        req: Request<B>,
+        peer: SocketAddr,
+    ) -> Result<Response<Full<Bytes>>, Infallible>
+    where
+        B: hyper::body::Body,
+        B::Error: std::fmt::Display,
+    {
+        // Probes must not shift the failure schedule, or tests could not count failures.
+        if req.method() == Method::GET && req.uri().path() == "/healthz" {
+            return Ok(self.text(StatusCode::OK, "ok\n"));
+        }
+        let overrides = match Overrides::from_headers(req.headers()) {
+            Ok(overrides) => overrides,
+            Err(message) => return Ok(self.text(StatusCode::BAD_REQUEST, format!("{message}\n"))),
+        };
+        let failed = self.fail_fraction.fails(self.counter.fetch_add(1, Ordering::Relaxed));
+
+        let (parts, body) = req.into_parts();
+        let body_bytes = match drain(body).await {
+            Ok(n) => n,
+            Err(e) => {
+                return Ok(self.text(StatusCode::BAD_REQUEST, format!("reading the request body: {e}\n")));
+            }
+        };
+
+        let delay = overrides.delay.unwrap_or(self.delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let status = overrides.status.or(failed.then_some(self.fail_status)).unwrap_or(StatusCode::OK);
+
+        let echo = EchoBody {
+            pod: lossy(&self.identity.pod),
+            namespace: lossy(&self.identity.namespace),
+            version: lossy(&self.identity.version),
+            protocol: protocol_name(parts.version).to_string(),
+            method: parts.method.to_string(),
+            path: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
+            authority: parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| parts.headers.get(HOST).map(lossy)),
+            headers: headers_json(&parts.headers),
+            body_bytes,
+            peer: peer.to_string(),
+        };
+        // 204 and 304 must not carry a body; the identity headers still tell who answered.
+        let body = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Bytes::new()
+        } else {
+            let mut json = serde_json::to_vec(&echo).expect("the echo body always serializes");
+            json.push(b'\n');
+            Bytes::from(json)
+        };
+        Ok(self.respond(status, "application/json", body))
+    }
+
+    fn text(&self, status: StatusCode, text: impl Into<String>) -> Response<Full<Bytes>> {
+        self.respond(status, "text/plain; charset=utf-8", Bytes::from(text.into()))
+    }
+
+    fn respond(&self, status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert("x-echo-pod", self.identity.pod.clone());
+        headers.insert("x-echo-namespace", self.identity.namespace.clone());
+        headers.insert("x-echo-version", self.identity.version.clone());
+        response
+    }
+}
+
+/// Reads the whole body frame by frame, counting bytes without buffering them.
+async fn drain<B>(body: B) -> Result<u64, B::Error>
+where
+    B: hyper::body::Body,
+{
+    let mut body = std::pin::pin!(body);
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            total += bytes::Buf::remaining(&data) as u64;
+        }
+    }
+    Ok(total)
+}
+
+pub fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn headers_json(headers: &HeaderMap) -> BTreeMap<String, HeaderValues> {
+    let mut out = BTreeMap::new();
+    for name in headers.keys() {
+        let mut values: Vec<String> = headers.get_all(name).iter().map(lossy).collect();
+        let entry =
+            if values.len() == 1 { HeaderValues::One(values.remove(0)) } else { HeaderValues::Many(values) };
+        out.insert(name.as_str().to_string(), entry);
+    }
+    out
+}
+
+/// Header values may hold any byte; the echo shows non-UTF-8 ones with replacement characters.
+fn lossy(value: &HeaderValue) -> String {
+    String::from_utf8_lossy(value.as_bytes()).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn no_override_headers() {
+        assert_eq!(Overrides::from_headers(&headers(&[("accept", "*/*")])), Ok(Overrides::default()));
+    }
+
+    #[test]
+    fn good_overrides() {
+        let o = Overrides::from_headers(&headers(&[(STATUS_HEADER, "418"), (DELAY_HEADER, "250")])).unwrap();
+        assert_eq!(o.status, Some(StatusCode::IM_A_TEAPOT));
+        assert_eq!(o.delay, Some(Duration::from_millis(250)));
+        let o = Overrides::from_headers(&headers(&[(DELAY_HEADER, "60000")])).unwrap();
+        assert_eq!(o.delay, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn bad_overrides_name_the_header() {
+        let cases: &[(&str, &str)] = &[
+            (STATUS_HEADER, "abc"),
+            (STATUS_HEADER, "99"),
+            (STATUS_HEADER, "600"),
+            (STATUS_HEADER, "+200"),
+            (STATUS_HEADER, ""),
+            (STATUS_HEADER, "99999999999999999999999"),
+            (DELAY_HEADER, "-1"),
+            (DELAY_HEADER, "1.5"),
+            (DELAY_HEADER, "60001"),
+        ];
+        for (name, value) in cases {
+            let err = Overrides::from_headers(&headers(&[(name, value)])).unwrap_err();
+            assert!(err.starts_with(name), "{name}: {value:?} gave {err:?}");
+        }
+        let twice = headers(&[(STATUS_HEADER, "200"), (STATUS_HEADER, "500")]);
+        assert!(Overrides::from_headers(&twice).unwrap_err().starts_with(STATUS_HEADER));
+    }
+
+    #[test]
+    fn repeated_headers_become_lists() {
+        let json = headers_json(&headers(&[("a", "1"), ("b", "2"), ("a", "3")]));
+        assert_eq!(json["a"], HeaderValues::Many(vec!["1".into(), "3".into()]));
+        assert_eq!(json["b"], HeaderValues::One("2".into()));
+        assert_eq!(serde_json::to_string(&json).unwrap(), r#"{"a":["1","3"],"b":"2"}"#);
+    }
+}
