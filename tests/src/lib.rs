@@ -8,6 +8,7 @@ pub mod controller;
 pub mod foreign;
 pub mod netns;
 pub mod topology;
+pub mod waypoint;
 pub mod ztunnel;
 
 use std::time::{Duration, Instant};

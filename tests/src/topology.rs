@@ -63,11 +63,20 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(node_count: usize) -> Self {
+        Self::with_nodes((0..node_count).map(|_| Node::new()).collect())
+    }
+
+    /// Nodes with these names (ztunnel's `--node`, what pods' `nodeName` says); their network
+    /// namespaces still get unique names.
+    pub fn named(names: &[String]) -> Self {
+        Self::with_nodes(names.iter().map(|n| Node::named(n)).collect())
+    }
+
+    fn with_nodes(nodes: Vec<Node>) -> Self {
         let (a, b) = next_subnet();
         let underlay = Netns::new(&unique_name("wu"));
         underlay.ip(&["link", "add", "br0", "type", "bridge"]);
         underlay.ip(&["link", "set", "br0", "up"]);
-        let nodes: Vec<Node> = (0..node_count).map(|_| Node::new()).collect();
         let underlay_ip = |i: usize| (format!("10.{a}.{b}.{}", i + 2), format!("fd00:{a}:{b}::{}", i + 2));
         for (i, node) in nodes.iter().enumerate() {
             let link = format!("u{i}");
@@ -115,9 +124,13 @@ impl Cluster {
 
 impl Node {
     pub fn new() -> Self {
+        Self::named(&unique_name("wn"))
+    }
+
+    pub fn named(name: &str) -> Self {
         let subnet = next_subnet();
-        let name = unique_name("wn");
-        let ns = Netns::new(&name);
+        let name = name.to_string();
+        let ns = Netns::new(&unique_name("wn"));
         ns.ip(&["link", "add", "br0", "type", "bridge"]);
         ns.ip(&["addr", "add", &format!("10.{}.{}.1/24", subnet.0, subnet.1), "dev", "br0"]);
         ns.ip(&["addr", "add", &format!("fd00:{}:{}::1/64", subnet.0, subnet.1), "dev", "br0", "nodad"]);

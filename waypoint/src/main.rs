@@ -1,6 +1,30 @@
-//! Warren's waypoint: the optional L7 proxy (VirtualService, DestinationRule, HTTPRoute, L7
-//! AuthorizationPolicy). Not built yet: see the waypoint issue.
-fn main() {
-    eprintln!("waypoint: not implemented yet (tracked by the waypoint issue)");
-    std::process::exit(2);
+//! Warren's waypoint: the optional L7 proxy of a namespace's services. It terminates HBONE
+//! from ztunnels, routes each HTTP request by VirtualService / HTTPRoute and DestinationRule,
+//! enforces L7 AuthorizationPolicy, and opens its own HBONE streams to the chosen endpoints.
+
+mod admin;
+mod authz;
+mod config;
+mod forward;
+mod hbone;
+mod inbound;
+mod metrics;
+mod routing;
+mod run;
+mod state;
+mod upstream;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let config = config::Config::parse();
+    match run::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("waypoint: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

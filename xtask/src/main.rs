@@ -4,6 +4,7 @@
 //! when everything is in place.
 
 mod bench;
+mod cluster;
 mod demo;
 mod setup;
 mod test;
@@ -31,6 +32,38 @@ enum Command {
     Demo,
     /// Measure Warren against baselines in the same run (needs root); writes
     /// target/bench/results.json and docs/performance.md.
+    /// Build a local cluster from a directory of Kubernetes manifests (nodes and pods as
+    /// network namespaces, a ztunnel per node, the controller, waypoints) and leave it
+    /// running. Adding or removing a manifest while it runs adds or removes the pods.
+    Up {
+        /// Directory of manifests: Namespaces, Deployments or Pods (`nodeName: node-N` places
+        /// them), Services, ServiceAccounts, Istio resources, Gateways, HTTPRoutes.
+        dir: std::path::PathBuf,
+        /// The cluster's name; clusters with different names run side by side.
+        #[arg(long, default_value = cluster::DEFAULT_NAME)]
+        name: String,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Use the binaries already built (target/debug) instead of building them first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Stop a local cluster and remove everything it made (also what a crashed run left).
+    Down {
+        #[arg(long, default_value = cluster::DEFAULT_NAME)]
+        name: String,
+    },
+    /// The process that runs a cluster (started by `up`; not for direct use).
+    #[command(hide = true)]
+    ClusterSupervise {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        nodes: usize,
+    },
     Bench {
         /// Fewer rounds and connections: a few minutes at most, for everyday checks.
         #[arg(long)]
@@ -61,6 +94,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Command::Up { dir, name, nodes, no_build } => {
+            if !no_build {
+                setup::run()?;
+                demo::build_binaries()?;
+            }
+            cluster::up(&cluster::Up { dir, name, nodes, quiet: false }).map(|_| ())
+        }
+        Command::Down { name } => {
+            let removed = cluster::down(&name)?;
+            if removed.is_empty() {
+                println!("cluster {name:?} was not running; nothing left behind");
+            } else {
+                println!("cluster {name:?} removed: {}", removed.join(", "));
+            }
+            Ok(())
+        }
+        Command::ClusterSupervise { dir, name, nodes } => {
+            cluster::supervisor::run(cluster::supervisor::Settings {
+                state_dir: cluster::state_dir(&name),
+                dir,
+                name,
+                nodes,
+            })
         }
         Command::Bench { quick, only } => {
             setup::run()?;

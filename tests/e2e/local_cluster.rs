@@ -1,0 +1,211 @@
+//! `xtask up` / `xtask down`, the manifest-driven local cluster, run as a user runs them (the
+//! real `xtask` binary): it comes up from a directory, follows edits to it, runs side by side
+//! with another cluster, and leaves nothing behind — namespaces, veths, cgroups, BPF pins,
+//! processes — even when the test driving it panics.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+use warren_e2e::{require_root, unique_name, wait_until, ztunnel::binary};
+
+/// A cluster started with `xtask up`; `xtask down` on drop, whatever happened.
+struct LocalCluster {
+    name: String,
+    dir: PathBuf,
+}
+
+impl LocalCluster {
+    fn up(name: &str, manifests: &[(&str, &str)]) -> Self {
+        require_root();
+        let dir = std::env::temp_dir().join("warren-e2e").join(unique_name("lc"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in manifests {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        let cluster = LocalCluster { name: name.to_string(), dir };
+        let out = Command::new(binary("xtask"))
+            .args(["up", "--no-build", "--name", name])
+            .arg(&cluster.dir)
+            .output()
+            .expect("run xtask up");
+        assert!(
+            out.status.success(),
+            "xtask up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster
+    }
+
+    fn state(&self) -> Value {
+        let text = std::fs::read_to_string(format!("/run/warren/clusters/{}/state.json", self.name)).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn pod(&self, name: &str) -> Option<Value> {
+        self.state()["pods"].as_array()?.iter().find(|p| p["name"] == name).cloned()
+    }
+
+    fn vip(&self, service: &str) -> String {
+        self.state()["services"][service].as_str().expect("service VIP").to_string()
+    }
+
+    fn down(&self) -> String {
+        let out =
+            Command::new(binary("xtask")).args(["down", "--name", &self.name]).output().expect("xtask down");
+        assert!(out.status.success(), "xtask down: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(binary("xtask")).args(["down", "--name", &self.name]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const NAMESPACE: &str =
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {selector: {app: echo}, ports: [{port: 80, targetPort: 8080}]}\n";
+
+fn pod(name: &str, node: usize, version: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: echo, version: {version}}}}}\n\
+         spec: {{nodeName: node-{node}, containers: [{{name: app, image: echo, ports: [{{containerPort: 8080}}]}}]}}\n"
+    )
+}
+
+fn client(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: client}}}}\n\
+         spec: {{nodeName: node-1, containers: [{{name: app, image: echo}}]}}\n"
+    )
+}
+
+/// `warren-load` inside a pod of the cluster; the versions that answered.
+fn versions_seen(cluster: &LocalCluster, from: &str, url: &str, requests: u32) -> Value {
+    let netns = cluster.pod(from).expect("client pod")["netns"].as_str().unwrap().to_string();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .arg(binary("warren-load"))
+        .args([url, "-n", &requests.to_string(), "--json", "--timeout-ms", "3000"])
+        .output()
+        .expect("warren-load");
+    let summary: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("warren-load: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    summary["versions"].clone()
+}
+
+/// Everything a cluster named `name` with supervisor `pid` could leave behind.
+fn leftovers(name: &str, pid_marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten() {
+        let ns = entry.file_name().to_string_lossy().into_owned();
+        if ns.contains(pid_marker) {
+            found.push(format!("netns {ns}"));
+        }
+    }
+    for i in 1..=2 {
+        let node = format!("{name}-node-{i}");
+        for path in
+            [format!("/sys/fs/bpf/warren/{node}"), format!("/sys/fs/cgroup/unified/warren-e2e/{node}")]
+        {
+            if Path::new(&path).exists() {
+                found.push(path);
+            }
+        }
+        let ps = Command::new("pgrep").args(["-f", &format!("--node {node}")]).output().unwrap();
+        if !ps.stdout.is_empty() {
+            found.push(format!("ztunnel of {node}: {}", String::from_utf8_lossy(&ps.stdout).trim()));
+        }
+    }
+    if Path::new(&format!("/run/warren/clusters/{name}")).exists() {
+        found.push(format!("/run/warren/clusters/{name}"));
+    }
+    found
+}
+
+fn pid_marker(cluster: &LocalCluster) -> String {
+    let pid = cluster.state()["supervisorPid"].as_u64().unwrap();
+    format!("{}x", pid % 100_000)
+}
+
+#[test]
+fn up_follows_the_directory_and_down_leaves_nothing_twice_in_a_row() {
+    let name = format!("t{}", std::process::id() % 100_000);
+    for round in 0..2 {
+        let cluster = LocalCluster::up(
+            &name,
+            &[
+                ("ns.yaml", NAMESPACE),
+                ("svc.yaml", SERVICE),
+                ("v1.yaml", &pod("echo-v1", 2, "v1")),
+                ("c.yaml", &client("client")),
+            ],
+        );
+        let marker = pid_marker(&cluster);
+        let url = format!("http://{}/", cluster.vip("shop/echo"));
+        let seen = versions_seen(&cluster, "client", &url, 10);
+        assert_eq!(seen["v1"], 10, "round {round}: {seen}");
+
+        if round == 0 {
+            // A new pod manifest: scheduled, enrolled and routed to, nothing restarted.
+            let ztunnel_pids = cluster.state()["nodes"].clone();
+            std::fs::write(cluster.dir.join("v2.yaml"), pod("echo-v2", 1, "v2")).unwrap();
+            let routed = wait_until(Duration::from_secs(20), || {
+                cluster.pod("echo-v2").is_some()
+                    && versions_seen(&cluster, "client", &url, 10)["v2"].as_u64() > Some(0)
+            });
+            assert!(routed, "the added pod was never routed to: {}", cluster.state());
+            assert_eq!(cluster.state()["nodes"], ztunnel_pids, "ztunnels were restarted");
+            // And deleting it reverses that.
+            std::fs::remove_file(cluster.dir.join("v2.yaml")).unwrap();
+            let removed = wait_until(Duration::from_secs(20), || {
+                cluster.pod("echo-v2").is_none() && versions_seen(&cluster, "client", &url, 10)["v1"] == 10
+            });
+            assert!(removed, "the deleted pod was still there: {}", cluster.state());
+        }
+        let said = cluster.down();
+        assert!(said.contains("removed"), "{said}");
+        assert_eq!(leftovers(&name, &marker), Vec::<String>::new(), "round {round} left things behind");
+    }
+}
+
+#[test]
+fn two_clusters_run_side_by_side_and_a_panicking_test_still_tears_down() {
+    let (a, b) = (format!("a{}", std::process::id() % 100_000), format!("b{}", std::process::id() % 100_000));
+    let manifests = [("ns.yaml", NAMESPACE), ("svc.yaml", SERVICE)];
+    let first = LocalCluster::up(
+        &a,
+        &[manifests[0], manifests[1], ("v1.yaml", &pod("echo-a", 2, "v1")), ("c.yaml", &client("ca"))],
+    );
+    let second = LocalCluster::up(
+        &b,
+        &[manifests[0], manifests[1], ("v1.yaml", &pod("echo-b", 2, "v7")), ("c.yaml", &client("cb"))],
+    );
+    // Same service names and VIPs, separate worlds: each client reaches its own cluster's pod.
+    assert_eq!(versions_seen(&first, "ca", &format!("http://{}/", first.vip("shop/echo")), 5)["v1"], 5);
+    assert_eq!(versions_seen(&second, "cb", &format!("http://{}/", second.vip("shop/echo")), 5)["v7"], 5);
+    let (marker_a, marker_b) = (pid_marker(&first), pid_marker(&second));
+    first.down();
+    assert_eq!(leftovers(&a, &marker_a), Vec::<String>::new());
+    assert_eq!(
+        versions_seen(&second, "cb", &format!("http://{}/", second.vip("shop/echo")), 5)["v7"],
+        5,
+        "taking one cluster down broke the other"
+    );
+
+    // A panic while the cluster is up: the guard's drop still runs `down`.
+    let name = b.clone();
+    let outcome = std::panic::catch_unwind(move || {
+        let _guard = second;
+        panic!("the test fails while cluster {name} is up");
+    });
+    assert!(outcome.is_err());
+    assert_eq!(leftovers(&b, &marker_b), Vec::<String>::new());
+}

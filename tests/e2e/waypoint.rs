@@ -1,0 +1,433 @@
+//! The waypoint end to end: client pod → (eBPF capture) → ztunnel → HBONE → waypoint →
+//! HBONE → ztunnel → server pod, with the real binaries, the project's echo server and load
+//! client, across two nodes. Each claim of L7 routing and policy is asserted on what the
+//! client receives, and on the waypoint's and ztunnels' own logs and metrics.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use warren_core::{
+    l7::{
+        ConnectionPool, Destination, DestinationRule, DirectResponse, Fault, FaultAbort, HeaderOperations,
+        Headers, HttpRoute, L7Authorization, L7Rule, Operation, PolicyTarget, Redirect, RequestMatch,
+        Retries, Rewrite, RouteDestination, Routing, StringMatch, Subset, TrafficPolicy, VirtualService,
+    },
+    model::{NodeConfig, Service, ServicePort, WAYPOINT_LABEL, Workload},
+    policy::{Action, Source},
+};
+use warren_e2e::{
+    app::{Client, Server},
+    require_root,
+    topology::{Cluster, Pod},
+    wait_until,
+    waypoint::{Echo, Waypoint, http, load},
+    ztunnel::{MeshCa, Ztunnel},
+};
+
+const HOST: &str = "payment.default.svc.cluster.local";
+const APP_PORT: u16 = 8080;
+const TCP_APP_PORT: u16 = 9090;
+
+fn vip() -> IpAddr {
+    "10.199.0.20".parse().unwrap()
+}
+
+fn url(path: &str) -> String {
+    format!("http://{}:80{path}", vip())
+}
+
+/// Two nodes: the client, a legacy client and payment v2 on node 0; payment v1 and the
+/// waypoint on node 1. `payment` uses the waypoint.
+struct Mesh {
+    _cluster: Cluster,
+    _ca: MeshCa,
+    client: Pod,
+    legacy: Pod,
+    v1: Pod,
+    v2: Pod,
+    workloads: Vec<Workload>,
+    service: Service,
+    ztunnels: Vec<Ztunnel>,
+    waypoint: Waypoint,
+    /// Declared after the waypoint: its netns outlives the process.
+    _waypoint_pod: Pod,
+    waypoint_config: PathBuf,
+    _apps: Vec<Echo>,
+}
+
+fn labelled(mut w: Workload, labels: &[(&str, &str)]) -> Workload {
+    w.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    w
+}
+
+impl Mesh {
+    fn new(v1_echo_args: &[&str]) -> Self {
+        require_root();
+        let ca = MeshCa::new();
+        let mut cluster = Cluster::new(2);
+        let (client, legacy, v2) =
+            (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+        let (v1, wp) = (cluster.nodes[1].add_pod(), cluster.nodes[1].add_pod());
+        let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
+        let workloads = vec![
+            client.workload_as(&n0, true, "checkout"),
+            legacy.workload_as(&n0, true, "legacy"),
+            labelled(v2.workload_as(&n0, true, "payment"), &[("app", "payment"), ("version", "v2")]),
+            labelled(v1.workload_as(&n1, true, "payment"), &[("app", "payment"), ("version", "v1")]),
+            // The waypoint is not captured: it speaks HBONE itself.
+            labelled(wp.workload_as(&n1, false, "waypoint"), &[(WAYPOINT_LABEL, "waypoint")]),
+        ];
+        let ztunnels: Vec<Ztunnel> =
+            cluster.nodes.iter().map(|n| Ztunnel::start_with(n, &workloads, &ca, &[])).collect();
+        let waypoint_config = std::env::temp_dir().join("warren-e2e").join(&wp.name).join("config.json");
+        std::fs::create_dir_all(waypoint_config.parent().unwrap()).unwrap();
+        let service = service(&[&v1, &v2]);
+        let config = NodeConfig {
+            workloads: workloads.clone(),
+            services: vec![service.clone()],
+            ..Default::default()
+        };
+        std::fs::write(&waypoint_config, serde_json::to_vec(&config).unwrap()).unwrap();
+        let waypoint = Waypoint::start(&wp, "default", "waypoint", &waypoint_config, &ca);
+        for (z, pods) in ztunnels.iter().zip([vec![&client, &legacy, &v2], vec![&v1]]) {
+            for p in pods {
+                z.wait_enrolled(&p.name);
+            }
+        }
+        let apps =
+            vec![Echo::start(&v1, APP_PORT, "v1", v1_echo_args), Echo::start(&v2, APP_PORT, "v2", &[])];
+        Mesh {
+            _cluster: cluster,
+            _ca: ca,
+            client,
+            legacy,
+            v1,
+            v2,
+            workloads,
+            service,
+            ztunnels,
+            waypoint,
+            _waypoint_pod: wp,
+            waypoint_config,
+            _apps: apps,
+        }
+    }
+
+    /// Gives every proxy this routing and waits until all have loaded it.
+    fn apply(&self, routing: Routing) {
+        let config = NodeConfig {
+            workloads: self.workloads.clone(),
+            services: vec![self.service.clone()],
+            routing: routing.clone(),
+            ..Default::default()
+        };
+        for z in &self.ztunnels {
+            z.apply_config(&config);
+        }
+        let tmp = self.waypoint_config.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&config).unwrap()).unwrap();
+        std::fs::rename(&tmp, &self.waypoint_config).unwrap();
+        let want = serde_json::to_value(&routing).unwrap();
+        let loaded = wait_until(Duration::from_secs(10), || self.waypoint.config_dump()["routing"] == want);
+        assert!(loaded, "the waypoint did not load the new routing:\n{}", self.waypoint.log());
+    }
+}
+
+fn service(endpoints: &[&Pod]) -> Service {
+    Service {
+        name: "payment".into(),
+        namespace: "default".into(),
+        vips: vec![vip()],
+        ports: vec![
+            ServicePort { port: 80, target_port: APP_PORT },
+            ServicePort { port: 90, target_port: TCP_APP_PORT },
+        ],
+        endpoints: endpoints.iter().map(|p| p.name.clone()).collect(),
+        waypoint: Some("waypoint".into()),
+    }
+}
+
+fn to(subset: &str, weight: u32) -> RouteDestination {
+    RouteDestination {
+        destination: Destination { host: HOST.into(), subset: Some(subset.into()), port: None },
+        weight,
+        headers: Default::default(),
+    }
+}
+
+fn subsets() -> DestinationRule {
+    let subset = |v: &str| Subset {
+        name: v.into(),
+        labels: BTreeMap::from([("version".into(), v.into())]),
+        traffic_policy: None,
+    };
+    DestinationRule {
+        name: "payment".into(),
+        namespace: "default".into(),
+        host: HOST.into(),
+        traffic_policy: Default::default(),
+        subsets: vec![subset("v1"), subset("v2")],
+    }
+}
+
+fn vs(http: Vec<HttpRoute>) -> VirtualService {
+    VirtualService {
+        name: "payment".into(),
+        namespace: "default".into(),
+        kind: Default::default(),
+        hosts: vec![HOST.into()],
+        http,
+    }
+}
+
+fn prefix(p: &str) -> Vec<RequestMatch> {
+    vec![RequestMatch { uri: Some(StringMatch::Prefix(p.into())), ..Default::default() }]
+}
+
+/// The demo's routing: `x-beta-user: true` to v2, everything else 95/5 between v1 and v2.
+fn canary() -> Routing {
+    let beta = HttpRoute {
+        name: Some("beta-users".into()),
+        matches: vec![RequestMatch {
+            headers: BTreeMap::from([("x-beta-user".into(), StringMatch::Exact("true".into()))]),
+            ..Default::default()
+        }],
+        route: vec![to("v2", 100)],
+        ..Default::default()
+    };
+    let split = HttpRoute {
+        name: Some("canary".into()),
+        route: vec![to("v1", 95), to("v2", 5)],
+        ..Default::default()
+    };
+    Routing {
+        virtual_services: vec![vs(vec![beta, split])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    }
+}
+
+#[test]
+fn canary_split_header_route_and_l7_policy_through_the_waypoint() {
+    let mesh = Mesh::new(&[]);
+    mesh.apply(canary());
+
+    // 95/5: with 400 requests v2's count is about 20; the bounds are 3.5 standard deviations
+    // wide, so this fails by chance less than once in a thousand runs.
+    let split = load(&mesh.client, &url("/"), &["-n", "400", "-c", "4"]);
+    assert_eq!(split.successes, 400, "{split:?}\n{}", mesh.waypoint.log());
+    let v2 = split.versions.get("v2").copied().unwrap_or(0);
+    assert!((5..=45).contains(&v2), "v2 got {v2} of 400 under a 95/5 split: {split:?}");
+    assert_eq!(split.versions.get("v1").copied().unwrap_or(0) + v2, 400);
+
+    let beta = load(&mesh.client, &url("/"), &["-n", "30", "-H", "x-beta-user: true"]);
+    assert_eq!(beta.versions.get("v2"), Some(&30), "beta users must all reach the canary: {beta:?}");
+
+    // HTTP/2 (prior knowledge) is routed the same way.
+    let h2 = load(&mesh.client, &url("/"), &["-n", "30", "--http2", "-H", "x-beta-user: true"]);
+    assert_eq!(h2.versions.get("v2"), Some(&30), "{h2:?}\n{}", mesh.waypoint.log());
+
+    // L7 policy on the waypoint: only checkout may POST /api/v1/charge.
+    let mut routing = canary();
+    routing.authorizations = vec![L7Authorization {
+        name: "charge-from-checkout".into(),
+        namespace: "default".into(),
+        targets: vec![PolicyTarget::Gateway("waypoint".into())],
+        action: Action::Allow,
+        rules: vec![L7Rule {
+            from: vec![Source {
+                principals: vec!["cluster.local/ns/default/sa/checkout".into()],
+                ..Default::default()
+            }],
+            to: vec![Operation {
+                methods: vec!["POST".into()],
+                paths: vec!["/api/v1/charge".into()],
+                ..Default::default()
+            }],
+            when: vec![],
+        }],
+    }];
+    mesh.apply(routing);
+    let vip80 = SocketAddr::new(vip(), 80);
+    let charge = http(&mesh.client, vip80, "POST", "/api/v1/charge", &[]);
+    assert_eq!(charge.status, 200, "{charge:?}");
+    assert!(charge.body.contains("\"path\":\"/api/v1/charge\""), "{charge:?}");
+    let read = http(&mesh.client, vip80, "GET", "/api/v1/charge", &[]);
+    assert_eq!((read.status, read.body.as_str()), (403, "RBAC: access denied"));
+    let legacy = http(&mesh.legacy, vip80, "POST", "/api/v1/charge", &[]);
+    assert_eq!((legacy.status, legacy.body.as_str()), (403, "RBAC: access denied"));
+
+    // The waypoint's own view: Istio metrics with identities and versions, access log lines.
+    let m = mesh.waypoint.metrics();
+    for want in [
+        "istio_requests_total{reporter=\"waypoint\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/checkout\"",
+        "destination_version=\"v2\"",
+        "response_code=\"403\",response_flags=\"RBAC\"",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+    let denied = mesh.waypoint.access_log().into_iter().find(|l| l["status"] == 403).expect("a 403 logged");
+    assert!(denied["detail"].as_str().unwrap().contains("no ALLOW policy matched"), "{denied}");
+    // The destination's ztunnel saw HBONE from the waypoint's identity, not the client's
+    // (connections stay pooled, so its metrics show it before any access-log line would).
+    let z1 = mesh.ztunnels[1].get_at("127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
+    let from_waypoint = z1.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/waypoint\"")
+    });
+    assert!(from_waypoint, "no inbound HBONE from the waypoint at v1's ztunnel:\n{z1}");
+}
+
+#[test]
+fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
+    // v1 fails every other request, deterministically.
+    let mesh = Mesh::new(&["--fail-fraction", "0.5"]);
+    let only = |subset: &str| vec![to(subset, 100)];
+    let routes = vec![
+        HttpRoute {
+            matches: prefix("/flaky"),
+            route: only("v1"),
+            retries: Some(Retries { attempts: 3, per_try_timeout_ms: None, retry_on: vec!["5xx".into()] }),
+            ..Default::default()
+        },
+        HttpRoute { matches: prefix("/plain"), route: only("v1"), ..Default::default() },
+        HttpRoute {
+            matches: prefix("/slow"),
+            route: only("v2"),
+            timeout_ms: Some(300),
+            ..Default::default()
+        },
+        HttpRoute {
+            matches: prefix("/fault"),
+            route: only("v2"),
+            fault: Some(Fault {
+                delay: None,
+                abort: Some(FaultAbort { http_status: 418, percentage: 100.0 }),
+            }),
+            ..Default::default()
+        },
+        HttpRoute {
+            name: Some("ghost".into()),
+            matches: prefix("/ghost"),
+            route: only("v9"),
+            ..Default::default()
+        },
+        HttpRoute {
+            matches: prefix("/direct"),
+            direct_response: Some(DirectResponse {
+                status: 200,
+                body: Some("hello from the waypoint".into()),
+            }),
+            ..Default::default()
+        },
+        HttpRoute {
+            matches: prefix("/old"),
+            redirect: Some(Redirect { uri: Some("/new".into()), redirect_code: 301, ..Default::default() }),
+            ..Default::default()
+        },
+        HttpRoute {
+            matches: prefix("/legacy-api/"),
+            rewrite: Some(Rewrite { uri: Some("/api/".into()), ..Default::default() }),
+            route: vec![RouteDestination {
+                headers: Headers {
+                    request: HeaderOperations {
+                        set: BTreeMap::from([("x-routed-by".into(), "waypoint".into())]),
+                        ..Default::default()
+                    },
+                    response: HeaderOperations {
+                        add: BTreeMap::from([("x-served-by".into(), "warren".into())]),
+                        ..Default::default()
+                    },
+                },
+                ..to("v2", 100)
+            }],
+            ..Default::default()
+        },
+        HttpRoute { matches: prefix("/cb"), route: only("v2"), ..Default::default() },
+    ];
+    let mut rule = subsets();
+    // Circuit breaking on v2: one connection, one waiting request; the rest overflow.
+    rule.subsets[1].traffic_policy = Some(TrafficPolicy {
+        connection_pool: Some(ConnectionPool {
+            max_connections: Some(1),
+            http1_max_pending_requests: Some(1),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    mesh.apply(Routing {
+        virtual_services: vec![vs(routes)],
+        destination_rules: vec![rule],
+        authorizations: vec![],
+    });
+    let vip80 = SocketAddr::new(vip(), 80);
+
+    let flaky = load(&mesh.client, &url("/flaky"), &["-n", "20"]);
+    assert_eq!(flaky.successes, 20, "retries must hide v1's failures: {flaky:?}");
+    let plain = load(&mesh.client, &url("/plain"), &["-n", "20"]);
+    assert_eq!(plain.status.get(&503), Some(&10), "without retries half fail: {plain:?}");
+    let retried =
+        mesh.waypoint.access_log().into_iter().filter(|l| l["attempts"].as_u64() == Some(2)).count();
+    assert!(retried >= 5, "retries not visible in the access log");
+
+    let started = Instant::now();
+    let slow = http(&mesh.client, vip80, "GET", "/slow", &[("x-echo-delay-ms", "3000")]);
+    assert_eq!((slow.status, slow.body.as_str()), (504, "upstream request timeout"));
+    assert!(started.elapsed() < Duration::from_millis(2500), "the route timeout did not cut the request");
+
+    assert_eq!(http(&mesh.client, vip80, "GET", "/fault", &[]).status, 418);
+
+    let ghost = http(&mesh.client, vip80, "GET", "/ghost", &[]);
+    assert_eq!(ghost.status, 503);
+    let log = mesh.waypoint.access_log().into_iter().find(|l| l["path"] == "/ghost").expect("ghost logged");
+    assert_eq!(log["response_flags"], "NR");
+    let detail = log["detail"].as_str().unwrap();
+    assert!(detail.contains("VirtualService default/payment") && detail.contains("\"v9\""), "{detail}");
+
+    let direct = http(&mesh.client, vip80, "GET", "/direct", &[]);
+    assert_eq!((direct.status, direct.body.as_str()), (200, "hello from the waypoint"));
+    let old = http(&mesh.client, vip80, "GET", "/old/page", &[]);
+    assert_eq!(old.status, 301);
+    // Istio's redirect.uri replaces the whole path.
+    assert_eq!(old.header("location"), Some(format!("http://{vip80}/new").as_str()), "{old:?}");
+
+    let rewritten = http(&mesh.client, vip80, "GET", "/legacy-api/charge?id=7", &[]);
+    assert_eq!(rewritten.status, 200, "{rewritten:?}");
+    assert!(rewritten.body.contains("\"path\":\"/api/charge?id=7\""), "{rewritten:?}");
+    assert!(rewritten.body.contains("\"x-routed-by\":\"waypoint\""), "{rewritten:?}");
+    assert_eq!(rewritten.header("x-served-by"), Some("warren"));
+
+    let burst = load(&mesh.client, &url("/cb"), &["-n", "6", "-c", "6", "-H", "x-echo-delay-ms: 500"]);
+    let overflowed = burst.status.get(&503).copied().unwrap_or(0);
+    assert!(overflowed >= 1 && burst.successes >= 1, "{burst:?}");
+    let uo = mesh.waypoint.access_log().into_iter().filter(|l| l["response_flags"] == "UO").count();
+    assert_eq!(uo as u64, overflowed, "every overflow is flagged UO");
+}
+
+#[test]
+fn non_http_traffic_passes_through_the_waypoint_as_tcp() {
+    let mesh = Mesh::new(&[]);
+    mesh.apply(canary());
+    // A server-first protocol: the waypoint sees no client bytes, waits out its sniffing
+    // window, then passes the stream through to an endpoint.
+    let _tcp_v1 = Server::start(&mesh.v1, TCP_APP_PORT);
+    let _tcp_v2 = Server::start(&mesh.v2, TCP_APP_PORT);
+    let mut c =
+        Client::connect(&mesh.client, SocketAddr::new(vip(), 90)).expect("connect through the waypoint");
+    c.greeting().expect("the server's greeting came through");
+    assert_eq!(c.echo("raw bytes").unwrap(), "raw bytes");
+    drop(c);
+    let passed = wait_until(Duration::from_secs(5), || {
+        mesh.waypoint
+            .access_log()
+            .iter()
+            .any(|l| l["protocol"] == "TCP" && l["service"] == HOST && l["error"] == "")
+    });
+    assert!(passed, "no TCP passthrough logged:\n{}", mesh.waypoint.log());
+}

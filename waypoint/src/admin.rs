@@ -1,0 +1,95 @@
+//! The waypoint's admin (127.0.0.1:15000: `/config_dump`, `/healthz/ready`), metrics (:15020)
+//! and readiness (:15021) endpoints. Read-only.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::state::WaypointState;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoints {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<WaypointState>, endpoints: Endpoints) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, hyper::Error>(route(&state, endpoints, &req)) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                warn!("admin connection: {e}");
+            }
+        });
+    }
+}
+
+fn config_dump(state: &WaypointState) -> serde_json::Value {
+    let snapshot = state.snapshot();
+    let served: Vec<String> = snapshot
+        .config
+        .services
+        .iter()
+        .filter(|s| {
+            s.namespace == state.config.namespace && s.waypoint.as_deref() == Some(&state.config.name)
+        })
+        .map(|s| s.hostname())
+        .collect();
+    let clusters: Vec<_> = state
+        .clusters
+        .all()
+        .iter()
+        .map(|c| json!({ "name": c.key.to_string(), "ejectedEndpoints": c.ejected() }))
+        .collect();
+    json!({
+        "config": state.config,
+        "identity": state.identity.to_string(),
+        "servedServices": served,
+        "routing": snapshot.config.routing,
+        "routeErrors": snapshot.routes.errors,
+        "clusters": clusters,
+        "hboneConnections": state.clusters.hbone.open_connections(),
+        "openStreams": state.open_streams.load(Ordering::Relaxed),
+        "certificates": state.certs.view(),
+        "requests": state.metrics.total(),
+    })
+}
+
+fn route(
+    state: &WaypointState,
+    endpoints: Endpoints,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let ready = state.ready.load(Ordering::Relaxed);
+    let (status, body) = match (endpoints, req.uri().path()) {
+        (Endpoints::Admin, "/config_dump") => {
+            (StatusCode::OK, serde_json::to_string_pretty(&config_dump(state)).unwrap_or_default() + "\n")
+        }
+        (Endpoints::Admin | Endpoints::Readiness, "/healthz/ready") if ready => {
+            (StatusCode::OK, "ready\n".into())
+        }
+        (Endpoints::Admin | Endpoints::Readiness, "/healthz/ready") => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+        }
+        (Endpoints::Metrics, "/metrics" | "/stats/prometheus") => (StatusCode::OK, state.metrics.render()),
+        (Endpoints::Admin, _) => (StatusCode::NOT_FOUND, "endpoints: /config_dump /healthz/ready\n".into()),
+        (Endpoints::Metrics, _) => (StatusCode::NOT_FOUND, "endpoints: /metrics /stats/prometheus\n".into()),
+        (Endpoints::Readiness, _) => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n".into()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}

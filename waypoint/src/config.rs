@@ -1,0 +1,115 @@
+//! The waypoint's one flat configuration, from flags or `WARREN_*` environment variables,
+//! dumped as-is at `/config_dump` on the admin port.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+#[derive(Parser, Clone, Debug, Serialize)]
+#[command(
+    name = "waypoint",
+    version,
+    about = "Warren's L7 proxy: VirtualService, DestinationRule, HTTPRoute and L7 AuthorizationPolicy over HBONE"
+)]
+pub struct Config {
+    /// The waypoint's name: the Gateway that declares it, and what services name in
+    /// `istio.io/use-waypoint`.
+    #[arg(long, env = "WARREN_WAYPOINT_NAME")]
+    pub name: String,
+
+    /// The namespace of the Gateway (services there that use it are served).
+    #[arg(long, env = "WARREN_WAYPOINT_NAMESPACE")]
+    pub namespace: String,
+
+    /// The ServiceAccount the waypoint's identity is made of (default: its name, as Istio
+    /// names a waypoint's account after its Gateway).
+    #[arg(long, env = "WARREN_WAYPOINT_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// The mesh config (JSON, as `controller watch`/`serve` writes it), re-read when it
+    /// changes. A bad file is reported and the last good config kept.
+    #[arg(long = "config", env = "WARREN_CONFIG_FILE")]
+    pub config_file: PathBuf,
+
+    /// Where HBONE (mTLS HTTP/2 CONNECT) from ztunnels arrives.
+    #[arg(long, env = "WARREN_HBONE_ADDR", default_value = "[::]:15008")]
+    pub hbone_addr: SocketAddr,
+
+    /// Admin endpoint (/config_dump, /healthz/ready).
+    #[arg(long, env = "WARREN_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics (/metrics, /stats/prometheus).
+    #[arg(long, env = "WARREN_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (/healthz/ready): 200 once a config is loaded and the certificate issued.
+    #[arg(long, env = "WARREN_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "WARREN_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// The mesh CA (the controller's `serve`) to ask for the waypoint's certificate.
+    #[arg(long, env = "WARREN_CA_ADDR", conflicts_with = "dev_ca_dir")]
+    pub ca_addr: Option<SocketAddr>,
+
+    /// The mesh root certificate (PEM).
+    #[arg(long, env = "WARREN_CA_ROOT", requires = "ca_addr")]
+    pub ca_root: Option<PathBuf>,
+
+    /// File holding the bootstrap token for the CA (in local mode, the token of the node the
+    /// waypoint runs on).
+    #[arg(long, env = "WARREN_CA_TOKEN_FILE", requires = "ca_addr")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// Development and tests only: sign the waypoint's certificate in-process with the root in
+    /// this directory (`root-cert.pem`, `root-key.pem`).
+    #[arg(long, env = "WARREN_DEV_CA_DIR")]
+    pub dev_ca_dir: Option<PathBuf>,
+
+    /// Lifetime of the certificate the development CA signs.
+    #[arg(long, env = "WARREN_CERT_LIFETIME_SECS", default_value_t = 24 * 3600)]
+    pub cert_lifetime_secs: u64,
+
+    /// How often the config file is checked for changes.
+    #[arg(long, env = "WARREN_RELOAD_INTERVAL_MS", default_value_t = 500)]
+    pub reload_interval_ms: u64,
+
+    /// Request bodies are buffered (so retries and mirrors can resend them) up to this size;
+    /// larger ones are answered 413.
+    #[arg(long, env = "WARREN_MAX_REQUEST_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+
+    /// How long to wait for a client's first bytes to tell HTTP/1.1, HTTP/2 and other TCP
+    /// apart; a silent client (a server-first protocol) is passed through as TCP.
+    #[arg(long, env = "WARREN_SNIFF_TIMEOUT_MS", default_value_t = 1000)]
+    pub sniff_timeout_ms: u64,
+
+    /// On SIGTERM: stop accepting, then give open streams this long to finish.
+    #[arg(long, env = "WARREN_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+
+    /// Log output format.
+    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    pub fn service_account(&self) -> &str {
+        self.service_account.as_deref().unwrap_or(&self.name)
+    }
+
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms.max(10))
+    }
+}

@@ -1,0 +1,697 @@
+//! One HTTP request through the waypoint, top to bottom: L7 policy, route selection, fault
+//! injection, redirect / direct response, the destination and its subset, mirrors, then the
+//! upstream attempts (retries bounded by the route timeout), and the response's header
+//! operations. Every request ends in one access-log line and one metrics sample.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+use warren_core::{
+    identity::SpiffeId,
+    l7::{HeaderOperations, Retries, RouteDestination},
+    model::{Service, Workload},
+};
+
+use crate::{
+    authz::{self, RequestAttributes},
+    metrics::{RequestLabels, Side},
+    routing::{RequestFacts, rewrite_path},
+    state::{Snapshot, WaypointState},
+    upstream::{Cluster, ClusterKey, HashInput, Protocol, Target, UpstreamError},
+};
+
+pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// The CONNECT stream a request arrived on.
+pub struct Downstream {
+    pub service: Arc<Service>,
+    /// The service port the client dialed (the CONNECT authority's port).
+    pub port: u16,
+    pub peer_identity: SpiffeId,
+    /// The original client (`forwarded: for=`), else the HBONE peer.
+    pub client: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// What the access log and metrics say about a request, filled in on the way.
+struct Outcome {
+    flags: Vec<&'static str>,
+    route: String,
+    upstream: Option<Arc<Workload>>,
+    upstream_cluster: String,
+    attempts: u32,
+    detail: String,
+}
+
+fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+pub async fn handle(
+    state: Arc<WaypointState>,
+    down: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+    let started = Instant::now();
+    let snapshot = state.snapshot();
+    let method = req.method().clone();
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let mut outcome = Outcome {
+        flags: Vec::new(),
+        route: String::new(),
+        upstream: None,
+        upstream_cluster: String::new(),
+        attempts: 0,
+        detail: String::new(),
+    };
+    let source = snapshot.index.by_ip(down.client.ip()).cloned();
+    let response = process(&state, &snapshot, &down, source.as_deref(), req, &mut outcome).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    let flags = if outcome.flags.is_empty() { "-".to_string() } else { outcome.flags.join(",") };
+    let destination = match &outcome.upstream {
+        Some(w) => Side::of(w, &state.config.trust_domain),
+        None => Side::unknown(),
+    };
+    state.metrics.record(
+        RequestLabels {
+            source: match &source {
+                Some(w) => Side::of(w, &state.config.trust_domain),
+                None => Side::from_identity(&down.peer_identity),
+            },
+            destination,
+            destination_service: down.service.hostname(),
+            destination_service_name: down.service.name.clone(),
+            destination_service_namespace: down.service.namespace.clone(),
+            request_protocol: "http",
+            response_code: status,
+            response_flags: flags.clone(),
+        },
+        elapsed.as_secs_f64() * 1000.0,
+    );
+    info!(
+        target: "access",
+        method = %method,
+        path,
+        protocol = ?down.protocol,
+        status,
+        response_flags = flags,
+        duration_ms = elapsed.as_millis() as u64,
+        src = %down.client,
+        src_identity = %down.peer_identity,
+        service = down.service.hostname(),
+        route = outcome.route,
+        upstream_cluster = outcome.upstream_cluster,
+        upstream = outcome.upstream.as_ref().map(|w| w.display_name()).unwrap_or_default(),
+        attempts = outcome.attempts,
+        detail = outcome.detail,
+        "request"
+    );
+    Ok(response)
+}
+
+async fn process(
+    state: &WaypointState,
+    snapshot: &Snapshot,
+    down: &Downstream,
+    source: Option<&Workload>,
+    req: Request<Incoming>,
+    out: &mut Outcome,
+) -> Response<ResponseBody> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_else(|| down.service.hostname());
+
+    // 1. L7 authorization.
+    let attributes = RequestAttributes {
+        source_identity: Some(&down.peer_identity),
+        source_ip: down.client.ip(),
+        method: parts.method.as_str(),
+        path: &path,
+        host: &authority,
+        port: down.port,
+        headers: &parts.headers,
+    };
+    let me = authz::Waypoint { namespace: &state.config.namespace, name: &state.config.name };
+    let verdict = authz::authorize(&snapshot.config.routing.authorizations, &me, &down.service, &attributes);
+    if !verdict.allowed() {
+        out.flags.push("RBAC");
+        out.detail = verdict.to_string();
+        return text_response(StatusCode::FORBIDDEN, "RBAC: access denied");
+    }
+
+    // 2. Route selection.
+    let host = down.service.hostname();
+    let facts = RequestFacts {
+        method: parts.method.as_str(),
+        path: &path,
+        query: query.as_deref(),
+        scheme: "http",
+        authority: &authority,
+        headers: &parts.headers,
+        port: down.port,
+        source,
+    };
+    let selected = snapshot.routes.select(&host, &facts);
+    let (route, matched) = match selected {
+        Some((route, matched)) => (Some(route.clone()), matched.cloned()),
+        None if snapshot.routes.has_routes(&host) => {
+            out.flags.push("NR");
+            out.detail = format!("no route of the VirtualServices for {host} matched");
+            return text_response(StatusCode::NOT_FOUND, "no route matched\n");
+        }
+        None => (None, None),
+    };
+    if let Some(r) = &route {
+        out.route = r.describe();
+    }
+    let http_route = route.as_ref().map(|r| &r.route);
+
+    // 3. Fault injection: delay, then abort.
+    if let Some(fault) = http_route.and_then(|r| r.fault.as_ref()) {
+        if let Some(delay) = &fault.delay
+            && roll(delay.percentage)
+        {
+            out.flags.push("DI");
+            tokio::time::sleep(Duration::from_millis(delay.fixed_delay_ms)).await;
+        }
+        if let Some(abort) = &fault.abort
+            && roll(abort.percentage)
+        {
+            out.flags.push("FI");
+            let status = StatusCode::from_u16(abort.http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return text_response(status, "fault filter abort");
+        }
+    }
+
+    // 4. Answers the waypoint gives itself.
+    if let Some(direct) = http_route.and_then(|r| r.direct_response.as_ref()) {
+        let status = StatusCode::from_u16(direct.status).unwrap_or(StatusCode::OK);
+        return text_response(status, direct.body.clone().unwrap_or_default());
+    }
+    if let Some(redirect) = http_route.and_then(|r| r.redirect.as_ref()) {
+        let prefix = matched.as_ref().and_then(|m| m.uri.as_ref()).and_then(|m| m.prefix());
+        let target_path = match (&redirect.uri, &redirect.uri_prefix, prefix) {
+            // Istio's `redirect.uri` replaces the whole path.
+            (Some(uri), _, _) => uri.clone(),
+            // HTTPRoute's ReplacePrefixMatch keeps what follows the matched prefix.
+            (None, Some(new_prefix), Some(p)) if path.starts_with(p) => {
+                format!("{}/{}", new_prefix.trim_end_matches('/'), path[p.len()..].trim_start_matches('/'))
+                    .replace("//", "/")
+            }
+            _ => path.clone(),
+        };
+        let host_only = authority.split(':').next().unwrap_or(&authority).to_string();
+        let new_authority = match (&redirect.authority, redirect.port) {
+            (Some(a), Some(p)) => format!("{a}:{p}"),
+            (Some(a), None) => a.clone(),
+            (None, Some(p)) => format!("{host_only}:{p}"),
+            (None, None) => authority.clone(),
+        };
+        let scheme = redirect.scheme.as_deref().unwrap_or("http");
+        let location = format!("{scheme}://{new_authority}{target_path}");
+        let status = StatusCode::from_u16(redirect.redirect_code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        let mut response = text_response(status, Bytes::new());
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        return response;
+    }
+
+    // 5. The destination: service, subset, endpoints.
+    let default_destination;
+    let destination: &RouteDestination = match route.as_deref() {
+        Some(r) => match r.pick(fastrand::f64()) {
+            Some(d) => d,
+            None => {
+                out.flags.push("NR");
+                out.detail = format!("{} has no destination", r.describe());
+                return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route destination\n");
+            }
+        },
+        None => {
+            default_destination = RouteDestination {
+                destination: warren_core::l7::Destination { host: host.clone(), subset: None, port: None },
+                weight: 100,
+                headers: Default::default(),
+            };
+            &default_destination
+        }
+    };
+    let d = &destination.destination;
+    let Some(dest_service) = snapshot.services_by_host.get(&d.host).cloned() else {
+        out.flags.push("NR");
+        out.detail = format!("{} routes to {}, which is not a known service", out.route, d.host);
+        warn!(route = out.route, host = d.host, "route to an unknown host: answering 503 NR");
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route: unknown destination host\n");
+    };
+    let rule = snapshot.destination_rules.get(&d.host);
+    let subset_labels = match &d.subset {
+        None => None,
+        Some(name) => match rule.and_then(|r| r.subsets.iter().find(|s| &s.name == name)) {
+            Some(s) => Some(s.labels.clone()),
+            None => {
+                out.flags.push("NR");
+                out.detail = format!(
+                    "{} names subset {name:?} of {}, which no DestinationRule defines",
+                    out.route, d.host
+                );
+                warn!(
+                    route = out.route,
+                    host = d.host,
+                    subset = name,
+                    "route to an undefined subset: answering 503 NR"
+                );
+                return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route: undefined subset\n");
+            }
+        },
+    };
+    let endpoints: Vec<Arc<Workload>> = snapshot
+        .index
+        .endpoints(&dest_service)
+        .into_iter()
+        .filter(|w| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .collect();
+    let port = d.port.unwrap_or(down.port);
+    let key = ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port };
+    out.upstream_cluster = key.to_string();
+    if endpoints.is_empty() {
+        out.flags.push("UH");
+        out.detail = format!("{} has no endpoints ({})", key, out.route);
+        warn!(cluster = %key, route = out.route, "no healthy upstream: answering 503 UH");
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    }
+    let target_port = dest_service.target_port(port).unwrap_or(port);
+    let policy = rule.map(|r| r.policy_for(d.subset.as_deref())).unwrap_or_default();
+
+    // 6. The request upstream: path rewrite, authority, headers; the body buffered so that
+    // retries and mirrors can send it again.
+    let new_path =
+        route.as_deref().and_then(|r| rewrite_path(r, matched.as_ref(), &path)).unwrap_or(path.clone());
+    let path_and_query = match &query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    };
+    let upstream_authority = http_route
+        .and_then(|r| r.rewrite.as_ref())
+        .and_then(|r| r.authority.clone())
+        .unwrap_or(authority.clone());
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if let Some(r) = http_route {
+        apply(&r.headers.request, &mut headers);
+    }
+    apply(&destination.headers.request, &mut headers);
+    add_forwarding(&mut headers, down.client);
+    let body = match Limited::new(body, state.config.max_request_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            out.detail = format!("request body: {e}");
+            return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n");
+        }
+    };
+    let upstream_request = UpstreamRequest {
+        method: parts.method.clone(),
+        path_and_query,
+        authority: upstream_authority,
+        headers,
+        body,
+        protocol: down.protocol,
+    };
+
+    // 7. Mirrors: copies sent on the side, responses discarded.
+    for mirror in http_route.map(|r| r.mirrors.as_slice()).unwrap_or_default() {
+        if roll(mirror.percentage) {
+            spawn_mirror(state, snapshot, mirror, &upstream_request, down, port);
+        }
+    }
+
+    // 8. Attempts.
+    let cluster = state.clusters.get(&key);
+    let pool = policy.connection_pool.as_ref();
+    let in_flight = match cluster.admit(pool) {
+        Ok(g) => g,
+        Err(e) => {
+            out.flags.push(e.flag());
+            out.detail = e.to_string();
+            return text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            );
+        }
+    };
+    let timeout = http_route.and_then(|r| r.timeout_ms).map(Duration::from_millis);
+    let retries = http_route.and_then(|r| r.retries.clone()).unwrap_or_default();
+    let attempt = Attempts {
+        state,
+        cluster: &cluster,
+        endpoints: &endpoints,
+        policy: &policy,
+        request: &upstream_request,
+        down,
+        target_port,
+        retries: &retries,
+    };
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout)),
+        None => attempt.run(out).await,
+    };
+    match result {
+        Ok(mut response) => {
+            response.body_mut().hold(in_flight);
+            if let Some(r) = http_route {
+                apply(&r.headers.response, response.headers_mut());
+            }
+            apply(&destination.headers.response, response.headers_mut());
+            response.map(|b| b.boxed_unsync())
+        }
+        Err(e) => {
+            if !out.flags.contains(&e.flag()) {
+                out.flags.push(e.flag());
+            }
+            out.detail = e.to_string();
+            let status = match e {
+                UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let body = match e {
+                UpstreamError::Timeout => "upstream request timeout".to_string(),
+                other => format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: {other}"
+                ),
+            };
+            text_response(status, body)
+        }
+    }
+}
+
+/// A request ready to send (again): everything the attempts and mirrors need.
+struct UpstreamRequest {
+    method: Method,
+    path_and_query: String,
+    authority: String,
+    headers: HeaderMap,
+    body: Bytes,
+    protocol: Protocol,
+}
+
+impl UpstreamRequest {
+    fn build(&self, authority: &str) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.headers_mut() = self.headers.clone();
+        match self.protocol {
+            Protocol::Http1 => {
+                *req.version_mut() = Version::HTTP_11;
+                *req.uri_mut() = self.path_and_query.parse().unwrap_or_else(|_| Uri::from_static("/"));
+                if let Ok(v) = HeaderValue::from_str(authority) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            Protocol::Http2 => {
+                *req.version_mut() = Version::HTTP_2;
+                let uri = format!("http://{authority}{}", self.path_and_query);
+                *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
+                req.headers_mut().remove(header::HOST);
+            }
+        }
+        req
+    }
+}
+
+struct Attempts<'a> {
+    state: &'a WaypointState,
+    cluster: &'a Arc<Cluster>,
+    endpoints: &'a [Arc<Workload>],
+    policy: &'a warren_core::l7::TrafficPolicy,
+    request: &'a UpstreamRequest,
+    down: &'a Downstream,
+    target_port: u16,
+    retries: &'a Retries,
+}
+
+impl Attempts<'_> {
+    /// The first try and up to `retries.attempts` more, each with its own timeout, on another
+    /// endpoint when there is one.
+    async fn run(&self, out: &mut Outcome) -> Result<Response<crate::upstream::UpstreamBody>, UpstreamError> {
+        let pool = self.policy.connection_pool.as_ref();
+        let outlier = self.policy.outlier_detection.as_ref();
+        let per_try = self.retries.per_try_timeout_ms.map(Duration::from_millis);
+        let hash = HashInput { headers: &self.request.headers, source_ip: self.down.client.ip() };
+        let mut tried: Vec<String> = Vec::new();
+        let mut _retry_guard = None;
+        loop {
+            let Some(endpoint) =
+                self.cluster.pick(self.endpoints, self.policy.load_balancer.as_ref(), outlier, &hash, &tried)
+            else {
+                out.flags.push("UH");
+                return Err(UpstreamError::Connect("no healthy upstream (all endpoints ejected)".into()));
+            };
+            out.attempts += 1;
+            out.upstream = Some(endpoint.clone());
+            tried.push(endpoint.uid.clone());
+            let ip = endpoint.ip_like(self.down.client.ip()).expect("endpoints have addresses");
+            let target = Target {
+                endpoint: &endpoint,
+                addr: SocketAddr::new(ip, self.target_port),
+                trust_domain: &self.state.config.trust_domain,
+                protocol: self.request.protocol,
+                forwarded_for: self.down.client,
+                traceparent: self
+                    .request
+                    .headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            };
+            let send = self.state.clusters.send(
+                self.cluster,
+                &target,
+                pool,
+                self.request.build(&self.request.authority),
+            );
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(UpstreamError::Timeout)),
+                None => send.await,
+            };
+            let status = result.as_ref().map(|r| r.status().as_u16());
+            self.cluster.record(&endpoint.uid, status, outlier, self.endpoints.len());
+            let retriable = retriable(&status, &self.retries.retry_on);
+            let budget_left = out.attempts <= self.retries.attempts;
+            if !retriable || !budget_left {
+                if retriable && out.attempts > 1 {
+                    out.flags.push("URX");
+                }
+                return result;
+            }
+            let Some(guard) = self.cluster.admit_retry(pool) else {
+                return result;
+            };
+            _retry_guard = Some(guard);
+            // Envoy's backoff: 25 ms base, doubling, jittered.
+            let base = 25u64 << (out.attempts - 1).min(5);
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(base / 2..=base))).await;
+        }
+    }
+}
+
+/// Envoy's retry conditions for an attempt's outcome.
+fn retriable(outcome: &Result<u16, &UpstreamError>, retry_on: &[String]) -> bool {
+    let has = |c: &str| retry_on.iter().any(|r| r == c);
+    match outcome {
+        Ok(status) => {
+            let s = *status;
+            (has("5xx") && s >= 500)
+                || (has("gateway-error") && matches!(s, 502..=504))
+                || (has("retriable-4xx") && s == 409)
+                || retry_on.iter().any(|r| r.parse::<u16>() == Ok(s))
+        }
+        Err(UpstreamError::Overflow) => false,
+        Err(UpstreamError::Connect(_)) => {
+            has("connect-failure") || has("5xx") || has("gateway-error") || has("reset")
+        }
+        Err(UpstreamError::Reset(_)) => has("reset") || has("5xx"),
+        Err(UpstreamError::Timeout) => has("5xx") || has("gateway-error") || has("reset"),
+    }
+}
+
+fn roll(percentage: f64) -> bool {
+    percentage >= 100.0 || fastrand::f64() * 100.0 < percentage
+}
+
+fn apply(ops: &HeaderOperations, headers: &mut HeaderMap) {
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &ops.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &ops.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.append(n, v);
+        }
+    }
+}
+
+/// Headers that belong to one hop and must not be forwarded.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "http2-settings",
+    ] {
+        headers.remove(name);
+    }
+    // The body is re-sent whole; hyper sets the length it has.
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::HOST);
+}
+
+/// `x-forwarded-for` and an `x-request-id` when the client sent none, as Envoy adds them.
+fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-request-id") {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    if !headers.contains_key("traceparent")
+        && let Ok(v) = HeaderValue::from_str(&warren_core::hbone::new_traceparent())
+    {
+        headers.insert("traceparent", v);
+    }
+}
+
+/// Sends a copy to the mirror's destination, authority suffixed `-shadow` as Envoy does; the
+/// main request never waits for it.
+fn spawn_mirror(
+    state: &WaypointState,
+    snapshot: &Snapshot,
+    mirror: &warren_core::l7::Mirror,
+    request: &UpstreamRequest,
+    down: &Downstream,
+    port: u16,
+) {
+    let d = &mirror.destination;
+    let Some(service) = snapshot.services_by_host.get(&d.host).cloned() else {
+        warn!(host = d.host, "mirror to an unknown host skipped");
+        return;
+    };
+    let subset_labels = d.subset.as_ref().and_then(|name| {
+        snapshot
+            .destination_rules
+            .get(&d.host)?
+            .subsets
+            .iter()
+            .find(|s| &s.name == name)
+            .map(|s| s.labels.clone())
+    });
+    let endpoints: Vec<Arc<Workload>> = snapshot
+        .index
+        .endpoints(&service)
+        .into_iter()
+        .filter(|w| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+        .collect();
+    let port = d.port.unwrap_or(port);
+    let key = ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port };
+    let cluster = state.clusters.get(&key);
+    let hash = HashInput { headers: &request.headers, source_ip: down.client.ip() };
+    let Some(endpoint) = cluster.pick(&endpoints, None, None, &hash, &[]) else {
+        return;
+    };
+    let Some(ip) = endpoint.ip_like(down.client.ip()) else { return };
+    let addr = SocketAddr::new(ip, service.target_port(port).unwrap_or(port));
+    let host_only = request.authority.split(':').next().unwrap_or(&request.authority);
+    let shadow = format!("{host_only}-shadow");
+    let built = request.build(&shadow);
+    let state = state.self_arc();
+    let (client, protocol, trust_domain) = (down.client, request.protocol, state.config.trust_domain.clone());
+    tokio::spawn(async move {
+        let target = Target {
+            endpoint: &endpoint,
+            addr,
+            trust_domain: &trust_domain,
+            protocol,
+            forwarded_for: client,
+            traceparent: None,
+        };
+        let sent = tokio::time::timeout(
+            Duration::from_secs(30),
+            state.clusters.send(&cluster, &target, None, built),
+        )
+        .await;
+        match sent {
+            Ok(Ok(response)) => {
+                // Drain so the connection can be reused; the answer itself is discarded.
+                let _ = response.into_body().collect().await;
+            }
+            Ok(Err(e)) => warn!(cluster = %cluster.key, "mirror request failed: {e}"),
+            Err(_) => warn!(cluster = %cluster.key, "mirror request timed out"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_conditions_follow_envoy() {
+        let on = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(retriable(&Ok(503), &on(&["5xx"])));
+        assert!(!retriable(&Ok(500), &on(&["gateway-error"])));
+        assert!(retriable(&Ok(504), &on(&["gateway-error"])));
+        assert!(retriable(&Ok(409), &on(&["retriable-4xx"])));
+        assert!(retriable(&Ok(418), &on(&["retriable-status-codes", "418"])));
+        assert!(!retriable(&Ok(200), &on(&["5xx"])));
+        assert!(retriable(&Err(&UpstreamError::Connect("x".into())), &on(&["connect-failure"])));
+        assert!(!retriable(&Err(&UpstreamError::Overflow), &on(&["5xx", "connect-failure"])));
+    }
+
+    #[test]
+    fn header_operations_remove_then_set_then_add() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "1".parse().unwrap());
+        h.insert("x-b", "1".parse().unwrap());
+        let ops = HeaderOperations {
+            set: [("x-a".to_string(), "2".to_string())].into(),
+            add: [("x-c".to_string(), "3".to_string())].into(),
+            remove: vec!["x-b".into()],
+        };
+        apply(&ops, &mut h);
+        assert_eq!(h["x-a"], "2");
+        assert!(!h.contains_key("x-b"));
+        assert_eq!(h["x-c"], "3");
+    }
+}

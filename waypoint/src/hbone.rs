@@ -1,0 +1,122 @@
+//! The waypoint's HBONE client: one mTLS HTTP/2 connection per destination node address,
+//! shared by every CONNECT stream to it, presenting the waypoint's own identity and checking
+//! the destination's.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::StatusCode;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+use warren_core::{
+    certs::CertManager,
+    hbone::{CONNECTION_WINDOW, ConnectRequest, FRAME_SIZE, H2Stream, PORT, STREAM_WINDOW},
+    identity::SpiffeId,
+    tls,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("certificates: {0}")]
+    Certs(#[from] warren_core::certs::CertError),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("mTLS handshake with {addr} (expecting {expected}): {source}")]
+    Tls { addr: SocketAddr, expected: SpiffeId, source: std::io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("the destination's ztunnel answered the CONNECT with {0}")]
+    Status(StatusCode),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+pub struct HboneClient {
+    certs: Arc<CertManager>,
+    identity: SpiffeId,
+    conns: Mutex<HashMap<(SocketAddr, SpiffeId), SendRequest<Bytes>>>,
+}
+
+impl HboneClient {
+    pub fn new(certs: Arc<CertManager>, identity: SpiffeId) -> Self {
+        Self { certs, identity, conns: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.lock().expect("poisoned").len()
+    }
+
+    /// A CONNECT stream to `request.target` through the ztunnel at `hbone_ip`, which must
+    /// present `expected`.
+    pub async fn connect(
+        &self,
+        hbone_ip: std::net::IpAddr,
+        expected: &SpiffeId,
+        request: &ConnectRequest,
+    ) -> Result<H2Stream, HboneError> {
+        let addr = SocketAddr::new(hbone_ip, PORT);
+        let key = (addr, expected.clone());
+        let cached = self.conns.lock().expect("poisoned").get(&key).cloned();
+        if let Some(send) = cached {
+            match open_stream(send, request, addr).await {
+                Ok(stream) => return Ok(stream),
+                // The peer closed the pooled connection since: dial afresh once.
+                Err(HboneError::H2 { .. }) => {
+                    self.conns.lock().expect("poisoned").remove(&key);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let send = self.dial(addr, expected).await?;
+        self.conns.lock().expect("poisoned").insert(key, send.clone());
+        open_stream(send, request, addr).await
+    }
+
+    async fn dial(&self, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<Bytes>, HboneError> {
+        let own = self.certs.get(&self.identity).await?;
+        let config = tls::client_config(&own, self.certs.bundle()?, expected)?;
+        let tcp = TcpStream::connect(addr).await.map_err(|source| HboneError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        // HBONE sends no SNI; the name only satisfies the API.
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|source| HboneError::Tls { addr, expected: expected.clone(), source })?;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(FRAME_SIZE)
+            .handshake(tls)
+            .await
+            .map_err(|source| HboneError::H2 { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%addr, "HBONE connection ended: {e}");
+            }
+        });
+        debug!(%addr, peer = %expected, "HBONE connection opened");
+        Ok(send)
+    }
+}
+
+async fn open_stream(
+    send: SendRequest<Bytes>,
+    request: &ConnectRequest,
+    addr: SocketAddr,
+) -> Result<H2Stream, HboneError> {
+    let h2 = |source| HboneError::H2 { addr, source };
+    let mut send = send.ready().await.map_err(h2)?;
+    let (response, stream) = send.send_request(request.to_request(), false).map_err(h2)?;
+    let response = response.await.map_err(h2)?;
+    if response.status() != StatusCode::OK {
+        return Err(HboneError::Status(response.status()));
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
+}

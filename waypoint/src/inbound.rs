@@ -1,0 +1,347 @@
+//! HBONE into the waypoint: mTLS with the waypoint's own certificate, HTTP/2 CONNECT streams
+//! whose authority is a service VIP:port this waypoint serves. Inside each stream the first
+//! bytes tell HTTP/2 (prior knowledge), HTTP/1.1 and anything else apart; HTTP is served
+//! request by request ([`crate::forward`]), anything else is passed through as TCP.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, Bytes};
+use http::{Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use warren_core::{
+    hbone::{CONNECTION_WINDOW, ConnectRequest, FRAME_SIZE, H2Stream, STREAM_WINDOW},
+    identity::SpiffeId,
+    tls,
+};
+
+use crate::{
+    forward::{self, Downstream},
+    state::WaypointState,
+    upstream::{ClusterKey, HashInput, Protocol},
+};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HTTP1_METHODS: [&[u8]; 9] =
+    [b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT"];
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<WaypointState>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = draining.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(stream, peer, state.clone()));
+            }
+            Err(e) => {
+                warn!("accepting HBONE: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<WaypointState>) {
+    let certs = &state.certs;
+    let tls_config = match certs.get(&state.identity).await.and_then(|own| {
+        tls::server_config(&own, certs.bundle()?).map_err(warren_core::certs::CertError::from_tls)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%peer, "HBONE connection refused: {e}");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let tls = match TlsAcceptor::from(Arc::new(tls_config)).accept(stream).await {
+        Ok(t) => t,
+        Err(e) => {
+            info!(target: "access", %peer, error = %format!("mTLS handshake failed: {e}"), "connection refused");
+            return;
+        }
+    };
+    let Some(peer_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+        return;
+    };
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(%peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    while let Some(next) = connection.accept().await {
+        let Ok((request, respond)) = next else { break };
+        let (state, peer_identity) = (state.clone(), peer_identity.clone());
+        tokio::spawn(async move { serve_stream(request, respond, peer, peer_identity, state).await });
+    }
+}
+
+/// Counts a CONNECT stream as open (for draining) while it lives.
+struct OpenStream(Arc<WaypointState>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve_stream(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_identity: SpiffeId,
+    state: Arc<WaypointState>,
+) {
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
+        info!(target: "access", src = %peer, src_identity = %peer_identity, response = status.as_u16(), error = reason, "CONNECT refused");
+        let _ = respond.send_response(Response::builder().status(status).body(()).expect("static"), true);
+    };
+    let connect = match ConnectRequest::from_request(&request) {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut respond, e.status(), &e.to_string()),
+    };
+    let snapshot = state.snapshot();
+    let target = connect.target;
+    let Some(service) = snapshot.served_service(target.ip(), &state.config.namespace, &state.config.name)
+    else {
+        let reason = format!(
+            "{target} is not the address of a service that uses waypoint {}/{}",
+            state.config.namespace, state.config.name
+        );
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+    };
+    if service.target_port(target.port()).is_none() {
+        let reason = format!("service {} has no port {}", service.hostname(), target.port());
+        return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
+    }
+    let Ok(send) =
+        respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("static"), false)
+    else {
+        return;
+    };
+    state.open_streams.fetch_add(1, Ordering::AcqRel);
+    let _open = OpenStream(state.clone());
+    let mut stream = H2Stream::new(send, request.into_body());
+    let client = connect.forwarded_for.unwrap_or(peer);
+    let sniff_timeout = Duration::from_millis(state.config.sniff_timeout_ms);
+    let (kind, prefix) = sniff(&mut stream, sniff_timeout).await;
+    let io = Prefixed { prefix, inner: stream };
+    let down = |protocol| {
+        Arc::new(Downstream {
+            service: service.clone(),
+            port: target.port(),
+            peer_identity: peer_identity.clone(),
+            client,
+            protocol,
+        })
+    };
+    match kind {
+        Sniffed::Http2 => {
+            let down = down(Protocol::Http2);
+            let svc = service_fn(move |req| forward::handle(state.clone(), down.clone(), req));
+            if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), svc)
+                .await
+            {
+                debug!(%client, "HTTP/2 downstream ended: {e}");
+            }
+        }
+        Sniffed::Http1 => {
+            let down = down(Protocol::Http1);
+            let svc = service_fn(move |req| forward::handle(state.clone(), down.clone(), req));
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).await
+            {
+                debug!(%client, "HTTP/1.1 downstream ended: {e}");
+            }
+        }
+        Sniffed::Tcp => passthrough(io, &state, &service, target, client, &peer_identity).await,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+/// Reads the client's first bytes (kept, to be replayed) until the protocol is clear.
+async fn sniff<R: AsyncRead + Unpin>(stream: &mut R, timeout: Duration) -> (Sniffed, Bytes) {
+    let mut buf = Vec::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(kind) = classify(&buf) {
+            return (kind, buf.into());
+        }
+        let mut chunk = [0u8; 64];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            // EOF, an error or a silent client: not HTTP.
+            _ => return (Sniffed::Tcp, buf.into()),
+        }
+    }
+}
+
+/// The protocol these first bytes show, or none while they could still be either.
+fn classify(buf: &[u8]) -> Option<Sniffed> {
+    if buf.is_empty() {
+        return None;
+    }
+    if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
+        return Some(Sniffed::Http2);
+    }
+    let could_be_h2 = H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]);
+    if let Some(space) = buf.iter().position(|b| *b == b' ') {
+        if HTTP1_METHODS.contains(&&buf[..space]) {
+            return Some(Sniffed::Http1);
+        }
+        return if could_be_h2 { None } else { Some(Sniffed::Tcp) };
+    }
+    let token_so_far = buf.len() < 8 && buf.iter().all(u8::is_ascii_uppercase);
+    if token_so_far || could_be_h2 { None } else { Some(Sniffed::Tcp) }
+}
+
+/// Not HTTP: the bytes go to one of the service's endpoints, chosen by its load balancing.
+async fn passthrough(
+    mut io: Prefixed<H2Stream>,
+    state: &Arc<WaypointState>,
+    service: &warren_core::model::Service,
+    target: SocketAddr,
+    client: SocketAddr,
+    peer_identity: &SpiffeId,
+) {
+    let started = Instant::now();
+    let snapshot = state.snapshot();
+    let host = service.hostname();
+    let key = ClusterKey { host: host.clone(), subset: None, port: target.port() };
+    let cluster = state.clusters.get(&key);
+    let endpoints = snapshot.index.endpoints(service);
+    let policy = snapshot.destination_rules.get(&host).map(|r| r.policy_for(None)).unwrap_or_default();
+    let headers = http::HeaderMap::new();
+    let hash = HashInput { headers: &headers, source_ip: client.ip() };
+    let Some(endpoint) = cluster.pick(&endpoints, policy.load_balancer.as_ref(), None, &hash, &[]) else {
+        info!(target: "access", protocol = "TCP", src = %client, service = host, response_flags = "UH", "no endpoint for TCP passthrough");
+        return;
+    };
+    let ip = endpoint.ip_like(client.ip()).expect("endpoints have addresses");
+    let addr = SocketAddr::new(ip, service.target_port(target.port()).unwrap_or(target.port()));
+    let result = if endpoint.enrolled {
+        let mut request = ConnectRequest::new(addr);
+        request.forwarded_for = Some(client);
+        match state.clusters.hbone.connect(ip, &endpoint.identity(&state.config.trust_domain), &request).await
+        {
+            Ok(mut upstream) => {
+                tokio::io::copy_bidirectional(&mut io, &mut upstream).await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    } else {
+        match TcpStream::connect(addr).await {
+            Ok(mut upstream) => {
+                tokio::io::copy_bidirectional(&mut io, &mut upstream).await.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let _ = io.shutdown().await;
+    let (sent, received, error) = match result {
+        Ok((from_client, to_client)) => (to_client, from_client, String::new()),
+        Err(e) => (0, 0, e),
+    };
+    info!(target: "access", protocol = "TCP", src = %client, src_identity = %peer_identity, service = host,
+          upstream = endpoint.display_name(), bytes_sent = sent, bytes_received = received,
+          duration_ms = started.elapsed().as_millis() as u64, error, "connection complete");
+}
+
+/// A stream with bytes already read put back in front.
+struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_the_protocol() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(classify(b"POST /x"), Some(Sniffed::Http1));
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(classify(H2_PREFACE), Some(Sniffed::Http2));
+        assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Sniffed::Tcp));
+        assert_eq!(classify(b"hello world"), Some(Sniffed::Tcp));
+        assert_eq!(classify(b"FOO bar"), Some(Sniffed::Tcp));
+    }
+
+    #[tokio::test]
+    async fn sniffed_bytes_are_replayed() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let (kind, prefix) = sniff(&mut server, Duration::from_secs(1)).await;
+        assert_eq!(kind, Sniffed::Http1);
+        let mut replay = Prefixed { prefix, inner: server };
+        let mut line = vec![0u8; 15];
+        replay.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"GET /a HTTP/1.1");
+        drop(client);
+        let (kind, _) = sniff(&mut tokio::io::empty(), Duration::from_millis(50)).await;
+        assert_eq!(kind, Sniffed::Tcp);
+    }
+}

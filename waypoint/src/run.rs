@@ -1,0 +1,156 @@
+//! Start-up, the config reload loop, and draining on SIGTERM.
+
+use std::{
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+use warren_core::{certs::CaSettings, model::NodeConfig};
+
+use crate::{
+    admin::{self, Endpoints},
+    config::{Config, LogFormat},
+    hbone::HboneClient,
+    state::{Snapshot, WaypointState},
+    upstream::Clusters,
+};
+
+pub fn run(config: Config) -> Result<()> {
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let ca = CaSettings {
+        ca_addr: config.ca_addr,
+        ca_root: config.ca_root.clone(),
+        ca_token_file: config.ca_token_file.clone(),
+        dev_ca_dir: config.dev_ca_dir.clone(),
+        dev_cert_lifetime: Duration::from_secs(config.cert_lifetime_secs),
+        trust_domain: config.trust_domain.clone(),
+    };
+    let Some(certs) = ca.cert_manager()? else {
+        bail!(
+            "no CA configured: a waypoint speaks only HBONE and needs a certificate; pass --ca-addr with --ca-root and --ca-token-file (or --dev-ca-dir for development)"
+        );
+    };
+    let identity = warren_core::identity::SpiffeId {
+        trust_domain: config.trust_domain.clone(),
+        namespace: config.namespace.clone(),
+        service_account: config.service_account().to_string(),
+    };
+    let clusters = Clusters::new(HboneClient::new(certs.clone(), identity));
+    let state = WaypointState::new(config.clone(), certs, clusters);
+    let bind = |addr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} endpoint {addr}"))
+    };
+    let hbone = bind(config.hbone_addr, "HBONE").await?;
+    let admin_listener = bind(config.admin_addr, "admin").await?;
+    let metrics_listener = bind(config.metrics_addr, "metrics").await?;
+    let readiness_listener = bind(config.readiness_addr, "readiness").await?;
+    tokio::spawn(admin::serve(admin_listener, state.clone(), Endpoints::Admin));
+    tokio::spawn(admin::serve(metrics_listener, state.clone(), Endpoints::Metrics));
+    tokio::spawn(admin::serve(readiness_listener, state.clone(), Endpoints::Readiness));
+
+    // The certificate first: a waypoint without one cannot accept anything.
+    let cert = state.certs.get(&state.identity).await.context("the waypoint's certificate")?;
+    info!(identity = %state.identity, not_after = ?cert.not_after, "certificate issued");
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(crate::inbound::serve(hbone, state.clone(), drain_rx));
+    info!(name = config.name, namespace = config.namespace, hbone = %config.hbone_addr, admin = %config.admin_addr, metrics = %config.metrics_addr, "waypoint listening");
+
+    let reloader = tokio::spawn(reload_loop(state.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: draining"),
+        r = reloader => bail!("the config reload loop ended: {r:?}"),
+    }
+    state.ready.store(false, Ordering::Relaxed);
+    let _ = drain_tx.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.drain_timeout_secs);
+    loop {
+        let open = state.open_streams.load(Ordering::Relaxed);
+        if open == 0 {
+            info!("drained: no stream open");
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(open, "drain timeout: closing the remaining streams");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Re-reads the config file when it changes; a bad file keeps the last good config.
+async fn reload_loop(state: Arc<WaypointState>) {
+    let path = state.config.config_file.clone();
+    let mut last_seen: Option<SystemTime> = None;
+    let mut last_error = String::new();
+    let mut tick = tokio::time::interval(state.config.reload_interval());
+    loop {
+        tick.tick().await;
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified == last_seen {
+            continue;
+        }
+        match read_config(&path) {
+            Ok(config) => {
+                let snapshot = Snapshot::new(config);
+                for e in &snapshot.routes.errors {
+                    error!(route = e.route, "{}", e.error);
+                }
+                let served = snapshot
+                    .config
+                    .services
+                    .iter()
+                    .filter(|s| {
+                        s.namespace == state.config.namespace
+                            && s.waypoint.as_deref() == Some(&state.config.name)
+                    })
+                    .count();
+                info!(
+                    services = served,
+                    virtual_services = snapshot.config.routing.virtual_services.len(),
+                    destination_rules = snapshot.config.routing.destination_rules.len(),
+                    authorizations = snapshot.config.routing.authorizations.len(),
+                    "config loaded"
+                );
+                state.set_snapshot(snapshot);
+                state.ready.store(true, Ordering::Relaxed);
+                last_seen = modified;
+                last_error.clear();
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                if text != last_error {
+                    error!("{text}; keeping the last good config");
+                    last_error = text;
+                }
+            }
+        }
+    }
+}
+
+fn read_config(path: &Path) -> Result<NodeConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}

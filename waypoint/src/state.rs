@@ -1,0 +1,95 @@
+//! What every request reads: the compiled config snapshot (swapped whole on reload, so a
+//! request sees one consistent version), the upstream clusters, the certificates, metrics.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, RwLock, Weak,
+        atomic::{AtomicBool, AtomicUsize},
+    },
+};
+
+use warren_core::{
+    certs::CertManager,
+    identity::SpiffeId,
+    l7::DestinationRule,
+    model::{NodeConfig, Service, WorkloadIndex},
+};
+
+use crate::{config::Config, metrics::Metrics, routing::RouteTable, upstream::Clusters};
+
+/// One config version, compiled.
+#[derive(Default)]
+pub struct Snapshot {
+    pub config: NodeConfig,
+    pub index: WorkloadIndex,
+    pub routes: RouteTable,
+    pub services_by_host: HashMap<String, Arc<Service>>,
+    pub destination_rules: HashMap<String, DestinationRule>,
+}
+
+impl Snapshot {
+    pub fn new(config: NodeConfig) -> Self {
+        let routes = RouteTable::build(&config.routing.virtual_services);
+        let services_by_host = config.services.iter().map(|s| (s.hostname(), Arc::new(s.clone()))).collect();
+        let mut destination_rules = HashMap::new();
+        // Istio uses the oldest DestinationRule for a host; the controller orders them.
+        for rule in &config.routing.destination_rules {
+            destination_rules.entry(rule.host.clone()).or_insert_with(|| rule.clone());
+        }
+        Self { index: WorkloadIndex::new(&config), routes, services_by_host, destination_rules, config }
+    }
+
+    /// The service behind `vip` if this waypoint (`namespace`/`name`) serves it.
+    pub fn served_service(&self, vip: IpAddr, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        let service = self.index.service_by_vip(vip)?;
+        (service.namespace == namespace && service.waypoint.as_deref() == Some(name)).then(|| service.clone())
+    }
+}
+
+pub struct WaypointState {
+    pub config: Config,
+    pub identity: SpiffeId,
+    pub certs: Arc<CertManager>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub clusters: Clusters,
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+    pub open_streams: AtomicUsize,
+    me: Weak<WaypointState>,
+}
+
+impl WaypointState {
+    pub fn new(config: Config, certs: Arc<CertManager>, clusters: Clusters) -> Arc<Self> {
+        let identity = SpiffeId {
+            trust_domain: config.trust_domain.clone(),
+            namespace: config.namespace.clone(),
+            service_account: config.service_account().to_string(),
+        };
+        Arc::new_cyclic(|me| Self {
+            config,
+            identity,
+            certs,
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            clusters,
+            metrics: Metrics::default(),
+            ready: AtomicBool::new(false),
+            open_streams: AtomicUsize::new(0),
+            me: me.clone(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().expect("poisoned").clone()
+    }
+
+    pub fn set_snapshot(&self, snapshot: Snapshot) {
+        *self.snapshot.write().expect("poisoned") = Arc::new(snapshot);
+    }
+
+    /// For work that outlives the request that started it (mirrors).
+    pub fn self_arc(&self) -> Arc<Self> {
+        self.me.upgrade().expect("the state outlives its requests")
+    }
+}

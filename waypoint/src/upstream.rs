@@ -1,0 +1,551 @@
+//! Upstream clusters: one per (service host, subset, port), as Envoy has them. A cluster picks
+//! endpoints (load balancing, outlier ejection), enforces its DestinationRule connection pool
+//! (overflow: 503 `UO`), and keeps HTTP connections to its endpoints, each carried over an
+//! HBONE stream (or plain TCP to an endpoint outside the mesh).
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+use warren_core::{
+    hbone::ConnectRequest,
+    l7::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, SimpleLb},
+    model::Workload,
+};
+
+use crate::hbone::HboneClient;
+
+/// Why an upstream attempt failed, with Envoy's response flag.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream connect failure: {0}")]
+    Connect(String),
+    #[error("upstream reset: {0}")]
+    Reset(String),
+    #[error("upstream request timeout")]
+    Timeout,
+    #[error("upstream overflow: the DestinationRule's connection pool is full")]
+    Overflow,
+}
+
+impl UpstreamError {
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "UF",
+            UpstreamError::Reset(_) => "UR",
+            UpstreamError::Timeout => "UT",
+            UpstreamError::Overflow => "UO",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterKey {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Envoy's cluster name: outbound|port|subset|host.
+        write!(f, "outbound|{}|{}|{}", self.port, self.subset.as_deref().unwrap_or(""), self.host)
+    }
+}
+
+#[derive(Default)]
+struct EndpointState {
+    active: usize,
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+enum Sender {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+struct PooledConn {
+    sender: Sender,
+    requests: u32,
+    _slot: Arc<ConnectionSlot>,
+}
+
+/// Counts an open upstream connection against `tcp.maxConnections` until it is dropped.
+struct ConnectionSlot(Arc<Cluster>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.released.notify_waiters();
+    }
+}
+
+pub struct Cluster {
+    pub key: ClusterKey,
+    rr: AtomicUsize,
+    endpoints: Mutex<HashMap<String, EndpointState>>,
+    in_flight: AtomicUsize,
+    retries_in_flight: AtomicUsize,
+    connections: AtomicUsize,
+    pending: AtomicUsize,
+    idle: Mutex<HashMap<(SocketAddr, Protocol), Vec<PooledConn>>>,
+    released: tokio::sync::Notify,
+}
+
+/// What the load balancer may hash on.
+pub struct HashInput<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub source_ip: std::net::IpAddr,
+}
+
+impl Cluster {
+    fn new(key: ClusterKey) -> Self {
+        Self {
+            key,
+            rr: AtomicUsize::new(0),
+            endpoints: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            retries_in_flight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            idle: Mutex::new(HashMap::new()),
+            released: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Admits one request against `http.http2MaxRequests`; the guard releases it.
+    pub fn admit(self: &Arc<Self>, pool: Option<&ConnectionPool>) -> Result<InFlight, UpstreamError> {
+        let max = pool.and_then(|p| p.http2_max_requests).map_or(usize::MAX, |m| m as usize);
+        self.in_flight
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map_err(|_| UpstreamError::Overflow)?;
+        Ok(InFlight(self.clone()))
+    }
+
+    /// Admits one retry against `http.maxRetries` (none when the budget is spent).
+    pub fn admit_retry(self: &Arc<Self>, pool: Option<&ConnectionPool>) -> Option<RetryGuard> {
+        let max = pool.and_then(|p| p.max_retries).map_or(usize::MAX, |m| m as usize);
+        self.retries_in_flight
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| RetryGuard(self.clone()))
+    }
+
+    /// Picks an endpoint: outlier-ejected ones left out (unless too few are healthy), and
+    /// `avoid` (the previous tries) when another is available, as Istio's retry host predicate.
+    pub fn pick(
+        &self,
+        endpoints: &[Arc<Workload>],
+        lb: Option<&LoadBalancer>,
+        outlier: Option<&OutlierDetection>,
+        hash: &HashInput<'_>,
+        avoid: &[String],
+    ) -> Option<Arc<Workload>> {
+        let now = Instant::now();
+        let state = self.endpoints.lock().expect("poisoned");
+        let healthy: Vec<&Arc<Workload>> = endpoints
+            .iter()
+            .filter(|e| state.get(&e.uid).and_then(|s| s.ejected_until).is_none_or(|until| until <= now))
+            .collect();
+        let min_health = outlier.map_or(0, |o| o.min_health_percent) as usize;
+        let mut candidates: Vec<&Arc<Workload>> =
+            if !endpoints.is_empty() && healthy.len() * 100 < min_health * endpoints.len() {
+                // Too few healthy endpoints: ejection is suspended (Envoy's panic mode).
+                endpoints.iter().collect()
+            } else {
+                healthy
+            };
+        if candidates.len() > 1 && !avoid.is_empty() {
+            let fresh: Vec<_> = candidates.iter().copied().filter(|e| !avoid.contains(&e.uid)).collect();
+            if !fresh.is_empty() {
+                candidates = fresh;
+            }
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        let active = |e: &Workload| state.get(&e.uid).map_or(0, |s| s.active);
+        let chosen = match lb {
+            None | Some(LoadBalancer::Simple(SimpleLb::RoundRobin)) => {
+                candidates[self.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+            }
+            Some(LoadBalancer::Simple(SimpleLb::Random)) => candidates[fastrand::usize(..candidates.len())],
+            Some(LoadBalancer::Simple(SimpleLb::LeastRequest)) => {
+                // Envoy's power of two choices.
+                let a = candidates[fastrand::usize(..candidates.len())];
+                let b = candidates[fastrand::usize(..candidates.len())];
+                if active(b) < active(a) { b } else { a }
+            }
+            Some(LoadBalancer::ConsistentHash(key)) => {
+                let value = hash_value(key, hash);
+                // Rendezvous hashing: the endpoint with the highest hash of (value, endpoint)
+                // wins, so only the keys of a removed endpoint move.
+                *candidates
+                    .iter()
+                    .max_by_key(|e| {
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        value.hash(&mut h);
+                        e.uid.hash(&mut h);
+                        h.finish()
+                    })
+                    .expect("not empty")
+            }
+        };
+        Some(chosen.clone())
+    }
+
+    /// Records an attempt's outcome for outlier detection; ejects the endpoint when its
+    /// consecutive errors reach a threshold and the ejection budget allows.
+    pub fn record(
+        &self,
+        endpoint: &str,
+        outcome: Result<u16, &UpstreamError>,
+        outlier: Option<&OutlierDetection>,
+        cluster_size: usize,
+    ) {
+        let Some(outlier) = outlier else { return };
+        let now = Instant::now();
+        let mut state = self.endpoints.lock().expect("poisoned");
+        let ejected = state.values().filter(|s| s.ejected_until.is_some_and(|u| u > now)).count();
+        let entry = state.entry(endpoint.to_string()).or_default();
+        let (server_error, gateway_error) = match outcome {
+            Ok(status) => (status >= 500, matches!(status, 502..=504)),
+            Err(UpstreamError::Overflow) => return,
+            Err(_) => (true, true),
+        };
+        if server_error {
+            entry.consecutive_5xx += 1;
+        } else {
+            entry.consecutive_5xx = 0;
+        }
+        if gateway_error {
+            entry.consecutive_gateway += 1;
+        } else {
+            entry.consecutive_gateway = 0;
+        }
+        let trips = outlier.consecutive_5xx_errors.is_some_and(|t| t > 0 && entry.consecutive_5xx >= t)
+            || outlier.consecutive_gateway_errors.is_some_and(|t| t > 0 && entry.consecutive_gateway >= t);
+        // At least one endpoint may always be ejected, as in Envoy.
+        let budget = (cluster_size * outlier.max_ejection_percent as usize / 100).max(1);
+        if trips && ejected < budget {
+            entry.ejections += 1;
+            let duration = Duration::from_millis(outlier.base_ejection_time_ms) * entry.ejections;
+            entry.ejected_until = Some(now + duration);
+            entry.consecutive_5xx = 0;
+            entry.consecutive_gateway = 0;
+            tracing::warn!(cluster = %self.key, endpoint, ejection_ms = duration.as_millis() as u64, times = entry.ejections, "outlier ejected");
+        }
+    }
+
+    /// Endpoints ejected right now, for `/config_dump`.
+    pub fn ejected(&self) -> Vec<String> {
+        let now = Instant::now();
+        let state = self.endpoints.lock().expect("poisoned");
+        let mut out: Vec<String> = state
+            .iter()
+            .filter(|(_, s)| s.ejected_until.is_some_and(|u| u > now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn mark_active(&self, endpoint: &str, delta: isize) {
+        let mut state = self.endpoints.lock().expect("poisoned");
+        let entry = state.entry(endpoint.to_string()).or_default();
+        entry.active = entry.active.saturating_add_signed(delta);
+    }
+}
+
+fn hash_value(key: &HashKey, input: &HashInput<'_>) -> String {
+    let header = |name: &str| input.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    match key {
+        HashKey::HttpHeaderName(name) => header(&name.to_ascii_lowercase()),
+        HashKey::HttpCookie(name) => header("cookie")
+            .split(';')
+            .find_map(|c| c.trim().strip_prefix(&format!("{name}=")).map(str::to_string))
+            .unwrap_or_default(),
+        HashKey::UseSourceIp => input.source_ip.to_string(),
+    }
+}
+
+/// Holds a request's slot against `http2MaxRequests` until the response body is done.
+pub struct InFlight(Arc<Cluster>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub struct RetryGuard(Arc<Cluster>);
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.retries_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a request against its endpoint (least-request balancing) while it lasts.
+struct ActiveRequest {
+    cluster: Arc<Cluster>,
+    endpoint: String,
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.cluster.mark_active(&self.endpoint, -1);
+        // A pending request may now find an HTTP/1.1 connection free.
+        self.cluster.released.notify_waiters();
+    }
+}
+
+/// The upstream response body, holding the request's slots until it ends.
+pub struct UpstreamBody {
+    inner: Incoming,
+    _guards: (Option<InFlight>, ActiveRequest),
+}
+
+impl UpstreamBody {
+    /// Keeps the request's `http2MaxRequests` slot until the body ends.
+    pub fn hold(&mut self, in_flight: InFlight) {
+        self._guards.0 = Some(in_flight);
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where an attempt goes: the endpoint, the port on it, and how to reach it.
+pub struct Target<'a> {
+    pub endpoint: &'a Arc<Workload>,
+    pub addr: SocketAddr,
+    pub trust_domain: &'a str,
+    pub protocol: Protocol,
+    pub forwarded_for: SocketAddr,
+    pub traceparent: Option<String>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+pub struct Clusters {
+    map: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
+    pub hbone: HboneClient,
+}
+
+impl Clusters {
+    pub fn new(hbone: HboneClient) -> Self {
+        Self { map: Mutex::new(HashMap::new()), hbone }
+    }
+
+    pub fn get(&self, key: &ClusterKey) -> Arc<Cluster> {
+        self.map
+            .lock()
+            .expect("poisoned")
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(Cluster::new(key.clone())))
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Cluster>> {
+        self.map.lock().expect("poisoned").values().cloned().collect()
+    }
+
+    /// Sends one attempt to `target`, over a pooled connection or a new one.
+    pub async fn send(
+        &self,
+        cluster: &Arc<Cluster>,
+        target: &Target<'_>,
+        pool: Option<&ConnectionPool>,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut conn = self.checkout(cluster, target, pool).await?;
+        cluster.mark_active(&target.endpoint.uid, 1);
+        let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
+        conn.requests += 1;
+        let result = match &mut conn.sender {
+            Sender::Http1(s) => s.send_request(request).await,
+            Sender::Http2(s) => s.send_request(request).await,
+        };
+        let response = result.map_err(|e| UpstreamError::Reset(e.to_string()))?;
+        let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
+        let fresh = conn.requests == 1;
+        let reusable = max_per_conn == 0 || conn.requests < max_per_conn;
+        // HTTP/1.1 connections return after each exchange; an HTTP/2 one joins the pool once,
+        // when new, and stays while it lives.
+        if reusable && (matches!(conn.sender, Sender::Http1(_)) || fresh) {
+            let key = (target.addr, target.protocol);
+            cluster.idle.lock().expect("poisoned").entry(key).or_default().push(conn);
+        }
+        Ok(response.map(|inner| UpstreamBody { inner, _guards: (None, active) }))
+    }
+
+    /// A connection to the target: an idle ready one, a new one within `maxConnections`, or —
+    /// when the pool is full — a wait among at most `http1MaxPendingRequests` others.
+    async fn checkout(
+        &self,
+        cluster: &Arc<Cluster>,
+        target: &Target<'_>,
+        pool: Option<&ConnectionPool>,
+    ) -> Result<PooledConn, UpstreamError> {
+        let max_conns = pool.and_then(|p| p.max_connections).map_or(usize::MAX, |m| m as usize);
+        let max_pending = pool.and_then(|p| p.http1_max_pending_requests).map_or(usize::MAX, |m| m as usize);
+        let mut pending: Option<PendingGuard> = None;
+        loop {
+            if let Some(conn) = take_ready(cluster, (target.addr, target.protocol)) {
+                return Ok(conn);
+            }
+            if cluster
+                .connections
+                .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_conns).then_some(n + 1))
+                .is_ok()
+            {
+                let slot = Arc::new(ConnectionSlot(cluster.clone()));
+                let sender = self.dial(target).await?;
+                return Ok(PooledConn { sender, requests: 0, _slot: slot });
+            }
+            if pending.is_none() {
+                if cluster
+                    .pending
+                    .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_pending).then_some(n + 1))
+                    .is_err()
+                {
+                    return Err(UpstreamError::Overflow);
+                }
+                pending = Some(PendingGuard(cluster.clone()));
+            }
+            // Woken when a request ends or a connection closes; the timer covers a wake-up
+            // that raced ahead of this waiter.
+            let notified = cluster.released.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(20), notified).await;
+        }
+    }
+
+    async fn dial(&self, target: &Target<'_>) -> Result<Sender, UpstreamError> {
+        let endpoint = target.endpoint;
+        let io: Box<dyn Io> = if endpoint.enrolled {
+            let expected = endpoint.identity(target.trust_domain);
+            let mut request = ConnectRequest::new(target.addr);
+            request.forwarded_for = Some(target.forwarded_for);
+            request.traceparent = target.traceparent.clone();
+            let stream = self
+                .hbone
+                .connect(target.addr.ip(), &expected, &request)
+                .await
+                .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+            Box::new(stream)
+        } else {
+            let tcp = tokio::net::TcpStream::connect(target.addr)
+                .await
+                .map_err(|e| UpstreamError::Connect(format!("{}: {e}", target.addr)))?;
+            let _ = tcp.set_nodelay(true);
+            Box::new(tcp)
+        };
+        let io = TokioIo::new(io);
+        let addr = target.addr;
+        match target.protocol {
+            Protocol::Http1 => {
+                let (sender, conn) =
+                    http1::handshake(io).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, "upstream HTTP/1.1 connection ended: {e}");
+                    }
+                });
+                Ok(Sender::Http1(sender))
+            }
+            Protocol::Http2 => {
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, "upstream HTTP/2 connection ended: {e}");
+                    }
+                });
+                Ok(Sender::Http2(sender))
+            }
+        }
+    }
+}
+
+struct PendingGuard(Arc<Cluster>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An idle connection that can take a request now. HTTP/2 connections stay in the pool while
+/// in use (they multiplex); HTTP/1.1 ones are ready only between exchanges. Closed ones are
+/// dropped on the way.
+fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol)) -> Option<PooledConn> {
+    let mut idle = cluster.idle.lock().expect("poisoned");
+    let list = idle.get_mut(&key)?;
+    list.retain(|c| match &c.sender {
+        Sender::Http1(s) => !s.is_closed(),
+        Sender::Http2(s) => !s.is_closed(),
+    });
+    let position = list.iter().position(|c| match &c.sender {
+        Sender::Http1(s) => s.is_ready(),
+        Sender::Http2(s) => s.is_ready(),
+    })?;
+    if let Sender::Http2(s) = &list[position].sender {
+        // HTTP/2 multiplexes: hand out a clone and keep the connection pooled.
+        let c = &list[position];
+        return Some(PooledConn {
+            sender: Sender::Http2(s.clone()),
+            requests: c.requests,
+            _slot: c._slot.clone(),
+        });
+    }
+    let conn = list.swap_remove(position);
+    Some(conn)
+}
