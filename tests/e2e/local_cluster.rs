@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::Value;
-use warren_e2e::{require_root, unique_name, wait_until, ztunnel::binary};
+use warren_e2e::{require_root, unique_name, wait_until, waypoint::http_in, ztunnel::binary};
 
 /// A cluster started with `xtask up`; `xtask down` on drop, whatever happened.
 struct LocalCluster {
@@ -208,4 +208,87 @@ fn two_clusters_run_side_by_side_and_a_panicking_test_still_tears_down() {
     });
     assert!(outcome.is_err());
     assert_eq!(leftovers(&b, &marker_b), Vec::<String>::new());
+}
+
+/// The shipped example (deploy/examples), brought up as the demo brings it up: every claim the
+/// demo prints is asserted here.
+#[test]
+fn the_example_manifests_do_what_the_demo_says() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&examples)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    let manifests: Vec<(&str, &str)> = files.iter().map(|(f, t)| (f.as_str(), t.as_str())).collect();
+    let cluster = LocalCluster::up(&format!("e{}", std::process::id() % 100_000), &manifests);
+    let netns =
+        |pod: &str| Path::new("/var/run/netns").join(cluster.pod(pod).unwrap()["netns"].as_str().unwrap());
+    let payment: std::net::SocketAddr =
+        format!("{}:80", cluster.vip("production/payment-service")).parse().unwrap();
+    let charge = format!("http://{payment}/api/v1/charge");
+    let load = |pod: &str, args: &[&str]| -> Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", cluster.pod(pod).unwrap()["netns"].as_str().unwrap()])
+            .arg(binary("warren-load"))
+            .arg(&charge)
+            .args(args)
+            .args(["--json", "--timeout-ms", "3000"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    // The canary: 95/5 over 2,000 charges, inside the binomial 99.9 % interval (68..=132).
+    let split = load("checkout-service-0", &["-X", "POST", "-n", "2000", "-c", "4"]);
+    assert_eq!(split["successes"], 2000, "{split}");
+    let v2 = split["versions"]["v2"].as_u64().unwrap_or(0);
+    assert!((68..=132).contains(&v2), "v2 got {v2} of 2000: {split}");
+
+    // Beta users always reach the canary.
+    let beta = load("checkout-service-0", &["-X", "POST", "-n", "50", "-H", "x-beta-user: true"]);
+    assert_eq!(beta["versions"]["v2"], 50, "{beta}");
+
+    // STRICT: the legacy pod's plaintext to a payment pod is refused.
+    let v1_ip = cluster.pod("payment-v1-0").unwrap()["ipv4"].as_str().unwrap().to_string();
+    let plaintext = http_in(&netns("legacy"), format!("{v1_ip}:8080").parse().unwrap(), "GET", "/", &[]);
+    assert!(plaintext.is_err(), "STRICT let plaintext through: {plaintext:?}");
+
+    // The AuthorizationPolicy on the waypoint.
+    let post = http_in(&netns("checkout-service-0"), payment, "POST", "/api/v1/charge", &[]).unwrap();
+    assert_eq!(post.status, 200);
+    for (pod, method) in [("checkout-service-0", "GET"), ("reporting-0", "POST")] {
+        let r = http_in(&netns(pod), payment, method, "/api/v1/charge", &[]).unwrap();
+        assert_eq!((r.status, r.body.as_str()), (403, "RBAC: access denied"), "{pod} {method}");
+    }
+
+    // mTLS between SPIFFE identities, from the proxies' own logs and metrics.
+    let state = cluster.state();
+    let node1_log = std::fs::read_to_string(state["nodes"][0]["ztunnelLog"].as_str().unwrap()).unwrap();
+    assert!(
+        node1_log.lines().any(|l| l.contains("\"direction\":\"outbound\"")
+            && l.contains("\"src_identity\":\"spiffe://cluster.local/ns/production/sa/checkout-service\"")
+            && l.contains("\"dst_identity\":\"spiffe://cluster.local/ns/production/sa/waypoint\"")),
+        "node-1's ztunnel did not log checkout -> waypoint over HBONE"
+    );
+    let metrics =
+        |ns: &Path| http_in(ns, "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics", &[]).unwrap().body;
+    let node2 = metrics(&Path::new("/var/run/netns").join(state["nodes"][1]["netns"].as_str().unwrap()));
+    assert!(
+        node2.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/production/sa/waypoint\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "{node2}"
+    );
+    let waypoint = metrics(&netns("waypoint-0"));
+    for want in [
+        "source_principal=\"spiffe://cluster.local/ns/production/sa/checkout-service\"",
+        "destination_version=\"v2\"",
+        "response_code=\"403\",response_flags=\"RBAC\"",
+    ] {
+        assert!(waypoint.contains(want), "waypoint metrics lack {want}");
+    }
 }
