@@ -342,3 +342,38 @@ fn echo_binary_logs_listeners_and_stops_on_sigterm() {
     assert!(status.success());
     assert!(child.wait().unwrap().success());
 }
+
+#[tokio::test]
+async fn calls_forward_trace_headers_and_stats_count_by_authority() {
+    let front = Echo::start(&[]).await;
+    let back = Echo::start(&["--version", "v9"]).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let request = get(
+        &front.url("/a"),
+        &[("x-echo-call", &back.url("/b?x=1")), ("traceparent", traceparent), ("x-b3-sampled", "1")],
+    );
+    let response = fetch(front.addr, false, request).await;
+    let echo: warren_apps::echo::EchoBody = serde_json::from_slice(response.body()).unwrap();
+    let call = echo.call.expect("the call's result");
+    assert_eq!(call.status, Some(200), "{call:?}");
+    let downstream: warren_apps::echo::EchoBody = serde_json::from_str(&call.body).unwrap();
+    assert_eq!(downstream.version, "v9");
+    assert_eq!(downstream.path, "/b?x=1");
+    let header = |name: &str| match downstream.headers.get(name) {
+        Some(warren_apps::echo::HeaderValues::One(v)) => v.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(header("traceparent"), traceparent);
+    assert_eq!(header("x-b3-sampled"), "1");
+
+    let stats = fetch(back.addr, false, get(&back.url("/_echo/stats"), &[])).await;
+    let stats: warren_apps::echo::Stats = serde_json::from_slice(stats.body()).unwrap();
+    assert_eq!(stats.requests, 1, "the stats request itself is not counted");
+    assert_eq!(stats.by_authority.get(&back.addr.to_string()), Some(&1), "{stats:?}");
+
+    let broken = fetch(front.addr, false, get(&front.url("/"), &[("x-echo-call", "ftp://x")])).await;
+    let echo: warren_apps::echo::EchoBody = serde_json::from_slice(broken.body()).unwrap();
+    assert!(echo.call.unwrap().error.contains("http://"));
+    front.stop().await;
+    back.stop().await;
+}

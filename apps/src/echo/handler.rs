@@ -18,6 +18,22 @@ use super::schedule::FailFraction;
 pub const STATUS_HEADER: &str = "x-echo-status";
 /// Request header that delays this response, in milliseconds (at most [`MAX_DELAY_MS`]).
 pub const DELAY_HEADER: &str = "x-echo-delay-ms";
+/// Request header naming a URL (`http://ip:port/path`) this server calls before answering,
+/// forwarding the trace headers, as an application in a call chain does.
+pub const CALL_HEADER: &str = "x-echo-call";
+/// Headers a well-behaved application forwards on its outgoing calls (W3C, B3, Envoy's id).
+pub const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "b3",
+];
+/// Path that answers this server's request counts (not counted itself).
+pub const STATS_PATH: &str = "/_echo/stats";
 /// Longest delay a flag or a header may ask for: keeps a typo from parking a connection forever.
 pub const MAX_DELAY_MS: u64 = 60_000;
 
@@ -40,6 +56,30 @@ pub struct EchoBody {
     pub body_bytes: u64,
     /// The TCP peer as the server saw it (`ip:port`): through the mesh, who connected to us.
     pub peer: String,
+    /// The outgoing call `x-echo-call` asked for: its status and body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<CallResult>,
+}
+
+/// What the downstream call of `x-echo-call` returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallResult {
+    pub url: String,
+    /// The status, or none when the call failed (then `error` says why).
+    pub status: Option<u16>,
+    pub body: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// Request counts, served at [`STATS_PATH`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub requests: u64,
+    /// By `:authority` / `Host` (mirrored copies arrive with a `-shadow` suffix).
+    pub by_authority: BTreeMap<String, u64>,
 }
 
 /// One header's value(s): a plain string when it appeared once, which is the common case.
@@ -67,6 +107,7 @@ pub struct Handler {
     pub delay: Duration,
     /// Requests counted for the failure schedule so far.
     pub counter: AtomicU64,
+    pub stats: std::sync::Mutex<Stats>,
 }
 
 /// What the request asked for through `x-echo-*` headers.
@@ -134,6 +175,11 @@ impl Handler {
         if req.method() == Method::GET && req.uri().path() == "/healthz" {
             return Ok(self.text(StatusCode::OK, "ok\n"));
         }
+        if req.method() == Method::GET && req.uri().path() == STATS_PATH {
+            let stats = self.stats.lock().expect("poisoned").clone();
+            let json = serde_json::to_vec(&stats).expect("stats serialize");
+            return Ok(self.respond(StatusCode::OK, "application/json", Bytes::from(json)));
+        }
         let overrides = match Overrides::from_headers(req.headers()) {
             Ok(overrides) => overrides,
             Err(message) => return Ok(self.text(StatusCode::BAD_REQUEST, format!("{message}\n"))),
@@ -141,6 +187,13 @@ impl Handler {
         let failed = self.fail_fraction.fails(self.counter.fetch_add(1, Ordering::Relaxed));
 
         let (parts, body) = req.into_parts();
+        let authority =
+            parts.uri.authority().map(|a| a.to_string()).or_else(|| parts.headers.get(HOST).map(lossy));
+        {
+            let mut stats = self.stats.lock().expect("poisoned");
+            stats.requests += 1;
+            *stats.by_authority.entry(authority.clone().unwrap_or_default()).or_insert(0) += 1;
+        }
         let body_bytes = match drain(body).await {
             Ok(n) => n,
             Err(e) => {
@@ -153,6 +206,10 @@ impl Handler {
             tokio::time::sleep(delay).await;
         }
         let status = overrides.status.or(failed.then_some(self.fail_status)).unwrap_or(StatusCode::OK);
+        let call = match parts.headers.get(CALL_HEADER).map(lossy) {
+            Some(url) => Some(call(&url, &parts.headers).await),
+            None => None,
+        };
 
         let echo = EchoBody {
             pod: lossy(&self.identity.pod),
@@ -161,14 +218,11 @@ impl Handler {
             protocol: protocol_name(parts.version).to_string(),
             method: parts.method.to_string(),
             path: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
-            authority: parts
-                .uri
-                .authority()
-                .map(|a| a.to_string())
-                .or_else(|| parts.headers.get(HOST).map(lossy)),
+            authority,
             headers: headers_json(&parts.headers),
             body_bytes,
             peer: peer.to_string(),
+            call,
         };
         // 204 and 304 must not carry a body; the identity headers still tell who answered.
         let body = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -194,6 +248,47 @@ impl Handler {
         headers.insert("x-echo-namespace", self.identity.namespace.clone());
         headers.insert("x-echo-version", self.identity.version.clone());
         response
+    }
+}
+
+/// GET `url` (HTTP/1.1, `http://ip:port/path`), forwarding the trace headers of `incoming`.
+async fn call(url: &str, incoming: &HeaderMap) -> CallResult {
+    let failed =
+        |error: String| CallResult { url: url.to_string(), status: None, body: String::new(), error };
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return failed("not a URL".into());
+    };
+    let (Some(host), Some("http")) = (uri.host(), uri.scheme_str()) else {
+        return failed("only http://ip:port/path URLs".into());
+    };
+    let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<std::net::IpAddr>() else {
+        return failed("the host must be an IP address".into());
+    };
+    let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.uri_mut() = uri.path_and_query().map_or("/", |p| p.as_str()).parse().unwrap_or_default();
+    if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+        request.headers_mut().insert(HOST, v);
+    }
+    for name in TRACE_HEADERS {
+        for value in incoming.get_all(name) {
+            request.headers_mut().append(name, value.clone());
+        }
+    }
+    let exchange = async {
+        let mut connection =
+            crate::load::client::Connection::open(addr, false).await.map_err(|e| e.to_string())?;
+        connection.send(request).await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Ok(response)) => CallResult {
+            url: url.to_string(),
+            status: Some(response.status().as_u16()),
+            body: String::from_utf8_lossy(response.body()).into_owned(),
+            error: String::new(),
+        },
+        Ok(Err(e)) => failed(e),
+        Err(_) => failed("timed out after 10 s".into()),
     }
 }
 

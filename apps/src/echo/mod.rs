@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 pub use handler::{
-    DELAY_HEADER, EchoBody, HeaderValues, MAX_DELAY_MS, Overrides, STATUS_HEADER, parse_status, protocol_name,
+    CALL_HEADER, CallResult, DELAY_HEADER, EchoBody, HeaderValues, MAX_DELAY_MS, Overrides, STATS_PATH,
+    STATUS_HEADER, Stats, TRACE_HEADERS, parse_status, protocol_name,
 };
 use handler::{Handler, Identity};
 pub use schedule::{FailFraction, FractionError};
@@ -103,6 +104,7 @@ impl Config {
             fail_status,
             delay: Duration::from_millis(self.delay_ms),
             counter: AtomicU64::new(0),
+            stats: Default::default(),
         })
     }
 }
