@@ -32,8 +32,21 @@ impl Waypoint {
     /// Starts `waypoint` inside `pod` as Gateway `namespace/name` (ServiceAccount `name`),
     /// reading `config_file`, certificates from the development CA `ca`; waits until ready.
     pub fn start(pod: &Pod, namespace: &str, name: &str, config_file: &std::path::Path, ca: &MeshCa) -> Self {
-        let ca_args = vec!["--dev-ca-dir".to_string(), ca.dir.display().to_string()];
-        Self::start_with_ca_args(pod, namespace, name, config_file, &ca_args)
+        Self::start_with_args(pod, namespace, name, config_file, ca, &[])
+    }
+
+    /// As [`Waypoint::start`], with extra flags.
+    pub fn start_with_args(
+        pod: &Pod,
+        namespace: &str,
+        name: &str,
+        config_file: &std::path::Path,
+        ca: &MeshCa,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec!["--dev-ca-dir".to_string(), ca.dir.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with_ca_args(pod, namespace, name, config_file, &args)
     }
 
     /// As [`Waypoint::start`], with its CA flags given (`--ca-addr ... --ca-root ...
@@ -286,4 +299,84 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// An OTLP/HTTP trace collector for tests: accepts `POST /v1/traces` (JSON) on 127.0.0.1 inside
+/// a pod's netns and keeps every span it receives.
+pub struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub addr: SocketAddr,
+}
+
+impl Collector {
+    pub fn start(pod: &Pod, port: u16) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listener = pod.ns.run(move || std::net::TcpListener::bind(addr)).expect("collector listen");
+        listener.set_nonblocking(true).unwrap();
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (spans.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = Self::serve(stream, &s);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Collector { spans, stop, addr }
+    }
+
+    /// One HTTP/1.1 connection: requests with a content-length, each answered 200.
+    fn serve(mut stream: std::net::TcpStream, spans: &std::sync::Mutex<Vec<Value>>) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + 4 + length {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body: Value =
+                serde_json::from_slice(&buf[head_end + 4..head_end + 4 + length]).unwrap_or(Value::Null);
+            for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    spans.lock().unwrap().extend(ss["spans"].as_array().into_iter().flatten().cloned());
+                }
+            }
+            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")?;
+            buf.drain(..head_end + 4 + length);
+        }
+    }
+
+    pub fn spans(&self) -> Vec<Value> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

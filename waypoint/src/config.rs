@@ -88,6 +88,16 @@ pub struct Config {
     #[arg(long, env = "WARREN_SNIFF_TIMEOUT_MS", default_value_t = 1000)]
     pub sniff_timeout_ms: u64,
 
+    /// An OTLP/HTTP collector (`IP:PORT`) that sampled spans are sent to (POST /v1/traces,
+    /// JSON). Unset: spans are not exported (trace headers are still propagated).
+    #[arg(long, env = "WARREN_TRACING_COLLECTOR")]
+    pub tracing_collector: Option<SocketAddr>,
+
+    /// Percentage (0–100) of new traces that are sampled; a caller's sampling decision, carried
+    /// in `traceparent` or `x-b3-sampled`, is kept. Istio's default is 1.
+    #[arg(long, env = "WARREN_TRACING_SAMPLING", default_value_t = 1.0)]
+    pub tracing_sampling: f64,
+
     /// On SIGTERM: stop accepting, then give open streams this long to finish.
     #[arg(long, env = "WARREN_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
+use serde_json::json;
 use tracing::{info, warn};
 use warren_core::{
     identity::SpiffeId,
@@ -25,6 +26,7 @@ use crate::{
     metrics::{RequestLabels, Side},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
+    trace::{Span, TraceContext},
     upstream::{Cluster, ClusterKey, HashInput, Protocol, Target, UpstreamError},
 };
 
@@ -49,6 +51,7 @@ struct Outcome {
     upstream_cluster: String,
     attempts: u32,
     detail: String,
+    request_bytes: u64,
 }
 
 fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
@@ -74,9 +77,12 @@ pub async fn handle(
         upstream_cluster: String::new(),
         attempts: 0,
         detail: String::new(),
+        request_bytes: 0,
     };
     let source = snapshot.index.by_ip(down.client.ip()).cloned();
-    let response = process(&state, &snapshot, &down, source.as_deref(), req, &mut outcome).await;
+    let trace = TraceContext::from_headers(req.headers(), state.config.tracing_sampling);
+    let span_start = std::time::SystemTime::now();
+    let response = process(&state, &snapshot, &down, source.as_deref(), req, &trace, &mut outcome).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let flags = if outcome.flags.is_empty() { "-".to_string() } else { outcome.flags.join(",") };
@@ -84,22 +90,39 @@ pub async fn handle(
         Some(w) => Side::of(w, &state.config.trust_domain),
         None => Side::unknown(),
     };
-    state.metrics.record(
-        RequestLabels {
-            source: match &source {
-                Some(w) => Side::of(w, &state.config.trust_domain),
-                None => Side::from_identity(&down.peer_identity),
-            },
-            destination,
-            destination_service: down.service.hostname(),
-            destination_service_name: down.service.name.clone(),
-            destination_service_namespace: down.service.namespace.clone(),
-            request_protocol: "http",
-            response_code: status,
-            response_flags: flags.clone(),
+    let labels = RequestLabels {
+        source: match &source {
+            Some(w) => Side::of(w, &state.config.trust_domain),
+            None => Side::from_identity(&down.peer_identity),
         },
-        elapsed.as_secs_f64() * 1000.0,
-    );
+        destination,
+        destination_service: down.service.hostname(),
+        destination_service_name: down.service.name.clone(),
+        destination_service_namespace: down.service.namespace.clone(),
+        request_protocol: "http",
+        response_code: status,
+        response_flags: flags.clone(),
+    };
+    state.metrics.record(labels.clone(), elapsed.as_secs_f64() * 1000.0, outcome.request_bytes);
+    if let (true, Some(exporter)) = (trace.sampled, &state.exporter) {
+        exporter.export(Span {
+            context: trace.clone(),
+            // Istio's span name: the service authority and a wildcard path.
+            name: format!("{}:{}/*", down.service.hostname(), down.port),
+            start: span_start,
+            end: std::time::SystemTime::now(),
+            attributes: vec![
+                ("http.method", json!(method.as_str())),
+                ("http.url", json!(path)),
+                ("http.status_code", json!(status)),
+                ("response_flags", json!(flags)),
+                ("upstream_cluster", json!(outcome.upstream_cluster)),
+                ("istio.namespace", json!(down.service.namespace)),
+                ("peer.identity", json!(down.peer_identity.to_string())),
+            ],
+            error: status >= 500,
+        });
+    }
     info!(
         target: "access",
         method = %method,
@@ -118,7 +141,51 @@ pub async fn handle(
         detail = outcome.detail,
         "request"
     );
-    Ok(response)
+    // Response bytes are known when the body has been sent: counted on the way out.
+    Ok(response
+        .map(|body| ResponseCounter { inner: body, state, labels: Some(labels), bytes: 0 }.boxed_unsync()))
+}
+
+/// Counts the response body's bytes and records them when the body is done (or dropped).
+struct ResponseCounter {
+    inner: ResponseBody,
+    state: Arc<WaypointState>,
+    labels: Option<RequestLabels>,
+    bytes: u64,
+}
+
+impl hyper::body::Body for ResponseCounter {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseCounter {
+    fn drop(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            self.state.metrics.record_response_bytes(labels, self.bytes);
+        }
+    }
 }
 
 async fn process(
@@ -127,6 +194,7 @@ async fn process(
     down: &Downstream,
     source: Option<&Workload>,
     req: Request<Incoming>,
+    trace: &TraceContext,
     out: &mut Outcome,
 ) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
@@ -320,8 +388,13 @@ async fn process(
     }
     apply(&destination.headers.request, &mut headers);
     add_forwarding(&mut headers, down.client);
+    trace.inject(&mut headers);
     let body = match Limited::new(body, state.config.max_request_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
+        Ok(b) => {
+            let bytes = b.to_bytes();
+            out.request_bytes = bytes.len() as u64;
+            bytes
+        }
         Err(e) => {
             out.detail = format!("request body: {e}");
             return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n");
@@ -570,7 +643,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::HOST);
 }
 
-/// `x-forwarded-for` and an `x-request-id` when the client sent none, as Envoy adds them.
+/// `x-forwarded-for`, and an `x-request-id` when the client sent none, as Envoy adds them.
 fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr) {
     let ip = client.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -585,11 +658,6 @@ fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr) {
         if let Ok(v) = HeaderValue::from_str(&id) {
             headers.insert("x-request-id", v);
         }
-    }
-    if !headers.contains_key("traceparent")
-        && let Ok(v) = HeaderValue::from_str(&warren_core::hbone::new_traceparent())
-    {
-        headers.insert("traceparent", v);
     }
 }
 

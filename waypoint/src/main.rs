@@ -12,6 +12,7 @@ mod metrics;
 mod routing;
 mod run;
 mod state;
+mod trace;
 mod upstream;
 
 use std::process::ExitCode;

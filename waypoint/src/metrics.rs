@@ -63,11 +63,48 @@ pub struct RequestLabels {
     pub response_flags: String,
 }
 
+/// Istio's size buckets (bytes): powers of ten.
+const BUCKETS_BYTES: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+/// A Prometheus histogram over fixed bounds.
+#[derive(Default)]
+struct Histogram {
+    count: u64,
+    sum: f64,
+    buckets: Vec<u64>,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], value: f64) {
+        if self.buckets.len() != bounds.len() {
+            self.buckets = vec![0; bounds.len()];
+        }
+        self.count += 1;
+        self.sum += value;
+        for (slot, bound) in self.buckets.iter_mut().zip(bounds) {
+            if value <= *bound {
+                *slot += 1;
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        for (i, bound) in bounds.iter().enumerate() {
+            let n = self.buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
 #[derive(Default)]
 struct Series {
     count: u64,
-    sum_ms: f64,
-    buckets: [u64; BUCKETS_MS.len()],
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
 #[derive(Default)]
@@ -76,16 +113,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn record(&self, labels: RequestLabels, duration_ms: f64) {
+    /// One request, when its response headers are sent.
+    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64) {
         let mut series = self.series.lock().expect("poisoned");
         let s = series.entry(labels).or_default();
         s.count += 1;
-        s.sum_ms += duration_ms;
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            if duration_ms <= *bound {
-                s.buckets[i] += 1;
-            }
-        }
+        s.duration_ms.observe(&BUCKETS_MS, duration_ms);
+        s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
+    }
+
+    /// The response body's size, once it has been sent.
+    pub fn record_response_bytes(&self, labels: RequestLabels, bytes: u64) {
+        let mut series = self.series.lock().expect("poisoned");
+        series.entry(labels).or_default().response_bytes.observe(&BUCKETS_BYTES, bytes as f64);
     }
 
     pub fn total(&self) -> u64 {
@@ -100,19 +140,23 @@ impl Metrics {
         for (labels, s) in series.iter() {
             let _ = writeln!(out, "istio_requests_total{{{}}} {}", render_labels(labels), s.count);
         }
-        out.push_str(
-            "# HELP istio_request_duration_milliseconds Request duration to the response headers.\n",
-        );
-        out.push_str("# TYPE istio_request_duration_milliseconds histogram\n");
-        for (labels, s) in series.iter() {
-            let l = render_labels(labels);
-            for (bound, n) in BUCKETS_MS.iter().zip(s.buckets) {
-                let _ = writeln!(out, "istio_request_duration_milliseconds_bucket{{{l},le=\"{bound}\"}} {n}");
+        type Pick = fn(&Series) -> &Histogram;
+        let histograms: [(&str, &str, &[f64], Pick); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "Request duration to the response headers.",
+                &BUCKETS_MS,
+                |s| &s.duration_ms,
+            ),
+            ("istio_request_bytes", "Request body sizes.", &BUCKETS_BYTES, |s| &s.request_bytes),
+            ("istio_response_bytes", "Response body sizes.", &BUCKETS_BYTES, |s| &s.response_bytes),
+        ];
+        for (name, help, bounds, pick) in histograms {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (labels, s) in series.iter() {
+                pick(s).render(&mut out, name, &render_labels(labels), bounds);
             }
-            let _ =
-                writeln!(out, "istio_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} {}", s.count);
-            let _ = writeln!(out, "istio_request_duration_milliseconds_sum{{{l}}} {}", s.sum_ms);
-            let _ = writeln!(out, "istio_request_duration_milliseconds_count{{{l}}} {}", s.count);
         }
         out
     }
@@ -165,8 +209,9 @@ mod tests {
             response_code: 200,
             response_flags: "-".into(),
         };
-        m.record(labels.clone(), 3.0);
-        m.record(labels, 700.0);
+        m.record(labels.clone(), 3.0, 10);
+        m.record(labels.clone(), 700.0, 0);
+        m.record_response_bytes(labels, 2048);
         let text = m.render();
         assert!(text.contains("istio_requests_total{reporter=\"waypoint\""), "{text}");
         assert!(text.contains("destination_version=\"v2\""));
@@ -175,6 +220,9 @@ mod tests {
         ));
         assert!(text.contains("le=\"5\"} 1"), "{text}");
         assert!(text.contains("le=\"1000\"} 2"));
+        assert!(text.contains("istio_request_bytes_bucket{reporter=\"waypoint\""), "{text}");
+        assert!(text.contains("istio_response_bytes_bucket{reporter=\"waypoint\""), "{text}");
+        assert!(text.contains("le=\"10000\"} 1"), "{text}");
         assert_eq!(m.total(), 2);
     }
 }

@@ -55,7 +55,11 @@ async fn serve(config: Config) -> Result<()> {
         service_account: config.service_account().to_string(),
     };
     let clusters = Clusters::new(HboneClient::new(certs.clone(), identity));
-    let state = WaypointState::new(config.clone(), certs, clusters);
+    let exporter = config.tracing_collector.map(|collector| {
+        info!(%collector, sampling_percent = config.tracing_sampling, "exporting spans over OTLP/HTTP");
+        crate::trace::Exporter::start(collector, format!("{}.{}", config.name, config.namespace))
+    });
+    let state = WaypointState::new(config.clone(), certs, clusters, exporter);
     let bind = |addr, what: &'static str| async move {
         TcpListener::bind(addr).await.with_context(|| format!("binding the {what} endpoint {addr}"))
     };

@@ -17,7 +17,7 @@ use warren_core::{
     model::{NodeConfig, Service, WorkloadIndex},
 };
 
-use crate::{config::Config, metrics::Metrics, routing::RouteTable, upstream::Clusters};
+use crate::{config::Config, metrics::Metrics, routing::RouteTable, trace::Exporter, upstream::Clusters};
 
 /// One config version, compiled.
 #[derive(Default)]
@@ -57,11 +57,18 @@ pub struct WaypointState {
     pub metrics: Metrics,
     pub ready: AtomicBool,
     pub open_streams: AtomicUsize,
+    /// Where sampled spans go, when a collector is configured.
+    pub exporter: Option<Exporter>,
     me: Weak<WaypointState>,
 }
 
 impl WaypointState {
-    pub fn new(config: Config, certs: Arc<CertManager>, clusters: Clusters) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        certs: Arc<CertManager>,
+        clusters: Clusters,
+        exporter: Option<Exporter>,
+    ) -> Arc<Self> {
         let identity = SpiffeId {
             trust_domain: config.trust_domain.clone(),
             namespace: config.namespace.clone(),
@@ -76,6 +83,7 @@ impl WaypointState {
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
+            exporter,
             me: me.clone(),
         })
     }

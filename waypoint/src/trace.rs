@@ -1,0 +1,313 @@
+//! Trace context and spans. Each request through the waypoint is a span: its trace id comes
+//! from the request's W3C `traceparent` or B3 headers (or is created), its parent is the
+//! caller's span, and the upstream request carries both header styles with the waypoint's span
+//! as the new parent — so one trace id runs through every hop whose application forwards the
+//! headers. Sampled spans are exported in batches over OTLP/HTTP (JSON) to a collector.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 32 lower-case hex digits.
+    pub trace_id: String,
+    /// The caller's span (16 hex digits), if the request carried one.
+    pub parent_span_id: Option<String>,
+    /// The waypoint's own span for this request.
+    pub span_id: String,
+    pub sampled: bool,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_hex(len: usize) -> String {
+    let bytes: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
+    hex(&bytes)
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
+}
+
+impl TraceContext {
+    /// From `traceparent`, else B3 (multi-header or single `b3`), else a new trace sampled at
+    /// `sampling_percent`. A caller's sampling decision is kept.
+    pub fn from_headers(headers: &HeaderMap, sampling_percent: f64) -> Self {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let new_span = random_hex(8);
+        if let Some(tp) = get("traceparent") {
+            let parts: Vec<&str> = tp.split('-').collect();
+            if parts.len() >= 4 && parts[0].len() == 2 && is_hex(parts[1], 32) && is_hex(parts[2], 16) {
+                let flags = u8::from_str_radix(parts[3], 16).unwrap_or(0);
+                return TraceContext {
+                    trace_id: parts[1].to_ascii_lowercase(),
+                    parent_span_id: Some(parts[2].to_ascii_lowercase()),
+                    span_id: new_span,
+                    sampled: flags & 1 == 1,
+                };
+            }
+        }
+        let b3_sampled = |v: &str| matches!(v, "1" | "true" | "d");
+        if let Some(trace) = get("x-b3-traceid") {
+            let trace = if trace.len() == 16 { format!("{:0>32}", trace) } else { trace.to_string() };
+            if is_hex(&trace, 32) {
+                return TraceContext {
+                    trace_id: trace.to_ascii_lowercase(),
+                    parent_span_id: get("x-b3-spanid").filter(|s| is_hex(s, 16)).map(str::to_ascii_lowercase),
+                    span_id: new_span,
+                    sampled: get("x-b3-sampled").map(b3_sampled).unwrap_or_else(|| roll(sampling_percent)),
+                };
+            }
+        }
+        if let Some(b3) = get("b3") {
+            let parts: Vec<&str> = b3.split('-').collect();
+            let trace =
+                parts.first().map(|t| if t.len() == 16 { format!("{t:0>32}") } else { t.to_string() });
+            if let Some(trace) = trace.filter(|t| is_hex(t, 32)) {
+                return TraceContext {
+                    trace_id: trace.to_ascii_lowercase(),
+                    parent_span_id: parts.get(1).filter(|s| is_hex(s, 16)).map(|s| s.to_ascii_lowercase()),
+                    span_id: new_span,
+                    sampled: parts.get(2).map(|s| b3_sampled(s)).unwrap_or_else(|| roll(sampling_percent)),
+                };
+            }
+        }
+        TraceContext {
+            trace_id: random_hex(16),
+            parent_span_id: None,
+            span_id: new_span,
+            sampled: roll(sampling_percent),
+        }
+    }
+
+    /// Sets both header styles for the upstream request, the waypoint's span as the parent.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        let flags = if self.sampled { "01" } else { "00" };
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        };
+        set("traceparent", format!("00-{}-{}-{flags}", self.trace_id, self.span_id));
+        set("x-b3-traceid", self.trace_id.clone());
+        set("x-b3-spanid", self.span_id.clone());
+        set("x-b3-sampled", if self.sampled { "1".into() } else { "0".into() });
+        match &self.parent_span_id {
+            Some(parent) => set("x-b3-parentspanid", parent.clone()),
+            None => {
+                headers.remove("x-b3-parentspanid");
+            }
+        }
+        // The single-header form would now disagree with the multi-header one.
+        headers.remove("b3");
+    }
+}
+
+fn roll(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && fastrand::f64() * 100.0 < percent)
+}
+
+/// One finished span.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub context: TraceContext,
+    pub name: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<(&'static str, Value)>,
+    pub error: bool,
+}
+
+fn nanos(t: SystemTime) -> String {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_string()
+}
+
+/// The OTLP/HTTP JSON body for a batch of spans (`ExportTraceServiceRequest`).
+pub fn otlp_json(service_name: &str, spans: &[Span]) -> Value {
+    let spans: Vec<Value> = spans
+        .iter()
+        .map(|s| {
+            let attributes: Vec<Value> = s
+                .attributes
+                .iter()
+                .map(|(k, v)| {
+                    let value = match v {
+                        Value::Number(n) if n.is_i64() || n.is_u64() => json!({"intValue": n.to_string()}),
+                        Value::String(text) => json!({"stringValue": text}),
+                        other => json!({"stringValue": other.to_string()}),
+                    };
+                    json!({"key": k, "value": value})
+                })
+                .collect();
+            let mut span = json!({
+                "traceId": s.context.trace_id,
+                "spanId": s.context.span_id,
+                "name": s.name,
+                // SPAN_KIND_SERVER: the waypoint serves the caller's request.
+                "kind": 2,
+                "startTimeUnixNano": nanos(s.start),
+                "endTimeUnixNano": nanos(s.end),
+                "attributes": attributes,
+                "status": {"code": if s.error { 2 } else { 1 }},
+            });
+            if let Some(parent) = &s.context.parent_span_id {
+                span["parentSpanId"] = json!(parent);
+            }
+            span
+        })
+        .collect();
+    json!({"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service_name}}]},
+        "scopeSpans": [{"scope": {"name": "warren-waypoint"}, "spans": spans}],
+    }]})
+}
+
+/// Sends spans to the collector in the background, in batches (every second or 100 spans);
+/// a full queue drops spans rather than slowing requests.
+#[derive(Clone)]
+pub struct Exporter {
+    queue: mpsc::Sender<Span>,
+}
+
+impl Exporter {
+    pub fn start(collector: SocketAddr, service_name: String) -> Self {
+        let (queue, mut rx) = mpsc::channel::<Span>(4096);
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await;
+                match next {
+                    Ok(Some(span)) => {
+                        batch.push(span);
+                        if batch.len() < 100 {
+                            continue;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(_) if batch.is_empty() => continue,
+                    Err(_) => {}
+                }
+                let body = otlp_json(&service_name, &batch);
+                let count = batch.len();
+                batch.clear();
+                if let Err(e) = post(collector, body).await {
+                    warn!(%collector, spans = count, "exporting spans failed: {e}");
+                } else {
+                    debug!(%collector, spans = count, "spans exported");
+                }
+            }
+        });
+        Exporter { queue }
+    }
+
+    pub fn export(&self, span: Span) {
+        let _ = self.queue.try_send(span);
+    }
+}
+
+async fn post(collector: SocketAddr, body: Value) -> Result<(), String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(collector))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = Request::post("/v1/traces")
+        .header("host", collector.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = send.send_request(request).await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("the collector answered {}", response.status()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn w3c_context_is_continued_with_a_child_span() {
+        let incoming = headers(&[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]);
+        let ctx = TraceContext::from_headers(&incoming, 0.0);
+        assert_eq!(ctx.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(ctx.parent_span_id.as_deref(), Some("b7ad6b7169203331"));
+        assert!(ctx.sampled);
+        assert_ne!(ctx.span_id, "b7ad6b7169203331");
+        let mut out = HeaderMap::new();
+        ctx.inject(&mut out);
+        assert_eq!(out["traceparent"], format!("00-0af7651916cd43dd8448eb211c80319c-{}-01", ctx.span_id));
+        assert_eq!(out["x-b3-traceid"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(out["x-b3-parentspanid"], "b7ad6b7169203331");
+        assert_eq!(out["x-b3-sampled"], "1");
+    }
+
+    #[test]
+    fn b3_contexts_are_read_and_new_ones_created() {
+        let b3 = headers(&[
+            ("x-b3-traceid", "463ac35c9f6413ad"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let ctx = TraceContext::from_headers(&b3, 100.0);
+        assert_eq!(ctx.trace_id, "0000000000000000463ac35c9f6413ad");
+        assert_eq!(ctx.parent_span_id.as_deref(), Some("a2fb4a1d1a96d312"));
+        assert!(!ctx.sampled, "the caller's decision is kept");
+        let single = headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]);
+        assert_eq!(TraceContext::from_headers(&single, 0.0).trace_id, "80f198ee56343ba864fe8b2a57d3eff7");
+        let fresh = TraceContext::from_headers(&HeaderMap::new(), 100.0);
+        assert!(is_hex(&fresh.trace_id, 32) && fresh.parent_span_id.is_none() && fresh.sampled);
+        assert!(!TraceContext::from_headers(&HeaderMap::new(), 0.0).sampled);
+        // A malformed traceparent is ignored, not trusted.
+        let bad = headers(&[("traceparent", "00-zz-yy-01")]);
+        assert!(TraceContext::from_headers(&bad, 0.0).parent_span_id.is_none());
+    }
+
+    #[test]
+    fn spans_are_otlp_json() {
+        let ctx = TraceContext::from_headers(
+            &headers(&[("x-b3-traceid", "463ac35c9f6413ad463ac35c9f6413ad")]),
+            100.0,
+        );
+        let span = Span {
+            context: ctx.clone(),
+            name: "payment.shop.svc.cluster.local:80/*".into(),
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
+            end: SystemTime::UNIX_EPOCH + Duration::from_secs(2),
+            attributes: vec![("http.status_code", json!(200)), ("http.method", json!("GET"))],
+            error: false,
+        };
+        let body = otlp_json("waypoint.shop", &[span]);
+        let s = &body["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+        assert_eq!(s["traceId"], "463ac35c9f6413ad463ac35c9f6413ad");
+        assert_eq!(s["startTimeUnixNano"], "1000000000");
+        assert_eq!(s["attributes"][0]["value"]["intValue"], "200");
+        assert_eq!(
+            body["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+            "waypoint.shop"
+        );
+    }
+}
