@@ -69,7 +69,9 @@ impl Waypoint {
             .arg(config_file)
             .args(ca_args)
             .args(["--reload-interval-ms", "100"])
-            .env("WARREN_LOG", "info")
+            // WARREN_E2E_WAYPOINT_LOG overrides the filter (e.g. `warn` to measure without
+            // access logs).
+            .env("WARREN_LOG", std::env::var("WARREN_E2E_WAYPOINT_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log file"))
             .spawn()
@@ -90,6 +92,10 @@ impl Waypoint {
 
     pub fn log_path(&self) -> &std::path::Path {
         &self.log
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The access-log lines (one per request).

@@ -98,6 +98,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_TRACING_SAMPLING", default_value_t = 1.0)]
     pub tracing_sampling: f64,
 
+    /// Worker threads (Envoy's `--concurrency`): 0 = one per CPU this process may run on; 1 =
+    /// a single event loop, the cheapest per request when the waypoint has one CPU.
+    #[arg(long, env = "WARREN_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// On SIGTERM: stop accepting, then give open streams this long to finish.
     #[arg(long, env = "WARREN_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,

@@ -23,7 +23,7 @@ use warren_core::{
 
 use crate::{
     authz::{self, RequestAttributes},
-    metrics::{RequestLabels, Side},
+    metrics::{RequestLabels, SeriesHandle, Side},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
     trace::{Span, TraceContext},
@@ -103,7 +103,7 @@ pub async fn handle(
         response_code: status,
         response_flags: flags.clone(),
     };
-    state.metrics.record(labels.clone(), elapsed.as_secs_f64() * 1000.0, outcome.request_bytes);
+    let series = state.metrics.record(labels, elapsed.as_secs_f64() * 1000.0, outcome.request_bytes);
     if let (true, Some(exporter)) = (trace.sampled, &state.exporter) {
         exporter.export(Span {
             context: trace.clone(),
@@ -142,15 +142,13 @@ pub async fn handle(
         "request"
     );
     // Response bytes are known when the body has been sent: counted on the way out.
-    Ok(response
-        .map(|body| ResponseCounter { inner: body, state, labels: Some(labels), bytes: 0 }.boxed_unsync()))
+    Ok(response.map(|body| ResponseCounter { inner: body, series, bytes: 0 }.boxed_unsync()))
 }
 
 /// Counts the response body's bytes and records them when the body is done (or dropped).
 struct ResponseCounter {
     inner: ResponseBody,
-    state: Arc<WaypointState>,
-    labels: Option<RequestLabels>,
+    series: SeriesHandle,
     bytes: u64,
 }
 
@@ -182,9 +180,7 @@ impl hyper::body::Body for ResponseCounter {
 
 impl Drop for ResponseCounter {
     fn drop(&mut self) {
-        if let Some(labels) = self.labels.take() {
-            self.state.metrics.record_response_bytes(labels, self.bytes);
-        }
+        self.series.record_response_bytes(self.bytes);
     }
 }
 
@@ -239,7 +235,7 @@ async fn process(
     };
     let selected = snapshot.routes.select(&host, &facts);
     let (route, matched) = match selected {
-        Some((route, matched)) => (Some(route.clone()), matched.cloned()),
+        Some((route, matched)) => (Some(route), matched),
         None if snapshot.routes.has_routes(&host) => {
             out.flags.push("NR");
             out.detail = format!("no route of the VirtualServices for {host} matched");
@@ -275,7 +271,7 @@ async fn process(
         return text_response(status, direct.body.clone().unwrap_or_default());
     }
     if let Some(redirect) = http_route.and_then(|r| r.redirect.as_ref()) {
-        let prefix = matched.as_ref().and_then(|m| m.uri.as_ref()).and_then(|m| m.prefix());
+        let prefix = matched.and_then(|m| m.uri.as_ref()).and_then(|m| m.prefix());
         let target_path = match (&redirect.uri, &redirect.uri_prefix, prefix) {
             // Istio's `redirect.uri` replaces the whole path.
             (Some(uri), _, _) => uri.clone(),
@@ -305,7 +301,7 @@ async fn process(
 
     // 5. The destination: service, subset, endpoints.
     let default_destination;
-    let destination: &RouteDestination = match route.as_deref() {
+    let destination: &RouteDestination = match route.map(|r| &**r) {
         Some(r) => match r.pick(fastrand::f64()) {
             Some(d) => d,
             None => {
@@ -371,8 +367,7 @@ async fn process(
 
     // 6. The request upstream: path rewrite, authority, headers; the body buffered so that
     // retries and mirrors can send it again.
-    let new_path =
-        route.as_deref().and_then(|r| rewrite_path(r, matched.as_ref(), &path)).unwrap_or(path.clone());
+    let new_path = route.and_then(|r| rewrite_path(r, matched, &path)).unwrap_or(path.clone());
     let path_and_query = match &query {
         Some(q) => format!("{new_path}?{q}"),
         None => new_path,
@@ -381,7 +376,8 @@ async fn process(
         .and_then(|r| r.rewrite.as_ref())
         .and_then(|r| r.authority.clone())
         .unwrap_or(authority.clone());
-    let mut headers = parts.headers.clone();
+    // The routing decisions are made: the headers move into the upstream request.
+    let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     if let Some(r) = http_route {
         apply(&r.headers.request, &mut headers);

@@ -3,7 +3,11 @@
 //! destination workload, namespace, principal, version, service, response code and flags, so
 //! the dashboards people already have work.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+};
 
 use warren_core::{identity::SpiffeId, model::Workload};
 
@@ -109,27 +113,34 @@ struct Series {
 
 #[derive(Default)]
 pub struct Metrics {
-    series: Mutex<BTreeMap<RequestLabels, Series>>,
+    series: Mutex<BTreeMap<RequestLabels, Arc<Mutex<Series>>>>,
+}
+
+/// One series, for what is recorded later (the response size, once the body is sent) without
+/// looking the labels up again.
+pub struct SeriesHandle(Arc<Mutex<Series>>);
+
+impl SeriesHandle {
+    pub fn record_response_bytes(&self, bytes: u64) {
+        self.0.lock().expect("poisoned").response_bytes.observe(&BUCKETS_BYTES, bytes as f64);
+    }
 }
 
 impl Metrics {
     /// One request, when its response headers are sent.
-    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64) {
-        let mut series = self.series.lock().expect("poisoned");
-        let s = series.entry(labels).or_default();
-        s.count += 1;
-        s.duration_ms.observe(&BUCKETS_MS, duration_ms);
-        s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
-    }
-
-    /// The response body's size, once it has been sent.
-    pub fn record_response_bytes(&self, labels: RequestLabels, bytes: u64) {
-        let mut series = self.series.lock().expect("poisoned");
-        series.entry(labels).or_default().response_bytes.observe(&BUCKETS_BYTES, bytes as f64);
+    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64) -> SeriesHandle {
+        let cell = self.series.lock().expect("poisoned").entry(labels).or_default().clone();
+        {
+            let mut s = cell.lock().expect("poisoned");
+            s.count += 1;
+            s.duration_ms.observe(&BUCKETS_MS, duration_ms);
+            s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
+        }
+        SeriesHandle(cell)
     }
 
     pub fn total(&self) -> u64 {
-        self.series.lock().expect("poisoned").values().map(|s| s.count).sum()
+        self.series.lock().expect("poisoned").values().map(|s| s.lock().expect("poisoned").count).sum()
     }
 
     pub fn render(&self) -> String {
@@ -138,7 +149,8 @@ impl Metrics {
         out.push_str("# HELP istio_requests_total Requests handled by the waypoint.\n");
         out.push_str("# TYPE istio_requests_total counter\n");
         for (labels, s) in series.iter() {
-            let _ = writeln!(out, "istio_requests_total{{{}}} {}", render_labels(labels), s.count);
+            let count = s.lock().expect("poisoned").count;
+            let _ = writeln!(out, "istio_requests_total{{{}}} {count}", render_labels(labels));
         }
         type Pick = fn(&Series) -> &Histogram;
         let histograms: [(&str, &str, &[f64], Pick); 3] = [
@@ -155,7 +167,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} histogram");
             for (labels, s) in series.iter() {
-                pick(s).render(&mut out, name, &render_labels(labels), bounds);
+                pick(&s.lock().expect("poisoned")).render(&mut out, name, &render_labels(labels), bounds);
             }
         }
         out
@@ -210,8 +222,7 @@ mod tests {
             response_flags: "-".into(),
         };
         m.record(labels.clone(), 3.0, 10);
-        m.record(labels.clone(), 700.0, 0);
-        m.record_response_bytes(labels, 2048);
+        m.record(labels, 700.0, 0).record_response_bytes(2048);
         let text = m.render();
         assert!(text.contains("istio_requests_total{reporter=\"waypoint\""), "{text}");
         assert!(text.contains("destination_version=\"v2\""));

@@ -21,7 +21,13 @@ use crate::{
 
 pub fn run(config: Config) -> Result<()> {
     init_logging(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // One worker: a single-threaded runtime (no work stealing, no cross-thread wake-ups), as an
+    // Envoy with --concurrency 1 runs one event loop.
+    let runtime = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
     runtime.block_on(serve(config))
 }
 

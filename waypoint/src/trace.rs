@@ -28,13 +28,11 @@ pub struct TraceContext {
     pub sampled: bool,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn random_hex(len: usize) -> String {
-    let bytes: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
-    hex(&bytes)
+/// A random non-zero id of `bytes` bytes (8 or 16) as lower-case hex, in one allocation.
+fn random_hex(bytes: usize) -> String {
+    let value = fastrand::u128(1..);
+    let hex = format!("{value:032x}");
+    hex[32 - 2 * bytes..].to_string()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {

@@ -68,7 +68,7 @@ enum Command {
         /// Fewer rounds and connections: a few minutes at most, for everyday checks.
         #[arg(long)]
         quick: bool,
-        /// Run one group only: `capture` or `datapath` (the report then has only that group).
+        /// Run one group only: `capture`, `datapath` or `l7` (the report then has only that group).
         #[arg(long)]
         only: Option<String>,
     },

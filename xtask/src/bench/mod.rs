@@ -6,6 +6,7 @@
 //! Results go to target/bench/results.json and docs/performance.md.
 
 mod datapath;
+mod l7;
 mod load;
 
 use std::{
@@ -28,7 +29,10 @@ const CAPTURE_TARGET_NS: f64 = 2_000.0;
 pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let wants = |group: &str| only.is_none_or(|o| o == group);
     if let Some(o) = only {
-        anyhow::ensure!(o == "capture" || o == "datapath", "--only takes capture or datapath, not {o:?}");
+        anyhow::ensure!(
+            matches!(o, "capture" | "datapath" | "l7"),
+            "--only takes capture, datapath or l7, not {o:?}"
+        );
     }
     warren_e2e::require_root();
     let root = workspace_root();
@@ -39,6 +43,12 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         "--quiet",
         "--bin",
         "ztunnel",
+        "--bin",
+        "waypoint",
+        "--bin",
+        "warren-echo",
+        "--bin",
+        "warren-load",
     ]))?;
     // The harness finds binaries beside the running executable; point it at the release ones.
     // SAFETY: single-threaded at this point.
@@ -79,11 +89,32 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         Value::Null
     };
 
+    let l7 = if wants("l7") {
+        let settings = if quick {
+            l7::Settings {
+                rounds: 3,
+                fixed_rate_duration: Duration::from_secs(2),
+                saturation_duration: Duration::from_secs(1),
+            }
+        } else {
+            l7::Settings {
+                rounds: 5,
+                fixed_rate_duration: Duration::from_secs(5),
+                saturation_duration: Duration::from_secs(3),
+            }
+        };
+        println!("==> L7 path (waypoint): {} rounds, every process pinned to CPU 0", settings.rounds);
+        l7::run(&settings)?
+    } else {
+        Value::Null
+    };
+
     let results = json!({
         "machine": machine,
         "quick": quick,
         "capture_connect": capture,
         "data_path": data_path,
+        "l7": l7,
     });
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
@@ -277,6 +308,9 @@ fn markdown(r: &Value) -> String {
     }
     if !r["data_path"].is_null() {
         data_path_markdown(&mut s, &r["data_path"]);
+    }
+    if !r["l7"].is_null() {
+        l7::markdown(&mut s, &r["l7"]);
     }
     s
 }
