@@ -21,7 +21,7 @@ use warren_core::{
 };
 
 /// Node bootstrap tokens: `<node> <token>` per line, `#` comments.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Tokens(HashMap<String, String>);
 
 impl Tokens {
@@ -35,7 +35,7 @@ impl Tokens {
     }
 
     /// The node a token belongs to, compared in constant time per candidate.
-    fn node(&self, token: &str) -> Option<&str> {
+    pub fn node(&self, token: &str) -> Option<&str> {
         self.0.iter().find(|(t, _)| constant_time_eq(t.as_bytes(), token.as_bytes())).map(|(_, n)| n.as_str())
     }
 }
@@ -91,17 +91,27 @@ pub fn load_or_create_root(dir: &Path, trust_domain: &str) -> anyhow::Result<Ca>
     Ok(ca)
 }
 
+/// Serves the CA (HTTP/1.1) and, on connections that negotiate `h2`, the config stream: one
+/// TLS port for both, as Istio serves certificates and xDS on 15012. `tls` must offer both
+/// ALPN protocols.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     service: Arc<CaService>,
+    hub: Option<Arc<crate::stream::Hub>>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let (acceptor, service) = (acceptor.clone(), service.clone());
+        let (acceptor, service, hub) = (acceptor.clone(), service.clone(), hub.clone());
         tokio::spawn(async move {
             let Ok(stream) = acceptor.accept(tcp).await else { return };
+            if let Some(hub) = hub
+                && stream.get_ref().1.alpn_protocol() == Some(b"h2")
+            {
+                crate::stream::serve_connection(stream, peer, hub).await;
+                return;
+            }
             let handler = service_fn(move |req| {
                 let service = service.clone();
                 async move { Ok::<_, hyper::Error>(handle(&service, req, peer).await) }

@@ -1,12 +1,15 @@
-//! Warren's controller. Today: local mode's translation and analysis over a directory of
-//! Kubernetes manifests, written as the config file ztunnels read. The Kubernetes watcher, the
-//! config stream and the CA service come next (see the controller issue).
+//! Warren's controller: translates Kubernetes objects into the config file ztunnels and
+//! waypoints read, and is the mesh CA (`serve`). The objects come from a directory of manifests
+//! (local mode, `--dir`) or from a real API server (Kubernetes mode, `--kubernetes`); one
+//! translation serves both.
 
 mod analyze;
 mod ca_service;
 mod findings;
+mod kube_source;
 mod objects;
 mod source;
+mod stream;
 mod translate;
 mod translate_l7;
 
@@ -43,22 +46,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Local mode: re-translate whenever a manifest changes, rewriting --out for the ztunnels.
+    /// Re-translate whenever the objects change, rewriting --out for the ztunnels and
+    /// waypoints: from a manifest directory (`--dir`) or a Kubernetes API server
+    /// (`--kubernetes`).
     Watch {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        source: SourceArgs,
         #[arg(long)]
         out: PathBuf,
-        /// How often the directory is checked for changes.
+        /// Local mode: how often the directory is checked for changes. (Kubernetes mode is told
+        /// of changes by the API server and rewrites after a 100 ms debounce.)
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
-    /// Local mode with the mesh CA: `watch`, and sign ztunnels' certificates over HTTPS.
+    /// `watch` with the mesh CA: also sign ztunnels' certificates over HTTPS (in both modes
+    /// nodes authenticate with the bootstrap tokens of --tokens).
     Serve {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        source: SourceArgs,
         #[arg(long)]
         out: PathBuf,
+        /// Local mode: how often the directory is checked for changes.
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
         /// Where the mesh root lives (root-cert.pem, root-key.pem); created on first start.
@@ -75,8 +83,46 @@ enum Command {
         /// Lifetime of the workload certificates it signs.
         #[arg(long, default_value_t = 24 * 3600)]
         cert_lifetime_secs: u64,
+        /// Admin endpoint: /debug/proxy-status (which proxies run the latest config) and
+        /// /debug/config_dump.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        admin: std::net::SocketAddr,
+    },
+    /// Which proxies are subscribed to a running `serve` and whether they run its latest
+    /// config (SYNCED), an older one (STALE) or refused it (NACKED, with their reason).
+    ProxyStatus {
+        /// The controller's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        admin: std::net::SocketAddr,
+        /// Print the JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
+
+/// Where `watch` and `serve` read the Kubernetes objects from: exactly one of `--dir` and
+/// `--kubernetes`.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Local mode: a directory of Kubernetes YAML (read recursively, multi-document files).
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    dir: Option<PathBuf>,
+    /// Kubernetes mode: watch Namespaces, Pods, Services, ServiceAccounts, Istio's
+    /// VirtualService, DestinationRule, PeerAuthentication and AuthorizationPolicy, and Gateway
+    /// API HTTPRoute and Gateway on an API server. Needs the read-only RBAC of
+    /// deploy/rbac/controller.yaml.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubernetes mode: the kubeconfig to use. Default: $KUBECONFIG, then ~/.kube/config, then
+    /// the in-cluster service account.
+    // `conflicts_with`, not `requires = "kubernetes"`: a flag's default `false` satisfies
+    // `requires`, so it would not catch `--dir D --kubeconfig K`.
+    #[arg(long, conflicts_with = "dir")]
+    kubeconfig: Option<PathBuf>,
+}
+
+/// Kubernetes mode rewrites the config once per burst of changes within this window.
+const KUBE_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// The CA's own identity, which ztunnels expect when they call it.
 pub const CA_SERVICE_ACCOUNT: (&str, &str) = ("warren-system", "warren-controller");
@@ -115,9 +161,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let errors = findings.iter().any(|f| f.severity == Severity::Error);
             Ok(if errors { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        Command::Watch { dir, out, interval_ms } => watch(&dir, &out, interval_ms, |_| {}),
+        Command::Watch { source, out, interval_ms } => match source.dir {
+            Some(dir) => watch(&dir, &out, interval_ms, |_| {}),
+            None => {
+                let runtime =
+                    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+                runtime.block_on(watch_kubernetes(source.kubeconfig, out, |_| {}))
+            }
+        },
+        Command::ProxyStatus { admin, json } => proxy_status(admin, json),
         Command::Serve {
-            dir,
+            source,
             out,
             interval_ms,
             ca_dir,
@@ -125,6 +179,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             trust_domain,
             cert_lifetime_secs,
+            admin,
         } => {
             let ca = ca_service::load_or_create_root(&ca_dir, &trust_domain)?;
             let tokens = ca_service::Tokens::parse(
@@ -136,7 +191,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 service_account: CA_SERVICE_ACCOUNT.1.into(),
             };
             let own = ca.issue(&own_identity, Duration::from_secs(365 * 24 * 3600))?;
-            let tls = std::sync::Arc::new(warren_core::tls::server_config_without_client_auth(&own)?);
+            let mut tls = warren_core::tls::server_config_without_client_auth(&own)?;
+            // HTTP/1.1 for the CA, h2 for the config stream, on the one port.
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let tls = std::sync::Arc::new(tls);
+            let hub = stream::Hub::new(tokens.clone());
             let config = std::sync::Arc::new(std::sync::RwLock::new(Default::default()));
             let service = std::sync::Arc::new(ca_service::CaService {
                 ca,
@@ -151,10 +210,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .block_on(tokio::net::TcpListener::bind(listen))
                 .with_context(|| format!("binding {listen}"))?;
             eprintln!("controller: CA listening on {listen} as {own_identity}");
-            runtime.spawn(ca_service::serve(listener, tls, service));
-            watch(&dir, &out, interval_ms, |c| *config.write().expect("poisoned") = c)
+            runtime.spawn(ca_service::serve(listener, tls, service, Some(hub.clone())));
+            let admin_listener = runtime
+                .block_on(tokio::net::TcpListener::bind(admin))
+                .with_context(|| format!("binding the admin endpoint {admin}"))?;
+            runtime.spawn(stream::serve_admin(admin_listener, hub.clone()));
+            eprintln!("controller: config stream on {listen} (h2), admin on {admin}");
+            let apply = |c: warren_core::model::NodeConfig| {
+                hub.publish(c.clone());
+                *config.write().expect("poisoned") = c;
+            };
+            match source.dir {
+                Some(dir) => watch(&dir, &out, interval_ms, apply),
+                None => runtime.block_on(watch_kubernetes(source.kubeconfig, out, apply)),
+            }
         }
     }
+}
+
+/// `controller proxy-status`: asks a running controller's admin endpoint.
+fn proxy_status(admin: std::net::SocketAddr, json: bool) -> Result<ExitCode> {
+    use std::io::{Read, Write};
+    let mut tcp =
+        std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(3)).with_context(|| {
+            format!("connecting to the controller's admin endpoint {admin} (is `controller serve` running?)")
+        })?;
+    write!(tcp, "GET /debug/proxy-status HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let view: stream::StatusView =
+        serde_json::from_str(body).with_context(|| format!("unexpected answer from {admin}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", stream::render_status(&view));
+    }
+    Ok(if view.proxies.iter().all(|p| p.state == "SYNCED") { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Re-translates `dir` whenever it changes, writing `out` and handing the config to `apply`.
@@ -183,13 +275,30 @@ fn watch(
     }
 }
 
+/// Kubernetes mode: follows the API server until a fatal error (which names what to fix).
+async fn watch_kubernetes(
+    kubeconfig: Option<PathBuf>,
+    out: PathBuf,
+    apply: impl FnMut(warren_core::model::NodeConfig),
+) -> Result<ExitCode> {
+    let options = kube_source::Options { kubeconfig, out, debounce: KUBE_DEBOUNCE };
+    kube_source::run(options, apply).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn translate_dir(dir: &std::path::Path) -> Result<(warren_core::model::NodeConfig, Vec<Finding>)> {
     let (snapshot, mut findings) =
         source::read_dir(dir).with_context(|| format!("reading manifests in {}", dir.display()))?;
-    let (config, more) = translate::translate(&snapshot);
+    let (config, more) = translate_snapshot(&snapshot);
     findings.extend(more);
-    findings.extend(analyze::analyze(&snapshot));
     Ok((config, findings))
+}
+
+/// The translation and analysis both sources share.
+fn translate_snapshot(snapshot: &objects::Snapshot) -> (warren_core::model::NodeConfig, Vec<Finding>) {
+    let (config, mut findings) = translate::translate(snapshot);
+    findings.extend(analyze::analyze(snapshot));
+    (config, findings)
 }
 
 fn report(findings: &[Finding]) {

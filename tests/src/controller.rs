@@ -45,6 +45,9 @@ pub struct LocalMode {
     pub manifests: PathBuf,
     pub config: PathBuf,
     process: Option<Child>,
+    /// Where `serve` runs (node 0's netns) and listens, for restarts.
+    node0: Option<PathBuf>,
+    ca_addr: Option<SocketAddr>,
 }
 
 impl LocalMode {
@@ -53,7 +56,7 @@ impl LocalMode {
         let manifests = root.join("manifests");
         fs::create_dir_all(&manifests).expect("manifest dir");
         let config = root.join("config.json");
-        LocalMode { root, manifests, config, process: None }
+        LocalMode { root, manifests, config, process: None, node0: None, ca_addr: None }
     }
 
     /// Writes (or replaces) a manifest file atomically.
@@ -85,8 +88,9 @@ impl LocalMode {
         );
     }
 
-    /// `controller serve` (translation and the CA) inside node 0's netns, on its underlay
-    /// address, with a bootstrap token per node. Returns the CA address.
+    /// `controller serve` (translation, the CA and the config stream) inside node 0's netns,
+    /// on its underlay address, with a bootstrap token per node. Returns the CA address (the
+    /// config stream's too). Its log is [`LocalMode::controller_log`].
     pub fn serve(&mut self, cluster: &Cluster) -> SocketAddr {
         let tokens: String = cluster.nodes.iter().map(|n| format!("{} token-{}\n", n.name, n.name)).collect();
         fs::write(self.root.join("tokens"), tokens).expect("tokens");
@@ -94,9 +98,43 @@ impl LocalMode {
             fs::write(self.token_file(&n.name), format!("token-{}", n.name)).expect("token file");
         }
         let ca_addr = SocketAddr::new(cluster.underlay_ips[0], 15012);
-        let child = cluster.nodes[0]
-            .ns
-            .command(binary("controller"))
+        self.node0 = Some(cluster.nodes[0].ns.path());
+        self.ca_addr = Some(ca_addr);
+        self.start_serve();
+        let ready = wait_until(Duration::from_secs(10), || self.config.exists() && self.root_pem().exists());
+        assert!(ready, "the controller did not start:\n{}", self.controller_log());
+        // The root is written before the CA listens.
+        let listening = wait_until(Duration::from_secs(5), || {
+            cluster.nodes[1 % cluster.nodes.len()].ns.run(move || {
+                std::net::TcpStream::connect_timeout(&ca_addr, Duration::from_millis(200)).is_ok()
+            })
+        });
+        assert!(listening, "the CA is not listening on {ca_addr}");
+        ca_addr
+    }
+
+    fn start_serve(&mut self) {
+        let (Some(node0), Some(ca_addr)) = (self.node0.clone(), self.ca_addr) else {
+            panic!("serve() first");
+        };
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("controller.log"))
+            .expect("log");
+        let netns = fs::File::open(node0).expect("node netns");
+        let mut command = std::process::Command::new(binary("controller"));
+        // SAFETY: setns is async-signal-safe; the file lives until exec.
+        unsafe {
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            command.pre_exec(move || {
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .args(["serve", "--interval-ms", "100", "--listen", &ca_addr.to_string()])
             .arg("--dir")
             .arg(&self.manifests)
@@ -107,20 +145,42 @@ impl LocalMode {
             .arg("--tokens")
             .arg(self.root.join("tokens"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start the controller");
         self.process = Some(child);
-        let ready = wait_until(Duration::from_secs(10), || self.config.exists() && self.root_pem().exists());
-        assert!(ready, "the controller did not start");
-        // The root is written before the CA listens.
-        let listening = wait_until(Duration::from_secs(5), || {
-            cluster.nodes[1 % cluster.nodes.len()].ns.run(move || {
-                std::net::TcpStream::connect_timeout(&ca_addr, Duration::from_millis(200)).is_ok()
-            })
-        });
-        assert!(listening, "the CA is not listening on {ca_addr}");
-        ca_addr
+    }
+
+    /// What the controller has logged so far.
+    pub fn controller_log(&self) -> String {
+        fs::read_to_string(self.root.join("controller.log")).unwrap_or_default()
+    }
+
+    /// Stops the controller (the proxies keep their last config).
+    pub fn stop_controller(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Starts `serve` again, on the same address and directories (the root is kept).
+    pub fn restart_controller(&mut self) {
+        self.stop_controller();
+        self.start_serve();
+    }
+
+    /// `controller proxy-status --json` against the running controller (from node 0's netns).
+    pub fn proxy_status(&self) -> serde_json::Value {
+        let node0 = self.node0.clone().expect("serve() first");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec"])
+            .arg(node0.file_name().expect("netns name"))
+            .arg(binary("controller"))
+            .args(["proxy-status", "--json"])
+            .output()
+            .expect("controller proxy-status");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
     pub fn root_pem(&self) -> PathBuf {

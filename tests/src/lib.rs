@@ -6,6 +6,7 @@
 
 pub mod controller;
 pub mod foreign;
+pub mod kube;
 pub mod netns;
 pub mod topology;
 pub mod waypoint;

@@ -61,13 +61,18 @@ impl Waypoint {
         let dir = std::env::temp_dir().join("warren-e2e").join(&pod.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let log = dir.join("waypoint.log");
+        // Config from the file, unless the flags subscribe to the controller's stream.
+        let config_args: Vec<std::ffi::OsString> = if ca_args.iter().any(|a| a == "--controller") {
+            vec![]
+        } else {
+            vec!["--config".into(), config_file.into()]
+        };
         let child = pod
             .ns
             .command(binary("waypoint"))
             .args(["--name", name, "--namespace", namespace, "--log-format", "json"])
-            .arg("--config")
-            .arg(config_file)
             .args(ca_args)
+            .args(config_args)
             .args(["--reload-interval-ms", "100"])
             // WARREN_E2E_WAYPOINT_LOG overrides the filter (e.g. `warn` to measure without
             // access logs).

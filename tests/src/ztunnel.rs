@@ -144,6 +144,27 @@ impl Ztunnel {
         Self::start_full(node, None, Some(config_file.to_path_buf()), ca_args, &[])
     }
 
+    /// Starts ztunnel subscribed to the controller's config stream at `controller` (the CA's
+    /// address), with the mesh root `root_pem` and this node's `token_file`.
+    pub fn start_with_controller(
+        node: &Node,
+        controller: SocketAddr,
+        root_pem: &std::path::Path,
+        token_file: &std::path::Path,
+    ) -> Self {
+        let args = vec![
+            "--controller".to_string(),
+            controller.to_string(),
+            "--ca-addr".into(),
+            controller.to_string(),
+            "--ca-root".into(),
+            root_pem.display().to_string(),
+            "--ca-token-file".into(),
+            token_file.display().to_string(),
+        ];
+        Self::start_full(node, None, None, args, &[])
+    }
+
     fn start_full(
         node: &Node,
         workloads: Option<&[Workload]>,
@@ -178,10 +199,12 @@ impl Ztunnel {
         if cpu >= 0 {
             pin_command(&mut command, cpu as usize);
         }
+        command.args(["run", "--node", &self.node, "--log-format", "json"]);
+        // Config from a file, unless it subscribes to the controller's stream.
+        if !self.ca_args.iter().any(|a| a == "--controller") {
+            command.arg("--workloads").arg(&self.workloads_file);
+        }
         let child = command
-            .args(["run", "--node", &self.node, "--log-format", "json"])
-            .arg("--workloads")
-            .arg(&self.workloads_file)
             .args(["--own-cgroup", &self.cgroup, "--reconcile-interval-ms", "100"])
             .args(&self.ca_args)
             .args(&self.extra_args)

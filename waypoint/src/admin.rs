@@ -65,6 +65,7 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
         "openStreams": state.open_streams.load(Ordering::Relaxed),
         "certificates": state.certs.view(),
         "requests": state.metrics.total(),
+        "configStream": *state.stream.lock().expect("poisoned"),
     })
 }
 

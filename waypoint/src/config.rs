@@ -27,10 +27,26 @@ pub struct Config {
     #[arg(long, env = "WARREN_WAYPOINT_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
 
-    /// The mesh config (JSON, as `controller watch`/`serve` writes it), re-read when it
-    /// changes. A bad file is reported and the last good config kept.
-    #[arg(long = "config", env = "WARREN_CONFIG_FILE")]
-    pub config_file: PathBuf,
+    /// The mesh config as a file (JSON, as `controller watch`/`serve` writes it), re-read when
+    /// it changes. A bad file is reported and the last good config kept. Exactly one of this
+    /// and `--controller` is needed.
+    #[arg(
+        long = "config",
+        env = "WARREN_CONFIG_FILE",
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    pub config_file: Option<PathBuf>,
+
+    /// The controller's config stream (`IP:PORT`, the port of its CA): subscribe there, with
+    /// --ca-root to verify it and --ca-token-file (the node's token) to authenticate. The
+    /// last good config stays in force while the controller is away.
+    #[arg(long, env = "WARREN_CONTROLLER_ADDR", requires_all = ["ca_root", "ca_token_file", "node"])]
+    pub controller: Option<SocketAddr>,
+
+    /// The node the waypoint runs on (its token authenticates the config stream).
+    #[arg(long, env = "WARREN_NODE_NAME")]
+    pub node: Option<String>,
 
     /// Where HBONE (mTLS HTTP/2 CONNECT) from ztunnels arrives.
     #[arg(long, env = "WARREN_HBONE_ADDR", default_value = "[::]:15008")]
@@ -57,12 +73,12 @@ pub struct Config {
     pub ca_addr: Option<SocketAddr>,
 
     /// The mesh root certificate (PEM).
-    #[arg(long, env = "WARREN_CA_ROOT", requires = "ca_addr")]
+    #[arg(long, env = "WARREN_CA_ROOT")]
     pub ca_root: Option<PathBuf>,
 
-    /// File holding the bootstrap token for the CA (in local mode, the token of the node the
-    /// waypoint runs on).
-    #[arg(long, env = "WARREN_CA_TOKEN_FILE", requires = "ca_addr")]
+    /// File holding the bootstrap token for the CA and the config stream (in local mode, the
+    /// token of the node the waypoint runs on).
+    #[arg(long, env = "WARREN_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
 
     /// Development and tests only: sign the waypoint's certificate in-process with the root in

@@ -84,12 +84,47 @@ async fn serve(config: Config) -> Result<()> {
     tokio::spawn(crate::inbound::serve(hbone, state.clone(), drain_rx));
     info!(name = config.name, namespace = config.namespace, hbone = %config.hbone_addr, admin = %config.admin_addr, metrics = %config.metrics_addr, "waypoint listening");
 
-    let reloader = tokio::spawn(reload_loop(state.clone()));
+    let reloader = match (config.controller, &config.config_file) {
+        (Some(addr), _) => {
+            let settings = warren_core::config_stream::ClientSettings::load(
+                addr,
+                config.ca_root.as_deref().context("--controller needs --ca-root")?,
+                config.ca_token_file.as_deref().context("--controller needs --ca-token-file")?,
+                &config.trust_domain,
+                format!(
+                    "waypoint/{}/{}/{}",
+                    config.namespace,
+                    config.name,
+                    config.node.clone().unwrap_or_default()
+                ),
+                config.node.clone().context("--controller needs --node")?,
+                warren_core::config_stream::ProxyKind::Waypoint {
+                    namespace: config.namespace.clone(),
+                    name: config.name.clone(),
+                },
+            )
+            .map_err(anyhow::Error::msg)?;
+            let target = state.clone();
+            let deliver = move |version: &str, config| {
+                let snapshot = Snapshot::new(config);
+                for e in &snapshot.routes.errors {
+                    error!(route = e.route, "{}", e.error);
+                }
+                info!(version, "config loaded from the controller");
+                target.set_snapshot(snapshot);
+                target.ready.store(true, Ordering::Relaxed);
+            };
+            info!(controller = %addr, "config from the controller's stream");
+            tokio::spawn(warren_core::config_stream::run_client(settings, state.stream.clone(), deliver))
+        }
+        (None, Some(path)) => tokio::spawn(reload_loop(state.clone(), path.clone())),
+        (None, None) => bail!("--config or --controller is required"),
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => info!("interrupted: draining"),
-        r = reloader => bail!("the config reload loop ended: {r:?}"),
+        r = reloader => bail!("the config loop ended: {r:?}"),
     }
     state.ready.store(false, Ordering::Relaxed);
     let _ = drain_tx.send(true);
@@ -110,8 +145,7 @@ async fn serve(config: Config) -> Result<()> {
 }
 
 /// Re-reads the config file when it changes; a bad file keeps the last good config.
-async fn reload_loop(state: Arc<WaypointState>) {
-    let path = state.config.config_file.clone();
+async fn reload_loop(state: Arc<WaypointState>, path: std::path::PathBuf) {
     let mut last_seen: Option<SystemTime> = None;
     let mut last_error = String::new();
     let mut tick = tokio::time::interval(state.config.reload_interval());

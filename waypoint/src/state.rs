@@ -59,6 +59,8 @@ pub struct WaypointState {
     pub open_streams: AtomicUsize,
     /// Where sampled spans go, when a collector is configured.
     pub exporter: Option<Exporter>,
+    /// The config stream's state, when config comes from the controller.
+    pub stream: Arc<std::sync::Mutex<warren_core::config_stream::ClientStatus>>,
     me: Weak<WaypointState>,
 }
 
@@ -84,6 +86,7 @@ impl WaypointState {
             ready: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
             exporter,
+            stream: Default::default(),
             me: me.clone(),
         })
     }

@@ -9,6 +9,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+// Declared here rather than in main.rs: it is a part of set-up (the real kube-apiserver).
+#[path = "setup_kube.rs"]
+mod setup_kube;
+
 /// Debian packages the tests and the demo use (`ip` for namespaces and veths).
 const DEBIAN_PACKAGES: &[&str] = &["iproute2"];
 
@@ -57,6 +61,7 @@ pub fn run() -> Result<()> {
     debian_packages()?;
     nightly(&pins)?;
     bpf_linker(&pins)?;
+    setup_kube::run()?;
     println!("==> setup complete ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -26,6 +26,8 @@ pub struct AdminState {
     pub proxy: Arc<Proxy>,
     pub workloads: Mutex<NodeConfig>,
     pub ready: AtomicBool,
+    /// The config stream's state, when config comes from the controller.
+    pub stream: Arc<Mutex<warren_core::config_stream::ClientStatus>>,
 }
 
 impl AdminState {
@@ -56,6 +58,7 @@ impl AdminState {
             "workloads": *self.workloads.lock().expect("poisoned"),
             "certificates": self.proxy.certs.view(),
             "certificateRotations": self.proxy.certs.rotations.load(Ordering::Relaxed),
+            "configStream": *self.stream.lock().expect("poisoned"),
             "capture": self.capture_view(),
         })
     }

@@ -12,10 +12,21 @@ pub struct Config {
     #[arg(long = "node", env = "WARREN_NODE_NAME")]
     pub node_name: String,
 
-    /// The workloads file (JSON `{"workloads": [...]}`), re-read when it changes. Stands in
-    /// for the controller's config stream until that exists.
-    #[arg(long = "workloads", env = "WARREN_WORKLOADS_FILE")]
-    pub workloads_file: PathBuf,
+    /// The config as a file (JSON, as `controller watch` writes it), re-read when it changes.
+    /// Exactly one of this and `--controller` is needed.
+    #[arg(
+        long = "workloads",
+        env = "WARREN_WORKLOADS_FILE",
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    pub workloads_file: Option<PathBuf>,
+
+    /// The controller's config stream (`IP:PORT`, the port of its CA): subscribe there, with
+    /// --ca-root to verify it and --ca-token-file to authenticate. The last good config stays
+    /// in force while the controller is away.
+    #[arg(long, env = "WARREN_CONTROLLER_ADDR", requires_all = ["ca_root", "ca_token_file"])]
+    pub controller: Option<SocketAddr>,
 
     /// Where the BPF filesystem is (mounted there by ztunnel if it is not yet).
     #[arg(long, env = "WARREN_BPFFS", default_value = "/sys/fs/bpf")]
@@ -74,12 +85,13 @@ pub struct Config {
     #[arg(long, env = "WARREN_CA_ADDR", conflicts_with = "dev_ca_dir")]
     pub ca_addr: Option<SocketAddr>,
 
-    /// The mesh root certificate (PEM): what the CA and every peer must chain to.
-    #[arg(long, env = "WARREN_CA_ROOT", requires = "ca_addr")]
+    /// The mesh root certificate (PEM): what the CA, the controller and every peer must chain
+    /// to.
+    #[arg(long, env = "WARREN_CA_ROOT")]
     pub ca_root: Option<PathBuf>,
 
-    /// File holding this node's bootstrap token for the CA.
-    #[arg(long, env = "WARREN_CA_TOKEN_FILE", requires = "ca_addr")]
+    /// File holding this node's bootstrap token for the CA and the config stream.
+    #[arg(long, env = "WARREN_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
 
     /// Lifetime of the workload certificates the development CA signs (renewed at half-life).

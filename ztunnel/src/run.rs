@@ -119,6 +119,7 @@ async fn serve(config: Config) -> Result<()> {
         proxy: proxy.clone(),
         workloads: Mutex::new(NodeConfig::default()),
         ready: false.into(),
+        stream: Default::default(),
     });
     tokio::spawn(admin::serve(admin_listener, state.clone(), Endpoints::Admin));
     tokio::spawn(admin::serve(metrics_listener, state.clone(), Endpoints::Metrics));
@@ -157,40 +158,97 @@ async fn drain(state: &AdminState, timeout: Duration) {
     }
 }
 
-/// Re-reads the workloads file when it changes and brings the enrolled pods in line, checking
-/// every tick that the pods' network namespaces still exist.
+/// Where the config comes from: a file re-read when it changes, or the controller's stream
+/// (whose client task drops each accepted version here).
+enum Source {
+    File { path: std::path::PathBuf, last_seen: Option<SystemTime> },
+    Stream(Arc<Mutex<Option<NodeConfig>>>),
+}
+
+impl Source {
+    /// A new config if there is one; errors are reported by the caller.
+    fn poll(&mut self, first: bool) -> Option<Result<NodeConfig>> {
+        match self {
+            Source::File { path, last_seen } => {
+                let modified = std::fs::metadata(&*path).and_then(|m| m.modified()).ok();
+                if modified == *last_seen && !first {
+                    return None;
+                }
+                let read = read_workloads(path);
+                if read.is_ok() {
+                    *last_seen = modified;
+                }
+                Some(read)
+            }
+            Source::Stream(slot) => slot.lock().expect("poisoned").take().map(Ok),
+        }
+    }
+}
+
+/// Starts the config-stream client when `--controller` is set.
+fn config_source(config: &Config, state: &Arc<AdminState>) -> Result<Source> {
+    let (Some(addr), Some(root), Some(token)) = (config.controller, &config.ca_root, &config.ca_token_file)
+    else {
+        let path = config.workloads_file.clone().context("--workloads or --controller is required")?;
+        return Ok(Source::File { path, last_seen: None });
+    };
+    let settings = warren_core::config_stream::ClientSettings::load(
+        addr,
+        root,
+        token,
+        &config.trust_domain,
+        format!("ztunnel/{}", config.node_name),
+        config.node_name.clone(),
+        warren_core::config_stream::ProxyKind::Ztunnel,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let slot = Arc::new(Mutex::new(None));
+    let deliver = {
+        let slot = slot.clone();
+        move |_version: &str, config: NodeConfig| *slot.lock().expect("poisoned") = Some(config)
+    };
+    info!(controller = %addr, "config from the controller's stream");
+    tokio::spawn(warren_core::config_stream::run_client(settings, state.stream.clone(), deliver));
+    Ok(Source::Stream(slot))
+}
+
+/// Takes new configs from the source and brings the enrolled pods in line, checking every
+/// tick that the pods' network namespaces still exist.
 async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
-    let mut last_seen: Option<SystemTime> = None;
+    let mut source = match config_source(&config, &state) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e:#}");
+            return;
+        }
+    };
     let mut last_error = String::new();
     let mut first = true;
     let mut tick = tokio::time::interval(config.reconcile_interval());
     loop {
         tick.tick().await;
-        let modified = std::fs::metadata(&config.workloads_file).and_then(|m| m.modified()).ok();
-        if modified != last_seen || first {
-            match read_workloads(&config.workloads_file) {
-                Ok(workloads) => {
-                    let policies = Arc::new(Policies {
-                        root_namespace: workloads.root_namespace.clone(),
-                        authorizations: workloads.authorizations.clone(),
-                        peer_authentications: workloads.peer_authentications.clone(),
-                    });
-                    let index = Arc::new(WorkloadIndex::new(&workloads));
-                    state.proxy.tracker.reevaluate(&policies, &index);
-                    *state.proxy.policies.write().expect("poisoned") = policies;
-                    *state.proxy.index.write().expect("poisoned") = Arc::new(WorkloadIndex::new(&workloads));
-                    *state.workloads.lock().expect("poisoned") = workloads;
-                    last_seen = modified;
-                    last_error.clear();
-                }
-                Err(e) => {
-                    let text = format!("{e:#}");
-                    if text != last_error {
-                        error!("{text}; keeping the last good workloads");
-                        last_error = text;
-                    }
+        match source.poll(first) {
+            Some(Ok(workloads)) => {
+                let policies = Arc::new(Policies {
+                    root_namespace: workloads.root_namespace.clone(),
+                    authorizations: workloads.authorizations.clone(),
+                    peer_authentications: workloads.peer_authentications.clone(),
+                });
+                let index = Arc::new(WorkloadIndex::new(&workloads));
+                state.proxy.tracker.reevaluate(&policies, &index);
+                *state.proxy.policies.write().expect("poisoned") = policies;
+                *state.proxy.index.write().expect("poisoned") = index;
+                *state.workloads.lock().expect("poisoned") = workloads;
+                last_error.clear();
+            }
+            Some(Err(e)) => {
+                let text = format!("{e:#}");
+                if text != last_error {
+                    error!("{text}; keeping the last good workloads");
+                    last_error = text;
                 }
             }
+            None => {}
         }
         let desired: Vec<_> =
             state.workloads.lock().expect("poisoned").enrolled_on(&config.node_name).cloned().collect();

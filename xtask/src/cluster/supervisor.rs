@@ -64,7 +64,9 @@ pub fn run(settings: Settings) -> Result<()> {
     let mut local = LocalMode::new("cl");
     progress("starting the controller (local mode: translation and the mesh CA) on node-1");
     let ca_addr = local.serve(&cluster);
-    progress("starting a ztunnel on each node (eBPF capture attached, certificates from the controller)");
+    progress(
+        "starting a ztunnel on each node (eBPF capture attached; config and certificates from the controller)",
+    );
     let ztunnels: Vec<Ztunnel> = cluster
         .nodes
         .iter()
@@ -222,6 +224,8 @@ impl Kubelet {
                 continue;
             }
             let node = &cluster.nodes[r.node].name;
+            // Certificates from the controller's CA, config from its stream, as the node's
+            // proxy.
             let ca_args = vec![
                 "--ca-addr".to_string(),
                 ca_addr.to_string(),
@@ -229,6 +233,10 @@ impl Kubelet {
                 local.root_pem().display().to_string(),
                 "--ca-token-file".to_string(),
                 local.token_file(node).display().to_string(),
+                "--controller".to_string(),
+                ca_addr.to_string(),
+                "--node".to_string(),
+                node.clone(),
             ];
             let gateway = r.plan.waypoint.clone().expect("a waypoint pod");
             r.waypoint = Some(Waypoint::start_with_ca_args(

@@ -1,0 +1,377 @@
+//! The controller's side of the config stream (`warren_core::config_stream`): every proxy
+//! subscribes over HTTP/2 inside the CA's TLS port; each new translation is published as a
+//! version and each subscriber gets the delta from what it has acknowledged. The hub remembers
+//! every proxy it has seen and whether it runs the latest version — the proxy-status view.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use warren_core::{
+    config_stream::{self, ControllerMessage, LineBuffer, ProxyKind, ProxyMessage},
+    model::NodeConfig,
+};
+
+use crate::ca_service::Tokens;
+
+/// One published translation.
+pub struct Published {
+    pub version: String,
+    pub config: NodeConfig,
+}
+
+/// A proxy as the status view shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub proxy: String,
+    pub node: String,
+    pub kind: String,
+    pub connected: bool,
+    /// The last version the proxy acknowledged (it runs it).
+    pub acked: Option<String>,
+    /// The last version sent to it.
+    pub sent: Option<String>,
+    /// The last NACK: version and the proxy's reason.
+    pub nacked: Option<(String, String)>,
+    /// SYNCED, STALE or NACKED, against the latest version.
+    pub state: String,
+    pub since_unix: u64,
+}
+
+pub struct Hub {
+    boot: u64,
+    generation: Mutex<u64>,
+    current: watch::Sender<Arc<Published>>,
+    tokens: Tokens,
+    proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Hub {
+    pub fn new(tokens: Tokens) -> Arc<Self> {
+        let boot = now_unix();
+        let (current, _) = watch::channel(Arc::new(Published {
+            version: format!("{boot}-0"),
+            config: NodeConfig::default(),
+        }));
+        Arc::new(Hub {
+            boot,
+            generation: Mutex::new(0),
+            current,
+            tokens,
+            proxies: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Publishes a translation as a new version (unless nothing changed). Versions are
+    /// `<controller start>-<n>`, unique across controller restarts.
+    pub fn publish(&self, config: NodeConfig) {
+        if self.current.borrow().config == config && *self.generation.lock().expect("poisoned") > 0 {
+            return;
+        }
+        let mut generation = self.generation.lock().expect("poisoned");
+        *generation += 1;
+        let version = format!("{}-{}", self.boot, *generation);
+        self.current.send_replace(Arc::new(Published { version, config }));
+    }
+
+    pub fn latest_version(&self) -> String {
+        self.current.borrow().version.clone()
+    }
+
+    /// Every proxy seen, with its state against the latest version.
+    pub fn status(&self) -> Vec<ProxyStatus> {
+        let latest = self.latest_version();
+        let proxies = self.proxies.lock().expect("poisoned");
+        proxies
+            .values()
+            .map(|p| {
+                let mut p = p.clone();
+                p.state = if p.nacked.as_ref().is_some_and(|(v, _)| *v == latest) {
+                    "NACKED".into()
+                } else if p.connected && p.acked.as_deref() == Some(latest.as_str()) {
+                    "SYNCED".into()
+                } else {
+                    "STALE".into()
+                };
+                p
+            })
+            .collect()
+    }
+
+    fn update(&self, proxy: &str, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(p) = self.proxies.lock().expect("poisoned").get_mut(proxy) {
+            f(p);
+        }
+    }
+}
+
+/// Serves the config stream on one TLS connection that negotiated `h2`.
+pub async fn serve_connection<T>(io: T, peer: std::net::SocketAddr, hub: Arc<Hub>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(mut connection) = h2::server::handshake(io).await else { return };
+    while let Some(Ok((request, respond))) = connection.accept().await {
+        let hub = hub.clone();
+        tokio::spawn(async move { serve_stream(request, respond, peer, hub).await });
+    }
+}
+
+async fn serve_stream(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: std::net::SocketAddr,
+    hub: Arc<Hub>,
+) {
+    if request.method() != http::Method::POST || request.uri().path() != config_stream::PATH {
+        let _ = respond
+            .send_response(Response::builder().status(StatusCode::NOT_FOUND).body(()).expect("static"), true);
+        return;
+    }
+    let Ok(mut outgoing) =
+        respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("static"), false)
+    else {
+        return;
+    };
+    let mut incoming = request.into_body();
+    let mut lines = LineBuffer::default();
+    // The first message subscribes.
+    let subscribe = loop {
+        match incoming.data().await {
+            Some(Ok(chunk)) => {
+                let _ = incoming.flow_control().release_capacity(chunk.len());
+                if let Some(line) = lines.push(&chunk).into_iter().next() {
+                    break serde_json::from_slice::<ProxyMessage>(&line).ok();
+                }
+            }
+            _ => return,
+        }
+    };
+    let Some(ProxyMessage::Subscribe { proxy, node, kind, token, version, have }) = subscribe else {
+        let _ = outgoing.send_data(
+            config_stream::encode(&ControllerMessage::Refused {
+                reason: "the first message must be a subscribe".into(),
+            }),
+            true,
+        );
+        return;
+    };
+    if hub.tokens.node(&token) != Some(node.as_str()) {
+        eprintln!("controller: config stream from {peer} refused: the token does not belong to node {node}");
+        let reason = format!("the token does not belong to node {node}");
+        let _ = outgoing.send_data(config_stream::encode(&ControllerMessage::Refused { reason }), true);
+        return;
+    }
+    let kind_name = match &kind {
+        ProxyKind::Ztunnel => "ztunnel".to_string(),
+        ProxyKind::Waypoint { namespace, name } => format!("waypoint {namespace}/{name}"),
+    };
+    eprintln!(
+        "controller: {proxy} ({kind_name}) on node {node} subscribed from {peer}{}",
+        version
+            .as_ref()
+            .map(|v| format!(", resuming from {v} with {} resources", have.len()))
+            .unwrap_or_default()
+    );
+    hub.proxies.lock().expect("poisoned").insert(
+        proxy.clone(),
+        ProxyStatus {
+            proxy: proxy.clone(),
+            node: node.clone(),
+            kind: kind_name,
+            connected: true,
+            acked: version.clone(),
+            sent: None,
+            nacked: None,
+            state: String::new(),
+            since_unix: now_unix(),
+        },
+    );
+    // What the proxy is known to hold: its resume set, then each acknowledged update.
+    let mut acked = have;
+    let mut pending: Option<(String, BTreeMap<String, String>)> = None;
+    let mut updates = hub.current.subscribe();
+    let mut first = true;
+    // A new version to send: at first, then whenever one is published (`changed()` marks the
+    // version seen as it returns, so this remembers it).
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            let published = updates.borrow_and_update().clone();
+            let want = config_stream::resources_for(&published.config, &kind, &node);
+            let (upsert, remove) = config_stream::delta(&acked, &want);
+            if first || !upsert.is_empty() || !remove.is_empty() {
+                let total = want.len();
+                let message =
+                    ControllerMessage::Update { version: published.version.clone(), upsert, remove };
+                if let ControllerMessage::Update { upsert, remove, .. } = &message {
+                    eprintln!(
+                        "controller: sending {} to {proxy}: {} of {total} resources changed, {} removed",
+                        published.version,
+                        upsert.len(),
+                        remove.len()
+                    );
+                }
+                if outgoing.send_data(config_stream::encode(&message), false).is_err() {
+                    break;
+                }
+                pending = Some((
+                    published.version.clone(),
+                    want.iter().map(|(k, r)| (k.clone(), r.hash.clone())).collect(),
+                ));
+                hub.update(&proxy, |p| p.sent = Some(published.version.clone()));
+            }
+            first = false;
+        }
+        tokio::select! {
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                dirty = true;
+            }
+            chunk = incoming.data() => {
+                let Some(Ok(chunk)) = chunk else { break };
+                let _ = incoming.flow_control().release_capacity(chunk.len());
+                for line in lines.push(&chunk) {
+                    match serde_json::from_slice::<ProxyMessage>(&line) {
+                        Ok(ProxyMessage::Ack { version }) => {
+                            if let Some((v, hashes)) = pending.take_if(|(v, _)| *v == version) {
+                                acked = hashes;
+                                hub.update(&proxy, |p| p.acked = Some(v));
+                            }
+                        }
+                        Ok(ProxyMessage::Nack { version, reason }) => {
+                            eprintln!("controller: {proxy} refused {version}: {reason}");
+                            // It keeps what it had: later deltas are computed from that.
+                            pending = None;
+                            hub.update(&proxy, |p| p.nacked = Some((version, reason)));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("controller: {proxy} disconnected");
+    hub.update(&proxy, |p| p.connected = false);
+}
+
+/// The admin endpoint (`--admin`, 127.0.0.1:15014 by default): `/debug/proxy-status`,
+/// `/debug/config_dump` (the latest version and its config).
+pub async fn serve_admin(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
+    use http_body_util::Full;
+    use hyper::{server::conn::http1, service::service_fn};
+    use hyper_util::rt::TokioIo;
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let handler = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let hub = hub.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/debug/proxy-status" => (
+                            StatusCode::OK,
+                            serde_json::to_string_pretty(&StatusView {
+                                latest: hub.latest_version(),
+                                proxies: hub.status(),
+                            })
+                            .unwrap_or_default(),
+                        ),
+                        "/debug/config_dump" => {
+                            let published = hub.current.borrow().clone();
+                            let dump =
+                                serde_json::json!({"version": published.version, "config": published.config});
+                            (StatusCode::OK, serde_json::to_string_pretty(&dump).unwrap_or_default())
+                        }
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "endpoints: /debug/proxy-status /debug/config_dump\n".into(),
+                        ),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = status;
+                    Ok::<_, hyper::Error>(r)
+                }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(tcp), handler).await;
+        });
+    }
+}
+
+/// What `/debug/proxy-status` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    pub latest: String,
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// The table `controller proxy-status` prints.
+pub fn render_status(view: &StatusView) -> String {
+    let mut out = format!("latest version: {}\n", view.latest);
+    out.push_str(&format!("{:<40} {:<12} {:<10} {:<16} {}\n", "PROXY", "NODE", "STATE", "ACKED", "DETAIL"));
+    for p in &view.proxies {
+        let detail = match (&p.nacked, p.connected) {
+            (Some((v, reason)), _) if p.state == "NACKED" => format!("refused {v}: {reason}"),
+            (_, false) => "disconnected".to_string(),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "{:<40} {:<12} {:<10} {:<16} {detail}\n",
+            p.proxy,
+            p.node,
+            p.state,
+            p.acked.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_advance_only_on_change_and_status_compares_to_the_latest() {
+        let hub = Hub::new(Tokens::parse("n1 t1\n"));
+        hub.publish(NodeConfig::default());
+        let v1 = hub.latest_version();
+        hub.publish(NodeConfig::default());
+        assert_eq!(hub.latest_version(), v1, "an unchanged config is not a new version");
+        hub.proxies.lock().unwrap().insert(
+            "ztunnel/n1".into(),
+            ProxyStatus {
+                proxy: "ztunnel/n1".into(),
+                node: "n1".into(),
+                kind: "ztunnel".into(),
+                connected: true,
+                acked: Some(v1.clone()),
+                sent: Some(v1.clone()),
+                nacked: None,
+                state: String::new(),
+                since_unix: 0,
+            },
+        );
+        assert_eq!(hub.status()[0].state, "SYNCED");
+        hub.publish(NodeConfig { root_namespace: "mesh".into(), ..Default::default() });
+        assert_eq!(hub.status()[0].state, "STALE");
+        let latest = hub.latest_version();
+        hub.update("ztunnel/n1", |p| p.nacked = Some((latest.clone(), "bad".into())));
+        let view = StatusView { latest: hub.latest_version(), proxies: hub.status() };
+        assert_eq!(view.proxies[0].state, "NACKED");
+        assert!(render_status(&view).contains("refused"), "{}", render_status(&view));
+    }
+}
