@@ -6,7 +6,10 @@
 mod bench;
 mod cluster;
 mod demo;
+mod image;
+mod kind;
 mod setup;
+mod setup_helm;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -64,11 +67,27 @@ enum Command {
         #[arg(long)]
         nodes: usize,
     },
+    /// Build minimal OCI images (ztunnel, controller, waypoint, echo) from the release
+    /// binaries into target/images/<name>.tar, without a container engine.
+    Image {
+        /// Use the release binaries already built instead of building them first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// With Docker: a kind cluster (1 control plane, 2 workers) with the images, the chart,
+    /// deploy/examples and a load test through the mesh.
+    Kind {
+        #[arg(long, default_value = kind::DEFAULT_NAME)]
+        name: String,
+        #[arg(long)]
+        no_build: bool,
+    },
     Bench {
         /// Fewer rounds and connections: a few minutes at most, for everyday checks.
         #[arg(long)]
         quick: bool,
-        /// Run one group only: `capture`, `datapath` or `l7` (the report then has only that group).
+        /// Run one group only: `capture`, `datapath`, `l7` or `controller` (the report then has only
+        /// that group).
         #[arg(long)]
         only: Option<String>,
     },
@@ -119,6 +138,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 nodes,
             })
         }
+        Command::Image { no_build } => image::run(no_build).map(|_| ()),
+        Command::Kind { name, no_build } => kind::run(&name, no_build),
         Command::Bench { quick, only } => {
             setup::run()?;
             bench::run(quick, only.as_deref())

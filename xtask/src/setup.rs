@@ -62,6 +62,7 @@ pub fn run() -> Result<()> {
     nightly(&pins)?;
     bpf_linker(&pins)?;
     setup_kube::run()?;
+    crate::setup_helm::run()?;
     println!("==> setup complete ({:.1}s)", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -5,6 +5,7 @@
 //!
 //! Results go to target/bench/results.json and docs/performance.md.
 
+mod controller;
 mod datapath;
 mod l7;
 mod load;
@@ -30,8 +31,8 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let wants = |group: &str| only.is_none_or(|o| o == group);
     if let Some(o) = only {
         anyhow::ensure!(
-            matches!(o, "capture" | "datapath" | "l7"),
-            "--only takes capture, datapath or l7, not {o:?}"
+            matches!(o, "capture" | "datapath" | "l7" | "controller"),
+            "--only takes capture, datapath, l7 or controller, not {o:?}"
         );
     }
     warren_e2e::require_root();
@@ -49,6 +50,8 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         "warren-echo",
         "--bin",
         "warren-load",
+        "--bin",
+        "controller",
     ]))?;
     // The harness finds binaries beside the running executable; point it at the release ones.
     // SAFETY: single-threaded at this point.
@@ -109,12 +112,29 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         Value::Null
     };
 
+    let controller = if wants("controller") {
+        let scale = controller::Scale {
+            pods: 10_000,
+            services: 2_000,
+            policies: 500,
+            rounds: if quick { 3 } else { 5 },
+        };
+        println!(
+            "==> controller at scale: {} pods, {} services, {} policies",
+            scale.pods, scale.services, scale.policies
+        );
+        controller::run(&scale, &root.join("target/bench/controller"))?
+    } else {
+        Value::Null
+    };
+
     let results = json!({
         "machine": machine,
         "quick": quick,
         "capture_connect": capture,
         "data_path": data_path,
         "l7": l7,
+        "controller": controller,
     });
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
@@ -311,6 +331,9 @@ fn markdown(r: &Value) -> String {
     }
     if !r["l7"].is_null() {
         l7::markdown(&mut s, &r["l7"]);
+    }
+    if !r["controller"].is_null() {
+        controller::markdown(&mut s, &r["controller"]);
     }
     s
 }
