@@ -1,6 +1,7 @@
 //! The mesh CA as a service: signs a ztunnel's CSR for an identity only when the ztunnel is
-//! authenticated (local mode: a per-node bootstrap token) and a pod running as that identity
-//! is scheduled on the ztunnel's node. The protocol is in `warren_core::ca_protocol`.
+//! authenticated (a per-node bootstrap token, or on Kubernetes its ServiceAccount token checked
+//! with a TokenReview, see [`crate::kube_ca`]) and a pod running as that identity is scheduled
+//! on the ztunnel's node. The protocol is in `warren_core::ca_protocol`.
 
 use std::{
     collections::HashMap,
@@ -44,19 +45,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Who may have `identity` signed: an authenticated node running a pod with that identity.
-pub fn authorize<'a>(
-    tokens: &'a Tokens,
+/// The bearer token of an `Authorization` header (401 without one).
+pub fn bearer(authorization: Option<&str>) -> Result<&str, (StatusCode, String)> {
+    authorization.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim).filter(|t| !t.is_empty()).ok_or((
+        StatusCode::UNAUTHORIZED,
+        "a bearer token identifying the requesting node is required".to_string(),
+    ))
+}
+
+/// Whether `node` (authenticated) may have `identity` signed: a pod running as that identity
+/// is scheduled on it.
+pub fn authorize(
     config: &NodeConfig,
     trust_domain: &str,
-    authorization: Option<&str>,
+    node: &str,
     identity: &SpiffeId,
-) -> Result<&'a str, (StatusCode, String)> {
-    let token = authorization.and_then(|h| h.strip_prefix("Bearer ")).ok_or((
-        StatusCode::UNAUTHORIZED,
-        "a bearer token naming the requesting node is required".to_string(),
-    ))?;
-    let node = tokens.node(token).ok_or((StatusCode::UNAUTHORIZED, "unknown token".to_string()))?;
+) -> Result<(), (StatusCode, String)> {
     if identity.trust_domain != trust_domain {
         return Err((StatusCode::FORBIDDEN, format!("{identity} is not in trust domain {trust_domain}")));
     }
@@ -64,12 +68,32 @@ pub fn authorize<'a>(
     if !runs_here {
         return Err((StatusCode::FORBIDDEN, format!("no pod on node {node} runs as {identity}")));
     }
-    Ok(node)
+    Ok(())
+}
+
+/// How the CA finds the requesting node from its token: the bootstrap tokens of `--tokens`
+/// first (constant-time comparison, no API call), then, in Kubernetes mode, a TokenReview.
+#[derive(Default)]
+pub struct Authenticator {
+    pub tokens: Option<Tokens>,
+    pub reviewer: Option<crate::kube_ca::TokenReviewer>,
+}
+
+impl Authenticator {
+    pub async fn node(&self, token: &str) -> Result<String, (StatusCode, String)> {
+        if let Some(node) = self.tokens.as_ref().and_then(|t| t.node(token)) {
+            return Ok(node.to_string());
+        }
+        match &self.reviewer {
+            Some(reviewer) => reviewer.node(token).await.map_err(|e| (e.status(), e.to_string())),
+            None => Err((StatusCode::UNAUTHORIZED, "unknown token".to_string())),
+        }
+    }
 }
 
 pub struct CaService {
     pub ca: Ca,
-    pub tokens: Tokens,
+    pub auth: Authenticator,
     pub trust_domain: String,
     pub lifetime: Duration,
     pub config: Arc<RwLock<NodeConfig>>,
@@ -153,14 +177,20 @@ async fn handle(
             format!("{:?} is not a workload SPIFFE ID", request.identity),
         );
     };
-    let node = {
-        let config = service.config.read().expect("poisoned");
-        match authorize(&service.tokens, &config, &service.trust_domain, authorization.as_deref(), &identity)
-        {
-            Ok(node) => node.to_string(),
+    let node = match bearer(authorization.as_deref()) {
+        Ok(token) => match service.auth.node(token).await {
+            Ok(node) => node,
             Err((status, error)) => return refuse(status, error),
-        }
+        },
+        Err((status, error)) => return refuse(status, error),
     };
+    let authorized = {
+        let config = service.config.read().expect("poisoned");
+        authorize(&config, &service.trust_domain, &node, &identity)
+    };
+    if let Err((status, error)) = authorized {
+        return refuse(status, error);
+    }
     let Some(csr) = base64_decode(&request.csr) else {
         return refuse(StatusCode::BAD_REQUEST, "the CSR is not base64".into());
     };
@@ -203,7 +233,9 @@ mod tests {
         };
         let id = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}").parse::<SpiffeId>().unwrap();
         let ask = |auth: Option<&str>, sa: &str| {
-            authorize(&tokens, &config, "cluster.local", auth, &id(sa)).map_err(|e| e.0)
+            let token = bearer(auth).map_err(|e| e.0)?;
+            let node = tokens.node(token).ok_or(StatusCode::UNAUTHORIZED)?;
+            authorize(&config, "cluster.local", node, &id(sa)).map_err(|e| e.0).map(|()| node)
         };
         assert_eq!(ask(Some("Bearer secret-1"), "checkout"), Ok("node-1"));
         assert_eq!(
@@ -213,11 +245,22 @@ mod tests {
         );
         assert_eq!(ask(Some("Bearer secret-2"), "payment"), Ok("node-2"));
         assert_eq!(ask(None, "checkout"), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(ask(Some("Bearer "), "checkout"), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(ask(Some("Basic secret-1"), "checkout"), Err(StatusCode::UNAUTHORIZED));
         assert_eq!(ask(Some("Bearer guess"), "checkout"), Err(StatusCode::UNAUTHORIZED));
         let foreign: SpiffeId = "spiffe://evil/ns/shop/sa/checkout".parse().unwrap();
         assert_eq!(
-            authorize(&tokens, &config, "cluster.local", Some("Bearer secret-1"), &foreign).map_err(|e| e.0),
+            authorize(&config, "cluster.local", "node-1", &foreign).map_err(|e| e.0),
             Err(StatusCode::FORBIDDEN)
         );
+    }
+
+    #[tokio::test]
+    async fn without_a_token_review_only_the_bootstrap_tokens_authenticate() {
+        let auth = Authenticator { tokens: Some(Tokens::parse("node-1 secret-1\n")), reviewer: None };
+        assert_eq!(auth.node("secret-1").await, Ok("node-1".to_string()));
+        assert_eq!(auth.node("other").await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
+        let none = Authenticator::default();
+        assert_eq!(none.node("secret-1").await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
     }
 }

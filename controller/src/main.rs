@@ -6,6 +6,7 @@
 mod analyze;
 mod ca_service;
 mod findings;
+mod kube_ca;
 mod kube_source;
 mod objects;
 mod source;
@@ -59,8 +60,9 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
-    /// `watch` with the mesh CA: also sign ztunnels' certificates over HTTPS (in both modes
-    /// nodes authenticate with the bootstrap tokens of --tokens).
+    /// `watch` with the mesh CA: also sign ztunnels' certificates over HTTPS. Nodes authenticate
+    /// with the bootstrap tokens of --tokens; in Kubernetes mode also (or only, without
+    /// --tokens) with the ztunnel's ServiceAccount token, checked with a TokenReview.
     Serve {
         #[command(flatten)]
         source: SourceArgs,
@@ -70,11 +72,18 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
         /// Where the mesh root lives (root-cert.pem, root-key.pem); created on first start.
-        #[arg(long)]
-        ca_dir: PathBuf,
-        /// Node bootstrap tokens: `<node> <token>` per line.
-        #[arg(long)]
-        tokens: PathBuf,
+        /// Kubernetes mode keeps it in Secret warren-system/warren-ca-root instead, unless this
+        /// is given.
+        #[arg(long, required_unless_present = "kubernetes")]
+        ca_dir: Option<PathBuf>,
+        /// Node bootstrap tokens: `<node> <token>` per line. Optional in Kubernetes mode, where
+        /// ztunnels authenticate with their ServiceAccount token.
+        #[arg(long, required_unless_present = "kubernetes")]
+        tokens: Option<PathBuf>,
+        /// Kubernetes mode: the only ServiceAccount (NAMESPACE/NAME) whose tokens the CA
+        /// accepts; the token must be bound to a pod of it, whose node is the requesting node.
+        #[arg(long, default_value = "warren-system/ztunnel")]
+        ztunnel_service_account: kube_ca::ServiceAccountRef,
         /// Where the CA listens.
         #[arg(long, default_value = "127.0.0.1:15012")]
         listen: std::net::SocketAddr,
@@ -176,15 +185,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interval_ms,
             ca_dir,
             tokens,
+            ztunnel_service_account,
             listen,
             trust_domain,
             cert_lifetime_secs,
             admin,
         } => {
-            let ca = ca_service::load_or_create_root(&ca_dir, &trust_domain)?;
-            let tokens = ca_service::Tokens::parse(
-                &std::fs::read_to_string(&tokens).with_context(|| format!("reading {}", tokens.display()))?,
-            );
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            let kube_client = match source.kubernetes {
+                true => Some(runtime.block_on(kube_ca::connect(source.kubeconfig.as_deref()))?),
+                false => None,
+            };
+            let ca = match (&ca_dir, &kube_client) {
+                (Some(dir), _) => {
+                    if kube_client.is_some() {
+                        eprintln!(
+                            "controller: the mesh root is read from --ca-dir {}, not from Secret {}/{}",
+                            dir.display(),
+                            kube_ca::ROOT_SECRET_NAMESPACE,
+                            kube_ca::ROOT_SECRET_NAME
+                        );
+                    }
+                    ca_service::load_or_create_root(dir, &trust_domain)?
+                }
+                (None, Some(client)) => {
+                    runtime.block_on(kube_ca::load_or_create_root(client, &trust_domain))?
+                }
+                (None, None) => anyhow::bail!("local mode needs --ca-dir"),
+            };
+            let tokens = match &tokens {
+                Some(path) => Some(ca_service::Tokens::parse(
+                    &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+                )),
+                None => None,
+            };
             let own_identity = warren_core::identity::SpiffeId {
                 trust_domain: trust_domain.clone(),
                 namespace: CA_SERVICE_ACCOUNT.0.into(),
@@ -195,17 +230,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // HTTP/1.1 for the CA, h2 for the config stream, on the one port.
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let tls = std::sync::Arc::new(tls);
-            let hub = stream::Hub::new(tokens.clone());
+            // The config stream authenticates with the bootstrap tokens only (for now).
+            let hub = stream::Hub::new(tokens.clone().unwrap_or_default());
+            let reviewer = kube_client.map(|client| {
+                eprintln!(
+                    "controller: CA accepts ServiceAccount tokens of {} (TokenReview)",
+                    ztunnel_service_account.username()
+                );
+                kube_ca::TokenReviewer { client, ztunnel: ztunnel_service_account }
+            });
             let config = std::sync::Arc::new(std::sync::RwLock::new(Default::default()));
             let service = std::sync::Arc::new(ca_service::CaService {
                 ca,
-                tokens,
+                auth: ca_service::Authenticator { tokens, reviewer },
                 trust_domain,
                 lifetime: Duration::from_secs(cert_lifetime_secs),
                 config: config.clone(),
             });
-            let runtime =
-                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
             let listener = runtime
                 .block_on(tokio::net::TcpListener::bind(listen))
                 .with_context(|| format!("binding {listen}"))?;

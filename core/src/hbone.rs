@@ -228,3 +228,80 @@ mod tests {
         assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [2, 32, 16, 2]);
     }
 }
+
+/// Why an HBONE connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("mTLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("the peer presented no SPIFFE identity")]
+    NoIdentity,
+    #[error("HTTP/2 handshake failed: {0}")]
+    H2(#[from] h2::Error),
+}
+
+/// The server side of an HBONE connection (what a pod's 15008 and a waypoint accept): mTLS
+/// presenting `own` and requiring a client of its trust domain under `bundle`, then HTTP/2
+/// with HBONE's windows. Returns the client's verified identity and the connection whose
+/// CONNECT streams to serve.
+pub async fn accept(
+    tcp: tokio::net::TcpStream,
+    own: &crate::ca::WorkloadCertificate,
+    bundle: &crate::tls::TrustBundle,
+) -> Result<
+    (
+        crate::identity::SpiffeId,
+        h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>,
+    ),
+    HandshakeError,
+> {
+    let config = crate::tls::server_config(own, bundle)?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+        .accept(tcp)
+        .await
+        .map_err(HandshakeError::Tls)?;
+    let peer =
+        crate::tls::peer_identity(tls.get_ref().1.peer_certificates()).ok_or(HandshakeError::NoIdentity)?;
+    let connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    Ok((peer, connection))
+}
+
+/// The client side over an established TCP connection: mTLS presenting `own` and expecting
+/// the server to be `expected` (no SNI, ALPN h2), then HTTP/2 with HBONE's windows. The
+/// returned connection future must be driven (spawned) for the sender to work.
+pub async fn connect(
+    tcp: tokio::net::TcpStream,
+    own: &crate::ca::WorkloadCertificate,
+    bundle: &crate::tls::TrustBundle,
+    expected: &crate::identity::SpiffeId,
+) -> Result<
+    (
+        h2::client::SendRequest<Bytes>,
+        h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+    ),
+    HandshakeError,
+> {
+    let config = crate::tls::client_config(own, bundle, expected)?;
+    let _ = tcp.set_nodelay(true);
+    let addr = tcp.peer_addr().map_err(HandshakeError::Tls)?;
+    // HBONE sends no SNI; the name only satisfies the API.
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(HandshakeError::Tls)?;
+    Ok(h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
+        .handshake(tls)
+        .await?)
+}

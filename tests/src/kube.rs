@@ -19,7 +19,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Pod, ServiceAccount},
 };
 use kube::{
@@ -66,7 +66,8 @@ pub fn apiserver_or_skip(test: &str) -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 nobody listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
@@ -248,6 +249,36 @@ impl ApiServer {
         answer.status.expect("a token").token
     }
 
+    /// A token of ServiceAccount `namespace/name` bound to its pod `pod` (TokenRequest with a
+    /// `boundObjectRef`, as a kubelet projects it): valid only while that pod exists, and
+    /// reviewed with the pod's name and uid in `user.extra`.
+    pub fn bound_service_account_token(&self, namespace: &str, name: &str, pod: &str) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+        let uid = self
+            .block_on(pods.get(pod))
+            .unwrap_or_else(|e| panic!("getting pod {namespace}/{pod}: {e}"))
+            .metadata
+            .uid;
+        let api: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod.into()),
+                    uid,
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = self
+            .block_on(api.create_token_request(name, &PostParams::default(), &request))
+            .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{name} bound to pod {pod}: {e}"));
+        answer.status.expect("a token").token
+    }
+
     /// Server-side applies every document of `yaml` (as the admin).
     pub fn apply(&self, yaml: &str) {
         for document in serde_yaml_ng::Deserializer::from_str(yaml) {
@@ -393,11 +424,14 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `controller watch --kubernetes` as the real binary, logging to a file.
+/// `controller watch --kubernetes` (or `serve --kubernetes`) as the real binary, logging to a
+/// file.
 pub struct KubeController {
     child: Child,
     log: PathBuf,
     pub out: PathBuf,
+    /// `serve`: where its CA listens.
+    pub ca_addr: Option<std::net::SocketAddr>,
 }
 
 impl KubeController {
@@ -412,7 +446,47 @@ impl KubeController {
                 .arg(&out),
             &log,
         );
-        KubeController { child, log, out }
+        KubeController { child, log, out, ca_addr: None }
+    }
+
+    /// `controller serve --kubernetes` (the CA with its root in a Secret and TokenReview
+    /// authentication, no bootstrap tokens), on free 127.0.0.1 ports; returns once the CA
+    /// accepts connections.
+    pub fn serve(kubeconfig: &Path, dir: &Path, name: &str) -> Self {
+        let mut controller = Self::start_serve(kubeconfig, dir, name);
+        controller.wait_ca();
+        controller
+    }
+
+    /// [`serve`](Self::serve) without waiting for the CA (to start several at once). Call it
+    /// from the test's own thread: the child is killed when the thread that started it ends.
+    pub fn start_serve(kubeconfig: &Path, dir: &Path, name: &str) -> Self {
+        let out = dir.join(format!("{name}.json"));
+        let log = dir.join(format!("{name}.log"));
+        let ca_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = spawn_logged(
+            Command::new(binary("controller"))
+                .args(["serve", "--kubernetes", "--kubeconfig"])
+                .arg(kubeconfig)
+                .arg("--out")
+                .arg(&out)
+                .args(["--listen", &ca_addr.to_string(), "--admin", &admin.to_string()]),
+            &log,
+        );
+        KubeController { child, log, out, ca_addr: Some(ca_addr) }
+    }
+
+    /// Waits until `serve`'s CA accepts connections; panics with the log if it exits first.
+    pub fn wait_ca(&mut self) {
+        let ca_addr = self.ca_addr.expect("started with serve");
+        let listening = wait_until(Duration::from_secs(60), || {
+            let exited = self.child.try_wait().ok().flatten();
+            let log = || fs::read_to_string(&self.log).unwrap_or_default();
+            assert!(exited.is_none(), "the controller exited ({exited:?}):\n{}", log());
+            std::net::TcpStream::connect(ca_addr).is_ok()
+        });
+        assert!(listening, "the controller's CA never listened on {ca_addr}:\n{}", self.log());
     }
 
     pub fn log(&self) -> String {

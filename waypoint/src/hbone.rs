@@ -11,15 +11,12 @@ use std::{
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
-use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tracing::debug;
 use warren_core::{
     certs::CertManager,
-    hbone::{CONNECTION_WINDOW, ConnectRequest, FRAME_SIZE, H2Stream, PORT, STREAM_WINDOW},
+    hbone::{ConnectRequest, H2Stream, PORT},
     identity::SpiffeId,
-    tls,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -81,21 +78,18 @@ impl HboneClient {
 
     async fn dial(&self, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<Bytes>, HboneError> {
         let own = self.certs.get(&self.identity).await?;
-        let config = tls::client_config(&own, self.certs.bundle()?, expected)?;
         let tcp = TcpStream::connect(addr).await.map_err(|source| HboneError::Connect { addr, source })?;
-        let _ = tcp.set_nodelay(true);
-        // HBONE sends no SNI; the name only satisfies the API.
-        let tls = TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        let (send, connection) = warren_core::hbone::connect(tcp, &own, self.certs.bundle()?, expected)
             .await
-            .map_err(|source| HboneError::Tls { addr, expected: expected.clone(), source })?;
-        let (send, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(FRAME_SIZE)
-            .handshake(tls)
-            .await
-            .map_err(|source| HboneError::H2 { addr, source })?;
+            .map_err(|e| match e {
+                warren_core::hbone::HandshakeError::H2(source) => HboneError::H2 { addr, source },
+                warren_core::hbone::HandshakeError::Config(e) => HboneError::Config(e),
+                other => HboneError::Tls {
+                    addr,
+                    expected: expected.clone(),
+                    source: std::io::Error::other(other.to_string()),
+                },
+            })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%addr, "HBONE connection ended: {e}");

@@ -20,12 +20,10 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
 };
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use warren_core::{
-    hbone::{CONNECTION_WINDOW, ConnectRequest, FRAME_SIZE, H2Stream, STREAM_WINDOW},
+    hbone::{ConnectRequest, H2Stream},
     identity::SpiffeId,
-    tls,
 };
 
 use crate::{
@@ -62,36 +60,17 @@ pub async fn serve(
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<WaypointState>) {
     let certs = &state.certs;
-    let tls_config = match certs.get(&state.identity).await.and_then(|own| {
-        tls::server_config(&own, certs.bundle()?).map_err(warren_core::certs::CertError::from_tls)
-    }) {
-        Ok(c) => c,
-        Err(e) => {
+    let (own, bundle) = match (certs.get(&state.identity).await, certs.bundle()) {
+        (Ok(own), Ok(bundle)) => (own, bundle),
+        (Err(e), _) | (_, Err(e)) => {
             warn!(%peer, "HBONE connection refused: {e}");
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let tls = match TlsAcceptor::from(Arc::new(tls_config)).accept(stream).await {
-        Ok(t) => t,
+    let (peer_identity, mut connection) = match warren_core::hbone::accept(stream, &own, bundle).await {
+        Ok(accepted) => accepted,
         Err(e) => {
-            info!(target: "access", %peer, error = %format!("mTLS handshake failed: {e}"), "connection refused");
-            return;
-        }
-    };
-    let Some(peer_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
-        return;
-    };
-    let mut connection = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(FRAME_SIZE)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            debug!(%peer, "HTTP/2 handshake failed: {e}");
+            info!(target: "access", %peer, error = %e, "connection refused");
             return;
         }
     };

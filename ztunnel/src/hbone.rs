@@ -17,17 +17,14 @@ use std::{
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Response, StatusCode};
-use rustls_pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, info, warn};
 use warren_core::{
-    hbone::{self, CONNECTION_WINDOW, ConnectRequest, FRAME_SIZE, H2Stream, STREAM_WINDOW},
+    hbone::{self, ConnectRequest, H2Stream},
     identity::SpiffeId,
-    tls,
 };
 
 use crate::{
@@ -208,24 +205,19 @@ async fn open_stream(
 async fn dial(key: &PoolKey, pod: &PodContext) -> Result<PooledConn, HboneError> {
     let certs = &pod.proxy.certs;
     let own = certs.get(&key.src_identity).await?;
-    let config = tls::client_config(&own, certs.bundle()?, &key.dst_identity)?;
     let tcp = connect_from_pod(pod, key.dst)
         .await
         .map_err(|source| HboneError::Connect { addr: key.dst, source })?;
-    let _ = tcp.set_nodelay(true);
-    // No SNI is sent; the name only satisfies the API.
-    let name = ServerName::IpAddress(key.dst.ip().into());
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|source| HboneError::Tls { addr: key.dst, expected: key.dst_identity.clone(), source })?;
-    let (send, connection) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(FRAME_SIZE)
-        .handshake(tls)
-        .await
-        .map_err(|source| HboneError::H2 { addr: key.dst, source })?;
+    let (send, connection) =
+        hbone::connect(tcp, &own, certs.bundle()?, &key.dst_identity).await.map_err(|e| match e {
+            hbone::HandshakeError::H2(source) => HboneError::H2 { addr: key.dst, source },
+            hbone::HandshakeError::Config(e) => HboneError::Config(e),
+            other => HboneError::Tls {
+                addr: key.dst,
+                expected: key.dst_identity.clone(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        })?;
     let closed = Arc::new(AtomicBool::new(false));
     let (dst, closed_flag) = (key.dst, closed.clone());
     tokio::spawn(async move {
@@ -287,38 +279,24 @@ impl AsyncWrite for PooledStream {
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let certs = &pod.proxy.certs;
     let identity = pod.workload.identity(&pod.proxy.trust_domain);
-    let config = match certs
-        .get(&identity)
-        .await
-        .and_then(|own| tls::server_config(&own, certs.bundle()?).map_err(CertError::from_tls))
-    {
-        Ok(c) => c,
+    let own = match certs.get(&identity).await {
+        Ok(own) => own,
         Err(e) => {
             warn!(pod = pod.pod, %peer, "HBONE connection refused: {e}");
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let tls = match TlsAcceptor::from(Arc::new(config)).accept(stream).await {
-        Ok(t) => t,
+    let bundle = match certs.bundle() {
+        Ok(b) => b,
         Err(e) => {
-            info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer, error = %format!("mTLS handshake failed: {e}"), "connection refused");
+            warn!(pod = pod.pod, %peer, "HBONE connection refused: {e}");
             return;
         }
     };
-    let Some(src_identity) = tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
-        return;
-    };
-    let mut connection = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(FRAME_SIZE)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
+    let (src_identity, mut connection) = match hbone::accept(stream, &own, bundle).await {
+        Ok(accepted) => accepted,
         Err(e) => {
-            debug!(%peer, "HTTP/2 handshake failed: {e}");
+            info!(target: "access", direction = "inbound", protocol = "HBONE", pod = pod.pod, src = %peer, error = %e, "connection refused");
             return;
         }
     };

@@ -1,0 +1,439 @@
+//! The CA's Kubernetes side (`controller serve --kubernetes`):
+//!
+//! - the mesh root lives in Secret `warren-system/warren-ca-root` (`root-cert.pem`,
+//!   `root-key.pem`), created on first start; when two controllers start at once, the one whose
+//!   create loses the race reads the winner's;
+//! - a ztunnel authenticates with its ServiceAccount token: a TokenReview says whose it is,
+//!   only the ztunnel's ServiceAccount is accepted, and the pod the token is bound to
+//!   (`authentication.kubernetes.io/pod-name` and `pod-uid` in the review's `user.extra`) must
+//!   still exist with that uid: its `spec.nodeName` is the requesting node.
+//!
+//! The decisions are pure functions ([`root_from_secret`], [`pod_claim`], [`node_of`]),
+//! unit-tested; the async functions only fetch what they decide on.
+
+use std::{collections::BTreeMap, path::Path};
+
+use hyper::StatusCode;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus},
+        core::v1::{Pod, Secret},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    api::PostParams,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use warren_core::ca::{Ca, CaError};
+
+use crate::kube_source::KubeSourceError;
+
+/// Where the mesh root lives in Kubernetes mode.
+pub const ROOT_SECRET_NAMESPACE: &str = "warren-system";
+pub const ROOT_SECRET_NAME: &str = "warren-ca-root";
+pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+pub const ROOT_KEY_KEY: &str = "root-key.pem";
+
+/// The `user.extra` keys of a token bound to a pod (Kubernetes 1.20 and later).
+pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// What stops the CA from getting its root out of the Secret. Each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error(
+        "reading Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME} (the mesh root): {0}. Grant the \
+         controller `get` on it (Role warren-controller-ca in deploy/rbac/controller.yaml)"
+    )]
+    Read(#[source] kube::Error),
+    #[error(
+        "creating Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME} (the mesh root, first start): {0}. \
+         Grant the controller `create` on secrets in {ROOT_SECRET_NAMESPACE} (Role warren-controller-ca \
+         in deploy/rbac/controller.yaml) and check that the namespace exists"
+    )]
+    Create(#[source] kube::Error),
+    #[error(
+        "Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME} has no `{0}`. Restore it, or delete the \
+         Secret to have a new root created (every ztunnel then needs the new root)"
+    )]
+    MissingKey(&'static str),
+    #[error(
+        "Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME} does not hold a usable root: {0}. It needs \
+         a PEM CA certificate in `{ROOT_CERT_KEY}` and its PKCS#8 PEM key in `{ROOT_KEY_KEY}`"
+    )]
+    BadRoot(#[source] CaError),
+    #[error("generating a new mesh root: {0}")]
+    Generate(#[source] CaError),
+}
+
+/// Why a ServiceAccount token does not identify a ztunnel, or could not be checked.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AuthError {
+    #[error("the API server does not accept the token ({0})")]
+    NotAuthenticated(String),
+    #[error(
+        "the token belongs to {username}, not to the ztunnel's ServiceAccount {expected} \
+         (see `controller serve --ztunnel-service-account`)"
+    )]
+    WrongServiceAccount { username: String, expected: String },
+    #[error(
+        "the token is not bound to a pod (no {EXTRA_POD_NAME} and {EXTRA_POD_UID} in the review): \
+         ztunnel must send its projected ServiceAccount token, not a legacy Secret token"
+    )]
+    NotBoundToPod,
+    #[error("the token's pod {namespace}/{name} no longer exists")]
+    PodGone { namespace: String, name: String },
+    #[error(
+        "the token's pod {namespace}/{name} is not the one it was issued to (uid {found}, token \
+         bound to {expected})"
+    )]
+    PodReplaced { namespace: String, name: String, found: String, expected: String },
+    #[error("the token's pod {namespace}/{name} runs as ServiceAccount {found:?}, not {expected}")]
+    PodServiceAccount { namespace: String, name: String, found: String, expected: String },
+    #[error("the token's pod {namespace}/{name} is not scheduled on a node")]
+    NotScheduled { namespace: String, name: String },
+    /// The API server could not be asked: not the client's fault.
+    #[error(
+        "the CA could not check the token: {0}. The controller needs `create` on tokenreviews \
+         (ClusterRoleBinding warren-controller-auth-delegator) and `get` on pods (ClusterRole \
+         warren-controller), both in deploy/rbac/controller.yaml"
+    )]
+    Api(String),
+}
+
+impl AuthError {
+    /// The CA's answer: 401 for a token that does not identify a ztunnel pod, 403 for a
+    /// ztunnel pod that has no node yet, 503 when the API server could not be asked.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AuthError::Api(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::NotScheduled { .. } => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+/// A ServiceAccount, `namespace/name` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceAccountRef {
+    /// The user name the API server authenticates its tokens as.
+    pub fn username(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+}
+
+impl std::str::FromStr for ServiceAccountRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(ServiceAccountRef { namespace: namespace.into(), name: name.into() })
+            }
+            _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceAccountRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The pod a reviewed token was bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodClaim {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// From a TokenReview's answer: the token is `ztunnel`'s, bound to a pod (which is in the
+/// ServiceAccount's namespace: a pod can only run as a ServiceAccount of its own namespace).
+pub fn pod_claim(status: &TokenReviewStatus, ztunnel: &ServiceAccountRef) -> Result<PodClaim, AuthError> {
+    if status.authenticated != Some(true) {
+        let reason =
+            status.error.clone().filter(|e| !e.is_empty()).unwrap_or_else(|| "not authenticated".into());
+        return Err(AuthError::NotAuthenticated(reason));
+    }
+    let user = status.user.clone().unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let expected = ztunnel.username();
+    if username != expected {
+        return Err(AuthError::WrongServiceAccount { username, expected });
+    }
+    let extra = user.extra.unwrap_or_default();
+    let single = |key: &str| match extra.get(key).map(Vec::as_slice) {
+        Some([value]) if !value.is_empty() => Some(value.clone()),
+        _ => None,
+    };
+    match (single(EXTRA_POD_NAME), single(EXTRA_POD_UID)) {
+        (Some(name), Some(uid)) => Ok(PodClaim { namespace: ztunnel.namespace.clone(), name, uid }),
+        _ => Err(AuthError::NotBoundToPod),
+    }
+}
+
+/// The node of the claimed pod, if it is still the pod the token was issued to and runs as
+/// the ztunnel's ServiceAccount.
+pub fn node_of(
+    pod: Option<&Pod>,
+    claim: &PodClaim,
+    ztunnel: &ServiceAccountRef,
+) -> Result<String, AuthError> {
+    let (namespace, name) = (claim.namespace.clone(), claim.name.clone());
+    let Some(pod) = pod else { return Err(AuthError::PodGone { namespace, name }) };
+    let found = pod.metadata.uid.clone().unwrap_or_default();
+    if found != claim.uid {
+        return Err(AuthError::PodReplaced { namespace, name, found, expected: claim.uid.clone() });
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    let account = spec.service_account_name.clone().unwrap_or_default();
+    if account != ztunnel.name {
+        return Err(AuthError::PodServiceAccount {
+            namespace,
+            name,
+            found: account,
+            expected: ztunnel.to_string(),
+        });
+    }
+    match spec.node_name.filter(|n| !n.is_empty()) {
+        Some(node) => Ok(node),
+        None => Err(AuthError::NotScheduled { namespace, name }),
+    }
+}
+
+/// Checks ServiceAccount tokens with the TokenReview API.
+pub struct TokenReviewer {
+    pub client: Client,
+    pub ztunnel: ServiceAccountRef,
+}
+
+impl TokenReviewer {
+    /// The node of the ztunnel pod `token` was issued to.
+    pub async fn node(&self, token: &str) -> Result<String, AuthError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_string()), audiences: None },
+            ..Default::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Api(format!("TokenReview: {e}")))?;
+        let claim = pod_claim(&answer.status.unwrap_or_default(), &self.ztunnel)?;
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &claim.namespace)
+            .get_opt(&claim.name)
+            .await
+            .map_err(|e| AuthError::Api(format!("getting pod {}/{}: {e}", claim.namespace, claim.name)))?;
+        node_of(pod.as_ref(), &claim, &self.ztunnel)
+    }
+}
+
+/// The root held by `secret`.
+pub fn root_from_secret(secret: &Secret) -> Result<Ca, RootError> {
+    let data = secret.data.clone().unwrap_or_default();
+    let text = |key: &'static str| {
+        let bytes = data.get(key).ok_or(RootError::MissingKey(key))?;
+        String::from_utf8(bytes.0.clone()).map_err(|_| RootError::MissingKey(key))
+    };
+    Ca::from_pem(&text(ROOT_CERT_KEY)?, &text(ROOT_KEY_KEY)?).map_err(RootError::BadRoot)
+}
+
+/// The Secret that holds `ca`.
+pub fn secret_for(ca: &Ca) -> Secret {
+    let data = BTreeMap::from([
+        (ROOT_CERT_KEY.to_string(), ByteString(ca.root_pem().as_bytes().to_vec())),
+        (ROOT_KEY_KEY.to_string(), ByteString(ca.key_pem().as_bytes().to_vec())),
+    ]);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(ROOT_SECRET_NAME.into()),
+            namespace: Some(ROOT_SECRET_NAMESPACE.into()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/part-of".to_string(), "warren".to_string())])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// Reads the root from its Secret, creating both on first start. If another controller creates
+/// the Secret between our read and our create, its root is the one used.
+pub async fn load_or_create_root(client: &Client, trust_domain: &str) -> Result<Ca, RootError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ROOT_SECRET_NAMESPACE);
+    if let Some(secret) = api.get_opt(ROOT_SECRET_NAME).await.map_err(RootError::Read)? {
+        eprintln!("controller: mesh root from Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME}");
+        return root_from_secret(&secret);
+    }
+    let ca = Ca::generate(trust_domain).map_err(RootError::Generate)?;
+    match api.create(&PostParams::default(), &secret_for(&ca)).await {
+        Ok(_) => {
+            eprintln!(
+                "controller: created a new mesh root in Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME}"
+            );
+            Ok(ca)
+        }
+        Err(kube::Error::Api(status)) if status.is_already_exists() || status.is_conflict() => {
+            eprintln!(
+                "controller: another controller created Secret {ROOT_SECRET_NAMESPACE}/{ROOT_SECRET_NAME} \
+                 first: using its root"
+            );
+            root_from_secret(&api.get(ROOT_SECRET_NAME).await.map_err(RootError::Read)?)
+        }
+        Err(e) => Err(RootError::Create(e)),
+    }
+}
+
+/// A client for `kubeconfig` (or `$KUBECONFIG`, `~/.kube/config`, the in-cluster account), as
+/// the watch connects.
+pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig_error =
+                |message: String| KubeSourceError::Kubeconfig { path: path.to_path_buf(), message };
+            let file = Kubeconfig::read_from(path).map_err(|e| kubeconfig_error(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| kubeconfig_error(e.to_string()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| KubeSourceError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{authentication::v1::UserInfo, core::v1::PodSpec};
+
+    use super::*;
+
+    fn ztunnel() -> ServiceAccountRef {
+        "warren-system/ztunnel".parse().unwrap()
+    }
+
+    fn review(authenticated: bool, username: &str, extra: &[(&str, &str)]) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(authenticated),
+            user: Some(UserInfo {
+                username: Some(username.into()),
+                extra: Some(extra.iter().map(|(k, v)| (k.to_string(), vec![v.to_string()])).collect()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    const BOUND: [(&str, &str); 2] = [(EXTRA_POD_NAME, "ztunnel-abc"), (EXTRA_POD_UID, "uid-1")];
+
+    #[test]
+    fn only_a_bound_token_of_the_ztunnel_account_names_a_pod() {
+        let me = "system:serviceaccount:warren-system:ztunnel";
+        assert_eq!(
+            pod_claim(&review(true, me, &BOUND), &ztunnel()),
+            Ok(PodClaim {
+                namespace: "warren-system".into(),
+                name: "ztunnel-abc".into(),
+                uid: "uid-1".into()
+            })
+        );
+        let refused = |status: TokenReviewStatus| pod_claim(&status, &ztunnel()).unwrap_err();
+        assert!(matches!(refused(review(false, "", &[])), AuthError::NotAuthenticated(_)));
+        assert!(matches!(
+            refused(review(true, "system:serviceaccount:shop:checkout", &BOUND)),
+            AuthError::WrongServiceAccount { .. }
+        ));
+        assert!(matches!(
+            refused(review(true, "system:serviceaccount:other:ztunnel", &BOUND)),
+            AuthError::WrongServiceAccount { .. }
+        ));
+        assert_eq!(refused(review(true, me, &[])), AuthError::NotBoundToPod, "a legacy Secret token");
+        assert_eq!(refused(review(true, me, &BOUND[..1])), AuthError::NotBoundToPod);
+        assert_eq!(refused(TokenReviewStatus::default()).status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn the_node_is_the_bound_pods_if_it_is_still_that_pod() {
+        let claim =
+            PodClaim { namespace: "warren-system".into(), name: "ztunnel-abc".into(), uid: "uid-1".into() };
+        let pod = |uid: &str, account: &str, node: Option<&str>| Pod {
+            metadata: ObjectMeta { uid: Some(uid.into()), ..Default::default() },
+            spec: Some(PodSpec {
+                service_account_name: Some(account.into()),
+                node_name: node.map(Into::into),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            node_of(Some(&pod("uid-1", "ztunnel", Some("node-1"))), &claim, &ztunnel()),
+            Ok("node-1".into())
+        );
+        let refused = |p: Option<Pod>| node_of(p.as_ref(), &claim, &ztunnel()).unwrap_err();
+        assert!(matches!(refused(None), AuthError::PodGone { .. }));
+        assert!(matches!(
+            refused(Some(pod("uid-2", "ztunnel", Some("node-1")))),
+            AuthError::PodReplaced { .. }
+        ));
+        assert!(matches!(
+            refused(Some(pod("uid-1", "checkout", Some("node-1")))),
+            AuthError::PodServiceAccount { .. }
+        ));
+        let unscheduled = refused(Some(pod("uid-1", "ztunnel", None)));
+        assert!(matches!(unscheduled, AuthError::NotScheduled { .. }));
+        assert_eq!(unscheduled.status(), StatusCode::FORBIDDEN);
+        assert_eq!(AuthError::Api("down".into()).status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn the_root_round_trips_through_its_secret() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let secret = secret_for(&ca);
+        assert_eq!(secret.metadata.name.as_deref(), Some(ROOT_SECRET_NAME));
+        assert_eq!(secret.metadata.namespace.as_deref(), Some(ROOT_SECRET_NAMESPACE));
+        assert_eq!(root_from_secret(&secret).unwrap().root(), ca.root());
+        let mut without_key = secret.clone();
+        without_key.data.as_mut().unwrap().remove(ROOT_KEY_KEY);
+        assert!(matches!(root_from_secret(&without_key), Err(RootError::MissingKey(ROOT_KEY_KEY))));
+        let mut garbled = secret;
+        garbled.data.as_mut().unwrap().insert(ROOT_CERT_KEY.into(), ByteString(b"not PEM".to_vec()));
+        assert!(matches!(root_from_secret(&garbled), Err(RootError::BadRoot(_))));
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_neither_a_root_directory_nor_tokens() {
+        use clap::Parser;
+        let parse = |args: &str| {
+            crate::Cli::try_parse_from(std::iter::once("controller").chain(args.split_whitespace()))
+        };
+        let Ok(crate::Cli { command: crate::Command::Serve { ca_dir, tokens, ztunnel_service_account, .. } }) =
+            parse("serve --kubernetes --out f")
+        else {
+            panic!("serve --kubernetes without --ca-dir and --tokens is refused")
+        };
+        assert_eq!((ca_dir, tokens, ztunnel_service_account), (None, None, ztunnel()));
+        assert!(parse("serve --kubernetes --out f --ztunnel-service-account mesh/zt").is_ok());
+        for wrong in [
+            "serve --dir d --out f --tokens t",
+            "serve --dir d --out f --ca-dir c",
+            "serve --kubernetes --out f --ztunnel-service-account ztunnel",
+        ] {
+            assert!(parse(wrong).is_err(), "accepted: {wrong}");
+        }
+    }
+
+    #[test]
+    fn service_accounts_are_namespace_slash_name() {
+        assert_eq!(ztunnel().username(), "system:serviceaccount:warren-system:ztunnel");
+        for wrong in ["ztunnel", "/ztunnel", "warren-system/", "a/b/c"] {
+            assert!(wrong.parse::<ServiceAccountRef>().is_err(), "{wrong}");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The CA in Kubernetes mode, against a real kube-apiserver and etcd: `controller serve
+//! --kubernetes` (the real binary, under exactly the RBAC of deploy/rbac/controller.yaml, with no
+//! bootstrap tokens) keeps the mesh root in Secret warren-system/warren-ca-root, created on
+//! first start and reused after a restart, and authenticates ztunnels with a TokenReview of
+//! their pod-bound ServiceAccount token: it signs the identities of pods on the ztunnel pod's
+//! node only.
+//!
+//! Skipped (with how to install it) only when kube-apiserver is not installed: `./x setup`
+//! builds it.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use rustls_pki_types::{CertificateDer, pem::PemObject};
+use warren_core::{
+    ca::new_key_and_csr,
+    ca_protocol::{RemoteCaError, request_certificate},
+    certs::ca_identity,
+    identity::SpiffeId,
+    tls::{TrustBundle, spiffe_id_of},
+};
+use warren_e2e::kube::{ApiServer, KubeController, apiserver_or_skip};
+
+const OBJECTS: &str = "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: ztunnel, namespace: warren-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ztunnel-node-1, namespace: warren-system}
+spec:
+  nodeName: node-1
+  serviceAccountName: ztunnel
+  containers: [{name: ztunnel, image: ztunnel}]
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: checkout, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: payment, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: checkout, namespace: shop}
+spec:
+  nodeName: node-1
+  serviceAccountName: checkout
+  containers: [{name: app, image: echo}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: payment, namespace: shop}
+spec:
+  nodeName: node-2
+  serviceAccountName: payment
+  containers: [{name: app, image: echo}]
+";
+
+fn identity(sa: &str) -> SpiffeId {
+    format!("spiffe://cluster.local/ns/shop/sa/{sa}").parse().unwrap()
+}
+
+/// The root certificate in the Secret (read as the admin), PEM.
+fn secret_root(server: &ApiServer) -> String {
+    let api: Api<Secret> = Api::namespaced(server.client(), "warren-system");
+    let secret = server.block_on(api.get("warren-ca-root")).expect("Secret warren-system/warren-ca-root");
+    let data = secret.data.expect("data");
+    assert!(data.contains_key("root-key.pem"), "the Secret holds no key");
+    String::from_utf8(data["root-cert.pem"].0.clone()).expect("PEM")
+}
+
+/// Asks `controller`'s CA for `sa`'s certificate with `token`, trusting only `root_pem`.
+fn ask(
+    server: &ApiServer,
+    controller: &KubeController,
+    root_pem: &str,
+    token: &str,
+    sa: &str,
+) -> Result<SpiffeId, RemoteCaError> {
+    let root = CertificateDer::from_pem_slice(root_pem.as_bytes()).expect("a PEM certificate");
+    let bundle = TrustBundle::new(&[root]).expect("a trust bundle");
+    let id = identity(sa);
+    let (_key, csr) = new_key_and_csr(&id).expect("a CSR");
+    let addr = controller.ca_addr.expect("serve");
+    let chain = server.block_on(request_certificate(
+        addr,
+        &bundle,
+        &ca_identity("cluster.local"),
+        token,
+        &id,
+        &csr,
+    ))?;
+    Ok(spiffe_id_of(&chain[0]).expect("a SPIFFE ID"))
+}
+
+fn status(result: Result<SpiffeId, RemoteCaError>) -> u16 {
+    match result {
+        Err(RemoteCaError::Refused { status, .. }) => status,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn workload_on(config: &serde_json::Value, name: &str, node: &str) -> bool {
+    config["workloads"]
+        .as_array()
+        .is_some_and(|w| w.iter().any(|w| w["namespace"] == "shop" && w["name"] == name && w["node"] == node))
+}
+
+#[test]
+fn the_ca_keeps_its_root_in_a_secret_and_signs_for_the_ztunnel_pods_node_only() {
+    let Some(binary) = apiserver_or_skip("kube_ca e2e") else { return };
+    let server = ApiServer::start(&binary);
+    server.apply_file("deploy/crds/istio.yaml");
+    server.apply_file("deploy/crds/gateway-api.yaml");
+    server.apply_file("deploy/rbac/controller.yaml");
+    server.apply(OBJECTS);
+    server.pod_running("shop", "checkout", &["10.1.0.1"]);
+    server.pod_running("shop", "payment", &["10.1.0.2"]);
+    let controller_token = server.service_account_token("warren-system", "warren-controller");
+    let kubeconfig = server.kubeconfig(&controller_token, "controller.kubeconfig");
+
+    // Two controllers start at once: one creates the Secret, the other uses that root (it read
+    // the Secret after the create, or lost the create race and re-read it).
+    let mut first = KubeController::start_serve(&kubeconfig, &server.root, "controller-a");
+    let mut second = KubeController::start_serve(&kubeconfig, &server.root, "controller-b");
+    first.wait_ca();
+    second.wait_ca();
+    let root = secret_root(&server);
+    let created = [&first, &second].iter().filter(|c| c.log().contains("created a new mesh root")).count();
+    assert_eq!(
+        created,
+        1,
+        "exactly one controller creates the root:\n{}\n---\n{}",
+        first.log(),
+        second.log()
+    );
+    for controller in [&first, &second] {
+        controller.wait_config("checkout on node-1 and payment on node-2", |c| {
+            workload_on(c, "checkout", "node-1") && workload_on(c, "payment", "node-2")
+        });
+    }
+
+    let ztunnel = server.bound_service_account_token("warren-system", "ztunnel", "ztunnel-node-1");
+    // Both controllers present a certificate under the Secret's root and sign under it.
+    for controller in [&first, &second] {
+        let signed = ask(&server, controller, &root, &ztunnel, "checkout")
+            .unwrap_or_else(|e| panic!("node-1's ztunnel was refused checkout: {e}\n{}", controller.log()));
+        assert_eq!(signed, identity("checkout"));
+    }
+    // A pod on another node: authenticated, not authorized.
+    assert_eq!(status(ask(&server, &first, &root, &ztunnel, "payment")), 403);
+    assert!(first.log().contains("no pod on node node-1 runs as"), "{}", first.log());
+    // No token; an application's token; the ztunnel account's token not bound to a pod.
+    assert_eq!(status(ask(&server, &first, &root, "", "checkout")), 401);
+    let app = server.bound_service_account_token("shop", "checkout", "checkout");
+    assert_eq!(status(ask(&server, &first, &root, &app, "checkout")), 401);
+    assert!(first.log().contains("not to the ztunnel's ServiceAccount"), "{}", first.log());
+    let unbound = server.service_account_token("warren-system", "ztunnel");
+    assert_eq!(status(ask(&server, &first, &root, &unbound, "checkout")), 401);
+    assert_eq!(status(ask(&server, &first, &root, "not-a-token", "checkout")), 401);
+
+    // A restart reads the same root from the Secret.
+    drop((first, second));
+    let restarted = KubeController::serve(&kubeconfig, &server.root, "controller-c");
+    assert!(
+        restarted.log().contains("mesh root from Secret warren-system/warren-ca-root"),
+        "{}",
+        restarted.log()
+    );
+    assert_eq!(secret_root(&server), root, "the Secret's root changed");
+    restarted.wait_config("checkout on node-1", |c| workload_on(c, "checkout", "node-1"));
+    assert_eq!(ask(&server, &restarted, &root, &ztunnel, "checkout").unwrap(), identity("checkout"));
+
+    // The ztunnel pod replaced (same name, new uid): its old token no longer names a node.
+    server.delete("v1", "Pod", "warren-system", "ztunnel-node-1");
+    assert_eq!(status(ask(&server, &restarted, &root, &ztunnel, "checkout")), 401);
+}
