@@ -93,7 +93,7 @@ impl Authenticator {
 
 pub struct CaService {
     pub ca: Ca,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub trust_domain: String,
     pub lifetime: Duration,
     pub config: Arc<RwLock<NodeConfig>>,

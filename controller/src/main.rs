@@ -230,8 +230,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // HTTP/1.1 for the CA, h2 for the config stream, on the one port.
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let tls = std::sync::Arc::new(tls);
-            // The config stream authenticates with the bootstrap tokens only (for now).
-            let hub = stream::Hub::new(tokens.clone().unwrap_or_default());
             let reviewer = kube_client.map(|client| {
                 eprintln!(
                     "controller: CA accepts ServiceAccount tokens of {} (TokenReview)",
@@ -240,9 +238,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 kube_ca::TokenReviewer { client, ztunnel: ztunnel_service_account }
             });
             let config = std::sync::Arc::new(std::sync::RwLock::new(Default::default()));
+            // The CA and the config stream authenticate proxies the same way.
+            let auth = std::sync::Arc::new(ca_service::Authenticator { tokens, reviewer });
+            let hub = stream::Hub::new(auth.clone());
             let service = std::sync::Arc::new(ca_service::CaService {
                 ca,
-                auth: ca_service::Authenticator { tokens, reviewer },
+                auth,
                 trust_domain,
                 lifetime: Duration::from_secs(cert_lifetime_secs),
                 config: config.clone(),

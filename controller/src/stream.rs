@@ -18,7 +18,7 @@ use warren_core::{
     model::NodeConfig,
 };
 
-use crate::ca_service::Tokens;
+use crate::ca_service::Authenticator;
 
 /// One published translation.
 pub struct Published {
@@ -49,7 +49,7 @@ pub struct Hub {
     boot: u64,
     generation: Mutex<u64>,
     current: watch::Sender<Arc<Published>>,
-    tokens: Tokens,
+    auth: Arc<Authenticator>,
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
 }
 
@@ -58,19 +58,13 @@ fn now_unix() -> u64 {
 }
 
 impl Hub {
-    pub fn new(tokens: Tokens) -> Arc<Self> {
+    pub fn new(auth: Arc<Authenticator>) -> Arc<Self> {
         let boot = now_unix();
         let (current, _) = watch::channel(Arc::new(Published {
             version: format!("{boot}-0"),
             config: NodeConfig::default(),
         }));
-        Arc::new(Hub {
-            boot,
-            generation: Mutex::new(0),
-            current,
-            tokens,
-            proxies: Mutex::new(BTreeMap::new()),
-        })
+        Arc::new(Hub { boot, generation: Mutex::new(0), current, auth, proxies: Mutex::new(BTreeMap::new()) })
     }
 
     /// Publishes a translation as a new version (unless nothing changed). Versions are
@@ -167,9 +161,15 @@ async fn serve_stream(
         );
         return;
     };
-    if hub.tokens.node(&token) != Some(node.as_str()) {
-        eprintln!("controller: config stream from {peer} refused: the token does not belong to node {node}");
-        let reason = format!("the token does not belong to node {node}");
+    // The same authentication as the CA: a node's bootstrap token, or (Kubernetes mode) a
+    // ServiceAccount token checked with a TokenReview.
+    let refusal = match hub.auth.node(&token).await {
+        Ok(owner) if owner == node => None,
+        Ok(owner) => Some(format!("the token belongs to node {owner}, not {node}")),
+        Err((_, reason)) => Some(reason),
+    };
+    if let Some(reason) = refusal {
+        eprintln!("controller: config stream from {peer} ({proxy}) refused: {reason}");
         let _ = outgoing.send_data(config_stream::encode(&ControllerMessage::Refused { reason }), true);
         return;
     }
@@ -343,10 +343,12 @@ pub fn render_status(view: &StatusView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca_service::Tokens;
 
     #[test]
     fn versions_advance_only_on_change_and_status_compares_to_the_latest() {
-        let hub = Hub::new(Tokens::parse("n1 t1\n"));
+        let hub =
+            Hub::new(Arc::new(Authenticator { tokens: Some(Tokens::parse("n1 t1\n")), reviewer: None }));
         hub.publish(NodeConfig::default());
         let v1 = hub.latest_version();
         hub.publish(NodeConfig::default());

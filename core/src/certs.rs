@@ -87,22 +87,45 @@ impl CaClient for DevCa {
     }
 }
 
+/// Where a proxy's bearer token comes from.
+#[derive(Clone, Debug)]
+pub enum Token {
+    Static(String),
+    /// Re-read at every use: Kubernetes rotates projected ServiceAccount tokens in place.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    pub fn get(&self) -> Result<String, String> {
+        match self {
+            Token::Static(t) => Ok(t.clone()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("reading the token {}: {e}", path.display())),
+        }
+    }
+}
+
 /// The mesh CA over the network (the controller): `warren_core::ca_protocol`.
 pub struct RemoteCa {
     pub addr: std::net::SocketAddr,
     pub bundle: TrustBundle,
     pub ca_identity: SpiffeId,
-    pub token: String,
+    pub token: Token,
 }
 
 impl CaClient for RemoteCa {
     fn sign(&self, csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
         Box::pin(async move {
+            let token = self
+                .token
+                .get()
+                .map_err(|reason| CertError::Signing { identity: identity.clone(), reason })?;
             crate::ca_protocol::request_certificate(
                 self.addr,
                 &self.bundle,
                 &self.ca_identity,
-                &self.token,
+                &token,
                 &identity,
                 &csr,
             )
@@ -155,10 +178,10 @@ impl CaSettings {
                 .map_err(|e| load("the mesh root", root, format!("not a PEM certificate: {e:?}")))?;
             let bundle =
                 TrustBundle::new(&[root_der]).map_err(|e| load("the mesh root", root, e.to_string()))?;
-            let token = std::fs::read_to_string(token_file)
-                .map_err(|e| load("the CA token", token_file, e.to_string()))?
-                .trim()
-                .to_string();
+            // Read now to fail early on a missing file; re-read at every request after.
+            std::fs::read_to_string(token_file)
+                .map_err(|e| load("the CA token", token_file, e.to_string()))?;
+            let token = Token::File(token_file.clone());
             let ca = RemoteCa {
                 addr,
                 bundle: bundle.clone(),

@@ -332,7 +332,8 @@ pub struct ClientSettings {
     pub addr: std::net::SocketAddr,
     pub bundle: crate::tls::TrustBundle,
     pub controller_identity: crate::identity::SpiffeId,
-    pub token: String,
+    /// Re-read at every (re)subscription.
+    pub token: crate::certs::Token,
     pub proxy: String,
     pub node: String,
     pub kind: ProxyKind,
@@ -356,10 +357,8 @@ impl ClientSettings {
                 .map_err(|e| format!("{}: not a PEM certificate: {e:?}", root_pem.display()))?;
         let bundle =
             crate::tls::TrustBundle::new(&[root]).map_err(|e| format!("{}: {e}", root_pem.display()))?;
-        let token = std::fs::read_to_string(token_file)
-            .map_err(|e| format!("reading the token {}: {e}", token_file.display()))?
-            .trim()
-            .to_string();
+        let token = crate::certs::Token::File(token_file.to_path_buf());
+        token.get()?;
         Ok(ClientSettings {
             addr,
             bundle,
@@ -469,7 +468,7 @@ async fn subscribe_once(
             proxy: settings.proxy.clone(),
             node: settings.node.clone(),
             kind: settings.kind.clone(),
-            token: settings.token.clone(),
+            token: settings.token.get().map_err(|e| StreamError::Io(std::io::Error::other(e)))?,
             version: version.clone(),
             have: held.hashes(),
         }),

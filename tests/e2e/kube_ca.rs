@@ -100,6 +100,48 @@ fn ask(
     Ok(spiffe_id_of(&chain[0]).expect("a SPIFFE ID"))
 }
 
+/// Subscribes to the controller's config stream as node `node`'s ztunnel with `token`: the
+/// number of workloads of the first config delivered, or why the stream was refused.
+fn subscribe(
+    server: &ApiServer,
+    controller: &KubeController,
+    root_pem: &str,
+    token: &str,
+    node: &str,
+) -> Result<usize, String> {
+    use std::sync::{Arc, Mutex};
+    use warren_core::config_stream::{ClientSettings, ClientStatus, ProxyKind, run_client};
+    let root = CertificateDer::from_pem_slice(root_pem.as_bytes()).expect("a PEM certificate");
+    let settings = ClientSettings {
+        addr: controller.ca_addr.expect("serve"),
+        bundle: TrustBundle::new(&[root]).expect("a trust bundle"),
+        controller_identity: ca_identity("cluster.local"),
+        token: warren_core::certs::Token::Static(token.to_string()),
+        proxy: format!("ztunnel/{node}"),
+        node: node.to_string(),
+        kind: ProxyKind::Ztunnel,
+    };
+    let status: Arc<Mutex<ClientStatus>> = Default::default();
+    let delivered: Arc<Mutex<Option<usize>>> = Default::default();
+    server.block_on(async {
+        let sink = delivered.clone();
+        let client = tokio::spawn(run_client(settings, status.clone(), move |_, config| {
+            *sink.lock().unwrap() = Some(config.workloads.len());
+        }));
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if delivered.lock().unwrap().is_some() || status.lock().unwrap().last_error.is_some() {
+                break;
+            }
+        }
+        client.abort();
+    });
+    let got = *delivered.lock().unwrap();
+    got.ok_or_else(|| {
+        status.lock().unwrap().last_error.clone().unwrap_or_else(|| "no config within 5 s".into())
+    })
+}
+
 fn status(result: Result<SpiffeId, RemoteCaError>) -> u16 {
     match result {
         Err(RemoteCaError::Refused { status, .. }) => status,
@@ -177,6 +219,15 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_for_the_ztunnel_pods_node_only() 
     assert_eq!(secret_root(&server), root, "the Secret's root changed");
     restarted.wait_config("checkout on node-1", |c| workload_on(c, "checkout", "node-1"));
     assert_eq!(ask(&server, &restarted, &root, &ztunnel, "checkout").unwrap(), identity("checkout"));
+
+    // The config stream authenticates the same way: node-1's ztunnel token subscribes as
+    // node-1, and is refused as node-2 or without a pod-bound ztunnel token.
+    let workloads = subscribe(&server, &restarted, &root, &ztunnel, "node-1")
+        .unwrap_or_else(|e| panic!("the config stream refused node-1's ztunnel: {e}\n{}", restarted.log()));
+    assert!(workloads >= 2, "{workloads}");
+    let as_other = subscribe(&server, &restarted, &root, &ztunnel, "node-2").unwrap_err();
+    assert!(as_other.contains("belongs to node node-1"), "{as_other}");
+    assert!(subscribe(&server, &restarted, &root, &app, "node-1").is_err());
 
     // The ztunnel pod replaced (same name, new uid): its old token no longer names a node.
     server.delete("v1", "Pod", "warren-system", "ztunnel-node-1");
