@@ -305,8 +305,9 @@ fn watch(
             match translate_dir(dir) {
                 Ok((config, findings)) => {
                     report(&findings);
+                    // Proxies first: the file is for tools and development.
+                    apply(config.clone());
                     write_atomically(out, &serde_json::to_string_pretty(&config)?)?;
-                    apply(config);
                     eprintln!("controller: wrote {} from {}", out.display(), dir.display());
                 }
                 Err(e) => eprintln!("controller: {e:#}; keeping the last config"),

@@ -24,6 +24,25 @@ use crate::ca_service::Authenticator;
 pub struct Published {
     pub version: String,
     pub config: NodeConfig,
+    /// False for the placeholder before the first translation: never sent (an empty config
+    /// would tell a resuming proxy to drop everything it holds).
+    pub translated: bool,
+    /// The resources every ztunnel / every waypoint gets, computed once per version.
+    shared: [std::sync::OnceLock<Arc<BTreeMap<String, config_stream::Resource>>>; 2],
+}
+
+impl Published {
+    fn new(version: String, config: NodeConfig, translated: bool) -> Self {
+        Published { version, config, translated, shared: Default::default() }
+    }
+
+    fn shared_for(&self, kind: &ProxyKind) -> Arc<BTreeMap<String, config_stream::Resource>> {
+        let slot = match kind {
+            ProxyKind::Ztunnel => &self.shared[0],
+            ProxyKind::Waypoint { .. } => &self.shared[1],
+        };
+        slot.get_or_init(|| Arc::new(config_stream::shared_resources(&self.config, kind))).clone()
+    }
 }
 
 /// A proxy as the status view shows it.
@@ -60,23 +79,21 @@ fn now_unix() -> u64 {
 impl Hub {
     pub fn new(auth: Arc<Authenticator>) -> Arc<Self> {
         let boot = now_unix();
-        let (current, _) = watch::channel(Arc::new(Published {
-            version: format!("{boot}-0"),
-            config: NodeConfig::default(),
-        }));
+        let (current, _) =
+            watch::channel(Arc::new(Published::new(format!("{boot}-0"), NodeConfig::default(), false)));
         Arc::new(Hub { boot, generation: Mutex::new(0), current, auth, proxies: Mutex::new(BTreeMap::new()) })
     }
 
     /// Publishes a translation as a new version (unless nothing changed). Versions are
     /// `<controller start>-<n>`, unique across controller restarts.
     pub fn publish(&self, config: NodeConfig) {
-        if self.current.borrow().config == config && *self.generation.lock().expect("poisoned") > 0 {
+        if self.current.borrow().translated && self.current.borrow().config == config {
             return;
         }
         let mut generation = self.generation.lock().expect("poisoned");
         *generation += 1;
         let version = format!("{}-{}", self.boot, *generation);
-        self.current.send_replace(Arc::new(Published { version, config }));
+        self.current.send_replace(Arc::new(Published::new(version, config, true)));
     }
 
     pub fn latest_version(&self) -> String {
@@ -202,18 +219,25 @@ async fn serve_stream(
     let mut acked = have;
     let mut pending: Option<(String, BTreeMap<String, String>)> = None;
     let mut updates = hub.current.subscribe();
+    // Nothing is sent before the first translation.
+    if updates.wait_for(|p| p.translated).await.is_err() {
+        return;
+    }
     let mut first = true;
     // A new version to send: at first, then whenever one is published (`changed()` marks the
-    // version seen as it returns, so this remembers it).
+    // version seen as it returns, so this remembers it). One update in flight at a time: the
+    // next is computed from what the proxy acknowledged, once it has answered the last (as xDS
+    // flow control does), so a slow proxy never gets a delta against a state it may not hold.
     let mut dirty = true;
     loop {
-        if dirty {
+        if dirty && pending.is_none() {
             dirty = false;
             let published = updates.borrow_and_update().clone();
-            let want = config_stream::resources_for(&published.config, &kind, &node);
-            let (upsert, remove) = config_stream::delta(&acked, &want);
+            let shared = published.shared_for(&kind);
+            let own = config_stream::node_resources(&published.config, &kind, &node);
+            let (upsert, remove) = config_stream::delta2(&acked, &shared, &own);
             if first || !upsert.is_empty() || !remove.is_empty() {
-                let total = want.len();
+                let total = shared.len() + own.len();
                 let message =
                     ControllerMessage::Update { version: published.version.clone(), upsert, remove };
                 if let ControllerMessage::Update { upsert, remove, .. } = &message {
@@ -227,10 +251,9 @@ async fn serve_stream(
                 if outgoing.send_data(config_stream::encode(&message), false).is_err() {
                     break;
                 }
-                pending = Some((
-                    published.version.clone(),
-                    want.iter().map(|(k, r)| (k.clone(), r.hash.clone())).collect(),
-                ));
+                let hashes =
+                    shared.iter().chain(own.iter()).map(|(k, r)| (k.clone(), r.hash.clone())).collect();
+                pending = Some((published.version.clone(), hashes));
                 hub.update(&proxy, |p| p.sent = Some(published.version.clone()));
             }
             first = false;

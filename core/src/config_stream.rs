@@ -119,6 +119,13 @@ fn resource(kind: &str, name: &str, order: u32, value: impl Serialize) -> (Strin
 
 /// The resources a proxy of `kind` on `node` gets from `config`.
 pub fn resources_for(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTreeMap<String, Resource> {
+    let mut out = shared_resources(config, kind);
+    out.extend(node_resources(config, kind, node));
+    out
+}
+
+/// What every proxy of `kind`'s family gets, whatever its node: computed once per version.
+pub fn shared_resources(config: &NodeConfig, kind: &ProxyKind) -> BTreeMap<String, Resource> {
     let mut out = BTreeMap::new();
     for w in &config.workloads {
         out.extend([resource(kinds::WORKLOAD, &w.uid, 0, w)]);
@@ -145,16 +152,6 @@ pub fn resources_for(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTree
                     p,
                 )]);
             }
-            for w in config.workloads.iter().filter(|w| w.enrolled && w.node == node) {
-                out.extend([resource(
-                    kinds::IDENTITY,
-                    &w.uid,
-                    0,
-                    serde_json::json!({
-                        "namespace": w.namespace, "serviceAccount": w.service_account
-                    }),
-                )]);
-            }
         }
         ProxyKind::Waypoint { .. } => {
             for (i, v) in config.routing.virtual_services.iter().enumerate() {
@@ -175,6 +172,34 @@ pub fn resources_for(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTree
         }
     }
     out
+}
+
+/// What only the proxy on `node` gets: a ztunnel's identities.
+pub fn node_resources(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTreeMap<String, Resource> {
+    let mut out = BTreeMap::new();
+    if *kind == ProxyKind::Ztunnel {
+        for w in config.workloads.iter().filter(|w| w.enrolled && w.node == node) {
+            out.extend([resource(
+                kinds::IDENTITY,
+                &w.uid,
+                0,
+                serde_json::json!({"namespace": w.namespace, "serviceAccount": w.service_account}),
+            )]);
+        }
+    }
+    out
+}
+
+/// [`delta`] over a shared set and a per-proxy set, without merging them.
+pub fn delta2(
+    have: &BTreeMap<String, String>,
+    shared: &BTreeMap<String, Resource>,
+    own: &BTreeMap<String, Resource>,
+) -> (Vec<Resource>, Vec<String>) {
+    let upsert =
+        shared.values().chain(own.values()).filter(|r| have.get(&r.key) != Some(&r.hash)).cloned().collect();
+    let remove = have.keys().filter(|k| !shared.contains_key(*k) && !own.contains_key(*k)).cloned().collect();
+    (upsert, remove)
 }
 
 /// What to send a proxy that holds `have` (key → hash) so it ends up with `want`.
@@ -198,68 +223,100 @@ pub enum RejectReason {
     Invalid(String),
 }
 
-/// The resources a proxy holds, and the config they make.
+/// One resource, parsed.
+#[derive(Clone, Debug)]
+enum Typed {
+    Workload(Box<Workload>),
+    Service(Box<Service>),
+    Authorization(Box<Authorization>),
+    PeerAuthentication(Box<PeerAuthentication>),
+    VirtualService(u32, Box<VirtualService>),
+    DestinationRule(u32, Box<DestinationRule>),
+    L7Authorization(Box<L7Authorization>),
+    Mesh(String),
+    Identity,
+}
+
+fn parse(r: &Resource) -> Result<Typed, RejectReason> {
+    let malformed =
+        |e: serde_json::Error| RejectReason::Malformed { key: r.key.clone(), error: e.to_string() };
+    let value = r.value.clone();
+    Ok(match r.key.split('/').next().unwrap_or("") {
+        kinds::WORKLOAD => Typed::Workload(serde_json::from_value(value).map_err(malformed)?),
+        kinds::SERVICE => Typed::Service(serde_json::from_value(value).map_err(malformed)?),
+        kinds::AUTHORIZATION => Typed::Authorization(serde_json::from_value(value).map_err(malformed)?),
+        kinds::PEER_AUTHENTICATION => {
+            Typed::PeerAuthentication(serde_json::from_value(value).map_err(malformed)?)
+        }
+        kinds::VIRTUAL_SERVICE => {
+            Typed::VirtualService(r.order, serde_json::from_value(value).map_err(malformed)?)
+        }
+        kinds::DESTINATION_RULE => {
+            Typed::DestinationRule(r.order, serde_json::from_value(value).map_err(malformed)?)
+        }
+        kinds::L7_AUTHORIZATION => Typed::L7Authorization(serde_json::from_value(value).map_err(malformed)?),
+        kinds::MESH => Typed::Mesh(value["rootNamespace"].as_str().unwrap_or_default().to_string()),
+        kinds::IDENTITY => Typed::Identity,
+        _ => return Err(RejectReason::UnknownKind(r.key.clone())),
+    })
+}
+
+/// The resources a proxy holds (their hashes, and parsed), and the config they make.
 #[derive(Clone, Debug, Default)]
 pub struct Held {
-    pub resources: BTreeMap<String, Resource>,
+    hashes: BTreeMap<String, String>,
+    typed: BTreeMap<String, Typed>,
 }
 
 impl Held {
     pub fn hashes(&self) -> BTreeMap<String, String> {
-        self.resources.iter().map(|(k, r)| (k.clone(), r.hash.clone())).collect()
+        self.hashes.clone()
     }
 
-    /// Applies an update to a copy and builds its config; `self` is untouched on failure.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Applies an update to a copy and builds its config; `self` is untouched on failure. Only
+    /// the upserted resources are parsed.
     pub fn apply(&self, upsert: &[Resource], remove: &[String]) -> Result<(Held, NodeConfig), RejectReason> {
+        let parsed: Vec<(String, String, Typed)> = upsert
+            .iter()
+            .map(|r| Ok((r.key.clone(), r.hash.clone(), parse(r)?)))
+            .collect::<Result<_, _>>()?;
         let mut next = self.clone();
         for key in remove {
-            next.resources.remove(key);
+            next.hashes.remove(key);
+            next.typed.remove(key);
         }
-        for r in upsert {
-            next.resources.insert(r.key.clone(), r.clone());
+        for (key, hash, typed) in parsed {
+            next.hashes.insert(key.clone(), hash);
+            next.typed.insert(key, typed);
         }
         let config = next.config()?;
         Ok((next, config))
     }
 
-    /// The config these resources make: typed, and checked for what would make it ambiguous.
+    /// The config these resources make, checked for what would make it ambiguous.
     pub fn config(&self) -> Result<NodeConfig, RejectReason> {
         let mut config = NodeConfig::default();
         let mut ordered_vs: Vec<(u32, VirtualService)> = Vec::new();
         let mut ordered_dr: Vec<(u32, DestinationRule)> = Vec::new();
-        for (key, r) in &self.resources {
-            let malformed =
-                |e: serde_json::Error| RejectReason::Malformed { key: key.clone(), error: e.to_string() };
-            let kind = key.split('/').next().unwrap_or("");
-            let value = r.value.clone();
-            match kind {
-                kinds::WORKLOAD => {
-                    config.workloads.push(serde_json::from_value::<Workload>(value).map_err(malformed)?)
-                }
-                kinds::SERVICE => {
-                    config.services.push(serde_json::from_value::<Service>(value).map_err(malformed)?)
-                }
-                kinds::AUTHORIZATION => config
-                    .authorizations
-                    .push(serde_json::from_value::<Authorization>(value).map_err(malformed)?),
-                kinds::PEER_AUTHENTICATION => config
-                    .peer_authentications
-                    .push(serde_json::from_value::<PeerAuthentication>(value).map_err(malformed)?),
-                kinds::VIRTUAL_SERVICE => {
-                    ordered_vs.push((r.order, serde_json::from_value(value).map_err(malformed)?))
-                }
-                kinds::DESTINATION_RULE => {
-                    ordered_dr.push((r.order, serde_json::from_value(value).map_err(malformed)?))
-                }
-                kinds::L7_AUTHORIZATION => config
-                    .routing
-                    .authorizations
-                    .push(serde_json::from_value::<L7Authorization>(value).map_err(malformed)?),
-                kinds::MESH => {
-                    config.root_namespace = value["rootNamespace"].as_str().unwrap_or_default().to_string();
-                }
-                kinds::IDENTITY => {}
-                _ => return Err(RejectReason::UnknownKind(key.clone())),
+        for typed in self.typed.values() {
+            match typed {
+                Typed::Workload(w) => config.workloads.push((**w).clone()),
+                Typed::Service(s) => config.services.push((**s).clone()),
+                Typed::Authorization(a) => config.authorizations.push((**a).clone()),
+                Typed::PeerAuthentication(p) => config.peer_authentications.push((**p).clone()),
+                Typed::VirtualService(order, v) => ordered_vs.push((*order, (**v).clone())),
+                Typed::DestinationRule(order, d) => ordered_dr.push((*order, (**d).clone())),
+                Typed::L7Authorization(a) => config.routing.authorizations.push((**a).clone()),
+                Typed::Mesh(root) => config.root_namespace = root.clone(),
+                Typed::Identity => {}
             }
         }
         ordered_vs.sort_by_key(|(order, _)| *order);
@@ -483,7 +540,7 @@ async fn subscribe_once(
         s.connected = true;
         s.last_error = None;
     }
-    tracing::info!(controller = %settings.addr, resumed_from = ?version, held = held.resources.len(), "config stream connected");
+    tracing::info!(controller = %settings.addr, resumed_from = ?version, held = held.len(), "config stream connected");
     let mut body = response.into_body();
     let mut lines = LineBuffer::default();
     while let Some(chunk) = body.data().await {
@@ -508,7 +565,7 @@ async fn subscribe_once(
                             );
                             let mut s = status.lock().expect("poisoned");
                             s.version = Some(v.clone());
-                            s.resources = held.resources.len();
+                            s.resources = held.len();
                             s.updates_applied += 1;
                             drop(s);
                             outgoing.send_data(encode(&ProxyMessage::Ack { version: v }), false)?;

@@ -158,7 +158,7 @@ pub fn run(scale: &Scale, work: &Path) -> Result<Value> {
             .arg("--tokens")
             .arg(work.join("tokens"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(work.join("controller.log"))?)
             .spawn()
             .context("starting controller serve")?,
     );
@@ -171,8 +171,9 @@ pub fn run(scale: &Scale, work: &Path) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    // Every proxy's (version, when it applied it).
+    // Every proxy's (version, when it applied it), and how many workloads that version had.
     let applied: Arc<Mutex<HashMap<usize, (String, Instant)>>> = Default::default();
+    let sizes: Arc<Mutex<HashMap<usize, usize>>> = Default::default();
     for n in 0..NODES {
         let settings = ClientSettings::load(
             format!("127.0.0.1:{listen}").parse()?,
@@ -184,18 +185,20 @@ pub fn run(scale: &Scale, work: &Path) -> Result<Value> {
             ProxyKind::Ztunnel,
         )
         .map_err(anyhow::Error::msg)?;
-        let applied = applied.clone();
+        let (applied, sizes) = (applied.clone(), sizes.clone());
         let status: Arc<Mutex<ClientStatus>> = Default::default();
-        runtime.spawn(run_client(settings, status, move |version: &str, _| {
+        runtime.spawn(run_client(settings, status, move |version: &str, config| {
             applied.lock().expect("poisoned").insert(n, (version.to_string(), Instant::now()));
+            sizes.lock().expect("poisoned").insert(n, config.workloads.len());
         }));
     }
-    let all_on = |applied: &Mutex<HashMap<usize, (String, Instant)>>, version: Option<&str>| {
-        let a = applied.lock().expect("poisoned");
-        a.len() == NODES && a.values().all(|(v, _)| version.is_none_or(|want| v == want))
+    // Every proxy has the whole config (all pods and the changing one) before measuring.
+    let complete = || {
+        let s = sizes.lock().expect("poisoned");
+        s.len() == NODES && s.values().all(|n| *n == scale.pods + 1)
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !all_on(&applied, None) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !complete() {
         if Instant::now() > deadline {
             bail!("the 10 proxies did not all get the first config");
         }
