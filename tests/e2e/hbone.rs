@@ -552,3 +552,34 @@ fn a_service_vip_spreads_connections_over_endpoints_on_both_nodes() {
     let m = z0.get_at("127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
     assert!(m.contains("destination_service=\"payment.default.svc.cluster.local\""), "{m}");
 }
+
+/// As a container runtime runs an unprivileged container: ztunnel in its own cgroup, seen
+/// through a private cgroup namespace (its cgroup reads as `/`). It must still find its real
+/// cgroup id, or its own HBONE connections from inside pods would be captured back into it.
+#[test]
+fn ztunnel_in_a_private_cgroup_namespace_still_exempts_its_own_sockets() {
+    use std::os::unix::fs::MetadataExt;
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(1);
+    let (a, b) = (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let node = cluster.nodes[0].name.clone();
+    let workloads = [a.workload_as(&node, true, "checkout"), b.workload_as(&node, true, "payment")];
+    let z = Ztunnel::start_in_private_cgroup_namespace(&cluster.nodes[0], &workloads, &ca);
+    z.wait_enrolled(&a.name);
+    z.wait_enrolled(&b.name);
+    let expected =
+        std::fs::metadata(warren_e2e::cgroup2_mount().join("warren-e2e").join(&node)).unwrap().ino();
+    let loaded = z
+        .log_lines()
+        .into_iter()
+        .find(|l| l["message"] == "capture loaded; ztunnel's own sockets are exempt");
+    let loaded = loaded.unwrap_or_else(|| panic!("{}", z.log()));
+    assert_eq!(loaded["cgroup"], "/", "not in a private cgroup namespace: {loaded}");
+    assert_eq!(loaded["cgroup_id"], expected, "{loaded}");
+    let _server = Server::start(&b, APP_PORT);
+    let mut c = Client::connect(&a, SocketAddr::new(b.ipv4, APP_PORT)).unwrap();
+    c.greeting().unwrap();
+    assert_eq!(c.echo("through the mesh").unwrap(), "through the mesh");
+    assert_eq!(z.stat("hbone_streams_served"), 1, "not carried over HBONE:\n{}", z.log());
+}

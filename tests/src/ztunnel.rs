@@ -72,6 +72,9 @@ pub struct Ztunnel {
     /// The config file ztunnel reads (written by the test, or by a controller).
     workloads_file: PathBuf,
     extra_args: Vec<String>,
+    /// Run as a container runtime runs an unprivileged container: in its cgroup, but inside a
+    /// private cgroup namespace (so its cgroup reads as `/`), without `--own-cgroup`.
+    private_cgroup_namespace: bool,
     /// The CA this ztunnel made for itself (when not given one).
     _own_ca: Option<MeshCa>,
 }
@@ -115,13 +118,13 @@ impl Ztunnel {
 
     /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
     pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
-        Self::start_full(node, Some(workloads), None, dev_ca_args(ca), extra_args)
+        Self::start_full(node, Some(workloads), None, dev_ca_args(ca), extra_args, false)
     }
 
     /// Starts ztunnel reading its config from `config_file`, which someone else (a controller)
     /// writes.
     pub fn start_reading(node: &Node, config_file: &std::path::Path, ca: &MeshCa) -> Self {
-        Self::start_full(node, None, Some(config_file.to_path_buf()), dev_ca_args(ca), &[])
+        Self::start_full(node, None, Some(config_file.to_path_buf()), dev_ca_args(ca), &[], false)
     }
 
     /// Starts ztunnel reading `config_file` and asking the controller's CA at `ca_addr` for
@@ -141,7 +144,7 @@ impl Ztunnel {
             "--ca-token-file".into(),
             token_file.display().to_string(),
         ];
-        Self::start_full(node, None, Some(config_file.to_path_buf()), ca_args, &[])
+        Self::start_full(node, None, Some(config_file.to_path_buf()), ca_args, &[], false)
     }
 
     /// Starts ztunnel subscribed to the controller's config stream at `controller` (the CA's
@@ -162,7 +165,7 @@ impl Ztunnel {
             "--ca-token-file".into(),
             token_file.display().to_string(),
         ];
-        Self::start_full(node, None, None, args, &[])
+        Self::start_full(node, None, None, args, &[], false)
     }
 
     fn start_full(
@@ -171,6 +174,7 @@ impl Ztunnel {
         config_file: Option<PathBuf>,
         ca_args: Vec<String>,
         extra_args: &[&str],
+        private_cgroup_namespace: bool,
     ) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
         fs::create_dir_all(&dir).expect("temp dir");
@@ -183,13 +187,22 @@ impl Ztunnel {
             cgroup: format!("warren-e2e/{}", node.name),
             ca_args,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            private_cgroup_namespace: false,
             _own_ca: None,
         };
         if let Some(workloads) = workloads {
             z.set_workloads(workloads);
         }
+        z.private_cgroup_namespace = private_cgroup_namespace;
         z.spawn(node);
         z
+    }
+
+    /// As [`Ztunnel::start_with`], but run the way a container runtime runs an unprivileged
+    /// container: in its own cgroup seen through a private cgroup namespace (its cgroup reads
+    /// as `/`), without `--own-cgroup`.
+    pub fn start_in_private_cgroup_namespace(node: &Node, workloads: &[Workload], ca: &MeshCa) -> Self {
+        Self::start_full(node, Some(workloads), None, dev_ca_args(ca), &[], true)
     }
 
     fn spawn(&mut self, node: &Node) {
@@ -204,8 +217,35 @@ impl Ztunnel {
         if !self.ca_args.iter().any(|a| a == "--controller") {
             command.arg("--workloads").arg(&self.workloads_file);
         }
+        if self.private_cgroup_namespace {
+            let dir = crate::cgroup2_mount().join(&self.cgroup);
+            fs::create_dir_all(&dir).expect("ztunnel's cgroup");
+            let procs =
+                std::ffi::CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                    .expect("no NUL");
+            // SAFETY: open/write/close/unshare are async-signal-safe; the buffers are built
+            // before fork.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0" joins the writing process itself.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 || libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        } else {
+            command.args(["--own-cgroup", &self.cgroup]);
+        }
         let child = command
-            .args(["--own-cgroup", &self.cgroup, "--reconcile-interval-ms", "100"])
+            .args(["--reconcile-interval-ms", "100"])
             .args(&self.ca_args)
             .args(&self.extra_args)
             .env("WARREN_LOG", "info")

@@ -17,8 +17,9 @@ pub enum CgroupError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(
-        "ztunnel runs in the root cgroup, shared with every process: its sockets could not be told \
-         apart from pods'; give it a cgroup of its own with --own-cgroup (WARREN_OWN_CGROUP)"
+        "ztunnel runs in the host's root cgroup, shared with every process: its sockets could not be \
+         told apart from pods'; give it a cgroup of its own with --own-cgroup (WARREN_OWN_CGROUP), or \
+         run it in a container (its own cgroup, private cgroup namespaces are fine)"
     )]
     SharedRootCgroup,
 }
@@ -58,12 +59,52 @@ pub fn move_self_into(root: &Path, relative: &str) -> Result<(), CgroupError> {
 }
 
 /// The cgroup id (what bpf_get_current_cgroup_id returns) is the directory's inode number.
+///
+/// In a private cgroup namespace (what container runtimes give unprivileged containers) the
+/// process's own cgroup reads as `/`: its id is then the root inode of a cgroup2 mount made
+/// inside that namespace. Only the host's real root cgroup (inode 1) is refused.
 pub fn cgroup_id(root: &Path, relative: &str) -> Result<u64, CgroupError> {
     if relative == "/" {
-        return Err(CgroupError::SharedRootCgroup);
+        return match namespaced_cgroup_id()? {
+            Some(id) => Ok(id),
+            None => Err(CgroupError::SharedRootCgroup),
+        };
     }
     let dir = root.join(relative.trim_start_matches('/'));
     Ok(fs::metadata(&dir).map_err(io_err(&dir))?.ino())
+}
+
+/// The root cgroup's inode on cgroup v2.
+const ROOT_CGROUP_INO: u64 = 1;
+
+/// Mounts cgroup2 on a private directory, reads its root's inode (this namespace's root: our
+/// own cgroup), unmounts. None when that is the host's root cgroup.
+fn namespaced_cgroup_id() -> Result<Option<u64>, CgroupError> {
+    let dir = std::env::temp_dir().join(format!("warren-cgroupns-{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).expect("no NUL in a temp path");
+    let fstype = c"cgroup2";
+    // SAFETY: valid C strings; no data argument.
+    let mounted = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    } == 0;
+    if !mounted {
+        let source = std::io::Error::last_os_error();
+        let _ = fs::remove_dir(&dir);
+        return Err(CgroupError::Io { path: dir, source });
+    }
+    let ino = fs::metadata(&dir).map(|m| m.ino());
+    // SAFETY: unmounting what was mounted just above.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    let _ = fs::remove_dir(&dir);
+    let ino = ino.map_err(io_err(&dir))?;
+    Ok((ino != ROOT_CGROUP_INO).then_some(ino))
 }
 
 #[cfg(test)]
