@@ -223,9 +223,21 @@ fn an_identity_without_rbac_fails_naming_the_forbidden_resource() {
         "the server's reason is kept:\n{log}"
     );
     assert!(log.contains("deploy/rbac/controller.yaml"), "no hint how to fix it:\n{log}");
-    let named = ["namespaces", "pods", "services", "serviceaccounts", "virtualservices", "destinationrules"]
-        .iter()
-        .any(|r| log.contains(&format!("list/watch {r}")));
+    // Whichever watcher the server refuses first: every kind it watches is forbidden.
+    let named = [
+        "namespaces",
+        "pods",
+        "services",
+        "serviceaccounts",
+        "virtualservices",
+        "destinationrules",
+        "peerauthentications",
+        "authorizationpolicies",
+        "httproutes",
+        "gateways",
+    ]
+    .iter()
+    .any(|r| log.contains(&format!("list/watch {r}")));
     assert!(named, "the forbidden resource is not named:\n{log}");
     assert!(!controller.out.exists(), "a config was written without being able to read the cluster");
 }
