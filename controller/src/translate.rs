@@ -406,8 +406,13 @@ fn strict_with_unenrolled(pas: &[PeerAuthentication], workloads: &[Workload], fi
         .map(|p| p.namespace.as_str())
         .collect();
     for ns in strict_namespaces {
-        let outside: Vec<String> =
-            workloads.iter().filter(|w| w.namespace == ns && !w.enrolled).map(|w| w.name.clone()).collect();
+        // Waypoints are never captured: they speak HBONE (mTLS) themselves.
+        let is_waypoint = |w: &Workload| w.labels.contains_key(warren_core::model::WAYPOINT_LABEL);
+        let outside: Vec<String> = workloads
+            .iter()
+            .filter(|w| w.namespace == ns && !w.enrolled && !is_waypoint(w))
+            .map(|w| w.name.clone())
+            .collect();
         if !outside.is_empty() {
             findings.push(warning(
                 codes::STRICT_WITH_UNENROLLED,
@@ -533,6 +538,18 @@ mod tests {
         assert!(
             findings.iter().any(|f| f.code == codes::STRICT_WITH_UNENROLLED && f.message.contains("legacy"))
         );
+    }
+
+    #[test]
+    fn a_waypoint_is_not_reported_as_outside_the_mesh_under_strict() {
+        let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: waypoint-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}\nspec: {nodeName: n1, containers: [{name: w, image: w}]}\n---\n\
+                    apiVersion: v1\nkind: Pod\nmetadata: {name: legacy, namespace: shop, labels: {istio.io/dataplane-mode: none}}\nspec: {nodeName: n1, containers: [{name: l, image: l}]}\n---\n\
+                    apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+        let (_, findings) = load(yaml);
+        let strict: Vec<_> = findings.iter().filter(|f| f.code == codes::STRICT_WITH_UNENROLLED).collect();
+        assert_eq!(strict.len(), 1, "{findings:?}");
+        assert!(strict[0].message.ends_with(": legacy"), "{}", strict[0].message);
     }
 
     #[test]
