@@ -235,7 +235,7 @@ async fn serve_stream(
             let published = updates.borrow_and_update().clone();
             let shared = published.shared_for(&kind);
             let own = config_stream::node_resources(&published.config, &kind, &node);
-            let (upsert, remove) = config_stream::delta2(&acked, &shared, &own);
+            let (upsert, remove) = config_stream::delta(&acked, &shared, &own);
             if first || !upsert.is_empty() || !remove.is_empty() {
                 let total = shared.len() + own.len();
                 let message =

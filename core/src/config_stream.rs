@@ -190,8 +190,9 @@ pub fn node_resources(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTre
     out
 }
 
-/// [`delta`] over a shared set and a per-proxy set, without merging them.
-pub fn delta2(
+/// What to send a proxy that holds `have` (key → hash) so it ends up with `shared` (what
+/// every proxy of its kind gets) and `own` (what only it gets), without merging the two.
+pub fn delta(
     have: &BTreeMap<String, String>,
     shared: &BTreeMap<String, Resource>,
     own: &BTreeMap<String, Resource>,
@@ -199,16 +200,6 @@ pub fn delta2(
     let upsert =
         shared.values().chain(own.values()).filter(|r| have.get(&r.key) != Some(&r.hash)).cloned().collect();
     let remove = have.keys().filter(|k| !shared.contains_key(*k) && !own.contains_key(*k)).cloned().collect();
-    (upsert, remove)
-}
-
-/// What to send a proxy that holds `have` (key → hash) so it ends up with `want`.
-pub fn delta(
-    have: &BTreeMap<String, String>,
-    want: &BTreeMap<String, Resource>,
-) -> (Vec<Resource>, Vec<String>) {
-    let upsert = want.values().filter(|r| have.get(&r.key) != Some(&r.hash)).cloned().collect();
-    let remove = have.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
     (upsert, remove)
 }
 
@@ -623,7 +614,7 @@ mod tests {
     fn a_proxy_gets_the_config_back_and_only_deltas_after() {
         let want = resources_for(&config(), &ProxyKind::Ztunnel, "n1");
         assert!(want.contains_key("identity/a") && !want.contains_key("identity/b"), "{:?}", want.keys());
-        let (upsert, remove) = delta(&BTreeMap::new(), &want);
+        let (upsert, remove) = delta(&BTreeMap::new(), &want, &BTreeMap::new());
         assert_eq!((upsert.len(), remove.len()), (want.len(), 0));
         let (held, built) = Held::default().apply(&upsert, &remove).unwrap();
         assert_eq!(built.workloads.len(), 2);
@@ -634,7 +625,7 @@ mod tests {
         next.workloads[0].labels.insert("version".into(), "v2".into());
         next.workloads.pop();
         let want = resources_for(&next, &ProxyKind::Ztunnel, "n1");
-        let (upsert, remove) = delta(&held.hashes(), &want);
+        let (upsert, remove) = delta(&held.hashes(), &want, &BTreeMap::new());
         assert_eq!(upsert.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["workload/a"]);
         assert_eq!(remove, ["workload/b"]);
         let (_, built) = held.apply(&upsert, &remove).unwrap();

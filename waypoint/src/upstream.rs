@@ -95,7 +95,8 @@ enum Sender {
 struct PooledConn {
     sender: Sender,
     requests: u32,
-    _slot: Arc<ConnectionSlot>,
+    /// Counts the connection against `maxConnections` while any handle to it lives.
+    slot: Arc<ConnectionSlot>,
 }
 
 /// Counts an open upstream connection against `tcp.maxConnections` until it is dropped.
@@ -448,7 +449,7 @@ impl Clusters {
             {
                 let slot = Arc::new(ConnectionSlot(cluster.clone()));
                 let sender = self.dial(target).await?;
-                return Ok(PooledConn { sender, requests: 0, _slot: slot });
+                return Ok(PooledConn { sender, requests: 0, slot });
             }
             if pending.is_none() {
                 if cluster
@@ -543,7 +544,7 @@ fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol)) -> Option<PooledCo
         return Some(PooledConn {
             sender: Sender::Http2(s.clone()),
             requests: c.requests,
-            _slot: c._slot.clone(),
+            slot: c.slot.clone(),
         });
     }
     let conn = list.swap_remove(position);

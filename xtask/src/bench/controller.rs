@@ -274,14 +274,5 @@ pub fn markdown(s: &mut String, c: &Value) {
         c["proxies"],
         f(&c["propagation_ms"])
     );
-    let _ = writeln!(s, "Targets:\n");
-    for t in c["targets"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            s,
-            "- {}: **{}** ({:.0} ms)",
-            t["target"].as_str().unwrap_or(""),
-            if t["met"] == true { "met" } else { "NOT met" },
-            t["ms"].as_f64().unwrap_or(f64::NAN)
-        );
-    }
+    super::targets_markdown(s, &c["targets"]);
 }

@@ -305,23 +305,5 @@ pub fn markdown(s: &mut String, l7: &Value) {
         f(&l7["waypoint_vcpu_per_1000_rps"], 1.0, 3),
         l7["waypoint_rss_mib"].as_f64().unwrap_or(f64::NAN)
     );
-    let _ = writeln!(s, "Targets:\n");
-    for t in l7["targets"].as_array().into_iter().flatten() {
-        let detail = t
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter(|(k, _)| *k != "target" && *k != "met")
-                    .map(|(k, v)| format!("{k} = {:.3}", v.as_f64().unwrap_or(f64::NAN)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default();
-        let _ = writeln!(
-            s,
-            "- {}: **{}** ({detail})",
-            t["target"].as_str().unwrap_or(""),
-            if t["met"] == true { "met" } else { "NOT met" }
-        );
-    }
+    super::targets_markdown(s, &l7["targets"]);
 }

@@ -465,14 +465,19 @@ fn data_path_markdown(s: &mut String, d: &Value) {
         fmt(&rss["idle"]),
         fmt(&rss["with_1000_connections"])
     );
+    targets_markdown(s, &d["targets"]);
+}
+
+/// The "Targets:" list every section ends with: met or not, and the figures behind it.
+pub(crate) fn targets_markdown(s: &mut String, targets: &Value) {
     let _ = writeln!(s, "Targets:\n");
-    for t in d["targets"].as_array().into_iter().flatten() {
+    for t in targets.as_array().into_iter().flatten() {
         let detail = t
             .as_object()
             .map(|o| {
                 o.iter()
                     .filter(|(k, _)| *k != "target" && *k != "met")
-                    .map(|(k, v)| format!("{k} = {:.2}", v.as_f64().unwrap_or(f64::NAN)))
+                    .map(|(k, v)| format!("{k} = {:.3}", v.as_f64().unwrap_or(f64::NAN)))
                     .collect::<Vec<_>>()
                     .join(", ")
             })
