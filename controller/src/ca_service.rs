@@ -1,7 +1,13 @@
-//! The mesh CA as a service: signs a ztunnel's CSR for an identity only when the ztunnel is
-//! authenticated (a per-node bootstrap token, or on Kubernetes its ServiceAccount token checked
-//! with a TokenReview, see [`crate::kube_ca`]) and a pod running as that identity is scheduled
-//! on the ztunnel's node. The protocol is in `warren_core::ca_protocol`.
+//! The mesh CA as a service: signs a proxy's CSR for an identity only when the proxy is
+//! authenticated and the identity is one its [`Principal`] may have:
+//!
+//! - a node (its ztunnel: a per-node bootstrap token, or on Kubernetes a pod-bound token of the
+//!   ztunnel's ServiceAccount, see [`crate::kube_ca`]) gets the identities of the pods scheduled
+//!   on it;
+//! - any other pod (on Kubernetes, its pod-bound ServiceAccount token: a waypoint) gets its own
+//!   identity only.
+//!
+//! The protocol is in `warren_core::ca_protocol`.
 
 use std::{
     collections::HashMap,
@@ -49,30 +55,74 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub fn bearer(authorization: Option<&str>) -> Result<&str, (StatusCode, String)> {
     authorization.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim).filter(|t| !t.is_empty()).ok_or((
         StatusCode::UNAUTHORIZED,
-        "a bearer token identifying the requesting node is required".to_string(),
+        "a bearer token identifying the requesting proxy is required".to_string(),
     ))
 }
 
-/// Whether `node` (authenticated) may have `identity` signed: a pod running as that identity
-/// is scheduled on it.
+/// Who an authenticated token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A node's ztunnel: a bootstrap token of `--tokens`, or a pod-bound token of the ztunnel's
+    /// ServiceAccount (`--ztunnel-service-account`) whose pod runs on this node.
+    Node(String),
+    /// Any other pod, by its pod-bound ServiceAccount token (Kubernetes mode): a waypoint, or
+    /// any workload asking for its own identity.
+    Pod { namespace: String, service_account: String, name: String, node: String },
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Node(node) => write!(f, "node {node}"),
+            Principal::Pod { namespace, service_account, name, node } => {
+                write!(f, "pod {namespace}/{name} (ServiceAccount {service_account}, node {node})")
+            }
+        }
+    }
+}
+
+/// Whether `principal` (authenticated) may have `identity` signed: for a node, a pod running
+/// as that identity is scheduled on it; for a pod, it is the pod's own identity.
 pub fn authorize(
     config: &NodeConfig,
     trust_domain: &str,
-    node: &str,
+    principal: &Principal,
     identity: &SpiffeId,
 ) -> Result<(), (StatusCode, String)> {
     if identity.trust_domain != trust_domain {
         return Err((StatusCode::FORBIDDEN, format!("{identity} is not in trust domain {trust_domain}")));
     }
-    let runs_here = config.workloads.iter().any(|w| w.node == node && w.identity(trust_domain) == *identity);
-    if !runs_here {
-        return Err((StatusCode::FORBIDDEN, format!("no pod on node {node} runs as {identity}")));
+    match principal {
+        Principal::Node(node) => {
+            let runs_here =
+                config.workloads.iter().any(|w| w.node == *node && w.identity(trust_domain) == *identity);
+            if !runs_here {
+                return Err((StatusCode::FORBIDDEN, format!("no pod on node {node} runs as {identity}")));
+            }
+        }
+        Principal::Pod { namespace, service_account, .. } => {
+            let own = SpiffeId {
+                trust_domain: trust_domain.to_string(),
+                namespace: namespace.clone(),
+                service_account: service_account.clone(),
+            };
+            if own != *identity {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "{principal} asked for {identity}, but a pod's ServiceAccount token gets only \
+                         its own identity, {own} (node-wide identities need the ztunnel's \
+                         ServiceAccount token)"
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
 
-/// How the CA finds the requesting node from its token: the bootstrap tokens of `--tokens`
-/// first (constant-time comparison, no API call), then, in Kubernetes mode, a TokenReview.
+/// How the CA finds who is asking from its token: the bootstrap tokens of `--tokens` first
+/// (constant-time comparison, no API call), then, in Kubernetes mode, a TokenReview.
 #[derive(Default)]
 pub struct Authenticator {
     pub tokens: Option<Tokens>,
@@ -80,12 +130,12 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub async fn node(&self, token: &str) -> Result<String, (StatusCode, String)> {
+    pub async fn principal(&self, token: &str) -> Result<Principal, (StatusCode, String)> {
         if let Some(node) = self.tokens.as_ref().and_then(|t| t.node(token)) {
-            return Ok(node.to_string());
+            return Ok(Principal::Node(node.to_string()));
         }
         match &self.reviewer {
-            Some(reviewer) => reviewer.node(token).await.map_err(|e| (e.status(), e.to_string())),
+            Some(reviewer) => reviewer.principal(token).await.map_err(|e| (e.status(), e.to_string())),
             None => Err((StatusCode::UNAUTHORIZED, "unknown token".to_string())),
         }
     }
@@ -96,7 +146,8 @@ pub struct CaService {
     pub auth: Arc<Authenticator>,
     pub trust_domain: String,
     pub lifetime: Duration,
-    pub config: Arc<RwLock<NodeConfig>>,
+    /// The latest translation (shared with the config stream's hub, never copied).
+    pub config: Arc<RwLock<Arc<NodeConfig>>>,
 }
 
 /// Loads the root from `dir` (root-cert.pem, root-key.pem), creating it on first start.
@@ -177,16 +228,16 @@ async fn handle(
             format!("{:?} is not a workload SPIFFE ID", request.identity),
         );
     };
-    let node = match bearer(authorization.as_deref()) {
-        Ok(token) => match service.auth.node(token).await {
-            Ok(node) => node,
+    let principal = match bearer(authorization.as_deref()) {
+        Ok(token) => match service.auth.principal(token).await {
+            Ok(principal) => principal,
             Err((status, error)) => return refuse(status, error),
         },
         Err((status, error)) => return refuse(status, error),
     };
     let authorized = {
         let config = service.config.read().expect("poisoned");
-        authorize(&config, &service.trust_domain, &node, &identity)
+        authorize(&config, &service.trust_domain, &principal, &identity)
     };
     if let Err((status, error)) = authorized {
         return refuse(status, error);
@@ -201,7 +252,7 @@ async fn handle(
         SystemTime::now(),
     ) {
         Ok(chain) => {
-            eprintln!("controller: CA signed {identity} for node {node}");
+            eprintln!("controller: CA signed {identity} for {principal}");
             json(StatusCode::OK, &SignResponse { chain: chain.iter().map(|c| base64(c)).collect() })
         }
         Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
@@ -235,7 +286,9 @@ mod tests {
         let ask = |auth: Option<&str>, sa: &str| {
             let token = bearer(auth).map_err(|e| e.0)?;
             let node = tokens.node(token).ok_or(StatusCode::UNAUTHORIZED)?;
-            authorize(&config, "cluster.local", node, &id(sa)).map_err(|e| e.0).map(|()| node)
+            authorize(&config, "cluster.local", &Principal::Node(node.into()), &id(sa))
+                .map_err(|e| e.0)
+                .map(|()| node)
         };
         assert_eq!(ask(Some("Bearer secret-1"), "checkout"), Ok("node-1"));
         assert_eq!(
@@ -250,7 +303,7 @@ mod tests {
         assert_eq!(ask(Some("Bearer guess"), "checkout"), Err(StatusCode::UNAUTHORIZED));
         let foreign: SpiffeId = "spiffe://evil/ns/shop/sa/checkout".parse().unwrap();
         assert_eq!(
-            authorize(&config, "cluster.local", "node-1", &foreign).map_err(|e| e.0),
+            authorize(&config, "cluster.local", &Principal::Node("node-1".into()), &foreign).map_err(|e| e.0),
             Err(StatusCode::FORBIDDEN)
         );
     }
@@ -258,9 +311,58 @@ mod tests {
     #[tokio::test]
     async fn without_a_token_review_only_the_bootstrap_tokens_authenticate() {
         let auth = Authenticator { tokens: Some(Tokens::parse("node-1 secret-1\n")), reviewer: None };
-        assert_eq!(auth.node("secret-1").await, Ok("node-1".to_string()));
-        assert_eq!(auth.node("other").await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(auth.principal("secret-1").await, Ok(Principal::Node("node-1".to_string())));
+        assert_eq!(auth.principal("other").await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
         let none = Authenticator::default();
-        assert_eq!(none.node("secret-1").await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(none.principal("secret-1").await.map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED));
+    }
+
+    #[test]
+    fn a_pod_gets_its_own_identity_only_whatever_runs_on_its_node() {
+        let waypoint = Principal::Pod {
+            namespace: "shop".into(),
+            service_account: "waypoint".into(),
+            name: "waypoint-7d9f".into(),
+            node: "node-1".into(),
+        };
+        let checkout = Workload {
+            uid: "c".into(),
+            name: "checkout".into(),
+            namespace: "shop".into(),
+            service_account: "checkout".into(),
+            node: "node-1".into(),
+            ips: vec![],
+            enrolled: true,
+            labels: Default::default(),
+        };
+        let config = NodeConfig { workloads: vec![checkout], ..Default::default() };
+        let id = |ns: &str, sa: &str| {
+            format!("spiffe://cluster.local/ns/{ns}/sa/{sa}").parse::<SpiffeId>().unwrap()
+        };
+        // Its own identity, even though the config does not list the waypoint's pod.
+        assert_eq!(authorize(&config, "cluster.local", &waypoint, &id("shop", "waypoint")), Ok(()));
+        // Not another pod's on its node (which the node itself may have), nor its name elsewhere.
+        let (status, message) =
+            authorize(&config, "cluster.local", &waypoint, &id("shop", "checkout")).unwrap_err();
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(message.contains("spiffe://cluster.local/ns/shop/sa/checkout"), "{message}");
+        assert!(
+            message.contains("only its own identity, spiffe://cluster.local/ns/shop/sa/waypoint"),
+            "{message}"
+        );
+        assert!(message.contains("pod shop/waypoint-7d9f"), "{message}");
+        assert_eq!(
+            authorize(&config, "cluster.local", &Principal::Node("node-1".into()), &id("shop", "checkout")),
+            Ok(())
+        );
+        assert_eq!(
+            authorize(&config, "cluster.local", &waypoint, &id("other", "waypoint")).map_err(|e| e.0),
+            Err(StatusCode::FORBIDDEN)
+        );
+        let foreign: SpiffeId = "spiffe://evil/ns/shop/sa/waypoint".parse().unwrap();
+        assert_eq!(
+            authorize(&config, "cluster.local", &waypoint, &foreign).map_err(|e| e.0),
+            Err(StatusCode::FORBIDDEN)
+        );
     }
 }

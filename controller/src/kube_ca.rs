@@ -3,12 +3,14 @@
 //! - the mesh root lives in Secret `warren-system/warren-ca-root` (`root-cert.pem`,
 //!   `root-key.pem`), created on first start; when two controllers start at once, the one whose
 //!   create loses the race reads the winner's;
-//! - a ztunnel authenticates with its ServiceAccount token: a TokenReview says whose it is,
-//!   only the ztunnel's ServiceAccount is accepted, and the pod the token is bound to
-//!   (`authentication.kubernetes.io/pod-name` and `pod-uid` in the review's `user.extra`) must
-//!   still exist with that uid: its `spec.nodeName` is the requesting node.
+//! - a proxy authenticates with its pod-bound ServiceAccount token: a TokenReview says whose it
+//!   is, and the pod the token is bound to (`authentication.kubernetes.io/pod-name` and
+//!   `pod-uid` in the review's `user.extra`) must still exist with that uid, run as that
+//!   ServiceAccount and be scheduled. A token of the ztunnel's ServiceAccount speaks for the
+//!   pod's node ([`Principal::Node`]); any other ServiceAccount's for that pod alone
+//!   ([`Principal::Pod`]: a waypoint, which the CA gives only its own identity).
 //!
-//! The decisions are pure functions ([`root_from_secret`], [`pod_claim`], [`node_of`]),
+//! The decisions are pure functions ([`root_from_secret`], [`pod_claim`], [`principal_of`]),
 //! unit-tested; the async functions only fetch what they decide on.
 
 use std::{collections::BTreeMap, path::Path};
@@ -29,7 +31,7 @@ use kube::{
 };
 use warren_core::ca::{Ca, CaError};
 
-use crate::kube_source::KubeSourceError;
+use crate::{ca_service::Principal, kube_source::KubeSourceError};
 
 /// Where the mesh root lives in Kubernetes mode.
 pub const ROOT_SECRET_NAMESPACE: &str = "warren-system";
@@ -69,21 +71,22 @@ pub enum RootError {
     Generate(#[source] CaError),
 }
 
-/// Why a ServiceAccount token does not identify a ztunnel, or could not be checked.
+/// Why a ServiceAccount token does not identify a proxy's pod, or could not be checked.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthError {
     #[error("the API server does not accept the token ({0})")]
     NotAuthenticated(String),
     #[error(
-        "the token belongs to {username}, not to the ztunnel's ServiceAccount {expected} \
-         (see `controller serve --ztunnel-service-account`)"
+        "the token belongs to {username}, which is not a ServiceAccount: a proxy authenticates \
+         with its pod's projected ServiceAccount token (a serviceAccountToken volume)"
     )]
-    WrongServiceAccount { username: String, expected: String },
+    NotAServiceAccount { username: String },
     #[error(
-        "the token is not bound to a pod (no {EXTRA_POD_NAME} and {EXTRA_POD_UID} in the review): \
-         ztunnel must send its projected ServiceAccount token, not a legacy Secret token"
+        "the token of ServiceAccount {service_account} is not bound to a pod (no {EXTRA_POD_NAME} \
+         and {EXTRA_POD_UID} in the review): a proxy must send its projected ServiceAccount token \
+         (a serviceAccountToken volume), not a legacy Secret token or one from `kubectl create token`"
     )]
-    NotBoundToPod,
+    NotBoundToPod { service_account: String },
     #[error("the token's pod {namespace}/{name} no longer exists")]
     PodGone { namespace: String, name: String },
     #[error(
@@ -105,8 +108,8 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The CA's answer: 401 for a token that does not identify a ztunnel pod, 403 for a
-    /// ztunnel pod that has no node yet, 503 when the API server could not be asked.
+    /// The CA's answer: 401 for a token that does not identify a pod, 403 for a pod that has
+    /// no node yet, 503 when the API server could not be asked.
     pub fn status(&self) -> StatusCode {
         match self {
             AuthError::Api(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -126,9 +129,20 @@ pub struct ServiceAccountRef {
 impl ServiceAccountRef {
     /// The user name the API server authenticates its tokens as.
     pub fn username(&self) -> String {
-        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+        format!("{SERVICE_ACCOUNT_USER_PREFIX}{}:{}", self.namespace, self.name)
+    }
+
+    /// The ServiceAccount a user name of the API server stands for, if it is one.
+    pub fn from_username(username: &str) -> Option<Self> {
+        let (namespace, name) = username.strip_prefix(SERVICE_ACCOUNT_USER_PREFIX)?.split_once(':')?;
+        let valid = |s: &str| !s.is_empty() && !s.contains(':') && !s.contains('/');
+        (valid(namespace) && valid(name))
+            .then(|| ServiceAccountRef { namespace: namespace.into(), name: name.into() })
     }
 }
+
+/// How the API server names a ServiceAccount as a user: `system:serviceaccount:NS:NAME`.
+const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
 
 impl std::str::FromStr for ServiceAccountRef {
     type Err = String;
@@ -148,17 +162,18 @@ impl std::fmt::Display for ServiceAccountRef {
     }
 }
 
-/// The pod a reviewed token was bound to.
+/// The pod a reviewed token was bound to, and the ServiceAccount it was issued for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodClaim {
-    pub namespace: String,
+    pub service_account: ServiceAccountRef,
+    /// The pod's name; it is in the ServiceAccount's namespace (a pod can only run as a
+    /// ServiceAccount of its own namespace).
     pub name: String,
     pub uid: String,
 }
 
-/// From a TokenReview's answer: the token is `ztunnel`'s, bound to a pod (which is in the
-/// ServiceAccount's namespace: a pod can only run as a ServiceAccount of its own namespace).
-pub fn pod_claim(status: &TokenReviewStatus, ztunnel: &ServiceAccountRef) -> Result<PodClaim, AuthError> {
+/// From a TokenReview's answer: the token is a ServiceAccount's, bound to a pod.
+pub fn pod_claim(status: &TokenReviewStatus) -> Result<PodClaim, AuthError> {
     if status.authenticated != Some(true) {
         let reason =
             status.error.clone().filter(|e| !e.is_empty()).unwrap_or_else(|| "not authenticated".into());
@@ -166,29 +181,29 @@ pub fn pod_claim(status: &TokenReviewStatus, ztunnel: &ServiceAccountRef) -> Res
     }
     let user = status.user.clone().unwrap_or_default();
     let username = user.username.unwrap_or_default();
-    let expected = ztunnel.username();
-    if username != expected {
-        return Err(AuthError::WrongServiceAccount { username, expected });
-    }
+    let Some(service_account) = ServiceAccountRef::from_username(&username) else {
+        return Err(AuthError::NotAServiceAccount { username });
+    };
     let extra = user.extra.unwrap_or_default();
     let single = |key: &str| match extra.get(key).map(Vec::as_slice) {
         Some([value]) if !value.is_empty() => Some(value.clone()),
         _ => None,
     };
     match (single(EXTRA_POD_NAME), single(EXTRA_POD_UID)) {
-        (Some(name), Some(uid)) => Ok(PodClaim { namespace: ztunnel.namespace.clone(), name, uid }),
-        _ => Err(AuthError::NotBoundToPod),
+        (Some(name), Some(uid)) => Ok(PodClaim { service_account, name, uid }),
+        _ => Err(AuthError::NotBoundToPod { service_account: service_account.to_string() }),
     }
 }
 
-/// The node of the claimed pod, if it is still the pod the token was issued to and runs as
-/// the ztunnel's ServiceAccount.
-pub fn node_of(
+/// Who the claimed pod's token speaks for, if the pod is still the one the token was issued
+/// to, runs as the token's ServiceAccount and is scheduled: its node when that ServiceAccount
+/// is the ztunnel's, otherwise the pod itself.
+pub fn principal_of(
     pod: Option<&Pod>,
     claim: &PodClaim,
     ztunnel: &ServiceAccountRef,
-) -> Result<String, AuthError> {
-    let (namespace, name) = (claim.namespace.clone(), claim.name.clone());
+) -> Result<Principal, AuthError> {
+    let (namespace, name) = (claim.service_account.namespace.clone(), claim.name.clone());
     let Some(pod) = pod else { return Err(AuthError::PodGone { namespace, name }) };
     let found = pod.metadata.uid.clone().unwrap_or_default();
     if found != claim.uid {
@@ -196,29 +211,33 @@ pub fn node_of(
     }
     let spec = pod.spec.clone().unwrap_or_default();
     let account = spec.service_account_name.clone().unwrap_or_default();
-    if account != ztunnel.name {
+    if account != claim.service_account.name {
         return Err(AuthError::PodServiceAccount {
             namespace,
             name,
             found: account,
-            expected: ztunnel.to_string(),
+            expected: claim.service_account.to_string(),
         });
     }
-    match spec.node_name.filter(|n| !n.is_empty()) {
-        Some(node) => Ok(node),
-        None => Err(AuthError::NotScheduled { namespace, name }),
+    let Some(node) = spec.node_name.filter(|n| !n.is_empty()) else {
+        return Err(AuthError::NotScheduled { namespace, name });
+    };
+    if claim.service_account == *ztunnel {
+        return Ok(Principal::Node(node));
     }
+    Ok(Principal::Pod { namespace, service_account: account, name, node })
 }
 
 /// Checks ServiceAccount tokens with the TokenReview API.
 pub struct TokenReviewer {
     pub client: Client,
+    /// The ztunnel's ServiceAccount: its pods' tokens speak for their node.
     pub ztunnel: ServiceAccountRef,
 }
 
 impl TokenReviewer {
-    /// The node of the ztunnel pod `token` was issued to.
-    pub async fn node(&self, token: &str) -> Result<String, AuthError> {
+    /// Who `token` speaks for: the node of the ztunnel pod it was issued to, or the pod.
+    pub async fn principal(&self, token: &str) -> Result<Principal, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_string()), audiences: None },
             ..Default::default()
@@ -227,12 +246,13 @@ impl TokenReviewer {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| AuthError::Api(format!("TokenReview: {e}")))?;
-        let claim = pod_claim(&answer.status.unwrap_or_default(), &self.ztunnel)?;
-        let pod = Api::<Pod>::namespaced(self.client.clone(), &claim.namespace)
+        let claim = pod_claim(&answer.status.unwrap_or_default())?;
+        let namespace = &claim.service_account.namespace;
+        let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
             .get_opt(&claim.name)
             .await
-            .map_err(|e| AuthError::Api(format!("getting pod {}/{}: {e}", claim.namespace, claim.name)))?;
-        node_of(pod.as_ref(), &claim, &self.ztunnel)
+            .map_err(|e| AuthError::Api(format!("getting pod {namespace}/{}: {e}", claim.name)))?;
+        principal_of(pod.as_ref(), &claim, &self.ztunnel)
     }
 }
 
@@ -334,35 +354,37 @@ mod tests {
     const BOUND: [(&str, &str); 2] = [(EXTRA_POD_NAME, "ztunnel-abc"), (EXTRA_POD_UID, "uid-1")];
 
     #[test]
-    fn only_a_bound_token_of_the_ztunnel_account_names_a_pod() {
+    fn only_a_bound_service_account_token_names_a_pod() {
         let me = "system:serviceaccount:warren-system:ztunnel";
         assert_eq!(
-            pod_claim(&review(true, me, &BOUND), &ztunnel()),
-            Ok(PodClaim {
-                namespace: "warren-system".into(),
-                name: "ztunnel-abc".into(),
-                uid: "uid-1".into()
-            })
+            pod_claim(&review(true, me, &BOUND)),
+            Ok(PodClaim { service_account: ztunnel(), name: "ztunnel-abc".into(), uid: "uid-1".into() })
         );
-        let refused = |status: TokenReviewStatus| pod_claim(&status, &ztunnel()).unwrap_err();
+        // Any ServiceAccount's bound token names its pod (what it may do is decided later).
+        assert_eq!(
+            pod_claim(&review(true, "system:serviceaccount:shop:waypoint", &BOUND))
+                .map(|c| c.service_account),
+            Ok("shop/waypoint".parse().unwrap())
+        );
+        let refused = |status: TokenReviewStatus| pod_claim(&status).unwrap_err();
         assert!(matches!(refused(review(false, "", &[])), AuthError::NotAuthenticated(_)));
-        assert!(matches!(
-            refused(review(true, "system:serviceaccount:shop:checkout", &BOUND)),
-            AuthError::WrongServiceAccount { .. }
-        ));
-        assert!(matches!(
-            refused(review(true, "system:serviceaccount:other:ztunnel", &BOUND)),
-            AuthError::WrongServiceAccount { .. }
-        ));
-        assert_eq!(refused(review(true, me, &[])), AuthError::NotBoundToPod, "a legacy Secret token");
-        assert_eq!(refused(review(true, me, &BOUND[..1])), AuthError::NotBoundToPod);
+        for user in ["admin", "system:node:node-1", "system:serviceaccount:shop", "system:serviceaccount::x"]
+        {
+            assert!(
+                matches!(refused(review(true, user, &BOUND)), AuthError::NotAServiceAccount { .. }),
+                "{user}"
+            );
+        }
+        let legacy = refused(review(true, me, &[]));
+        assert_eq!(legacy, AuthError::NotBoundToPod { service_account: "warren-system/ztunnel".into() });
+        assert!(legacy.to_string().contains("projected ServiceAccount token"), "{legacy}");
+        assert!(matches!(refused(review(true, me, &BOUND[..1])), AuthError::NotBoundToPod { .. }));
         assert_eq!(refused(TokenReviewStatus::default()).status(), StatusCode::UNAUTHORIZED);
     }
 
     #[test]
-    fn the_node_is_the_bound_pods_if_it_is_still_that_pod() {
-        let claim =
-            PodClaim { namespace: "warren-system".into(), name: "ztunnel-abc".into(), uid: "uid-1".into() };
+    fn the_ztunnels_pod_speaks_for_its_node_any_other_pod_for_itself() {
+        let claim = PodClaim { service_account: ztunnel(), name: "ztunnel-abc".into(), uid: "uid-1".into() };
         let pod = |uid: &str, account: &str, node: Option<&str>| Pod {
             metadata: ObjectMeta { uid: Some(uid.into()), ..Default::default() },
             spec: Some(PodSpec {
@@ -373,10 +395,34 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            node_of(Some(&pod("uid-1", "ztunnel", Some("node-1"))), &claim, &ztunnel()),
-            Ok("node-1".into())
+            principal_of(Some(&pod("uid-1", "ztunnel", Some("node-1"))), &claim, &ztunnel()),
+            Ok(Principal::Node("node-1".into()))
         );
-        let refused = |p: Option<Pod>| node_of(p.as_ref(), &claim, &ztunnel()).unwrap_err();
+        let waypoint = PodClaim {
+            service_account: "shop/waypoint".parse().unwrap(),
+            name: "waypoint-7d9f".into(),
+            uid: "uid-9".into(),
+        };
+        assert_eq!(
+            principal_of(Some(&pod("uid-9", "waypoint", Some("node-1"))), &waypoint, &ztunnel()),
+            Ok(Principal::Pod {
+                namespace: "shop".into(),
+                service_account: "waypoint".into(),
+                name: "waypoint-7d9f".into(),
+                node: "node-1".into()
+            })
+        );
+        // A ServiceAccount named like the ztunnel's, in another namespace, is just a pod.
+        let impostor = PodClaim {
+            service_account: "shop/ztunnel".parse().unwrap(),
+            name: "ztunnel".into(),
+            uid: "uid-3".into(),
+        };
+        assert!(matches!(
+            principal_of(Some(&pod("uid-3", "ztunnel", Some("node-1"))), &impostor, &ztunnel()),
+            Ok(Principal::Pod { .. })
+        ));
+        let refused = |p: Option<Pod>| principal_of(p.as_ref(), &claim, &ztunnel()).unwrap_err();
         assert!(matches!(refused(None), AuthError::PodGone { .. }));
         assert!(matches!(
             refused(Some(pod("uid-2", "ztunnel", Some("node-1")))),
@@ -385,6 +431,20 @@ mod tests {
         assert!(matches!(
             refused(Some(pod("uid-1", "checkout", Some("node-1")))),
             AuthError::PodServiceAccount { .. }
+        ));
+        let refused_waypoint = |p: Option<Pod>| principal_of(p.as_ref(), &waypoint, &ztunnel()).unwrap_err();
+        assert!(matches!(refused_waypoint(None), AuthError::PodGone { .. }));
+        assert!(matches!(
+            refused_waypoint(Some(pod("uid-1", "waypoint", Some("node-1")))),
+            AuthError::PodReplaced { .. }
+        ));
+        assert!(matches!(
+            refused_waypoint(Some(pod("uid-9", "checkout", Some("node-1")))),
+            AuthError::PodServiceAccount { .. }
+        ));
+        assert!(matches!(
+            refused_waypoint(Some(pod("uid-9", "waypoint", Some("")))),
+            AuthError::NotScheduled { .. }
         ));
         let unscheduled = refused(Some(pod("uid-1", "ztunnel", None)));
         assert!(matches!(unscheduled, AuthError::NotScheduled { .. }));
@@ -432,6 +492,7 @@ mod tests {
     #[test]
     fn service_accounts_are_namespace_slash_name() {
         assert_eq!(ztunnel().username(), "system:serviceaccount:warren-system:ztunnel");
+        assert_eq!(ServiceAccountRef::from_username(&ztunnel().username()), Some(ztunnel()));
         for wrong in ["ztunnel", "/ztunnel", "warren-system/", "a/b/c"] {
             assert!(wrong.parse::<ServiceAccountRef>().is_err(), "{wrong}");
         }

@@ -9,12 +9,17 @@ mod findings;
 mod kube_ca;
 mod kube_source;
 mod objects;
+mod out_file;
 mod source;
 mod stream;
 mod translate;
 mod translate_l7;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -56,13 +61,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Local mode: how often the directory is checked for changes. (Kubernetes mode is told
-        /// of changes by the API server and rewrites after a 100 ms debounce.)
+        /// of changes by the API server and rewrites after a 20 ms debounce.)
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
-    /// `watch` with the mesh CA: also sign ztunnels' certificates over HTTPS. Nodes authenticate
+    /// `watch` with the mesh CA: also sign proxies' certificates over HTTPS. Nodes authenticate
     /// with the bootstrap tokens of --tokens; in Kubernetes mode also (or only, without
-    /// --tokens) with the ztunnel's ServiceAccount token, checked with a TokenReview.
+    /// --tokens) with pod-bound ServiceAccount tokens, checked with a TokenReview: the
+    /// ztunnel's for its node, any other pod's (a waypoint's) for that pod's own identity.
     Serve {
         #[command(flatten)]
         source: SourceArgs,
@@ -77,11 +83,12 @@ enum Command {
         #[arg(long, required_unless_present = "kubernetes")]
         ca_dir: Option<PathBuf>,
         /// Node bootstrap tokens: `<node> <token>` per line. Optional in Kubernetes mode, where
-        /// ztunnels authenticate with their ServiceAccount token.
+        /// proxies authenticate with their pod-bound ServiceAccount token.
         #[arg(long, required_unless_present = "kubernetes")]
         tokens: Option<PathBuf>,
-        /// Kubernetes mode: the only ServiceAccount (NAMESPACE/NAME) whose tokens the CA
-        /// accepts; the token must be bound to a pod of it, whose node is the requesting node.
+        /// Kubernetes mode: the ztunnel's ServiceAccount (NAMESPACE/NAME). A token bound to a
+        /// pod of it speaks for that pod's node (every identity scheduled there); a token bound
+        /// to a pod of any other ServiceAccount gets only that pod's own identity.
         #[arg(long, default_value = "warren-system/ztunnel")]
         ztunnel_service_account: kube_ca::ServiceAccountRef,
         /// Where the CA listens.
@@ -107,6 +114,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Subscribes to a running `serve`'s config stream as a proxy would, and prints one JSON
+    /// line per update applied (version, time, counts; with --config the whole config): what a
+    /// node's ztunnel or a waypoint is being told, for debugging and for the benchmark.
+    Subscribe {
+        /// The controller's CA / config-stream address.
+        #[arg(long, default_value = "127.0.0.1:15012")]
+        controller: std::net::SocketAddr,
+        /// The mesh root certificate (the controller's identity is checked against it).
+        #[arg(long)]
+        root: PathBuf,
+        /// The token to authenticate with (a node's bootstrap token, or a pod-bound
+        /// ServiceAccount token in Kubernetes mode); read on each (re)connect.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// The node to subscribe for.
+        #[arg(long)]
+        node: String,
+        /// Subscribe as this waypoint (NAMESPACE/NAME) instead of as the node's ztunnel.
+        #[arg(long)]
+        waypoint: Option<String>,
+        /// The name shown in `proxy-status` (default `subscribe/<node>`).
+        #[arg(long)]
+        proxy: Option<String>,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Print each update's whole config, not only its counts.
+        #[arg(long)]
+        config: bool,
+    },
 }
 
 /// Where `watch` and `serve` read the Kubernetes objects from: exactly one of `--dir` and
@@ -131,7 +167,7 @@ struct SourceArgs {
 }
 
 /// Kubernetes mode rewrites the config once per burst of changes within this window.
-const KUBE_DEBOUNCE: Duration = Duration::from_millis(100);
+const KUBE_DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// The CA's own identity, which ztunnels expect when they call it.
 pub const CA_SERVICE_ACCOUNT: (&str, &str) = ("warren-system", "warren-controller");
@@ -149,17 +185,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Translate { dir, out } => {
-            let (config, findings) = translate_dir(&dir)?;
+            let (config, findings) = translate_dir(&mut Default::default(), &dir)?;
             let json = serde_json::to_string_pretty(&config)?;
             report(&findings);
             match out {
-                Some(path) => write_atomically(&path, &json)?,
+                Some(path) => out_file::write_atomically(&path, &json)?,
                 None => println!("{json}"),
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Analyze { dir, json } => {
-            let (_, findings) = translate_dir(&dir)?;
+            let (_, findings) = translate_dir(&mut Default::default(), &dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&findings)?);
             } else if findings.is_empty() {
@@ -179,6 +215,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Command::ProxyStatus { admin, json } => proxy_status(admin, json),
+        Command::Subscribe { controller, root, token_file, node, waypoint, proxy, trust_domain, config } => {
+            let kind = match waypoint {
+                None => warren_core::config_stream::ProxyKind::Ztunnel,
+                Some(w) => {
+                    let Some((namespace, name)) = w.split_once('/') else {
+                        anyhow::bail!("--waypoint takes NAMESPACE/NAME, not {w:?}");
+                    };
+                    warren_core::config_stream::ProxyKind::Waypoint {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                    }
+                }
+            };
+            let settings = warren_core::config_stream::ClientSettings::load(
+                controller,
+                &root,
+                &token_file,
+                &trust_domain,
+                proxy.unwrap_or_else(|| format!("subscribe/{node}")),
+                node,
+                kind,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = std::sync::Arc::new(std::sync::Mutex::new(Default::default()));
+            runtime.block_on(warren_core::config_stream::run_client(settings, status, move |version, c| {
+                print_update(version, c, config)
+            }));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             source,
             out,
@@ -232,7 +298,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let tls = std::sync::Arc::new(tls);
             let reviewer = kube_client.map(|client| {
                 eprintln!(
-                    "controller: CA accepts ServiceAccount tokens of {} (TokenReview)",
+                    "controller: CA accepts pod-bound ServiceAccount tokens (TokenReview): {}'s for \
+                     its pod's node, any other pod's for its own identity",
                     ztunnel_service_account.username()
                 );
                 kube_ca::TokenReviewer { client, ztunnel: ztunnel_service_account }
@@ -258,7 +325,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("binding the admin endpoint {admin}"))?;
             runtime.spawn(stream::serve_admin(admin_listener, hub.clone()));
             eprintln!("controller: config stream on {listen} (h2), admin on {admin}");
-            let apply = |c: warren_core::model::NodeConfig| {
+            let apply = |c: std::sync::Arc<warren_core::model::NodeConfig>| {
                 hub.publish(c.clone());
                 *config.write().expect("poisoned") = c;
             };
@@ -291,30 +358,61 @@ fn proxy_status(admin: std::net::SocketAddr, json: bool) -> Result<ExitCode> {
     Ok(if view.proxies.iter().all(|p| p.state == "SYNCED") { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// One line per applied update, flushed at once (a reader times its arrival).
+fn print_update(version: &str, c: &warren_core::model::NodeConfig, whole: bool) {
+    use std::io::Write;
+    let applied_unix_ms =
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let mut line = serde_json::json!({
+        "version": version,
+        "appliedUnixMs": applied_unix_ms,
+        "workloads": c.workloads.len(),
+        "services": c.services.len(),
+        "authorizations": c.authorizations.len(),
+        "peerAuthentications": c.peer_authentications.len(),
+        "virtualServices": c.routing.virtual_services.len(),
+        "destinationRules": c.routing.destination_rules.len(),
+        "l7Authorizations": c.routing.authorizations.len(),
+    });
+    if whole {
+        line["config"] = serde_json::to_value(c).unwrap_or_default();
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// Re-translates `dir` whenever it changes, writing `out` and handing the config to `apply`.
 fn watch(
     dir: &std::path::Path,
     out: &std::path::Path,
     interval_ms: u64,
-    apply: impl Fn(warren_core::model::NodeConfig),
+    apply: impl Fn(std::sync::Arc<warren_core::model::NodeConfig>),
 ) -> Result<ExitCode> {
     let mut last = None;
+    let mut reader = source::DirReader::default();
+    let out_file = out_file::OutFile::spawn(out.to_path_buf());
     loop {
         let stamp = dir_stamp(dir)?;
         if last.as_ref() != Some(&stamp) {
-            match translate_dir(dir) {
+            let started = std::time::Instant::now();
+            match translate_dir(&mut reader, dir) {
                 Ok((config, findings)) => {
                     report(&findings);
-                    // Proxies first: the file is for tools and development.
+                    let config = std::sync::Arc::new(config);
                     apply(config.clone());
-                    write_atomically(out, &serde_json::to_string_pretty(&config)?)?;
-                    eprintln!("controller: wrote {} from {}", out.display(), dir.display());
+                    eprintln!(
+                        "controller: {} translated and published in {} ms",
+                        dir.display(),
+                        started.elapsed().as_millis()
+                    );
+                    out_file.write(config);
                 }
                 Err(e) => eprintln!("controller: {e:#}; keeping the last config"),
             }
             last = Some(stamp);
         }
-        std::thread::sleep(Duration::from_millis(interval_ms.max(50)));
+        std::thread::sleep(Duration::from_millis(interval_ms.max(10)));
     }
 }
 
@@ -322,16 +420,19 @@ fn watch(
 async fn watch_kubernetes(
     kubeconfig: Option<PathBuf>,
     out: PathBuf,
-    apply: impl FnMut(warren_core::model::NodeConfig),
+    apply: impl FnMut(std::sync::Arc<warren_core::model::NodeConfig>),
 ) -> Result<ExitCode> {
     let options = kube_source::Options { kubeconfig, out, debounce: KUBE_DEBOUNCE };
     kube_source::run(options, apply).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn translate_dir(dir: &std::path::Path) -> Result<(warren_core::model::NodeConfig, Vec<Finding>)> {
+fn translate_dir(
+    reader: &mut source::DirReader,
+    dir: &std::path::Path,
+) -> Result<(warren_core::model::NodeConfig, Vec<Finding>)> {
     let (snapshot, mut findings) =
-        source::read_dir(dir).with_context(|| format!("reading manifests in {}", dir.display()))?;
+        reader.read(dir).with_context(|| format!("reading manifests in {}", dir.display()))?;
     let (config, more) = translate_snapshot(&snapshot);
     findings.extend(more);
     Ok((config, findings))
@@ -351,7 +452,7 @@ fn report(findings: &[Finding]) {
 }
 
 /// Names, sizes and modification times of the directory's files: changes when any file does.
-fn dir_stamp(dir: &std::path::Path) -> Result<Vec<(PathBuf, u64, std::time::SystemTime)>> {
+fn dir_stamp(dir: &std::path::Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -367,11 +468,4 @@ fn dir_stamp(dir: &std::path::Path) -> Result<Vec<(PathBuf, u64, std::time::Syst
     }
     out.sort();
     Ok(out)
-}
-
-fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }

@@ -4,7 +4,7 @@
 //! have a valid range are read wide (`i64`) so that translation reports a bad value on its own
 //! field instead of the whole object failing to parse.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service, ServiceAccount},
@@ -12,19 +12,36 @@ use k8s_openapi::{
 };
 use serde::Deserialize;
 
-/// Everything read from one source, as typed objects.
+/// Everything read from one source, as typed objects. Shared (`Arc`): a snapshot is put
+/// together again on every change from objects that mostly did not change.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub namespaces: Vec<Namespace>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<Service>,
-    pub service_accounts: Vec<ServiceAccount>,
-    pub peer_authentications: Vec<PeerAuthentication>,
-    pub authorization_policies: Vec<AuthorizationPolicy>,
-    pub virtual_services: Vec<VirtualService>,
-    pub destination_rules: Vec<DestinationRule>,
-    pub http_routes: Vec<gateway_api::HttpRoute>,
-    pub gateways: Vec<gateway_api::Gateway>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    pub service_accounts: Vec<Arc<ServiceAccount>>,
+    pub peer_authentications: Vec<Arc<PeerAuthentication>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    pub virtual_services: Vec<Arc<VirtualService>>,
+    pub destination_rules: Vec<Arc<DestinationRule>>,
+    pub http_routes: Vec<Arc<gateway_api::HttpRoute>>,
+    pub gateways: Vec<Arc<gateway_api::Gateway>>,
+}
+
+impl Snapshot {
+    /// Appends `other`'s objects (a file read earlier joining the whole): shares, not copies.
+    pub fn extend_from(&mut self, other: &Snapshot) {
+        self.namespaces.extend_from_slice(&other.namespaces);
+        self.pods.extend_from_slice(&other.pods);
+        self.services.extend_from_slice(&other.services);
+        self.service_accounts.extend_from_slice(&other.service_accounts);
+        self.peer_authentications.extend_from_slice(&other.peer_authentications);
+        self.authorization_policies.extend_from_slice(&other.authorization_policies);
+        self.virtual_services.extend_from_slice(&other.virtual_services);
+        self.destination_rules.extend_from_slice(&other.destination_rules);
+        self.http_routes.extend_from_slice(&other.http_routes);
+        self.gateways.extend_from_slice(&other.gateways);
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -2,7 +2,10 @@
 //! [`Snapshot`]. A document that does not parse is reported with its file and position and
 //! skipped; the rest keeps flowing.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
@@ -11,18 +14,49 @@ use crate::{
     objects::Snapshot,
 };
 
-/// Reads every `*.yaml` / `*.yml` under `dir` (recursively, in name order).
-pub fn read_dir(dir: &Path) -> std::io::Result<(Snapshot, Vec<Finding>)> {
-    let mut files = Vec::new();
-    collect(dir, &mut files)?;
-    files.sort();
-    let mut snapshot = Snapshot::default();
-    let mut findings = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        read_documents(&file.display().to_string(), &text, &mut snapshot, &mut findings);
+/// Reads a directory again and again, parsing only the files whose contents changed since
+/// the last read: a one-pod edit next to a 10,000-pod file costs the edit, not the file.
+#[derive(Default)]
+pub struct DirReader {
+    parsed: HashMap<PathBuf, ParsedFile>,
+}
+
+struct ParsedFile {
+    /// The whole text, compared on each read: size and modification time are not enough
+    /// (timestamps are only as fine as the kernel's tick, and an edit may keep the size).
+    text: String,
+    snapshot: Snapshot,
+    findings: Vec<Finding>,
+}
+
+impl DirReader {
+    /// Every `*.yaml` / `*.yml` under `dir` (recursively, in name order), as one snapshot.
+    pub fn read(&mut self, dir: &Path) -> std::io::Result<(Snapshot, Vec<Finding>)> {
+        let mut files = Vec::new();
+        collect(dir, &mut files)?;
+        files.sort();
+        let mut snapshot = Snapshot::default();
+        let mut findings = Vec::new();
+        let mut parsed = HashMap::with_capacity(files.len());
+        for file in files {
+            let text = std::fs::read_to_string(&file)?;
+            let entry = match self.parsed.remove(&file) {
+                Some(cached) if cached.text == text => cached,
+                _ => {
+                    let mut entry = ParsedFile { text, snapshot: Snapshot::default(), findings: Vec::new() };
+                    let origin = file.display().to_string();
+                    read_documents(&origin, &entry.text, &mut entry.snapshot, &mut entry.findings);
+                    entry
+                }
+            };
+            snapshot.extend_from(&entry.snapshot);
+            findings.extend(entry.findings.iter().cloned());
+            parsed.insert(file, entry);
+        }
+        // Files gone from the directory are forgotten with the old map.
+        self.parsed = parsed;
+        Ok((snapshot, findings))
     }
-    Ok((snapshot, findings))
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -81,7 +115,7 @@ pub fn read_documents(origin: &str, text: &str, snapshot: &mut Snapshot, finding
         macro_rules! take {
             ($list:expr) => {
                 match serde_path_to_error::deserialize(value) {
-                    Ok(o) => $list.push(o),
+                    Ok(o) => $list.push(std::sync::Arc::new(o)),
                     Err(e) => {
                         let field = e.path().to_string();
                         findings.push(error(codes::SCHEMA, object, Some(field), e.into_inner().to_string()))

@@ -14,34 +14,45 @@ use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use warren_core::{
-    config_stream::{self, ControllerMessage, LineBuffer, ProxyKind, ProxyMessage},
+    config_stream::{self, ControllerMessage, LineBuffer, ProxyKind, ProxyMessage, ResourceCache},
     model::NodeConfig,
 };
 
-use crate::ca_service::Authenticator;
+use crate::ca_service::{Authenticator, Principal};
 
 /// One published translation.
 pub struct Published {
     pub version: String,
-    pub config: NodeConfig,
+    pub config: Arc<NodeConfig>,
     /// False for the placeholder before the first translation: never sent (an empty config
     /// would tell a resuming proxy to drop everything it holds).
     pub translated: bool,
     /// The resources every ztunnel / every waypoint gets, computed once per version.
-    shared: [std::sync::OnceLock<Arc<BTreeMap<String, config_stream::Resource>>>; 2],
+    shared: [std::sync::OnceLock<Arc<config_stream::Resources>>; 2],
 }
 
 impl Published {
-    fn new(version: String, config: NodeConfig, translated: bool) -> Self {
+    fn new(version: String, config: Arc<NodeConfig>, translated: bool) -> Self {
         Published { version, config, translated, shared: Default::default() }
     }
 
-    fn shared_for(&self, kind: &ProxyKind) -> Arc<BTreeMap<String, config_stream::Resource>> {
-        let slot = match kind {
-            ProxyKind::Ztunnel => &self.shared[0],
-            ProxyKind::Waypoint { .. } => &self.shared[1],
+    /// Built from the hub's cache for `kind`, so only what changed since the last version
+    /// is serialized and hashed again.
+    fn shared_for(
+        &self,
+        kind: &ProxyKind,
+        caches: &Mutex<[ResourceCache; 2]>,
+    ) -> Arc<config_stream::Resources> {
+        let i = match kind {
+            ProxyKind::Ztunnel => 0,
+            ProxyKind::Waypoint { .. } => 1,
         };
-        slot.get_or_init(|| Arc::new(config_stream::shared_resources(&self.config, kind))).clone()
+        self.shared[i]
+            .get_or_init(|| {
+                let mut caches = caches.lock().expect("poisoned");
+                Arc::new(config_stream::shared_resources(&self.config, kind, &mut caches[i]))
+            })
+            .clone()
     }
 }
 
@@ -70,6 +81,8 @@ pub struct Hub {
     current: watch::Sender<Arc<Published>>,
     auth: Arc<Authenticator>,
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+    /// The shared resources of the last version built, per kind of proxy (ztunnel, waypoint).
+    caches: Mutex<[ResourceCache; 2]>,
 }
 
 fn now_unix() -> u64 {
@@ -80,14 +93,21 @@ impl Hub {
     pub fn new(auth: Arc<Authenticator>) -> Arc<Self> {
         let boot = now_unix();
         let (current, _) =
-            watch::channel(Arc::new(Published::new(format!("{boot}-0"), NodeConfig::default(), false)));
-        Arc::new(Hub { boot, generation: Mutex::new(0), current, auth, proxies: Mutex::new(BTreeMap::new()) })
+            watch::channel(Arc::new(Published::new(format!("{boot}-0"), Default::default(), false)));
+        Arc::new(Hub {
+            boot,
+            generation: Mutex::new(0),
+            current,
+            auth,
+            proxies: Mutex::new(BTreeMap::new()),
+            caches: Default::default(),
+        })
     }
 
     /// Publishes a translation as a new version (unless nothing changed). Versions are
     /// `<controller start>-<n>`, unique across controller restarts.
-    pub fn publish(&self, config: NodeConfig) {
-        if self.current.borrow().translated && self.current.borrow().config == config {
+    pub fn publish(&self, config: Arc<NodeConfig>) {
+        if self.current.borrow().translated && *self.current.borrow().config == *config {
             return;
         }
         let mut generation = self.generation.lock().expect("poisoned");
@@ -126,6 +146,34 @@ impl Hub {
         }
     }
 }
+
+/// Whether `principal` (authenticated) may subscribe as `kind` on `node`: a node subscribes as
+/// any proxy on itself (its ztunnel, or in local mode a waypoint holding its token); a pod
+/// only as a waypoint of its own namespace, on its own node. The error is the refusal's reason.
+pub fn may_subscribe(principal: &Principal, node: &str, kind: &ProxyKind) -> Result<(), String> {
+    match principal {
+        Principal::Node(owner) if owner == node => Ok(()),
+        Principal::Node(owner) => Err(format!("the token belongs to node {owner}, not {node}")),
+        Principal::Pod { namespace, node: pod_node, .. } => match kind {
+            ProxyKind::Ztunnel => Err(format!(
+                "the token is {principal}'s, which may subscribe only as a waypoint of namespace \
+                 {namespace}, not as a ztunnel (a ztunnel sends a token of the ztunnel's \
+                 ServiceAccount, see `controller serve --ztunnel-service-account`)"
+            )),
+            ProxyKind::Waypoint { namespace: asked, name } if asked != namespace => Err(format!(
+                "the token is {principal}'s, which may subscribe only as a waypoint of namespace \
+                 {namespace}, not as waypoint {asked}/{name}"
+            )),
+            ProxyKind::Waypoint { .. } if pod_node != node => {
+                Err(format!("the token is {principal}'s, which runs on node {pod_node}, not {node}"))
+            }
+            ProxyKind::Waypoint { .. } => Ok(()),
+        },
+    }
+}
+
+/// A resource an update sets (to its hash) or removes (`None`).
+type KeyChange = (String, Option<String>);
 
 /// Serves the config stream on one TLS connection that negotiated `h2`.
 pub async fn serve_connection<T>(io: T, peer: std::net::SocketAddr, hub: Arc<Hub>)
@@ -179,10 +227,9 @@ async fn serve_stream(
         return;
     };
     // The same authentication as the CA: a node's bootstrap token, or (Kubernetes mode) a
-    // ServiceAccount token checked with a TokenReview.
-    let refusal = match hub.auth.node(&token).await {
-        Ok(owner) if owner == node => None,
-        Ok(owner) => Some(format!("the token belongs to node {owner}, not {node}")),
+    // pod-bound ServiceAccount token checked with a TokenReview.
+    let refusal = match hub.auth.principal(&token).await {
+        Ok(principal) => may_subscribe(&principal, &node, &kind).err(),
         Err((_, reason)) => Some(reason),
     };
     if let Some(reason) = refusal {
@@ -217,7 +264,10 @@ async fn serve_stream(
     );
     // What the proxy is known to hold: its resume set, then each acknowledged update.
     let mut acked = have;
-    let mut pending: Option<(String, BTreeMap<String, String>)> = None;
+    // The update in flight: its version, and each key it sets (to a hash) or removes (None).
+    let mut pending: Option<(String, Vec<KeyChange>)> = None;
+    // This proxy's own resources (a ztunnel's identities), reused between versions.
+    let mut own_cache = ResourceCache::default();
     let mut updates = hub.current.subscribe();
     // Nothing is sent before the first translation.
     if updates.wait_for(|p| p.translated).await.is_err() {
@@ -233,27 +283,28 @@ async fn serve_stream(
         if dirty && pending.is_none() {
             dirty = false;
             let published = updates.borrow_and_update().clone();
-            let shared = published.shared_for(&kind);
-            let own = config_stream::node_resources(&published.config, &kind, &node);
+            let shared = published.shared_for(&kind, &hub.caches);
+            let own = config_stream::node_resources(&published.config, &kind, &node, &mut own_cache);
             let (upsert, remove) = config_stream::delta(&acked, &shared, &own);
             if first || !upsert.is_empty() || !remove.is_empty() {
                 let total = shared.len() + own.len();
+                eprintln!(
+                    "controller: sending {} to {proxy}: {} of {total} resources changed, {} removed",
+                    published.version,
+                    upsert.len(),
+                    remove.len()
+                );
+                let changes = upsert
+                    .iter()
+                    .map(|r| (r.key.clone(), Some(r.hash.clone())))
+                    .chain(remove.iter().map(|k| (k.clone(), None)))
+                    .collect();
                 let message =
                     ControllerMessage::Update { version: published.version.clone(), upsert, remove };
-                if let ControllerMessage::Update { upsert, remove, .. } = &message {
-                    eprintln!(
-                        "controller: sending {} to {proxy}: {} of {total} resources changed, {} removed",
-                        published.version,
-                        upsert.len(),
-                        remove.len()
-                    );
-                }
                 if outgoing.send_data(config_stream::encode(&message), false).is_err() {
                     break;
                 }
-                let hashes =
-                    shared.iter().chain(own.iter()).map(|(k, r)| (k.clone(), r.hash.clone())).collect();
-                pending = Some((published.version.clone(), hashes));
+                pending = Some((published.version.clone(), changes));
                 hub.update(&proxy, |p| p.sent = Some(published.version.clone()));
             }
             first = false;
@@ -271,8 +322,13 @@ async fn serve_stream(
                 for line in lines.push(&chunk) {
                     match serde_json::from_slice::<ProxyMessage>(&line) {
                         Ok(ProxyMessage::Ack { version }) => {
-                            if let Some((v, hashes)) = pending.take_if(|(v, _)| *v == version) {
-                                acked = hashes;
+                            if let Some((v, changes)) = pending.take_if(|(v, _)| *v == version) {
+                                for (key, hash) in changes {
+                                    match hash {
+                                        Some(hash) => acked.insert(key, hash),
+                                        None => acked.remove(&key),
+                                    };
+                                }
                                 hub.update(&proxy, |p| p.acked = Some(v));
                             }
                         }
@@ -316,8 +372,7 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
                         ),
                         "/debug/config_dump" => {
                             let published = hub.current.borrow().clone();
-                            let dump =
-                                serde_json::json!({"version": published.version, "config": published.config});
+                            let dump = serde_json::json!({"version": published.version, "config": &*published.config});
                             (StatusCode::OK, serde_json::to_string_pretty(&dump).unwrap_or_default())
                         }
                         _ => (
@@ -369,12 +424,41 @@ mod tests {
     use crate::ca_service::Tokens;
 
     #[test]
+    fn a_pod_subscribes_only_as_a_waypoint_of_its_namespace_on_its_node() {
+        let waypoint =
+            |namespace: &str| ProxyKind::Waypoint { namespace: namespace.into(), name: "wp".into() };
+        let node = Principal::Node("node-1".into());
+        assert_eq!(may_subscribe(&node, "node-1", &ProxyKind::Ztunnel), Ok(()));
+        assert_eq!(may_subscribe(&node, "node-1", &waypoint("shop")), Ok(()), "local mode: a node token");
+        assert_eq!(
+            may_subscribe(&node, "node-2", &ProxyKind::Ztunnel),
+            Err("the token belongs to node node-1, not node-2".into())
+        );
+        let pod = Principal::Pod {
+            namespace: "shop".into(),
+            service_account: "wp".into(),
+            name: "wp-7d9f".into(),
+            node: "node-1".into(),
+        };
+        assert_eq!(may_subscribe(&pod, "node-1", &waypoint("shop")), Ok(()));
+        let as_ztunnel = may_subscribe(&pod, "node-1", &ProxyKind::Ztunnel).unwrap_err();
+        assert!(
+            as_ztunnel.contains("pod shop/wp-7d9f") && as_ztunnel.contains("not as a ztunnel"),
+            "{as_ztunnel}"
+        );
+        let elsewhere = may_subscribe(&pod, "node-1", &waypoint("bank")).unwrap_err();
+        assert!(elsewhere.contains("namespace shop, not as waypoint bank/wp"), "{elsewhere}");
+        let other_node = may_subscribe(&pod, "node-2", &waypoint("shop")).unwrap_err();
+        assert!(other_node.contains("runs on node node-1, not node-2"), "{other_node}");
+    }
+
+    #[test]
     fn versions_advance_only_on_change_and_status_compares_to_the_latest() {
         let hub =
             Hub::new(Arc::new(Authenticator { tokens: Some(Tokens::parse("n1 t1\n")), reviewer: None }));
-        hub.publish(NodeConfig::default());
+        hub.publish(Arc::new(NodeConfig::default()));
         let v1 = hub.latest_version();
-        hub.publish(NodeConfig::default());
+        hub.publish(Arc::new(NodeConfig::default()));
         assert_eq!(hub.latest_version(), v1, "an unchanged config is not a new version");
         hub.proxies.lock().unwrap().insert(
             "ztunnel/n1".into(),
@@ -391,7 +475,7 @@ mod tests {
             },
         );
         assert_eq!(hub.status()[0].state, "SYNCED");
-        hub.publish(NodeConfig { root_namespace: "mesh".into(), ..Default::default() });
+        hub.publish(Arc::new(NodeConfig { root_namespace: "mesh".into(), ..Default::default() }));
         assert_eq!(hub.status()[0].state, "STALE");
         let latest = hub.latest_version();
         hub.update("ztunnel/n1", |p| p.nacked = Some((latest.clone(), "bad".into())));

@@ -31,13 +31,11 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
     let mut findings = Vec::new();
     let namespaces: BTreeMap<&str, &Namespace> =
-        snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, n))).collect();
+        snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, &**n))).collect();
     let workloads: Vec<Workload> = snapshot.pods.iter().map(|p| workload(p, &namespaces)).collect();
-    let services: Vec<Service> = snapshot
-        .services
-        .iter()
-        .filter_map(|s| service(s, &snapshot.pods, &workloads, &namespaces, &mut findings))
-        .collect();
+    let members = PodIndex::new(&snapshot.pods, &workloads);
+    let services: Vec<Service> =
+        snapshot.services.iter().filter_map(|s| service(s, &members, &namespaces, &mut findings)).collect();
     let peer_authentications = snapshot
         .peer_authentications
         .iter()
@@ -110,10 +108,49 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<&str, &Namespace>) -> Workload {
     }
 }
 
+/// Pods by namespace and label: a service's selector is answered from the pods carrying one
+/// of its labels, not by scanning every pod (2,000 services × 10,000 pods would take seconds).
+struct PodIndex<'a> {
+    pods: &'a [std::sync::Arc<Pod>],
+    workloads: &'a [Workload],
+    /// (namespace, label key, label value) → indices into `pods`, ascending.
+    by_label: std::collections::HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> PodIndex<'a> {
+    fn new(pods: &'a [std::sync::Arc<Pod>], workloads: &'a [Workload]) -> Self {
+        let mut by_label: std::collections::HashMap<_, Vec<usize>> = std::collections::HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            for (k, v) in &w.labels {
+                by_label.entry((w.namespace.as_str(), k.as_str(), v.as_str())).or_default().push(i);
+            }
+        }
+        PodIndex { pods, workloads, by_label }
+    }
+
+    /// Ready pods with an address in `namespace` whose labels match `selector` (non-empty).
+    fn selected(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<(&'a Pod, &'a Workload)> {
+        // The rarest of the selector's labels gives the fewest candidates to check.
+        let candidates = selector
+            .iter()
+            .map(|(k, v)| {
+                self.by_label.get(&(namespace, k.as_str(), v.as_str())).map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|c| c.len())
+            .unwrap_or(&[]);
+        candidates
+            .iter()
+            .map(|&i| (&*self.pods[i], &self.workloads[i]))
+            .filter(|(p, w)| {
+                !w.ips.is_empty() && ready(p) && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            })
+            .collect()
+    }
+}
+
 fn service(
     svc: &K8sService,
-    pods: &[Pod],
-    workloads: &[Workload],
+    index: &PodIndex,
     namespaces: &BTreeMap<&str, &Namespace>,
     findings: &mut Vec<Finding>,
 ) -> Option<Service> {
@@ -130,19 +167,8 @@ fn service(
     vips.dedup();
     let selector = spec.selector.clone().unwrap_or_default();
     // Endpoints: ready pods with an address whose labels match the selector.
-    let members: Vec<(&Pod, &Workload)> = if selector.is_empty() {
-        vec![]
-    } else {
-        pods.iter()
-            .zip(workloads)
-            .filter(|(p, w)| {
-                w.namespace == namespace
-                    && !w.ips.is_empty()
-                    && ready(p)
-                    && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-            })
-            .collect()
-    };
+    let members: Vec<(&Pod, &Workload)> =
+        if selector.is_empty() { vec![] } else { index.selected(&namespace, &selector) };
     if !selector.is_empty() && members.is_empty() {
         findings.push(warning(
             codes::NO_ENDPOINTS,

@@ -109,7 +109,7 @@ impl<'a> Mesh<'a> {
             k8s_services: snapshot
                 .services
                 .iter()
-                .map(|s| (fqdn(s.metadata.name.as_deref().unwrap_or(""), &namespace_of(&s.metadata)), s))
+                .map(|s| (fqdn(s.metadata.name.as_deref().unwrap_or(""), &namespace_of(&s.metadata)), &**s))
                 .collect(),
             gateways: snapshot
                 .gateways

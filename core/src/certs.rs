@@ -142,7 +142,8 @@ pub struct CaSettings {
     pub ca_addr: Option<std::net::SocketAddr>,
     /// The mesh root certificate (PEM), required with `ca_addr`.
     pub ca_root: Option<std::path::PathBuf>,
-    /// The bootstrap token file, required with `ca_addr`.
+    /// The token file (a node bootstrap token, or a projected ServiceAccount token), required
+    /// with `ca_addr`; re-read at every request.
     pub ca_token_file: Option<std::path::PathBuf>,
     /// Development and tests: sign with a root key in this directory, in-process.
     pub dev_ca_dir: Option<std::path::PathBuf>,
@@ -170,7 +171,7 @@ impl CaSettings {
             let (Some(root), Some(token_file)) = (&self.ca_root, &self.ca_token_file) else {
                 return Err(CertError::LoadCa {
                     dir: addr.to_string(),
-                    reason: "--ca-addr needs --ca-root (the mesh root, PEM) and --ca-token-file (the bootstrap token)".into(),
+                    reason: "--ca-addr needs --ca-root (the mesh root, PEM) and --ca-token-file (the node's bootstrap token, or the pod's projected ServiceAccount token)".into(),
                 });
             };
             let pem = std::fs::read(root).map_err(|e| load("the mesh root", root, e.to_string()))?;
@@ -319,6 +320,24 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn a_token_file_is_read_again_at_every_use() {
+        // The kubelet rotates a projected ServiceAccount token by replacing the file: every
+        // proxy (ztunnel and waypoint, through CaSettings and config_stream::ClientSettings)
+        // must send the current one.
+        let dir = std::env::temp_dir().join(format!("warren-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let token = Token::File(path.clone());
+        assert_eq!(token.get(), Ok("first".to_string()));
+        std::fs::write(&path, "rotated").unwrap();
+        assert_eq!(token.get(), Ok("rotated".to_string()));
+        std::fs::remove_file(&path).unwrap();
+        assert!(token.get().unwrap_err().contains(&path.display().to_string()));
+        let _ = std::fs::remove_dir(&dir);
+    }
 
     /// The real CA signing, that starts refusing after `good` certificates: how a renewal
     /// failure looks to ztunnel (the CA unreachable or refusing).

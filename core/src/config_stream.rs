@@ -7,13 +7,17 @@
 //! messages ([`ProxyMessage`], [`ControllerMessage`]). The configuration is a set of named,
 //! hashed **resources** (a workload, a service, a policy, a route table ...); the controller
 //! sends only what changed since what the proxy has (upserts and removals), every update under
-//! a new version. The proxy applies an update to a copy, checks the result, and answers ACK
-//! (it now runs that version) or NACK with its reason (it keeps the previous config). A proxy
+//! a new version. The proxy applies an update (in place, undone if the result is refused) and
+//! answers ACK (it now runs that version) or NACK with its reason (it keeps the previous
+//! config). A proxy
 //! that reconnects says which resources it holds (name → hash), so the controller resumes with
 //! the difference instead of a full resend. While the controller is away, proxies keep serving
 //! their last good config. docs/config-stream.md has the schema.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -117,89 +121,145 @@ fn resource(kind: &str, name: &str, order: u32, value: impl Serialize) -> (Strin
     (key.clone(), Resource { key, hash: hash(&value, order), order, value })
 }
 
+/// Resources by key, shared between versions and proxies (most of them do not change).
+pub type Resources = BTreeMap<String, Arc<Resource>>;
+
+/// The resources built for the last version, each with the object it was made from: the
+/// next version reuses the resource (its JSON value and hash) of every object that compares
+/// equal, so publishing a one-pod change builds one resource, not ten thousand. The objects
+/// themselves are compared (not a fingerprint), so a change never goes unseen.
+#[derive(Default)]
+pub struct ResourceCache {
+    built: HashMap<String, (Box<dyn std::any::Any + Send + Sync>, Arc<Resource>)>,
+}
+
+/// Builds resources against a cache; what was not built this time is dropped from it.
+struct Builder<'a> {
+    cache: &'a mut ResourceCache,
+    next: HashMap<String, (Box<dyn std::any::Any + Send + Sync>, Arc<Resource>)>,
+    out: Resources,
+}
+
+impl<'a> Builder<'a> {
+    fn new(cache: &'a mut ResourceCache) -> Self {
+        Builder { cache, next: HashMap::new(), out: BTreeMap::new() }
+    }
+
+    fn add<T>(&mut self, kind: &str, name: &str, order: u32, object: &T)
+    where
+        T: Serialize + PartialEq + Clone + Send + Sync + 'static,
+    {
+        let key = format!("{kind}/{name}");
+        let unchanged = |(before, resource): &(Box<dyn std::any::Any + Send + Sync>, Arc<Resource>)| {
+            resource.order == order && before.downcast_ref::<T>() == Some(object)
+        };
+        let entry = match self.cache.built.remove(&key) {
+            Some(entry) if unchanged(&entry) => entry,
+            _ => {
+                let before: Box<dyn std::any::Any + Send + Sync> = Box::new(object.clone());
+                (before, Arc::new(resource(kind, name, order, object).1))
+            }
+        };
+        self.out.insert(key.clone(), entry.1.clone());
+        self.next.insert(key, entry);
+    }
+
+    fn finish(self) -> Resources {
+        self.cache.built = self.next;
+        self.out
+    }
+}
+
 /// The resources a proxy of `kind` on `node` gets from `config`.
-pub fn resources_for(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTreeMap<String, Resource> {
-    let mut out = shared_resources(config, kind);
-    out.extend(node_resources(config, kind, node));
+pub fn resources_for(config: &NodeConfig, kind: &ProxyKind, node: &str) -> Resources {
+    let mut out = shared_resources(config, kind, &mut ResourceCache::default());
+    out.extend(node_resources(config, kind, node, &mut ResourceCache::default()));
     out
 }
 
-/// What every proxy of `kind`'s family gets, whatever its node: computed once per version.
-pub fn shared_resources(config: &NodeConfig, kind: &ProxyKind) -> BTreeMap<String, Resource> {
-    let mut out = BTreeMap::new();
+/// What every proxy of `kind`'s family gets, whatever its node: computed once per version,
+/// reusing `cache` (one per kind of proxy) for what did not change.
+pub fn shared_resources(config: &NodeConfig, kind: &ProxyKind, cache: &mut ResourceCache) -> Resources {
+    let mut out = Builder::new(cache);
     for w in &config.workloads {
-        out.extend([resource(kinds::WORKLOAD, &w.uid, 0, w)]);
+        out.add(kinds::WORKLOAD, &w.uid, 0, w);
     }
     for s in &config.services {
-        out.extend([resource(kinds::SERVICE, &format!("{}/{}", s.namespace, s.name), 0, s)]);
+        out.add(kinds::SERVICE, &format!("{}/{}", s.namespace, s.name), 0, s);
     }
-    out.extend([resource(
-        kinds::MESH,
-        "settings",
-        0,
-        serde_json::json!({"rootNamespace": config.root_namespace}),
-    )]);
+    out.add(kinds::MESH, "settings", 0, &serde_json::json!({"rootNamespace": config.root_namespace}));
     match kind {
         ProxyKind::Ztunnel => {
             for a in &config.authorizations {
-                out.extend([resource(kinds::AUTHORIZATION, &format!("{}/{}", a.namespace, a.name), 0, a)]);
+                out.add(kinds::AUTHORIZATION, &format!("{}/{}", a.namespace, a.name), 0, a);
             }
             for p in &config.peer_authentications {
-                out.extend([resource(
-                    kinds::PEER_AUTHENTICATION,
-                    &format!("{}/{}", p.namespace, p.name),
-                    0,
-                    p,
-                )]);
+                out.add(kinds::PEER_AUTHENTICATION, &format!("{}/{}", p.namespace, p.name), 0, p);
             }
         }
         ProxyKind::Waypoint { .. } => {
             for (i, v) in config.routing.virtual_services.iter().enumerate() {
                 let name = format!("{}/{}/{:?}", v.namespace, v.name, v.kind);
-                out.extend([resource(kinds::VIRTUAL_SERVICE, &name, i as u32, v)]);
+                out.add(kinds::VIRTUAL_SERVICE, &name, i as u32, v);
             }
             for (i, d) in config.routing.destination_rules.iter().enumerate() {
-                out.extend([resource(
-                    kinds::DESTINATION_RULE,
-                    &format!("{}/{}", d.namespace, d.name),
-                    i as u32,
-                    d,
-                )]);
+                out.add(kinds::DESTINATION_RULE, &format!("{}/{}", d.namespace, d.name), i as u32, d);
             }
             for a in &config.routing.authorizations {
-                out.extend([resource(kinds::L7_AUTHORIZATION, &format!("{}/{}", a.namespace, a.name), 0, a)]);
+                out.add(kinds::L7_AUTHORIZATION, &format!("{}/{}", a.namespace, a.name), 0, a);
             }
         }
     }
-    out
+    out.finish()
 }
 
-/// What only the proxy on `node` gets: a ztunnel's identities.
-pub fn node_resources(config: &NodeConfig, kind: &ProxyKind, node: &str) -> BTreeMap<String, Resource> {
-    let mut out = BTreeMap::new();
+/// What only the proxy on `node` gets: a ztunnel's identities. `cache` is that proxy's.
+pub fn node_resources(
+    config: &NodeConfig,
+    kind: &ProxyKind,
+    node: &str,
+    cache: &mut ResourceCache,
+) -> Resources {
+    let mut out = Builder::new(cache);
     if *kind == ProxyKind::Ztunnel {
         for w in config.workloads.iter().filter(|w| w.enrolled && w.node == node) {
-            out.extend([resource(
-                kinds::IDENTITY,
-                &w.uid,
-                0,
-                serde_json::json!({"namespace": w.namespace, "serviceAccount": w.service_account}),
-            )]);
+            let identity = serde_json::json!({"namespace": w.namespace, "serviceAccount": w.service_account});
+            out.add(kinds::IDENTITY, &w.uid, 0, &identity);
         }
     }
-    out
+    out.finish()
 }
 
 /// What to send a proxy that holds `have` (key → hash) so it ends up with `shared` (what
 /// every proxy of its kind gets) and `own` (what only it gets), without merging the two.
+/// `have` and `shared` are walked side by side in key order (both are sorted maps): one
+/// comparison per key instead of a lookup, for every proxy on every version.
 pub fn delta(
     have: &BTreeMap<String, String>,
-    shared: &BTreeMap<String, Resource>,
-    own: &BTreeMap<String, Resource>,
+    shared: &Resources,
+    own: &Resources,
 ) -> (Vec<Resource>, Vec<String>) {
-    let upsert =
-        shared.values().chain(own.values()).filter(|r| have.get(&r.key) != Some(&r.hash)).cloned().collect();
-    let remove = have.keys().filter(|k| !shared.contains_key(*k) && !own.contains_key(*k)).cloned().collect();
+    let mut upsert = Vec::new();
+    let mut remove = Vec::new();
+    let mut held = have.iter().peekable();
+    for (key, resource) in shared {
+        // Held keys before this one are not shared: removed, unless they are this proxy's own.
+        while let Some((k, _)) = held.next_if(|(k, _)| k.as_str() < key.as_str()) {
+            if !own.contains_key(k) {
+                remove.push(k.clone());
+            }
+        }
+        match held.next_if(|(k, _)| *k == key) {
+            Some((_, hash)) if *hash == resource.hash => {}
+            _ => upsert.push(Resource::clone(resource)),
+        }
+    }
+    for (k, _) in held {
+        if !own.contains_key(k) {
+            remove.push(k.clone());
+        }
+    }
+    upsert.extend(own.values().filter(|r| have.get(&r.key) != Some(&r.hash)).map(|r| Resource::clone(r)));
     (upsert, remove)
 }
 
@@ -232,7 +292,8 @@ fn parse(r: &Resource) -> Result<Typed, RejectReason> {
     let malformed =
         |e: serde_json::Error| RejectReason::Malformed { key: r.key.clone(), error: e.to_string() };
     let value = r.value.clone();
-    Ok(match r.key.split('/').next().unwrap_or("") {
+    let (kind, name) = r.key.split_once('/').unwrap_or((r.key.as_str(), ""));
+    let typed = match kind {
         kinds::WORKLOAD => Typed::Workload(serde_json::from_value(value).map_err(malformed)?),
         kinds::SERVICE => Typed::Service(serde_json::from_value(value).map_err(malformed)?),
         kinds::AUTHORIZATION => Typed::Authorization(serde_json::from_value(value).map_err(malformed)?),
@@ -249,14 +310,60 @@ fn parse(r: &Resource) -> Result<Typed, RejectReason> {
         kinds::MESH => Typed::Mesh(value["rootNamespace"].as_str().unwrap_or_default().to_string()),
         kinds::IDENTITY => Typed::Identity,
         _ => return Err(RejectReason::UnknownKind(r.key.clone())),
+    };
+    // The held config is kept sorted by these names: a resource must be named after what it
+    // holds.
+    if let Some(own) = sorted_name(&typed)
+        && own != name
+    {
+        return Err(RejectReason::Malformed {
+            key: r.key.clone(),
+            error: format!("the resource holds {own:?}, not {name:?}"),
+        });
+    }
+    Ok(typed)
+}
+
+/// The name a kept-sorted object has in its resource key (`workload/<uid>`,
+/// `service/<namespace>/<name>` ...).
+fn sorted_name(typed: &Typed) -> Option<String> {
+    Some(match typed {
+        Typed::Workload(w) => w.uid.clone(),
+        Typed::Service(s) => format!("{}/{}", s.namespace, s.name),
+        Typed::Authorization(a) => format!("{}/{}", a.namespace, a.name),
+        Typed::PeerAuthentication(p) => format!("{}/{}", p.namespace, p.name),
+        Typed::L7Authorization(a) => format!("{}/{}", a.namespace, a.name),
+        Typed::VirtualService(..) | Typed::DestinationRule(..) | Typed::Mesh(_) | Typed::Identity => {
+            return None;
+        }
     })
 }
 
-/// The resources a proxy holds (their hashes, and parsed), and the config they make.
+/// Inserts or replaces the item named `name` in a list sorted by name; returns what it replaced.
+fn put_sorted<T>(list: &mut Vec<T>, name: &str, item: T, name_of: impl Fn(&T) -> String) -> Option<T> {
+    match list.binary_search_by(|x| name_of(x).as_str().cmp(name)) {
+        Ok(i) => Some(std::mem::replace(&mut list[i], item)),
+        Err(i) => {
+            list.insert(i, item);
+            None
+        }
+    }
+}
+
+fn take_sorted<T>(list: &mut Vec<T>, name: &str, name_of: impl Fn(&T) -> String) -> Option<T> {
+    list.binary_search_by(|x| name_of(x).as_str().cmp(name)).ok().map(|i| list.remove(i))
+}
+
+/// The resources a proxy holds (their hashes) and the config they make, patched in place by
+/// each update: a one-resource update to 10,000 held ones costs one resource, not a rebuild.
+/// Kinds kept sorted by name sit in the config's lists in resource-key order; route tables
+/// (ordered by the controller) are kept aside and their lists rebuilt when they change.
 #[derive(Clone, Debug, Default)]
 pub struct Held {
     hashes: BTreeMap<String, String>,
-    typed: BTreeMap<String, Typed>,
+    config: NodeConfig,
+    virtual_services: BTreeMap<String, (u32, VirtualService)>,
+    destination_rules: BTreeMap<String, (u32, DestinationRule)>,
 }
 
 impl Held {
@@ -272,50 +379,138 @@ impl Held {
         self.hashes.is_empty()
     }
 
-    /// Applies an update to a copy and builds its config; `self` is untouched on failure. Only
-    /// the upserted resources are parsed.
-    pub fn apply(&self, upsert: &[Resource], remove: &[String]) -> Result<(Held, NodeConfig), RejectReason> {
+    /// The config the held resources make.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Applies an update and returns the config it makes; on failure nothing held changes.
+    /// Only the upserted resources are parsed; the update is applied in place and undone if
+    /// the result is refused.
+    pub fn apply(&mut self, upsert: &[Resource], remove: &[String]) -> Result<&NodeConfig, RejectReason> {
         let parsed: Vec<(String, String, Typed)> = upsert
             .iter()
             .map(|r| Ok((r.key.clone(), r.hash.clone(), parse(r)?)))
             .collect::<Result<_, _>>()?;
-        let mut next = self.clone();
+        // What each change replaced, to put back in reverse order if the result is refused.
+        let mut undo: Vec<(String, Option<String>, Option<Typed>)> = Vec::new();
         for key in remove {
-            next.hashes.remove(key);
-            next.typed.remove(key);
-        }
-        for (key, hash, typed) in parsed {
-            next.hashes.insert(key.clone(), hash);
-            next.typed.insert(key, typed);
-        }
-        let config = next.config()?;
-        Ok((next, config))
-    }
-
-    /// The config these resources make, checked for what would make it ambiguous.
-    pub fn config(&self) -> Result<NodeConfig, RejectReason> {
-        let mut config = NodeConfig::default();
-        let mut ordered_vs: Vec<(u32, VirtualService)> = Vec::new();
-        let mut ordered_dr: Vec<(u32, DestinationRule)> = Vec::new();
-        for typed in self.typed.values() {
-            match typed {
-                Typed::Workload(w) => config.workloads.push((**w).clone()),
-                Typed::Service(s) => config.services.push((**s).clone()),
-                Typed::Authorization(a) => config.authorizations.push((**a).clone()),
-                Typed::PeerAuthentication(p) => config.peer_authentications.push((**p).clone()),
-                Typed::VirtualService(order, v) => ordered_vs.push((*order, (**v).clone())),
-                Typed::DestinationRule(order, d) => ordered_dr.push((*order, (**d).clone())),
-                Typed::L7Authorization(a) => config.routing.authorizations.push((**a).clone()),
-                Typed::Mesh(root) => config.root_namespace = root.clone(),
-                Typed::Identity => {}
+            if let Some(hash) = self.hashes.remove(key) {
+                let before = self.take(key);
+                undo.push((key.clone(), Some(hash), before));
             }
         }
-        ordered_vs.sort_by_key(|(order, _)| *order);
-        ordered_dr.sort_by_key(|(order, _)| *order);
-        config.routing.virtual_services = ordered_vs.into_iter().map(|(_, v)| v).collect();
-        config.routing.destination_rules = ordered_dr.into_iter().map(|(_, d)| d).collect();
-        check_addresses(&config)?;
-        Ok(config)
+        for (key, hash, typed) in parsed {
+            let hash_before = self.hashes.insert(key.clone(), hash);
+            let before = self.put(&key, typed);
+            undo.push((key, hash_before, before));
+        }
+        let is_route_table = |key: &String| {
+            key.split_once('/')
+                .is_some_and(|(k, _)| k == kinds::VIRTUAL_SERVICE || k == kinds::DESTINATION_RULE)
+        };
+        let route_tables_changed = undo.iter().any(|(key, ..)| is_route_table(key));
+        if route_tables_changed {
+            self.rebuild_route_tables();
+        }
+        if let Err(reason) = check_addresses(&self.config) {
+            for (key, hash, before) in undo.into_iter().rev() {
+                match hash {
+                    Some(hash) => self.hashes.insert(key.clone(), hash),
+                    None => self.hashes.remove(&key),
+                };
+                match before {
+                    Some(typed) => self.put(&key, typed),
+                    None => self.take(&key),
+                };
+            }
+            if route_tables_changed {
+                self.rebuild_route_tables();
+            }
+            return Err(reason);
+        }
+        Ok(&self.config)
+    }
+
+    /// Puts a parsed resource into the config; returns what it replaced.
+    fn put(&mut self, key: &str, typed: Typed) -> Option<Typed> {
+        let name = key.split_once('/').map_or("", |(_, n)| n);
+        let c = &mut self.config;
+        let ns_name = |namespace: &str, name: &str| format!("{namespace}/{name}");
+        match typed {
+            Typed::Workload(w) => {
+                put_sorted(&mut c.workloads, name, *w, |x| x.uid.clone()).map(|w| Typed::Workload(w.into()))
+            }
+            Typed::Service(s) => put_sorted(&mut c.services, name, *s, |x| ns_name(&x.namespace, &x.name))
+                .map(|s| Typed::Service(s.into())),
+            Typed::Authorization(a) => {
+                put_sorted(&mut c.authorizations, name, *a, |x| ns_name(&x.namespace, &x.name))
+                    .map(|a| Typed::Authorization(a.into()))
+            }
+            Typed::PeerAuthentication(p) => {
+                put_sorted(&mut c.peer_authentications, name, *p, |x| ns_name(&x.namespace, &x.name))
+                    .map(|p| Typed::PeerAuthentication(p.into()))
+            }
+            Typed::L7Authorization(a) => {
+                put_sorted(&mut c.routing.authorizations, name, *a, |x| ns_name(&x.namespace, &x.name))
+                    .map(|a| Typed::L7Authorization(a.into()))
+            }
+            Typed::VirtualService(order, v) => self
+                .virtual_services
+                .insert(key.to_string(), (order, *v))
+                .map(|(o, v)| Typed::VirtualService(o, v.into())),
+            Typed::DestinationRule(order, d) => self
+                .destination_rules
+                .insert(key.to_string(), (order, *d))
+                .map(|(o, d)| Typed::DestinationRule(o, d.into())),
+            Typed::Mesh(root) => Some(Typed::Mesh(std::mem::replace(&mut c.root_namespace, root))),
+            // Identities are only the node's right to certificates: held as hashes.
+            Typed::Identity => None,
+        }
+    }
+
+    /// Takes a resource out of the config; returns it.
+    fn take(&mut self, key: &str) -> Option<Typed> {
+        let (kind, name) = key.split_once('/').unwrap_or((key, ""));
+        let c = &mut self.config;
+        let ns_name = |namespace: &str, name: &str| format!("{namespace}/{name}");
+        match kind {
+            kinds::WORKLOAD => {
+                take_sorted(&mut c.workloads, name, |x| x.uid.clone()).map(|w| Typed::Workload(w.into()))
+            }
+            kinds::SERVICE => take_sorted(&mut c.services, name, |x| ns_name(&x.namespace, &x.name))
+                .map(|s| Typed::Service(s.into())),
+            kinds::AUTHORIZATION => {
+                take_sorted(&mut c.authorizations, name, |x| ns_name(&x.namespace, &x.name))
+                    .map(|a| Typed::Authorization(a.into()))
+            }
+            kinds::PEER_AUTHENTICATION => {
+                take_sorted(&mut c.peer_authentications, name, |x| ns_name(&x.namespace, &x.name))
+                    .map(|p| Typed::PeerAuthentication(p.into()))
+            }
+            kinds::L7_AUTHORIZATION => {
+                take_sorted(&mut c.routing.authorizations, name, |x| ns_name(&x.namespace, &x.name))
+                    .map(|a| Typed::L7Authorization(a.into()))
+            }
+            kinds::VIRTUAL_SERVICE => {
+                self.virtual_services.remove(key).map(|(o, v)| Typed::VirtualService(o, v.into()))
+            }
+            kinds::DESTINATION_RULE => {
+                self.destination_rules.remove(key).map(|(o, d)| Typed::DestinationRule(o, d.into()))
+            }
+            kinds::MESH => Some(Typed::Mesh(std::mem::take(&mut c.root_namespace))),
+            _ => None,
+        }
+    }
+
+    /// Route tables in the controller's order (few; rebuilt whole).
+    fn rebuild_route_tables(&mut self) {
+        let mut vs: Vec<&(u32, VirtualService)> = self.virtual_services.values().collect();
+        vs.sort_by_key(|(order, _)| *order);
+        self.config.routing.virtual_services = vs.into_iter().map(|(_, v)| v.clone()).collect();
+        let mut dr: Vec<&(u32, DestinationRule)> = self.destination_rules.values().collect();
+        dr.sort_by_key(|(order, _)| *order);
+        self.config.routing.destination_rules = dr.into_iter().map(|(_, d)| d.clone()).collect();
     }
 }
 
@@ -458,7 +653,7 @@ enum StreamError {
 pub async fn run_client(
     settings: ClientSettings,
     status: std::sync::Arc<std::sync::Mutex<ClientStatus>>,
-    deliver: impl Fn(&str, NodeConfig) + Send + Sync + 'static,
+    deliver: impl Fn(&str, &NodeConfig) + Send + Sync + 'static,
 ) {
     let mut held = Held::default();
     let mut version: Option<String> = None;
@@ -494,7 +689,7 @@ async fn subscribe_once(
     held: &mut Held,
     version: &mut Option<String>,
     status: &std::sync::Mutex<ClientStatus>,
-    deliver: &(impl Fn(&str, NodeConfig) + Send + Sync),
+    deliver: &(impl Fn(&str, &NodeConfig) + Send + Sync),
 ) -> Result<(), StreamError> {
     let tcp = tokio::net::TcpStream::connect(settings.addr).await?;
     let _ = tcp.set_nodelay(true);
@@ -544,8 +739,7 @@ async fn subscribe_once(
                 ControllerMessage::Refused { reason } => return Err(StreamError::Refused(reason)),
                 ControllerMessage::Update { version: v, upsert, remove } => {
                     match held.apply(&upsert, &remove) {
-                        Ok((next, config)) => {
-                            *held = next;
+                        Ok(config) => {
                             *version = Some(v.clone());
                             deliver(&v, config);
                             tracing::info!(
@@ -616,7 +810,8 @@ mod tests {
         assert!(want.contains_key("identity/a") && !want.contains_key("identity/b"), "{:?}", want.keys());
         let (upsert, remove) = delta(&BTreeMap::new(), &want, &BTreeMap::new());
         assert_eq!((upsert.len(), remove.len()), (want.len(), 0));
-        let (held, built) = Held::default().apply(&upsert, &remove).unwrap();
+        let mut held = Held::default();
+        let built = held.apply(&upsert, &remove).unwrap().clone();
         assert_eq!(built.workloads.len(), 2);
         assert_eq!(built.services, config().services);
 
@@ -628,17 +823,40 @@ mod tests {
         let (upsert, remove) = delta(&held.hashes(), &want, &BTreeMap::new());
         assert_eq!(upsert.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), ["workload/a"]);
         assert_eq!(remove, ["workload/b"]);
-        let (_, built) = held.apply(&upsert, &remove).unwrap();
+        let built = held.apply(&upsert, &remove).unwrap();
         assert_eq!(built.workloads, next.workloads);
+
+        // Shared and own resources kept apart: a held identity still owned stays, one no
+        // longer owned goes, and nothing shared is mistaken for either.
+        let kind = ProxyKind::Ztunnel;
+        let shared = shared_resources(&config(), &kind, &mut ResourceCache::default());
+        let own = node_resources(&config(), &kind, "n1", &mut ResourceCache::default());
+        let mut have: BTreeMap<String, String> =
+            shared.iter().chain(&own).map(|(k, r)| (k.clone(), r.hash.clone())).collect();
+        assert_eq!(delta(&have, &shared, &own), (vec![], vec![]));
+        have.insert("identity/gone".into(), "h".into());
+        have.insert("zzz/last".into(), "h".into());
+        let (upsert, remove) = delta(&have, &shared, &own);
+        assert!(upsert.is_empty());
+        assert_eq!(remove, ["identity/gone", "zzz/last"]);
     }
 
     #[test]
     fn a_bad_update_is_refused_and_the_held_config_kept() {
         let want = resources_for(&config(), &ProxyKind::Ztunnel, "n1");
-        let (held, _) = Held::default().apply(&want.values().cloned().collect::<Vec<_>>(), &[]).unwrap();
+        let mut held = Held::default();
+        held.apply(&want.values().map(|r| Resource::clone(r)).collect::<Vec<_>>(), &[]).unwrap();
+        let before = held.hashes();
+        // Refused after a removal and an upsert of the same key in the one update: all of it
+        // is undone.
         let (_, clash) = resource(kinds::WORKLOAD, "c", 0, workload("c", "10.0.0.1", "n1"));
-        let err = held.apply(&[clash], &[]).unwrap_err();
+        let (_, changed_b) = resource(kinds::WORKLOAD, "b", 0, workload("b", "10.0.0.9", "n2"));
+        let err = held.apply(&[changed_b, clash], &["workload/b".into()]).unwrap_err();
         assert!(err.to_string().contains("both claim IP 10.0.0.1"), "{err}");
+        assert_eq!(held.hashes(), before);
+        let mut fresh = Held::default();
+        fresh.apply(&want.values().map(|r| Resource::clone(r)).collect::<Vec<_>>(), &[]).unwrap();
+        assert_eq!(held.config(), fresh.config());
         let bad = Resource {
             key: "workload/d".into(),
             hash: "x".into(),
@@ -648,7 +866,55 @@ mod tests {
         assert!(matches!(held.apply(&[bad], &[]), Err(RejectReason::Malformed { .. })));
         let future = Resource { key: "gizmo/x".into(), hash: "x".into(), order: 0, value: Value::Null };
         assert_eq!(held.apply(&[future], &[]).unwrap_err(), RejectReason::UnknownKind("gizmo/x".into()));
-        assert_eq!(held.config().unwrap().workloads.len(), 2, "the held config is untouched");
+        assert_eq!(held.config().workloads.len(), 2, "the held config is untouched");
+        assert_eq!(held.config(), fresh.config());
+    }
+
+    #[test]
+    fn updates_patch_the_held_config_in_place_in_the_controllers_order() {
+        let vs = |name: &str| VirtualService {
+            name: name.into(),
+            namespace: "shop".into(),
+            kind: Default::default(),
+            hosts: vec![format!("{name}.shop.svc.cluster.local")],
+            http: vec![],
+        };
+        let waypoint = ProxyKind::Waypoint { namespace: "shop".into(), name: "wp".into() };
+        let mut config = config();
+        config.routing.virtual_services = vec![vs("b"), vs("a")];
+        let mut held = Held::default();
+        let all = |c: &NodeConfig| resources_for(c, &waypoint, "n1");
+        let (upsert, remove) = delta(&held.hashes(), &all(&config), &BTreeMap::new());
+        held.apply(&upsert, &remove).unwrap();
+        assert_eq!(held.config().routing.virtual_services, config.routing.virtual_services);
+
+        // Reordered by the controller, a workload added in the middle, a service gone.
+        config.routing.virtual_services.reverse();
+        config.workloads.insert(1, workload("ab", "10.0.0.3", "n1"));
+        config.services.clear();
+        let (upsert, remove) = delta(&held.hashes(), &all(&config), &BTreeMap::new());
+        let built = held.apply(&upsert, &remove).unwrap();
+        assert_eq!(built, &config, "the same config a fresh build would give");
+
+        // A resource whose key does not name what it holds would break the order: refused.
+        let (_, mut misnamed) = resource(kinds::WORKLOAD, "zz", 0, workload("c", "10.0.0.4", "n1"));
+        misnamed.key = "workload/zz".into();
+        assert!(matches!(held.apply(&[misnamed], &[]), Err(RejectReason::Malformed { .. })));
+        assert_eq!(held.config(), &config);
+    }
+
+    #[test]
+    fn a_new_version_rebuilds_only_the_resources_that_changed() {
+        let mut cache = ResourceCache::default();
+        let first = shared_resources(&config(), &ProxyKind::Ztunnel, &mut cache);
+        let mut next = config();
+        next.workloads[1].labels.insert("version".into(), "v2".into());
+        let second = shared_resources(&next, &ProxyKind::Ztunnel, &mut cache);
+        assert!(Arc::ptr_eq(&first["workload/a"], &second["workload/a"]), "unchanged: reused");
+        assert!(!Arc::ptr_eq(&first["workload/b"], &second["workload/b"]));
+        assert_ne!(first["workload/b"].hash, second["workload/b"].hash);
+        // The same as building from nothing.
+        assert_eq!(second, shared_resources(&next, &ProxyKind::Ztunnel, &mut ResourceCache::default()));
     }
 
     #[test]

@@ -74,15 +74,14 @@ fn the_rendered_chart_passes_server_side_dry_run() {
             .arg(format!("ca.rootCert={}", dir.join("root-cert.pem").display()))
             .arg("--set-file")
             .arg(format!("ca.rootKey={}", dir.join("root-key.pem").display()))
-            .args(["--set", &format!("ca.nodeTokens.node-1={}", "t".repeat(40))])
             .args(extra);
         run(&mut cmd)
     };
     // Everything the chart can render: a waypoint with its Gateway, two controller replicas (a
     // real PodDisruptionBudget). The test API server runs without --allow-privileged (every
-    // real distribution sets it: kubeadm, kind, the clouds), so the full check uses the
-    // unprivileged ztunnel variant, and the default (privileged) one must be refused for that
-    // reason alone.
+    // real distribution sets it: kubeadm, kind, the clouds). The ztunnel is not privileged by
+    // default; only the init container that mounts bpffs on nodes without it is, so the full
+    // check leaves that out, and the default must be refused for that container alone.
     let waypoint = [
         "--set",
         "ca.clusterIP=10.96.200.12",
@@ -92,9 +91,40 @@ fn the_rendered_chart_passes_server_side_dry_run() {
         "controller.replicas=2",
     ];
     let mut unprivileged = waypoint.to_vec();
-    unprivileged.extend(["--set", "ztunnel.privileged=false", "--set", "ztunnel.bpffsInit.enabled=false"]);
+    unprivileged.extend(["--set", "ztunnel.bpffsInit.enabled=false"]);
     let full = render(&unprivileged);
     let default = render(&waypoint);
+
+    // No node bootstrap tokens any more (every proxy has its own pod's ServiceAccount token),
+    // and the ztunnel container is not privileged unless asked.
+    let objects: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&default)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).expect("rendered YAML"))
+        .filter(|v| !v.is_null())
+        .collect();
+    assert!(!default.contains("warren-node-tokens"), "the chart still renders the node tokens");
+    let secrets: Vec<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Secret")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(secrets, ["warren-ca-root"], "the only Secret is the root's (the controller's)");
+    let daemonset = objects.iter().find(|o| o["kind"] == "DaemonSet").expect("the ztunnel DaemonSet");
+    let ztunnel = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(ztunnel["name"], "ztunnel");
+    assert_eq!(ztunnel["securityContext"]["privileged"], false, "{ztunnel}");
+    assert_eq!(ztunnel["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    for (name, kind) in [("warren-ztunnel", "DaemonSet"), ("waypoint", "Deployment")] {
+        let pod = &objects.iter().find(|o| o["kind"] == kind && o["metadata"]["name"] == name).unwrap()["spec"]
+            ["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false, "{name}");
+        let token =
+            pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "token").expect("a token");
+        assert_eq!(
+            token["projected"]["sources"],
+            serde_json::json!([{"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}]),
+            "{name}"
+        );
+    }
 
     // What must exist for real first: the namespaces, and the CRDs (a Gateway can be
     // validated only once its kind is served).
@@ -133,12 +163,15 @@ fn the_rendered_chart_passes_server_side_dry_run() {
         !refused.status.success(),
         "privileged containers were accepted by a server without --allow-privileged"
     );
-    let reasons: Vec<&str> = errors.lines().filter(|l| l.starts_with("* ")).collect();
+    // kubectl lists several reasons as "* " lines, a single one after "is invalid: ".
+    let mut reasons: Vec<&str> = errors.lines().filter_map(|l| l.strip_prefix("* ")).collect();
+    if reasons.is_empty() {
+        reasons = errors.lines().filter_map(|l| Some(l.split_once(" is invalid: ")?.1)).collect();
+    }
     assert_eq!(
         reasons,
         [
-            "* spec.template.spec.containers[0].securityContext.privileged: Forbidden: disallowed by cluster policy",
-            "* spec.template.spec.initContainers[0].securityContext.privileged: Forbidden: disallowed by cluster policy",
+            "spec.template.spec.initContainers[0].securityContext.privileged: Forbidden: disallowed by cluster policy"
         ],
         "the default chart was refused for another reason too:\n{errors}"
     );
@@ -170,6 +203,7 @@ fn the_rendered_chart_passes_server_side_dry_run() {
             "Deployment/warren-controller",
             "Service/warren-ca",
             "ClusterRole/warren-controller",
+            "ClusterRoleBinding/warren-controller-auth-delegator",
         ] {
             assert!(kinds.iter().any(|k| k == needed), "{name}: {needed} missing from {kinds:?}");
         }
@@ -177,6 +211,17 @@ fn the_rendered_chart_passes_server_side_dry_run() {
         assert_eq!(ds_default(&items), "RollingUpdate");
         let ds = items.iter().find(|i| i["kind"] == "DaemonSet").unwrap();
         assert_eq!(ds["spec"]["template"]["spec"]["priorityClassName"], "system-node-critical");
+        // The server kept the projected token volume and the unprivileged security context.
+        let token = ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "token");
+        assert_eq!(
+            token.map(|t| t["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"].clone()),
+            Some(serde_json::json!(3600))
+        );
+        assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"], false);
         if name == "full" {
             assert!(kinds.iter().any(|k| k == "Gateway/waypoint"), "{kinds:?}");
             assert!(kinds.iter().any(|k| k == "PodDisruptionBudget/warren-controller"), "{kinds:?}");

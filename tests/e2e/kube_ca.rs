@@ -1,9 +1,10 @@
 //! The CA in Kubernetes mode, against a real kube-apiserver and etcd: `controller serve
 //! --kubernetes` (the real binary, under exactly the RBAC of deploy/rbac/controller.yaml, with no
 //! bootstrap tokens) keeps the mesh root in Secret warren-system/warren-ca-root, created on
-//! first start and reused after a restart, and authenticates ztunnels with a TokenReview of
-//! their pod-bound ServiceAccount token: it signs the identities of pods on the ztunnel pod's
-//! node only.
+//! first start and reused after a restart, and authenticates proxies with a TokenReview of
+//! their pod-bound ServiceAccount token: for a ztunnel's token it signs the identities of pods
+//! on the ztunnel pod's node only; for a waypoint's (any other pod's) its own identity only,
+//! and the config stream takes it only as a waypoint of its namespace on its node.
 //!
 //! Skipped (with how to install it) only when kube-apiserver is not installed: `./x setup`
 //! builds it.
@@ -15,6 +16,7 @@ use warren_core::{
     ca::new_key_and_csr,
     ca_protocol::{RemoteCaError, request_certificate},
     certs::ca_identity,
+    config_stream::ProxyKind,
     identity::SpiffeId,
     tls::{TrustBundle, spiffe_id_of},
 };
@@ -61,6 +63,21 @@ spec:
   nodeName: node-2
   serviceAccountName: payment
   containers: [{name: app, image: echo}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: waypoint, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-node-1
+  namespace: shop
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+spec:
+  nodeName: node-1
+  serviceAccountName: waypoint
+  containers: [{name: waypoint, image: waypoint}]
 ";
 
 fn identity(sa: &str) -> SpiffeId {
@@ -109,17 +126,33 @@ fn subscribe(
     token: &str,
     node: &str,
 ) -> Result<usize, String> {
+    subscribe_as(server, controller, root_pem, token, node, ProxyKind::Ztunnel)
+}
+
+/// As [`subscribe`], as a proxy of `kind`.
+fn subscribe_as(
+    server: &ApiServer,
+    controller: &KubeController,
+    root_pem: &str,
+    token: &str,
+    node: &str,
+    kind: ProxyKind,
+) -> Result<usize, String> {
     use std::sync::{Arc, Mutex};
-    use warren_core::config_stream::{ClientSettings, ClientStatus, ProxyKind, run_client};
+    use warren_core::config_stream::{ClientSettings, ClientStatus, run_client};
     let root = CertificateDer::from_pem_slice(root_pem.as_bytes()).expect("a PEM certificate");
+    let proxy = match &kind {
+        ProxyKind::Ztunnel => format!("ztunnel/{node}"),
+        ProxyKind::Waypoint { namespace, name } => format!("waypoint/{namespace}/{name}/{node}"),
+    };
     let settings = ClientSettings {
         addr: controller.ca_addr.expect("serve"),
         bundle: TrustBundle::new(&[root]).expect("a trust bundle"),
         controller_identity: ca_identity("cluster.local"),
         token: warren_core::certs::Token::Static(token.to_string()),
-        proxy: format!("ztunnel/{node}"),
+        proxy,
         node: node.to_string(),
-        kind: ProxyKind::Ztunnel,
+        kind,
     };
     let status: Arc<Mutex<ClientStatus>> = Default::default();
     let delivered: Arc<Mutex<Option<usize>>> = Default::default();
@@ -156,7 +189,7 @@ fn workload_on(config: &serde_json::Value, name: &str, node: &str) -> bool {
 }
 
 #[test]
-fn the_ca_keeps_its_root_in_a_secret_and_signs_for_the_ztunnel_pods_node_only() {
+fn the_ca_keeps_its_root_in_a_secret_and_signs_only_what_each_proxy_may_have() {
     let Some(binary) = apiserver_or_skip("kube_ca e2e") else { return };
     let server = ApiServer::start(&binary);
     server.apply_file("deploy/crds/istio.yaml");
@@ -199,14 +232,47 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_for_the_ztunnel_pods_node_only() 
     // A pod on another node: authenticated, not authorized.
     assert_eq!(status(ask(&server, &first, &root, &ztunnel, "payment")), 403);
     assert!(first.log().contains("no pod on node node-1 runs as"), "{}", first.log());
-    // No token; an application's token; the ztunnel account's token not bound to a pod.
+    // No token; the ztunnel account's token not bound to a pod; garbage.
     assert_eq!(status(ask(&server, &first, &root, "", "checkout")), 401);
-    let app = server.bound_service_account_token("shop", "checkout", "checkout");
-    assert_eq!(status(ask(&server, &first, &root, &app, "checkout")), 401);
-    assert!(first.log().contains("not to the ztunnel's ServiceAccount"), "{}", first.log());
     let unbound = server.service_account_token("warren-system", "ztunnel");
     assert_eq!(status(ask(&server, &first, &root, &unbound, "checkout")), 401);
+    assert!(
+        first.log().contains("ServiceAccount warren-system/ztunnel is not bound to a pod"),
+        "{}",
+        first.log()
+    );
     assert_eq!(status(ask(&server, &first, &root, "not-a-token", "checkout")), 401);
+
+    // A waypoint's pod-bound token gets the waypoint's own identity, and nothing else of its
+    // node (checkout runs on node-1 too); its ServiceAccount's unbound token gets nothing.
+    let waypoint = server.bound_service_account_token("shop", "waypoint", "waypoint-node-1");
+    let signed = ask(&server, &first, &root, &waypoint, "waypoint")
+        .unwrap_or_else(|e| panic!("the waypoint was refused its own identity: {e}\n{}", first.log()));
+    assert_eq!(signed, identity("waypoint"));
+    assert!(
+        first
+            .log()
+            .contains("signed spiffe://cluster.local/ns/shop/sa/waypoint for pod shop/waypoint-node-1"),
+        "{}",
+        first.log()
+    );
+    assert_eq!(status(ask(&server, &first, &root, &waypoint, "checkout")), 403);
+    assert!(
+        first.log().contains(
+            "pod shop/waypoint-node-1 (ServiceAccount waypoint, node node-1) asked for \
+             spiffe://cluster.local/ns/shop/sa/checkout, but a pod's ServiceAccount token gets only \
+             its own identity, spiffe://cluster.local/ns/shop/sa/waypoint"
+        ),
+        "{}",
+        first.log()
+    );
+    let waypoint_unbound = server.service_account_token("shop", "waypoint");
+    assert_eq!(status(ask(&server, &first, &root, &waypoint_unbound, "waypoint")), 401);
+    assert!(first.log().contains("ServiceAccount shop/waypoint is not bound to a pod"), "{}", first.log());
+    // Any pod is such a principal: an application's token gets its own identity only.
+    let app = server.bound_service_account_token("shop", "checkout", "checkout");
+    assert_eq!(ask(&server, &first, &root, &app, "checkout").unwrap(), identity("checkout"));
+    assert_eq!(status(ask(&server, &first, &root, &app, "payment")), 403);
 
     // A restart reads the same root from the Secret.
     drop((first, second));
@@ -227,9 +293,37 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_for_the_ztunnel_pods_node_only() 
     assert!(workloads >= 2, "{workloads}");
     let as_other = subscribe(&server, &restarted, &root, &ztunnel, "node-2").unwrap_err();
     assert!(as_other.contains("belongs to node node-1"), "{as_other}");
-    assert!(subscribe(&server, &restarted, &root, &app, "node-1").is_err());
+    let app_as_ztunnel = subscribe(&server, &restarted, &root, &app, "node-1").unwrap_err();
+    assert!(app_as_ztunnel.contains("not as a ztunnel"), "{app_as_ztunnel}");
+
+    // The waypoint's token subscribes as a waypoint of its namespace on its node; not as a
+    // ztunnel, not as another namespace's waypoint, not on another node.
+    let as_waypoint =
+        |namespace: &str| ProxyKind::Waypoint { namespace: namespace.into(), name: "waypoint".into() };
+    subscribe_as(&server, &restarted, &root, &waypoint, "node-1", as_waypoint("shop"))
+        .unwrap_or_else(|e| panic!("the config stream refused the waypoint: {e}\n{}", restarted.log()));
+    let refused = subscribe(&server, &restarted, &root, &waypoint, "node-1").unwrap_err();
+    assert!(
+        refused.contains("pod shop/waypoint-node-1") && refused.contains("not as a ztunnel"),
+        "{refused}"
+    );
+    let refused =
+        subscribe_as(&server, &restarted, &root, &waypoint, "node-1", as_waypoint("production")).unwrap_err();
+    assert!(
+        refused.contains("only as a waypoint of namespace shop, not as waypoint production/waypoint"),
+        "{refused}"
+    );
+    let refused =
+        subscribe_as(&server, &restarted, &root, &waypoint, "node-2", as_waypoint("shop")).unwrap_err();
+    assert!(refused.contains("runs on node node-1, not node-2"), "{refused}");
+    assert!(
+        subscribe_as(&server, &restarted, &root, &waypoint_unbound, "node-1", as_waypoint("shop")).is_err()
+    );
 
     // The ztunnel pod replaced (same name, new uid): its old token no longer names a node.
     server.delete("v1", "Pod", "warren-system", "ztunnel-node-1");
     assert_eq!(status(ask(&server, &restarted, &root, &ztunnel, "checkout")), 401);
+    // Likewise a deleted waypoint pod's token.
+    server.delete("v1", "Pod", "shop", "waypoint-node-1");
+    assert_eq!(status(ask(&server, &restarted, &root, &waypoint, "waypoint")), 401);
 }

@@ -39,12 +39,13 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
 
     /// The controller's config stream (`IP:PORT`, the port of its CA): subscribe there, with
-    /// --ca-root to verify it and --ca-token-file (the node's token) to authenticate. The
-    /// last good config stays in force while the controller is away.
+    /// --ca-root to verify it and --ca-token-file to authenticate. The last good config stays
+    /// in force while the controller is away.
     #[arg(long, env = "WARREN_CONTROLLER_ADDR", requires_all = ["ca_root", "ca_token_file", "node"])]
     pub controller: Option<SocketAddr>,
 
-    /// The node the waypoint runs on (its token authenticates the config stream).
+    /// The node the waypoint runs on (the controller checks it against the token: the node's
+    /// own, or the node of the pod a ServiceAccount token is bound to).
     #[arg(long, env = "WARREN_NODE_NAME")]
     pub node: Option<String>,
 
@@ -76,8 +77,10 @@ pub struct Config {
     #[arg(long, env = "WARREN_CA_ROOT")]
     pub ca_root: Option<PathBuf>,
 
-    /// File holding the bootstrap token for the CA and the config stream (in local mode, the
-    /// token of the node the waypoint runs on).
+    /// File holding the token for the CA and the config stream: in local mode the bootstrap
+    /// token of the node the waypoint runs on; on Kubernetes the waypoint pod's projected
+    /// ServiceAccount token, with which it gets only its own identity. Re-read at every use
+    /// (the kubelet rotates projected tokens).
     #[arg(long, env = "WARREN_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
 

@@ -105,8 +105,8 @@ async fn serve(config: Config) -> Result<()> {
             )
             .map_err(anyhow::Error::msg)?;
             let target = state.clone();
-            let deliver = move |version: &str, config| {
-                let snapshot = Snapshot::new(config);
+            let deliver = move |version: &str, config: &warren_core::model::NodeConfig| {
+                let snapshot = Snapshot::new(config.clone());
                 for e in &snapshot.routes.errors {
                     error!(route = e.route, "{}", e.error);
                 }

@@ -1,6 +1,6 @@
 //! `cargo xtask kind`: Warren on a real Kubernetes cluster in Docker (kind), for users with a
 //! Docker engine. It creates a cluster (one control plane, two workers), builds and loads the
-//! images (`xtask image`), creates a mesh root and node tokens, installs the Helm chart with a
+//! images (`xtask image`), creates a mesh root, installs the Helm chart with a
 //! waypoint for `production`, applies `deploy/examples` (the demo's namespace, services,
 //! policies), waits for everything to be ready and runs a load test from checkout-service to
 //! payment-service through the mesh. The cluster stays up; `kind delete cluster --name NAME`
@@ -49,24 +49,20 @@ pub fn kind_config() -> String {
         .to_string()
 }
 
-/// The chart values for this cluster: the root, a token per node, and the examples' waypoint.
-pub fn values(root_cert: &str, root_key: &str, tokens: &[(String, String)]) -> String {
-    let mut doc = serde_json::json!({
+/// The chart values for this cluster: the root and the examples' waypoint. (Proxies
+/// authenticate with their pods' ServiceAccount tokens: there is nothing to hand out per node.)
+pub fn values(root_cert: &str, root_key: &str) -> String {
+    let doc = serde_json::json!({
         "ca": {
             "rootCert": root_cert,
             "rootKey": root_key,
             "clusterIP": CA_CLUSTER_IP,
-            "generateNodeTokens": false,
-            "nodeTokens": {},
         },
         "controller": {"image": {"pullPolicy": "Never"}},
         "ztunnel": {"image": {"pullPolicy": "Never"}},
         "waypoint": {"image": {"pullPolicy": "Never"}},
         "waypoints": [{"name": WAYPOINT.0, "namespace": WAYPOINT.1, "replicas": 1, "createGateway": false}],
     });
-    for (node, token) in tokens {
-        doc["ca"]["nodeTokens"][node] = token.clone().into();
-    }
     format!("# Written by `cargo xtask kind`.\n{}", serde_yaml_ng::to_string(&doc).expect("YAML"))
 }
 
@@ -236,8 +232,7 @@ pub fn run(name: &str, no_build: bool) -> Result<()> {
     fs::create_dir_all(state.join("examples"))?;
     fs::write(state.join("kind-config.yaml"), kind_config())?;
     let ca = warren_core::ca::Ca::generate("cluster.local")?;
-    let tokens: Vec<(String, String)> = node_names(name).into_iter().map(|n| (n, random_token())).collect();
-    fs::write(state.join("values.yaml"), values(ca.root_pem(), ca.key_pem(), &tokens))?;
+    fs::write(state.join("values.yaml"), values(ca.root_pem(), ca.key_pem()))?;
     for entry in fs::read_dir(workspace_root().join("deploy/examples"))? {
         let path = entry?.path();
         let text = fs::read_to_string(&path)?;
@@ -276,14 +271,6 @@ fn helm_command() -> String {
     if cached.is_file() { cached.display().to_string() } else { "helm".into() }
 }
 
-fn random_token() -> String {
-    let mut bytes = [0u8; 24];
-    if let Ok(mut f) = fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,11 +287,8 @@ mod tests {
 
     #[test]
     fn values_pass_the_charts_schema_shape() {
-        let tokens: Vec<(String, String)> =
-            node_names("t").into_iter().map(|n| (n, "x".repeat(48))).collect();
-        let text = values("CERT", "KEY", &tokens);
+        let text = values("CERT", "KEY");
         let v: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
-        assert_eq!(v["ca"]["nodeTokens"]["t-worker2"], "x".repeat(48));
         assert_eq!(v["ca"]["rootCert"], "CERT");
         assert_eq!(v["waypoints"][0]["namespace"], "production");
         // Every key is one the chart's values.yaml has (the schema refuses unknown keys).
@@ -315,9 +299,6 @@ mod tests {
         fn check(ours: &serde_json::Value, chart: &serde_json::Value, path: &str) {
             if let (Some(ours), Some(theirs)) = (ours.as_object(), chart.as_object()) {
                 for (k, v) in ours {
-                    if path == "ca.nodeTokens" {
-                        continue;
-                    }
                     assert!(theirs.contains_key(k), "{path}.{k} is not a chart value");
                     check(v, &theirs[k], format!("{path}.{k}").trim_start_matches('.'));
                 }

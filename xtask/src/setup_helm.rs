@@ -253,7 +253,7 @@ mod chart_tests {
             ],
             vec![
                 "--set",
-                "ztunnel.privileged=false",
+                "ztunnel.privileged=true",
                 "--set",
                 "installCRDs=false",
                 "--set",
@@ -276,7 +276,8 @@ mod chart_tests {
             (vec!["--set", "ztunnel.bogus=1"], "bogus"),
             (vec!["--set", "ztunnel.capabilities[0]=ALL"], "capabilities"),
             (vec!["--set", "logFormat=xml"], "logFormat"),
-            (vec!["--set", "ca.nodeTokens.node-1=short"], "nodeTokens"),
+            // Removed with the node bootstrap tokens: an old values file says so.
+            (vec!["--set", &format!("ca.nodeTokens.node-1={}", "a".repeat(40))], "nodeTokens"),
             (vec!["--set", "controller.replicas=0"], "replicas"),
         ] {
             let mut args: Vec<String> =
@@ -352,7 +353,25 @@ mod chart_tests {
         assert_eq!(annotations["prometheus.io/port"], "15020");
         let ztunnel = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "ztunnel").unwrap();
         assert_eq!(ztunnel["readinessProbe"]["httpGet"], json!({"path": "/healthz/ready", "port": 15021}));
-        assert_eq!(ztunnel["securityContext"]["privileged"], true);
+        // Not privileged by default: exactly the listed capabilities, nothing else, unconfined
+        // by AppArmor and SELinux (which would deny mount and bpffs pins), /tmp writable.
+        let security = &ztunnel["securityContext"];
+        assert_eq!(security["privileged"], false);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(
+            security["capabilities"],
+            json!({"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]})
+        );
+        assert_eq!(security["seLinuxOptions"], json!({"type": "spc_t", "level": "s0"}));
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        let mounts: BTreeMap<&str, &str> = ztunnel["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["name"].as_str().unwrap(), m["mountPath"].as_str().unwrap()))
+            .collect();
+        assert_eq!(mounts["tmp"], "/tmp");
+        assert_eq!(mounts["token"], "/var/run/warren/token");
         let host_paths: BTreeMap<&str, &str> = pod["volumes"]
             .as_array()
             .unwrap()
@@ -367,8 +386,18 @@ mod chart_tests {
                 ("netns", "/var/run/netns")
             ])
         );
+        // Its credential: its own pod's projected ServiceAccount token, no Secret.
+        let volumes: BTreeMap<&str, &Value> =
+            pod["volumes"].as_array().unwrap().iter().map(|v| (v["name"].as_str().unwrap(), v)).collect();
+        assert_eq!(
+            volumes["token"]["projected"]["sources"],
+            json!([{"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}])
+        );
+        assert_eq!(volumes["tmp"]["emptyDir"]["medium"], "Memory");
+        assert!(!volumes.values().any(|v| v.get("secret").is_some()), "{volumes:?}");
         let env: BTreeMap<&str, &Value> =
             ztunnel["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e)).collect();
+        assert_eq!(env["WARREN_CA_TOKEN_FILE"]["value"], "/var/run/warren/token/token");
         assert_eq!(env["WARREN_CGROUP2_ROOT"]["value"], "/host/cgroup");
         assert_eq!(env["WARREN_CA_ADDR"]["value"], "$(WARREN_CA_SERVICE_HOST):15012");
         // The config comes over the controller's stream, on the CA's port.
@@ -376,16 +405,34 @@ mod chart_tests {
         assert!(!env.contains_key("WARREN_WORKLOADS_FILE"));
         let inits: Vec<&str> =
             pod["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-        assert_eq!(inits, ["mount-bpffs", "node-token"]);
+        assert_eq!(inits, ["mount-bpffs"]);
         assert_eq!(pod["containers"].as_array().unwrap().len(), 1, "ztunnel alone");
-        // Unprivileged mode: exactly the listed capabilities, nothing else.
-        let narrow = render(&helm, &dir.0, &["--set", "ztunnel.privileged=false"]);
-        let pod = &narrow["DaemonSet/warren-system/warren-ztunnel"]["spec"]["template"]["spec"];
-        let ztunnel = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "ztunnel").unwrap();
-        assert_eq!(ztunnel["securityContext"]["privileged"], false);
-        assert_eq!(
-            ztunnel["securityContext"]["capabilities"],
-            json!({"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]})
+        // AppArmor: the field from Kubernetes 1.30, the annotation before.
+        let apparmor = |version: &str| {
+            let objects = render(&helm, &dir.0, &["--kube-version", version]);
+            let template = objects["DaemonSet/warren-system/warren-ztunnel"]["spec"]["template"].clone();
+            let annotation =
+                template["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/ztunnel"]
+                    .clone();
+            (annotation, template["spec"]["containers"][0]["securityContext"]["appArmorProfile"].clone())
+        };
+        assert_eq!(apparmor("1.31.0"), (Value::Null, json!({"type": "Unconfined"})));
+        assert_eq!(apparmor("1.20.2"), (json!("unconfined"), Value::Null));
+        // Privileged on request: none of that.
+        let privileged =
+            render(&helm, &dir.0, &["--set", "ztunnel.privileged=true", "--kube-version", "1.20.2"]);
+        let template = &privileged["DaemonSet/warren-system/warren-ztunnel"]["spec"]["template"];
+        let ztunnel = template["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "ztunnel")
+            .unwrap();
+        assert_eq!(ztunnel["securityContext"]["privileged"], true);
+        assert!(ztunnel["securityContext"].get("capabilities").is_none());
+        assert!(ztunnel["securityContext"].get("seLinuxOptions").is_none());
+        assert!(
+            !template["metadata"]["annotations"].as_object().unwrap().keys().any(|k| k.contains("apparmor"))
         );
     }
 
@@ -419,10 +466,14 @@ mod chart_tests {
                 "/var/run/warren/config/config.json",
                 "--ca-dir",
                 "/etc/warren/ca",
-                "--tokens",
-                "/etc/warren/tokens/tokens"
+                "--ztunnel-service-account",
+                "warren-system/warren-ztunnel"
             ]
         );
+        assert!(!args.contains(&"--tokens"), "{args:?}");
+        // No node bootstrap tokens anywhere: every proxy has its own pod's token.
+        assert!(!objects.keys().any(|k| k.starts_with("Secret/") && k.ends_with("/warren-node-tokens")));
+        assert!(!objects.keys().any(|k| k.starts_with("Secret/production/")), "{:?}", objects.keys());
         assert_eq!(objects["Service/warren-system/warren-ca"]["spec"]["ports"][0]["port"], 15012);
         assert_eq!(objects["Service/warren-system/warren-ca"]["spec"]["clusterIP"], "10.96.200.12");
         // API server 1.20: policy/v1beta1; one replica never blocks a drain.
@@ -449,41 +500,36 @@ mod chart_tests {
             "{env:?}"
         );
         assert_eq!(waypoint["spec"]["automountServiceAccountToken"], false);
-        // Only the controller may read the API: one binding, to its ServiceAccount.
+        assert!(waypoint["spec"].get("initContainers").is_none(), "{waypoint}");
+        assert_eq!(waypoint["spec"]["volumes"][0]["name"], "token");
+        assert_eq!(
+            waypoint["spec"]["volumes"][0]["projected"]["sources"],
+            json!([{"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}])
+        );
+        assert!(
+            env.contains(&json!({"name": "WARREN_CA_TOKEN_FILE", "value": "/var/run/warren/token/token"}))
+        );
+        // Only the controller may use the API: its ClusterRole, and TokenReviews (to check the
+        // proxies' tokens), both bound to its ServiceAccount alone.
         let bindings: Vec<&String> =
             objects.keys().filter(|k| k.starts_with("ClusterRoleBinding/")).collect();
-        assert_eq!(bindings, ["ClusterRoleBinding//warren-controller"]);
         assert_eq!(
-            objects["ClusterRoleBinding//warren-controller"]["subjects"],
-            json!([{"kind": "ServiceAccount", "name": "warren-controller", "namespace": "warren-system"}])
+            bindings,
+            ["ClusterRoleBinding//warren-controller", "ClusterRoleBinding//warren-controller-auth-delegator"]
+        );
+        for binding in bindings {
+            assert_eq!(
+                objects[binding]["subjects"],
+                json!([{"kind": "ServiceAccount", "name": "warren-controller", "namespace": "warren-system"}])
+            );
+        }
+        assert_eq!(
+            objects["ClusterRoleBinding//warren-controller-auth-delegator"]["roleRef"]["name"],
+            "system:auth-delegator"
         );
         // Several replicas: a real budget.
         let two = render(&helm, &dir.0, &["--set", "controller.replicas=2"]);
         assert_eq!(two["PodDisruptionBudget/warren-system/warren-controller"]["apiVersion"], "policy/v1");
         assert_eq!(two["PodDisruptionBudget/warren-system/warren-controller"]["spec"]["minAvailable"], 1);
-        // Explicit node tokens end up in the tokens file, one per line.
-        let tokens = render(&helm, &dir.0, &["--set", &format!("ca.nodeTokens.node-1={}", "a".repeat(40))]);
-        let data = tokens["Secret/warren-system/warren-node-tokens"]["data"]["tokens"].as_str().unwrap();
-        let text = String::from_utf8(base64_decode(data)).unwrap();
-        assert!(text.lines().any(|l| l == format!("node-1 {}", "a".repeat(40))), "{text}");
-    }
-
-    fn base64_decode(text: &str) -> Vec<u8> {
-        let table = |c: u8| match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            _ => 63,
-        };
-        let clean: Vec<u8> = text.bytes().filter(|c| *c != b'=').map(table).collect();
-        clean
-            .chunks(4)
-            .flat_map(|c| {
-                let n = c.iter().enumerate().fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
-                let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-                bytes[..c.len().saturating_sub(1)].to_vec()
-            })
-            .collect()
     }
 }

@@ -90,7 +90,9 @@ pub struct Config {
     #[arg(long, env = "WARREN_CA_ROOT")]
     pub ca_root: Option<PathBuf>,
 
-    /// File holding this node's bootstrap token for the CA and the config stream.
+    /// File holding the token for the CA and the config stream: this node's bootstrap token
+    /// (local mode), or on Kubernetes the ztunnel pod's projected ServiceAccount token. Re-read
+    /// at every use (the kubelet rotates projected tokens).
     #[arg(long, env = "WARREN_CA_TOKEN_FILE")]
     pub ca_token_file: Option<PathBuf>,
 

@@ -205,7 +205,7 @@ fn config_source(config: &Config, state: &Arc<AdminState>) -> Result<Source> {
     let slot = Arc::new(Mutex::new(None));
     let deliver = {
         let slot = slot.clone();
-        move |_version: &str, config: NodeConfig| *slot.lock().expect("poisoned") = Some(config)
+        move |_version: &str, config: &NodeConfig| *slot.lock().expect("poisoned") = Some(config.clone())
     };
     info!(controller = %addr, "config from the controller's stream");
     tokio::spawn(warren_core::config_stream::run_client(settings, state.stream.clone(), deliver));

@@ -66,8 +66,8 @@ fn key(meta: &ObjectMeta) -> (String, String) {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-fn typed<T: Clone>(list: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<T> {
-    let mut out: Vec<T> = list.iter().map(|o| T::clone(o)).collect();
+fn typed<T>(list: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<Arc<T>> {
+    let mut out: Vec<Arc<T>> = list.to_vec();
     out.sort_by_key(|o| key(meta(o)));
     out
 }
@@ -77,7 +77,7 @@ fn typed<T: Clone>(list: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<T> 
 fn read<T: DeserializeOwned>(
     kind: Kind,
     object: &DynamicObject,
-    out: &mut Vec<T>,
+    out: &mut Vec<Arc<T>>,
     findings: &mut Vec<Finding>,
 ) {
     let name = crate::objects::object_name(&object.metadata);
@@ -89,7 +89,7 @@ fn read<T: DeserializeOwned>(
         }
     };
     match serde_path_to_error::deserialize(value) {
-        Ok(o) => out.push(o),
+        Ok(o) => out.push(Arc::new(o)),
         Err(e) => {
             let field = e.path().to_string();
             findings.push(error(

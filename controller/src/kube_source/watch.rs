@@ -60,7 +60,7 @@ const CRD_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Watches the API server until a fatal error, writing `options.out` and handing each new
 /// config to `apply` (the CA service's view of the workloads).
-pub async fn run(options: Options, mut apply: impl FnMut(NodeConfig)) -> Result<(), KubeSourceError> {
+pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Result<(), KubeSourceError> {
     let client = connect(options.kubeconfig.as_deref()).await?;
     let (tx, mut rx) = unbounded_channel();
     let stores = Stores::start(&client, &tx);
@@ -102,14 +102,17 @@ pub async fn run(options: Options, mut apply: impl FnMut(NodeConfig)) -> Result<
             crate::report(&findings);
             last_findings = rendered;
         }
-        if output.write(serde_json::to_string_pretty(&config)?)? {
+        // Proxies first (the hub publishes a new version only when the config changed), then
+        // the file, for tools and development.
+        let config = Arc::new(config);
+        apply(config.clone());
+        if output.write(serde_json::to_string_pretty(&*config)?)? {
             eprintln!(
                 "controller: wrote {} from the API server ({} workloads, {} services)",
                 output.path().display(),
                 config.workloads.len(),
                 config.services.len()
             );
-            apply(config);
         }
     }
 }

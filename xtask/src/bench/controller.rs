@@ -15,7 +15,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use warren_core::config_stream::{ClientSettings, ClientStatus, ProxyKind, run_client};
 use warren_e2e::ztunnel::binary;
 
 use super::stats;
@@ -94,9 +93,10 @@ fn changed_pod(dir: &Path, round: usize) -> Result<()> {
     Ok(())
 }
 
-struct Controller(Child);
+/// A child process killed (and reaped) when dropped, even on an early error.
+struct KillOnDrop(Child);
 
-impl Drop for Controller {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -146,7 +146,7 @@ pub fn run(scale: &Scale, work: &Path) -> Result<Value> {
     for n in 0..NODES {
         std::fs::write(work.join(format!("token-{n}")), format!("token-{n}"))?;
     }
-    let _controller = Controller(
+    let _controller = KillOnDrop(
         Command::new(binary("controller"))
             .args(["serve", "--interval-ms", "10", "--listen", &format!("127.0.0.1:{listen}")])
             .args(["--admin", &format!("127.0.0.1:{admin}"), "--dir"])
@@ -170,27 +170,40 @@ pub fn run(scale: &Scale, work: &Path) -> Result<Value> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    // Every proxy's (version, when it applied it), and how many workloads that version had.
+    // The proxies: `controller subscribe` processes (the release build, one process per node
+    // as ztunnels are), each printing a line per update it has applied; a thread per proxy
+    // notes when each line arrives.
     let applied: Arc<Mutex<HashMap<usize, (String, Instant)>>> = Default::default();
     let sizes: Arc<Mutex<HashMap<usize, usize>>> = Default::default();
+    let mut proxies = Vec::new();
     for n in 0..NODES {
-        let settings = ClientSettings::load(
-            format!("127.0.0.1:{listen}").parse()?,
-            &root,
-            &work.join(format!("token-{n}")),
-            "cluster.local",
-            format!("ztunnel/node-{n}"),
-            format!("node-{n}"),
-            ProxyKind::Ztunnel,
-        )
-        .map_err(anyhow::Error::msg)?;
+        let mut child = KillOnDrop(
+            Command::new(binary("controller"))
+                .args(["subscribe", "--controller", &format!("127.0.0.1:{listen}"), "--root"])
+                .arg(&root)
+                .arg("--token-file")
+                .arg(work.join(format!("token-{n}")))
+                .args(["--node", &format!("node-{n}"), "--proxy", &format!("ztunnel/node-{n}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting controller subscribe")?,
+        );
+        let stdout = child.0.stdout.take().expect("piped");
         let (applied, sizes) = (applied.clone(), sizes.clone());
-        let status: Arc<Mutex<ClientStatus>> = Default::default();
-        runtime.spawn(run_client(settings, status, move |version: &str, config| {
-            applied.lock().expect("poisoned").insert(n, (version.to_string(), Instant::now()));
-            sizes.lock().expect("poisoned").insert(n, config.workloads.len());
-        }));
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let at = Instant::now();
+                let Ok(update) = serde_json::from_str::<Value>(&line) else { continue };
+                let version = update["version"].as_str().unwrap_or_default().to_string();
+                applied.lock().expect("poisoned").insert(n, (version, at));
+                let workloads = update["workloads"].as_u64().unwrap_or(0) as usize;
+                sizes.lock().expect("poisoned").insert(n, workloads);
+            }
+        });
+        proxies.push(child);
     }
     // Every proxy has the whole config (all pods and the changing one) before measuring.
     let complete = || {
@@ -231,7 +244,7 @@ pub fn run(scale: &Scale, work: &Path) -> Result<Value> {
             propagation_ms.last().unwrap()
         );
     }
-    runtime.shutdown_background();
+    drop(proxies);
     let t = stats(&translate_ms);
     let p = stats(&propagation_ms);
     let t_median = t["median"].as_f64().unwrap_or(f64::NAN);

@@ -42,77 +42,17 @@ prometheus.io/path: /stats/prometheus
 {{- end -}}
 
 {{/*
-The node tokens file (`<node> <token>` per line, sorted), computed once per render and
-memoised, since it may hold random tokens and is used by several templates (the Secret, its
-copies for waypoint namespaces, the controller's checksum annotation). Sources, later ones
-winning: tokens already in the cluster's Secret (kept across upgrades), a new random token for
-each Node without one (generateNodeTokens; `lookup` finds nothing under `helm template`), and
-ca.nodeTokens.
+The proxy's credential for the CA and the config stream: its own pod's ServiceAccount token,
+projected by the kubelet (default audience: the controller's TokenReview names none), valid an
+hour and rotated in place well before that; the proxies re-read the file at every use. The
+token is bound to the pod: the controller accepts it only while this very pod exists.
 */}}
-{{- define "warren.nodeTokens" -}}
-{{- if not (hasKey .Values.ca "__tokensFile") -}}
-{{- $tokens := dict -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace "warren-node-tokens" -}}
-{{- if and $existing (hasKey ($existing.data | default dict) "tokens") -}}
-{{- range (index $existing.data "tokens" | b64dec | splitList "\n") -}}
-{{- $fields := splitList " " (trim .) -}}
-{{- if and (eq (len $fields) 2) (not (hasPrefix "#" (first $fields))) -}}
-{{- $_ := set $tokens (first $fields) (last $fields) -}}
-{{- end -}}
-{{- end -}}
-{{- end -}}
-{{- if .Values.ca.generateNodeTokens -}}
-{{- $nodes := lookup "v1" "Node" "" "" -}}
-{{- range ($nodes.items | default list) -}}
-{{- if not (hasKey $tokens .metadata.name) -}}
-{{- $_ := set $tokens .metadata.name (randAlphaNum 48) -}}
-{{- end -}}
-{{- end -}}
-{{- end -}}
-{{- range $node, $token := .Values.ca.nodeTokens -}}
-{{- $_ := set $tokens $node $token -}}
-{{- end -}}
-{{- $lines := list "# <node> <token>: written by Helm (ca.nodeTokens, ca.generateNodeTokens)" -}}
-{{- range $node := keys $tokens | sortAlpha -}}
-{{- $lines = append $lines (printf "%s %s" $node (index $tokens $node)) -}}
-{{- end -}}
-{{- $_ := set .Values.ca "__tokensFile" (printf "%s\n" (join "\n" $lines)) -}}
-{{- end -}}
-{{- index .Values.ca "__tokensFile" -}}
-{{- end -}}
-
-{{/*
-The init container that copies this node's token out of the tokens file: every ztunnel and
-waypoint pod mounts the whole Secret (a DaemonSet cannot pick a key per node), and the proxy
-container sees only its own node's token.
-*/}}
-{{- define "warren.nodeTokenInit" -}}
-- name: node-token
-  image: {{ include "warren.image" (dict "image" .Values.initImage "root" .) }}
-  imagePullPolicy: {{ .Values.initImage.pullPolicy }}
-  command:
-    - sh
-    - -c
-    - |
-      token=$(awk -v node="$NODE_NAME" '$1 == node { print $2 }' /etc/warren/tokens/tokens)
-      if [ -z "$token" ]; then
-        echo "no CA token for node $NODE_NAME in Secret warren-node-tokens: run 'helm upgrade --reuse-values' (it gives every node a token) or set ca.nodeTokens.$NODE_NAME" >&2
-        exit 1
-      fi
-      printf %s "$token" > /var/run/warren/token/token
-  env:
-    - name: NODE_NAME
-      valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
-  securityContext:
-    runAsUser: 65532
-    runAsGroup: 65532
-    runAsNonRoot: true
-    allowPrivilegeEscalation: false
-    readOnlyRootFilesystem: true
-    capabilities: {drop: [ALL]}
-  volumeMounts:
-    - {name: node-tokens, mountPath: /etc/warren/tokens, readOnly: true}
-    - {name: node-token, mountPath: /var/run/warren/token}
+{{- define "warren.tokenVolume" -}}
+- name: token
+  projected:
+    defaultMode: 0440
+    sources:
+      - serviceAccountToken: {path: token, expirationSeconds: 3600}
 {{- end -}}
 
 {{/*
@@ -134,8 +74,9 @@ namespace. ca.clusterIP, else the ClusterIP the Service already has (lookup, on 
 
 {{/*
 What every proxy gets (environment): the controller's port (.addr, IP:port) serves both the CA
-(HTTP/1.1) and the config stream (HTTP/2); the root verifies it and the node's token
-authenticates to both.
+(HTTP/1.1) and the config stream (HTTP/2); the root verifies it, and the pod's own
+ServiceAccount token (warren.tokenVolume, mounted at /var/run/warren/token) authenticates to
+both.
 */}}
 {{- define "warren.caEnv" -}}
 - name: WARREN_CA_ADDR
