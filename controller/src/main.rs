@@ -392,13 +392,13 @@ fn watch(
     let mut last = None;
     let mut reader = source::DirReader::default();
     let out_file = out_file::OutFile::spawn(out.to_path_buf());
+    let mut last_findings: Vec<String> = Vec::new();
     loop {
         let stamp = dir_stamp(dir)?;
         if last.as_ref() != Some(&stamp) {
             let started = std::time::Instant::now();
             match translate_dir(&mut reader, dir) {
                 Ok((config, findings)) => {
-                    report(&findings);
                     let config = std::sync::Arc::new(config);
                     apply(config.clone());
                     eprintln!(
@@ -406,6 +406,12 @@ fn watch(
                         dir.display(),
                         started.elapsed().as_millis()
                     );
+                    // Findings are reported when they change, not again on every edit.
+                    let rendered: Vec<String> = findings.iter().map(ToString::to_string).collect();
+                    if rendered != last_findings {
+                        report(&findings);
+                        last_findings = rendered;
+                    }
                     out_file.write(config);
                 }
                 Err(e) => eprintln!("controller: {e:#}; keeping the last config"),

@@ -72,8 +72,17 @@ pub struct ProxyStatus {
     pub nacked: Option<(String, String)>,
     /// SYNCED, STALE or NACKED, against the latest version.
     pub state: String,
+    /// When it subscribed, or (disconnected) when it went away.
     pub since_unix: u64,
+    /// Which of the proxy's connections this row is: a late disconnect of an old stream must
+    /// not mark a proxy that has already reconnected.
+    #[serde(skip)]
+    pub connection: u64,
 }
+
+/// A proxy gone this long (seconds) leaves the status view: nodes come and go, and a
+/// long-gone proxy is not a proxy that is behind.
+pub const FORGET_DISCONNECTED_AFTER_SECS: u64 = 600;
 
 pub struct Hub {
     boot: u64,
@@ -83,6 +92,8 @@ pub struct Hub {
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     /// The shared resources of the last version built, per kind of proxy (ztunnel, waypoint).
     caches: Mutex<[ResourceCache; 2]>,
+    /// Numbers each subscription (see [`ProxyStatus::connection`]).
+    connections: std::sync::atomic::AtomicU64,
 }
 
 fn now_unix() -> u64 {
@@ -101,6 +112,7 @@ impl Hub {
             auth,
             proxies: Mutex::new(BTreeMap::new()),
             caches: Default::default(),
+            connections: Default::default(),
         })
     }
 
@@ -120,10 +132,17 @@ impl Hub {
         self.current.borrow().version.clone()
     }
 
-    /// Every proxy seen, with its state against the latest version.
+    /// Every proxy seen (and not gone for longer than [`FORGET_DISCONNECTED_AFTER_SECS`]),
+    /// with its state against the latest version.
     pub fn status(&self) -> Vec<ProxyStatus> {
+        self.status_at(now_unix())
+    }
+
+    fn status_at(&self, now: u64) -> Vec<ProxyStatus> {
         let latest = self.latest_version();
-        let proxies = self.proxies.lock().expect("poisoned");
+        let mut proxies = self.proxies.lock().expect("poisoned");
+        proxies
+            .retain(|_, p| p.connected || now.saturating_sub(p.since_unix) <= FORGET_DISCONNECTED_AFTER_SECS);
         proxies
             .values()
             .map(|p| {
@@ -140,8 +159,11 @@ impl Hub {
             .collect()
     }
 
-    fn update(&self, proxy: &str, f: impl FnOnce(&mut ProxyStatus)) {
-        if let Some(p) = self.proxies.lock().expect("poisoned").get_mut(proxy) {
+    /// Updates the row of `proxy`'s connection `connection` (not a newer one's).
+    fn update(&self, proxy: &str, connection: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(p) = self.proxies.lock().expect("poisoned").get_mut(proxy)
+            && p.connection == connection
+        {
             f(p);
         }
     }
@@ -248,6 +270,7 @@ async fn serve_stream(
             .map(|v| format!(", resuming from {v} with {} resources", have.len()))
             .unwrap_or_default()
     );
+    let connection = hub.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     hub.proxies.lock().expect("poisoned").insert(
         proxy.clone(),
         ProxyStatus {
@@ -260,6 +283,7 @@ async fn serve_stream(
             nacked: None,
             state: String::new(),
             since_unix: now_unix(),
+            connection,
         },
     );
     // What the proxy is known to hold: its resume set, then each acknowledged update.
@@ -305,7 +329,7 @@ async fn serve_stream(
                     break;
                 }
                 pending = Some((published.version.clone(), changes));
-                hub.update(&proxy, |p| p.sent = Some(published.version.clone()));
+                hub.update(&proxy, connection, |p| p.sent = Some(published.version.clone()));
             }
             first = false;
         }
@@ -329,14 +353,14 @@ async fn serve_stream(
                                         None => acked.remove(&key),
                                     };
                                 }
-                                hub.update(&proxy, |p| p.acked = Some(v));
+                                hub.update(&proxy, connection, |p| p.acked = Some(v));
                             }
                         }
                         Ok(ProxyMessage::Nack { version, reason }) => {
                             eprintln!("controller: {proxy} refused {version}: {reason}");
                             // It keeps what it had: later deltas are computed from that.
                             pending = None;
-                            hub.update(&proxy, |p| p.nacked = Some((version, reason)));
+                            hub.update(&proxy, connection, |p| p.nacked = Some((version, reason)));
                         }
                         _ => {}
                     }
@@ -345,7 +369,10 @@ async fn serve_stream(
         }
     }
     eprintln!("controller: {proxy} disconnected");
-    hub.update(&proxy, |p| p.connected = false);
+    hub.update(&proxy, connection, |p| {
+        p.connected = false;
+        p.since_unix = now_unix();
+    });
 }
 
 /// The admin endpoint (`--admin`, 127.0.0.1:15014 by default): `/debug/proxy-status`,
@@ -472,15 +499,27 @@ mod tests {
                 nacked: None,
                 state: String::new(),
                 since_unix: 0,
+                connection: 7,
             },
         );
         assert_eq!(hub.status()[0].state, "SYNCED");
         hub.publish(Arc::new(NodeConfig { root_namespace: "mesh".into(), ..Default::default() }));
         assert_eq!(hub.status()[0].state, "STALE");
         let latest = hub.latest_version();
-        hub.update("ztunnel/n1", |p| p.nacked = Some((latest.clone(), "bad".into())));
+        hub.update("ztunnel/n1", 7, |p| p.nacked = Some((latest.clone(), "bad".into())));
         let view = StatusView { latest: hub.latest_version(), proxies: hub.status() };
         assert_eq!(view.proxies[0].state, "NACKED");
         assert!(render_status(&view).contains("refused"), "{}", render_status(&view));
+
+        // An older connection's late disconnect does not touch the row of the newer one.
+        hub.update("ztunnel/n1", 6, |p| p.connected = false);
+        assert!(hub.status()[0].connected);
+        // Gone: shown (STALE) for a while, then forgotten.
+        hub.update("ztunnel/n1", 7, |p| {
+            p.connected = false;
+            p.since_unix = 1_000;
+        });
+        assert!(!hub.status_at(1_000 + FORGET_DISCONNECTED_AFTER_SECS)[0].connected);
+        assert!(hub.status_at(1_001 + FORGET_DISCONNECTED_AFTER_SECS).is_empty());
     }
 }
