@@ -28,7 +28,16 @@ pub struct Published {
     /// would tell a resuming proxy to drop everything it holds).
     pub translated: bool,
     /// The resources every ztunnel / every waypoint gets, computed once per version.
-    shared: [std::sync::OnceLock<Arc<config_stream::Resources>>; 2],
+    shared: [std::sync::OnceLock<Arc<SharedSet>>; 2],
+}
+
+/// One version's shared resources for a kind of proxy, and how they differ from the version
+/// the hub built before (`base`): a proxy known to hold `base` is sent `changes`, without
+/// comparing everything.
+pub struct SharedSet {
+    resources: config_stream::Resources,
+    base: Option<String>,
+    changes: config_stream::Changes,
 }
 
 impl Published {
@@ -38,11 +47,7 @@ impl Published {
 
     /// Built from the hub's cache for `kind`, so only what changed since the last version
     /// is serialized and hashed again.
-    fn shared_for(
-        &self,
-        kind: &ProxyKind,
-        caches: &Mutex<[ResourceCache; 2]>,
-    ) -> Arc<config_stream::Resources> {
+    fn shared_for(&self, kind: &ProxyKind, caches: &Mutex<[BuiltFor; 2]>) -> Arc<SharedSet> {
         let i = match kind {
             ProxyKind::Ztunnel => 0,
             ProxyKind::Waypoint { .. } => 1,
@@ -50,7 +55,10 @@ impl Published {
         self.shared[i]
             .get_or_init(|| {
                 let mut caches = caches.lock().expect("poisoned");
-                Arc::new(config_stream::shared_resources(&self.config, kind, &mut caches[i]))
+                let (cache, built_for) = &mut caches[i];
+                let resources = config_stream::shared_resources(&self.config, kind, cache);
+                let base = built_for.replace(self.version.clone());
+                Arc::new(SharedSet { resources, base, changes: cache.changes().clone() })
             })
             .clone()
     }
@@ -91,7 +99,7 @@ pub struct Hub {
     auth: Arc<Authenticator>,
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     /// The shared resources of the last version built, per kind of proxy (ztunnel, waypoint).
-    caches: Mutex<[ResourceCache; 2]>,
+    caches: Mutex<[BuiltFor; 2]>,
     /// Numbers each subscription (see [`ProxyStatus::connection`]).
     connections: std::sync::atomic::AtomicU64,
 }
@@ -194,6 +202,9 @@ pub fn may_subscribe(principal: &Principal, node: &str, kind: &ProxyKind) -> Res
     }
 }
 
+/// A resource cache and the version whose shared set it holds.
+type BuiltFor = (ResourceCache, Option<String>);
+
 /// A resource an update sets (to its hash) or removes (`None`).
 type KeyChange = (String, Option<String>);
 
@@ -288,6 +299,9 @@ async fn serve_stream(
     );
     // What the proxy is known to hold: its resume set, then each acknowledged update.
     let mut acked = have;
+    // The version whose shared set the proxy is known to hold exactly (none yet: a resuming
+    // proxy's `have` is compared in full once).
+    let mut holds: Option<String> = None;
     // The update in flight: its version, and each key it sets (to a hash) or removes (None).
     let mut pending: Option<(String, Vec<KeyChange>)> = None;
     // This proxy's own resources (a ztunnel's identities), reused between versions.
@@ -309,9 +323,14 @@ async fn serve_stream(
             let published = updates.borrow_and_update().clone();
             let shared = published.shared_for(&kind, &hub.caches);
             let own = config_stream::node_resources(&published.config, &kind, &node, &mut own_cache);
-            let (upsert, remove) = config_stream::delta(&acked, &shared, &own);
+            let (upsert, remove) = match &holds {
+                Some(held) if shared.base.as_ref() == Some(held) => {
+                    config_stream::delta_from_changes(&acked, &shared.resources, &shared.changes, &own)
+                }
+                _ => config_stream::delta(&acked, &shared.resources, &own),
+            };
             if first || !upsert.is_empty() || !remove.is_empty() {
-                let total = shared.len() + own.len();
+                let total = shared.resources.len() + own.len();
                 eprintln!(
                     "controller: sending {} to {proxy}: {} of {total} resources changed, {} removed",
                     published.version,
@@ -330,6 +349,9 @@ async fn serve_stream(
                 }
                 pending = Some((published.version.clone(), changes));
                 hub.update(&proxy, connection, |p| p.sent = Some(published.version.clone()));
+            } else {
+                // Nothing of this version differs for it: it holds this version's set.
+                holds = Some(published.version.clone());
             }
             first = false;
         }
@@ -353,6 +375,7 @@ async fn serve_stream(
                                         None => acked.remove(&key),
                                     };
                                 }
+                                holds = Some(v.clone());
                                 hub.update(&proxy, connection, |p| p.acked = Some(v));
                             }
                         }

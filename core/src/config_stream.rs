@@ -131,6 +131,22 @@ pub type Resources = BTreeMap<String, Arc<Resource>>;
 #[derive(Default)]
 pub struct ResourceCache {
     built: HashMap<String, (Box<dyn std::any::Any + Send + Sync>, Arc<Resource>)>,
+    changes: Changes,
+}
+
+impl ResourceCache {
+    /// What the last build changed against the one before it (everything, the first time).
+    pub fn changes(&self) -> &Changes {
+        &self.changes
+    }
+}
+
+/// The difference between two builds of a set of resources: the keys built anew (new or
+/// changed) and the keys gone. A proxy known to hold the earlier set needs exactly this.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    pub upserted: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 /// Builds resources against a cache; what was not built this time is dropped from it.
@@ -138,11 +154,12 @@ struct Builder<'a> {
     cache: &'a mut ResourceCache,
     next: HashMap<String, (Box<dyn std::any::Any + Send + Sync>, Arc<Resource>)>,
     out: Resources,
+    upserted: Vec<String>,
 }
 
 impl<'a> Builder<'a> {
     fn new(cache: &'a mut ResourceCache) -> Self {
-        Builder { cache, next: HashMap::new(), out: BTreeMap::new() }
+        Builder { cache, next: HashMap::new(), out: BTreeMap::new(), upserted: Vec::new() }
     }
 
     fn add<T>(&mut self, kind: &str, name: &str, order: u32, object: &T)
@@ -156,6 +173,7 @@ impl<'a> Builder<'a> {
         let entry = match self.cache.built.remove(&key) {
             Some(entry) if unchanged(&entry) => entry,
             _ => {
+                self.upserted.push(key.clone());
                 let before: Box<dyn std::any::Any + Send + Sync> = Box::new(object.clone());
                 (before, Arc::new(resource(kind, name, order, object).1))
             }
@@ -165,7 +183,11 @@ impl<'a> Builder<'a> {
     }
 
     fn finish(self) -> Resources {
+        // What the last build had and this one did not add back is gone.
+        let mut removed: Vec<String> = self.cache.built.drain().map(|(key, _)| key).collect();
+        removed.sort();
         self.cache.built = self.next;
+        self.cache.changes = Changes { upserted: self.upserted, removed };
         self.out
     }
 }
@@ -223,11 +245,43 @@ pub fn node_resources(
     let mut out = Builder::new(cache);
     if *kind == ProxyKind::Ztunnel {
         for w in config.workloads.iter().filter(|w| w.enrolled && w.node == node) {
-            let identity = serde_json::json!({"namespace": w.namespace, "serviceAccount": w.service_account});
+            let identity =
+                IdentityGrant { namespace: w.namespace.clone(), service_account: w.service_account.clone() };
             out.add(kinds::IDENTITY, &w.uid, 0, &identity);
         }
     }
     out.finish()
+}
+
+/// An identity resource's value: a ServiceAccount whose certificate the node may request.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IdentityGrant {
+    namespace: String,
+    service_account: String,
+}
+
+/// [`delta`] for a proxy known to hold exactly the shared set that `changes` was built
+/// against: the shared part is `changes` itself (no walk over everything), the own part is
+/// compared as usual. Own resources are a ztunnel's identities.
+pub fn delta_from_changes(
+    have: &BTreeMap<String, String>,
+    shared: &Resources,
+    changes: &Changes,
+    own: &Resources,
+) -> (Vec<Resource>, Vec<String>) {
+    let mut upsert: Vec<Resource> =
+        changes.upserted.iter().filter_map(|k| shared.get(k)).map(|r| Resource::clone(r)).collect();
+    let mut remove = changes.removed.clone();
+    upsert.extend(own.values().filter(|r| have.get(&r.key) != Some(&r.hash)).map(|r| Resource::clone(r)));
+    let own_prefix = format!("{}/", kinds::IDENTITY);
+    remove.extend(
+        have.range(own_prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&own_prefix))
+            .filter(|(k, _)| !own.contains_key(*k))
+            .map(|(k, _)| k.clone()),
+    );
+    (upsert, remove)
 }
 
 /// What to send a proxy that holds `have` (key → hash) so it ends up with `shared` (what
@@ -913,8 +967,28 @@ mod tests {
         assert!(Arc::ptr_eq(&first["workload/a"], &second["workload/a"]), "unchanged: reused");
         assert!(!Arc::ptr_eq(&first["workload/b"], &second["workload/b"]));
         assert_ne!(first["workload/b"].hash, second["workload/b"].hash);
+        assert_eq!(cache.changes().upserted, ["workload/b"]);
         // The same as building from nothing.
         assert_eq!(second, shared_resources(&next, &ProxyKind::Ztunnel, &mut ResourceCache::default()));
+
+        // A proxy holding the first set gets from the changes what the full delta gives it.
+        next.workloads.remove(0);
+        next.services[0].endpoints.clear();
+        let have: BTreeMap<String, String> =
+            second.iter().map(|(k, r)| (k.clone(), r.hash.clone())).collect();
+        let mut have_with_own = have.clone();
+        have_with_own.insert("identity/a".into(), "h".into());
+        have_with_own.insert("identity/gone".into(), "h".into());
+        let third = shared_resources(&next, &ProxyKind::Ztunnel, &mut cache);
+        let own = node_resources(&next, &ProxyKind::Ztunnel, "n1", &mut ResourceCache::default());
+        let sorted = |(mut u, mut r): (Vec<Resource>, Vec<String>)| {
+            u.sort_by(|a, b| a.key.cmp(&b.key));
+            r.sort();
+            (u, r)
+        };
+        let fast = sorted(delta_from_changes(&have_with_own, &third, cache.changes(), &own));
+        assert_eq!(fast, sorted(delta(&have_with_own, &third, &own)));
+        assert_eq!(fast.1, ["identity/a", "identity/gone", "workload/a"]);
     }
 
     #[test]
