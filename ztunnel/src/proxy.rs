@@ -141,6 +141,10 @@ async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, direction: Dir
                 continue;
             }
         };
+        // A relay forwards what it reads at once: Nagle would hold a small write (an HTTP/2
+        // frame, a response tail) back until the previous one is acknowledged — up to a 40 ms
+        // delayed ACK.
+        let _ = stream.set_nodelay(true);
         let pod = pod.clone();
         tokio::spawn(async move {
             match direction {
@@ -316,6 +320,7 @@ pub async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<T
         let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
         let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
         s.set_mark(pod.proxy.mark)?;
+        s.set_tcp_nodelay(true)?;
         s.set_nonblocking(true)?;
         io::Result::Ok(s)
     })??;
