@@ -82,14 +82,30 @@ enum Command {
         #[arg(long)]
         no_build: bool,
     },
+    /// Measure: capture, the L4 and L7 data paths against direct and relay baselines, the
+    /// controller at scale; writes docs/performance.md (docs/performance.md explains each).
     Bench {
         /// Fewer rounds and connections: a few minutes at most, for everyday checks.
         #[arg(long)]
         quick: bool,
         /// Run one group only: `capture`, `datapath`, `l7` or `controller` (the report then has only
-        /// that group).
+        /// that group, and goes to target/bench/performance-GROUP.md, not docs/).
         #[arg(long)]
         only: Option<String>,
+    },
+    /// The benchmark's connection holder (started by `bench` inside a pod; not for direct
+    /// use): opens COUNT connections to ADDR, prints how many, keeps them until its stdin
+    /// closes or HOLD_SECS pass.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        limit_secs: f64,
+        #[arg(long)]
+        hold_secs: f64,
     },
 }
 
@@ -143,6 +159,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { quick, only } => {
             setup::run()?;
             bench::run(quick, only.as_deref())
+        }
+        Command::BenchHold { addr, count, limit_secs, hold_secs } => {
+            bench::hold_main(addr, count, limit_secs, hold_secs)
         }
     }
 }

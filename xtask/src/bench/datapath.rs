@@ -6,7 +6,14 @@
 //! - relay+mTLS: the same pair with mutual TLS between them (what two TLS-terminating proxies
 //!   cost);
 //! - Warren cross-node: client pod -> ztunnel -> HBONE -> ztunnel -> server pod;
-//! - Warren same-node: both pods on one node, through its ztunnel twice.
+//! - Warren same-node: both pods on one node, through its ztunnel twice;
+//! - Warren through the waypoint: client pod -> ztunnel -> HBONE -> waypoint -> HBONE ->
+//!   ztunnel -> server pod, for a service that uses a waypoint. The benchmark's bytes are not
+//!   HTTP, so the waypoint sniffs them and passes them through as TCP. Its sniffer decides on
+//!   the first byte here (0x07 and 0x01 are neither an HTTP method's first letter nor the
+//!   start of the HTTP/2 preface; the throughput payload is 128 KiB of 'Z', past the 8-byte
+//!   method window at once), so no connection waits for the sniff timeout; the request/response
+//!   figures come after 200 warm-up exchanges in any case (the steady state of one connection).
 //!
 //! Every process of the path is pinned to vCPU 0 (see shared/benchmarking.md).
 
@@ -20,10 +27,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use warren_core::model::Workload;
+use warren_core::model::{NodeConfig, Service, ServicePort, WAYPOINT_LABEL};
 use warren_e2e::{
-    topology::{Cluster, Pod},
+    topology::{Cluster, Node, Pod},
     wait_until,
+    waypoint::Waypoint,
     ztunnel::{MeshCa, PIN_CPU, Ztunnel, pin_command},
 };
 
@@ -36,10 +44,17 @@ pub enum Path {
     RelayMtls,
     WarrenCrossNode,
     WarrenSameNode,
+    WarrenWaypoint,
 }
 
-pub const PATHS: [Path; 5] =
-    [Path::Direct, Path::Relay, Path::RelayMtls, Path::WarrenCrossNode, Path::WarrenSameNode];
+pub const PATHS: [Path; 6] = [
+    Path::Direct,
+    Path::Relay,
+    Path::RelayMtls,
+    Path::WarrenCrossNode,
+    Path::WarrenSameNode,
+    Path::WarrenWaypoint,
+];
 
 impl Path {
     pub fn name(self) -> &'static str {
@@ -49,12 +64,16 @@ impl Path {
             Path::RelayMtls => "mTLS relay pair (haproxy)",
             Path::WarrenCrossNode => "Warren L4, cross-node (HBONE)",
             Path::WarrenSameNode => "Warren L4, same node (HBONE)",
+            Path::WarrenWaypoint => "Warren via the waypoint, cross-node (TCP passthrough)",
         }
     }
     fn enrolled(self) -> bool {
-        matches!(self, Path::WarrenCrossNode | Path::WarrenSameNode)
+        matches!(self, Path::WarrenCrossNode | Path::WarrenSameNode | Path::WarrenWaypoint)
     }
 }
+
+/// The VIP of the service whose traffic goes through the waypoint (ports as the server's).
+const WAYPOINT_VIP: &str = "10.199.2.10";
 
 /// Relay ports on the client's node (plain, mTLS); each is base + the server port's offset.
 const RELAY_BASE: u16 = 20000;
@@ -67,6 +86,11 @@ pub struct Settings {
     pub rr_iterations: usize,
     pub crr_duration: Duration,
     pub throughput_duration: Duration,
+    /// The most connections held open through the mesh for the memory figure (1,000 is
+    /// always measured first).
+    pub held_connections: usize,
+    /// Time allowed to open (and reach the server with) each batch of held connections.
+    pub hold_limit: Duration,
 }
 
 struct Bed {
@@ -74,17 +98,19 @@ struct Bed {
     client: Pod,
     server: Pod,
     same_node_server: Pod,
-    workloads_off: Vec<Workload>,
-    workloads_on: Vec<Workload>,
+    config_off: NodeConfig,
+    config_on: NodeConfig,
     ztunnels: Vec<Ztunnel>,
+    waypoint: Waypoint,
+    _waypoint_pod: Pod,
     _ca: MeshCa,
-    _relays: Vec<Child>,
+    relays: Vec<Child>,
     relay_dir: PathBuf,
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        for r in &mut self._relays {
+        for r in &mut self.relays {
             let _ = r.kill();
             let _ = r.wait();
         }
@@ -92,7 +118,10 @@ impl Drop for Bed {
     }
 }
 
-fn haproxy_config(frontends: &[(u16, SocketAddr, Option<&str>, Option<&str>)]) -> String {
+/// One relay frontend: listen port, upstream, TLS on the bind side, TLS to the upstream.
+pub(super) type Frontend<'a> = (u16, SocketAddr, Option<&'a str>, Option<&'a str>);
+
+pub(super) fn haproxy_config(frontends: &[Frontend]) -> String {
     let mut cfg = String::from(
         "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n",
     );
@@ -112,14 +141,36 @@ fn setup(settings_dir: PathBuf) -> Result<Bed> {
     let client = cluster.nodes[0].add_pod();
     let same_node_server = cluster.nodes[0].add_pod();
     let server = cluster.nodes[1].add_pod();
+    let waypoint_pod = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
-    let workloads = |on: bool| {
-        vec![client.workload(&n0, on), same_node_server.workload(&n0, on), server.workload(&n1, on)]
+    // The waypoint pod is not enrolled: it speaks HBONE itself.
+    let mut waypoint_workload = waypoint_pod.workload_as(&n1, false, "waypoint");
+    waypoint_workload.labels.insert(WAYPOINT_LABEL.into(), "waypoint".into());
+    let waypoint_service = Service {
+        name: "through-waypoint".into(),
+        namespace: "default".into(),
+        vips: vec![WAYPOINT_VIP.parse().expect("an address")],
+        ports: [load::ECHO_PORT, load::SINK_PORT, load::HOLD_PORT]
+            .into_iter()
+            .map(|port| ServicePort { port, target_port: port })
+            .collect(),
+        endpoints: vec![server.name.clone()],
+        waypoint: Some("waypoint".into()),
     };
-    let (workloads_off, workloads_on) = (workloads(false), workloads(true));
+    let config = |on: bool| NodeConfig {
+        workloads: vec![
+            client.workload(&n0, on),
+            same_node_server.workload(&n0, on),
+            server.workload(&n1, on),
+            waypoint_workload.clone(),
+        ],
+        services: vec![waypoint_service.clone()],
+        ..Default::default()
+    };
+    let (config_off, config_on) = (config(false), config(true));
     PIN_CPU.store(0, std::sync::atomic::Ordering::Relaxed);
     let ztunnels: Vec<Ztunnel> =
-        cluster.nodes.iter().map(|n| Ztunnel::start_with(n, &workloads_off, &ca, &[])).collect();
+        cluster.nodes.iter().map(|n| Ztunnel::start_with(n, &config_off.workloads, &ca, &[])).collect();
 
     // The relay pairs: node 0 listens for the client, node 1 forwards to the server pod.
     fs::create_dir_all(&settings_dir)?;
@@ -152,49 +203,74 @@ fn setup(settings_dir: PathBuf) -> Result<Bed> {
         back.push((HOP_BASE + off, SocketAddr::new(server.ipv4, port), None, None));
         back.push((HOP_MTLS_BASE + off, SocketAddr::new(server.ipv4, port), Some(server_tls.as_str()), None));
     }
-    let mut relays = Vec::new();
-    for (i, frontends) in [front, back].iter().enumerate() {
-        let path = settings_dir.join(format!("haproxy{i}.cfg"));
-        fs::write(&path, haproxy_config(frontends))?;
-        let mut cmd = cluster.nodes[i].ns.command("haproxy");
-        pin_command(&mut cmd, 0);
-        let log = fs::File::create(settings_dir.join(format!("haproxy{i}.log")))?;
-        relays.push(
-            cmd.arg("-f")
-                .arg(&path)
-                .arg("-db")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting haproxy")?,
-        );
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    for (i, relay) in relays.iter_mut().enumerate() {
-        if let Some(status) = relay.try_wait()? {
-            let log = fs::read_to_string(settings_dir.join(format!("haproxy{i}.log"))).unwrap_or_default();
-            anyhow::bail!("haproxy on node {i} exited ({status}):\n{log}");
-        }
-    }
+    let relays = start_relay_pair(&cluster.nodes, &front, &back, &settings_dir)?;
+    // The waypoint reads the mesh config from a file (enrollment as when its path is measured);
+    // started from this pinned thread, it runs on vCPU 0 too.
+    let waypoint_config = settings_dir.join("waypoint-config.json");
+    fs::write(&waypoint_config, serde_json::to_vec(&config_on)?)?;
+    let waypoint = Waypoint::start(&waypoint_pod, "default", "waypoint", &waypoint_config, &ca);
     Ok(Bed {
         cluster,
         client,
         server,
         same_node_server,
-        workloads_off,
-        workloads_on,
+        config_off,
+        config_on,
         ztunnels,
+        waypoint,
+        _waypoint_pod: waypoint_pod,
         _ca: ca,
-        _relays: relays,
+        relays,
         relay_dir: settings_dir,
     })
 }
 
+/// A haproxy on each of the first two nodes (`front` on node 0, `back` on node 1), pinned to
+/// vCPU 0, configs and logs in `dir`; checked to be running.
+pub(super) fn start_relay_pair(
+    nodes: &[Node],
+    front: &[Frontend],
+    back: &[Frontend],
+    dir: &std::path::Path,
+) -> Result<Vec<Child>> {
+    fs::create_dir_all(dir)?;
+    let mut relays = Vec::new();
+    let kill = |relays: &mut Vec<Child>| {
+        for r in relays.iter_mut() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    };
+    for (i, frontends) in [front, back].iter().enumerate() {
+        let path = dir.join(format!("haproxy{i}.cfg"));
+        fs::write(&path, haproxy_config(frontends))?;
+        let mut cmd = nodes[i].ns.command("haproxy");
+        pin_command(&mut cmd, 0);
+        let log = fs::File::create(dir.join(format!("haproxy{i}.log")))?;
+        match cmd.arg("-f").arg(&path).arg("-db").stdout(Stdio::null()).stderr(log).spawn() {
+            Ok(child) => relays.push(child),
+            Err(e) => {
+                kill(&mut relays);
+                return Err(e).context("starting haproxy");
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..relays.len() {
+        if let Some(status) = relays[i].try_wait()? {
+            let log = fs::read_to_string(dir.join(format!("haproxy{i}.log"))).unwrap_or_default();
+            kill(&mut relays);
+            anyhow::bail!("haproxy on node {i} exited ({status}):\n{log}");
+        }
+    }
+    Ok(relays)
+}
+
 impl Bed {
     fn set_enrolled(&self, on: bool) {
-        let workloads = if on { &self.workloads_on } else { &self.workloads_off };
+        let config = if on { &self.config_on } else { &self.config_off };
         for z in &self.ztunnels {
-            z.set_workloads(workloads);
+            z.set_config(config);
         }
         let want = on as usize;
         let ok = wait_until(Duration::from_secs(10), || {
@@ -215,17 +291,38 @@ impl Bed {
             Path::WarrenSameNode => SocketAddr::new(self.same_node_server.ipv4, port),
             Path::Relay => SocketAddr::new(gateway, RELAY_BASE + off),
             Path::RelayMtls => SocketAddr::new(gateway, RELAY_MTLS_BASE + off),
+            Path::WarrenWaypoint => SocketAddr::new(WAYPOINT_VIP.parse().expect("an address"), port),
         }
     }
 
     fn ztunnel_cpu(&self) -> f64 {
         self.ztunnels.iter().filter_map(Ztunnel::pid).map(load::cpu_seconds).sum()
     }
+
+    fn waypoint_cpu(&self) -> f64 {
+        load::cpu_seconds(self.waypoint.pid())
+    }
+
+    /// CPU seconds so far of the proxies on `path`: both relays, both ztunnels, or both
+    /// ztunnels and the waypoint.
+    fn proxy_cpu(&self, path: Path) -> f64 {
+        match path {
+            Path::Direct => 0.0,
+            Path::Relay | Path::RelayMtls => self.relays.iter().map(|r| load::cpu_seconds(r.id())).sum(),
+            Path::WarrenCrossNode | Path::WarrenSameNode => self.ztunnel_cpu(),
+            Path::WarrenWaypoint => self.ztunnel_cpu() + self.waypoint_cpu(),
+        }
+    }
 }
 
 /// Runs the data-path benchmark and returns its JSON section.
 pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
-    load::raise_open_file_limit();
+    // Room for the held connections: their server ends live in this process (the client ends
+    // in a holder process of their own), and the ztunnels started below inherit the limit
+    // (each holds one socket per connection). Raising the hard limit needs CAP_SYS_RESOURCE;
+    // without it the count is bounded by the hard limit.
+    load::raise_open_file_limit(settings.held_connections as u64 + 1024);
+    let most_held = settings.held_connections.min((load::open_file_limit() as usize).saturating_sub(1024));
     let bed = setup(work_dir)?;
     // Idle memory first, before any traffic has grown ztunnel's buffers and allocator caches.
     bed.set_enrolled(true);
@@ -252,7 +349,8 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
                 bed.target(path, load::ECHO_PORT),
                 settings.crr_duration,
             )?;
-            let cpu_before = bed.ztunnel_cpu();
+            let (proxy_before, ztunnel_before, waypoint_before) =
+                (bed.proxy_cpu(path), bed.ztunnel_cpu(), bed.waypoint_cpu());
             let sink = sunk_for(path);
             let before_bytes = sink.load(std::sync::atomic::Ordering::Relaxed);
             let tp1 = load::throughput(
@@ -269,16 +367,22 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
                 settings.throughput_duration,
                 sink,
             )?;
-            let moved_gb = (sink.load(std::sync::atomic::Ordering::Relaxed) - before_bytes) as f64 / 1e9;
-            let cpu_per_gb = (bed.ztunnel_cpu() - cpu_before) / moved_gb.max(1e-9);
+            let moved_gb =
+                ((sink.load(std::sync::atomic::Ordering::Relaxed) - before_bytes) as f64 / 1e9).max(1e-9);
+            let proxy_per_gb = (bed.proxy_cpu(path) - proxy_before) / moved_gb;
             println!(
-                "    round {round}: {:<34} rr p50 {:>7.1} µs p99 {:>7.1} µs | {:>7.0} conn/s | {:>6.2} Gb/s 1 stream, {:>6.2} Gb/s 8 streams",
+                "    round {round}: {:<53} rr p50 {:>7.1} µs p99 {:>7.1} µs | {:>7.0} conn/s | {:>6.2} Gb/s 1 stream, {:>6.2} Gb/s 8 streams{}",
                 path.name(),
                 pct(0.5),
                 pct(0.99),
                 crr,
                 tp1 * 8.0 / 1e9,
-                tp8 * 8.0 / 1e9
+                tp8 * 8.0 / 1e9,
+                if path == Path::Direct {
+                    String::new()
+                } else {
+                    format!(" | {proxy_per_gb:.2} proxy CPU s/GB")
+                },
             );
             samples.extend([
                 (path, "rr_p50_us", pct(0.5)),
@@ -289,18 +393,53 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
                 (path, "throughput_1_stream_gbps", tp1 * 8.0 / 1e9),
                 (path, "throughput_8_streams_gbps", tp8 * 8.0 / 1e9),
             ]);
+            if path != Path::Direct {
+                samples.push((path, "proxy_cpu_s_per_gb", proxy_per_gb));
+            }
             if path.enrolled() {
-                samples.push((path, "ztunnel_cpu_s_per_gb", cpu_per_gb));
+                samples.push((path, "ztunnel_cpu_s_per_gb", (bed.ztunnel_cpu() - ztunnel_before) / moved_gb));
+            }
+            if path == Path::WarrenWaypoint {
+                samples.push((
+                    path,
+                    "waypoint_cpu_s_per_gb",
+                    (bed.waypoint_cpu() - waypoint_before) / moved_gb,
+                ));
             }
         }
     }
 
-    // Memory with 1,000 connections open through the mesh.
+    // Memory with connections held open through the mesh (cross-node): 1,000, then as many
+    // as the settings ask for. Each count is measured once the server holds them all (or
+    // the time allowed has passed: then the count reached is what is reported).
     bed.set_enrolled(true);
-    let held = load::hold(&bed.client, bed.target(Path::WarrenCrossNode, load::HOLD_PORT), 1000)?;
-    std::thread::sleep(Duration::from_millis(1000));
-    let loaded = rss(&bed);
-    drop(held);
+    let mut memory = Vec::new();
+    let mut holders: Vec<load::Holder> = Vec::new();
+    let dst = bed.target(Path::WarrenCrossNode, load::HOLD_PORT);
+    for want in [1_000, most_held] {
+        let open_now: usize = holders.iter().map(|h| h.opened).sum();
+        if want <= open_now && !memory.is_empty() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        // The holder exits by itself if this process dies; the measurement needs seconds.
+        let hold_for = settings.hold_limit * 3;
+        holders.push(load::Holder::start(&bed.client, dst, want - open_now, settings.hold_limit, hold_for)?);
+        let opened: usize = holders.iter().map(|h| h.opened).sum();
+        wait_until(settings.hold_limit.saturating_sub(started.elapsed()), || {
+            servers_far.held_count() >= opened
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        let at_server = servers_far.held_count();
+        let mib = rss(&bed);
+        println!(
+            "    {opened} connections open through the mesh ({at_server} reached the server, {:.1} s): ztunnel RSS {} MiB",
+            started.elapsed().as_secs_f64(),
+            mib.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" / ")
+        );
+        memory.push(json!({ "connections": want, "opened": opened, "at_server": at_server, "rss_mib": mib }));
+    }
+    drop(holders);
     servers_far.release_held();
 
     let figure = |path: Path, name: &str| {
@@ -316,7 +455,9 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
         "new_connections_per_s",
         "throughput_1_stream_gbps",
         "throughput_8_streams_gbps",
+        "proxy_cpu_s_per_gb",
         "ztunnel_cpu_s_per_gb",
+        "waypoint_cpu_s_per_gb",
     ];
     let paths: Vec<Value> = PATHS
         .iter()
@@ -324,7 +465,7 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
             let mut obj = serde_json::Map::new();
             obj.insert("path".into(), json!(p.name()));
             for n in names {
-                if n != "ztunnel_cpu_s_per_gb" || p.enrolled() {
+                if samples.iter().any(|(q, m, _)| q == p && *m == n) {
                     obj.insert(n.into(), figure(*p, n));
                 }
             }
@@ -341,7 +482,7 @@ pub fn run(settings: &Settings, work_dir: PathBuf) -> Result<Value> {
     Ok(json!({
         "rounds": settings.rounds,
         "paths": paths,
-        "ztunnel_rss_mib": { "idle": idle, "with_1000_connections": loaded },
+        "ztunnel_rss_mib": { "idle": idle, "with_connections": memory },
         "targets": [
             { "target": "single-stream throughput at least 0.5x direct", "value": tp_ratio, "met": tp_ratio >= 0.5 },
             { "target": "added p50 latency no more than two TLS-terminating relays add",

@@ -1,14 +1,20 @@
 //! The L7 path: HTTP through client pod → ztunnel → HBONE → waypoint → HBONE → ztunnel →
 //! server pod, against the same mesh path without the waypoint (client → ztunnel → HBONE →
-//! ztunnel → server), interleaved, every process pinned to vCPU 0. The project's load client
-//! (`warren-load`) sends HTTP/1.1 keep-alive and HTTP/2 at a fixed 1,000 requests/s (latency,
-//! and the waypoint's CPU and memory) and at saturation (requests/s); the server is the
-//! project's echo server.
+//! ztunnel → server), and against two baselines on the same two nodes: direct pod to pod, and
+//! a plain TCP relay pair (haproxy, one per node), both between a client and a server pod that
+//! are not enrolled. All four interleaved, every process pinned to vCPU 0. The project's load
+//! client (`warren-load`) sends HTTP/1.1 keep-alive and HTTP/2 at a fixed 1,000 requests/s
+//! (latency, and the proxies' CPU per request) and at saturation (requests/s, latency, CPU);
+//! the server is the project's echo server.
 //!
 //! Targets (waypoint issue): the waypoint adds at most 0.3 ms at p50 at 1,000 requests/s, uses
 //! at most 0.1 vCPU per 1,000 requests/s and at most 30 MB RSS.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Child,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -19,7 +25,7 @@ use warren_e2e::{
     ztunnel::{MeshCa, PIN_CPU, Ztunnel, binary},
 };
 
-use super::stats;
+use super::{datapath, load, stats};
 
 pub struct Settings {
     pub rounds: usize,
@@ -31,53 +37,74 @@ pub struct Settings {
 
 const RATE: u32 = 1_000;
 const APP_PORT: u16 = 8080;
+/// The relay pair's ports: the client connects to node 1's RELAY_PORT, which forwards to
+/// node 2's HOP_PORT, which forwards to the server pod.
+const RELAY_PORT: u16 = 20080;
+const HOP_PORT: u16 = 22080;
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Path {
+    Direct,
+    Relay,
     Mesh,
     Waypoint,
 }
 
+const PATHS: [Path; 4] = [Path::Direct, Path::Relay, Path::Mesh, Path::Waypoint];
+
 impl Path {
     fn name(self) -> &'static str {
         match self {
+            Path::Direct => "direct pod to pod",
+            Path::Relay => "plain TCP relay pair (haproxy)",
             Path::Mesh => "Warren L4 (ztunnel → ztunnel), no waypoint",
             Path::Waypoint => "Warren L7 (ztunnel → waypoint → ztunnel)",
         }
     }
     fn vip(self) -> IpAddr {
         match self {
-            Path::Mesh => "10.199.1.10".parse().expect("an address"),
             Path::Waypoint => "10.199.1.11".parse().expect("an address"),
+            _ => "10.199.1.10".parse().expect("an address"),
         }
     }
 }
 
 struct Bed {
     _ca: MeshCa,
-    _cluster: Cluster,
+    cluster: Cluster,
     client: Pod,
-    _ztunnels: Vec<Ztunnel>,
+    plain_client: Pod,
+    plain_server: Pod,
+    ztunnels: Vec<Ztunnel>,
     _waypoint: Waypoint,
     waypoint_pid: u32,
     _echo: Echo,
+    _plain_echo: Echo,
     _waypoint_pod: Pod,
     _server: Pod,
+    relays: Vec<Child>,
     config_dir: std::path::PathBuf,
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        for r in &mut self.relays {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.config_dir);
     }
 }
 
-fn setup() -> Result<Bed> {
+fn setup(work_dir: &std::path::Path) -> Result<Bed> {
     let ca = MeshCa::new();
     let mut cluster = Cluster::new(2);
     let client = cluster.nodes[0].add_pod();
     let server = cluster.nodes[1].add_pod();
     let wp = cluster.nodes[1].add_pod();
+    // The baselines' pods: not in the mesh config, so never enrolled.
+    let plain_client = cluster.nodes[0].add_pod();
+    let plain_server = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
     let mut waypoint_workload = wp.workload_as(&n1, false, "waypoint");
     waypoint_workload.labels.insert(WAYPOINT_LABEL.into(), "waypoint".into());
@@ -110,52 +137,69 @@ fn setup() -> Result<Bed> {
     }
     ztunnels[0].wait_enrolled(&client.name);
     ztunnels[1].wait_enrolled(&server.name);
-    let config_dir = std::env::temp_dir().join("warren-bench-l7");
+    let config_dir = work_dir.to_path_buf();
     std::fs::create_dir_all(&config_dir)?;
     let config_file = config_dir.join("config.json");
     std::fs::write(&config_file, serde_json::to_vec(&config)?)?;
-    // Started from this (pinned) thread, the waypoint and the echo server inherit vCPU 0.
+    // Started from this (pinned) thread, the waypoint and the echo servers inherit vCPU 0.
     let waypoint = Waypoint::start(&wp, "default", "waypoint", &config_file, &ca);
     let waypoint_pid = waypoint.pid();
     let echo = Echo::start(&server, APP_PORT, "v1", &[]);
+    let plain_echo = Echo::start(&plain_server, APP_PORT, "v1", &[]);
+    let front = [(RELAY_PORT, SocketAddr::new(cluster.underlay_ips[1], HOP_PORT), None, None)];
+    let back = [(HOP_PORT, SocketAddr::new(plain_server.ipv4, APP_PORT), None, None)];
+    let relays = datapath::start_relay_pair(&cluster.nodes, &front, &back, &config_dir)?;
     Ok(Bed {
         _ca: ca,
-        _cluster: cluster,
+        cluster,
         client,
-        _ztunnels: ztunnels,
+        plain_client,
+        plain_server,
+        ztunnels,
         _waypoint: waypoint,
         waypoint_pid,
         _echo: echo,
+        _plain_echo: plain_echo,
         _waypoint_pod: wp,
         _server: server,
+        relays,
         config_dir,
     })
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    // After the command name: state is field 3, utime 14 and stime 15 (1-based).
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
+impl Bed {
+    /// The load client's pod and URL for `path`.
+    fn target(&self, path: Path) -> (&Pod, String) {
+        match path {
+            Path::Direct => (&self.plain_client, format!("http://{}:{APP_PORT}/", self.plain_server.ipv4)),
+            Path::Relay => {
+                (&self.plain_client, format!("http://{}:{RELAY_PORT}/", self.cluster.nodes[0].ipv4()))
+            }
+            Path::Mesh | Path::Waypoint => (&self.client, format!("http://{}:80/", path.vip())),
+        }
+    }
+
+    fn ztunnel_cpu(&self) -> f64 {
+        self.ztunnels.iter().filter_map(Ztunnel::pid).map(load::cpu_seconds).sum()
+    }
+
+    fn waypoint_cpu(&self) -> f64 {
+        load::cpu_seconds(self.waypoint_pid)
+    }
+
+    /// CPU seconds so far of the proxies on `path`: none, both relays, both ztunnels, or both
+    /// ztunnels and the waypoint.
+    fn proxy_cpu(&self, path: Path) -> f64 {
+        match path {
+            Path::Direct => 0.0,
+            Path::Relay => self.relays.iter().map(|r| load::cpu_seconds(r.id())).sum(),
+            Path::Mesh => self.ztunnel_cpu(),
+            Path::Waypoint => self.ztunnel_cpu() + self.waypoint_cpu(),
+        }
+    }
 }
 
-fn rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")?;
-    Ok(kib / 1024.0)
-}
-
-/// One `warren-load` run inside the client pod.
+/// One `warren-load` run inside the path's client pod.
 fn load(
     bed: &Bed,
     path: Path,
@@ -164,7 +208,7 @@ fn load(
     concurrency: u32,
     duration: Duration,
 ) -> Result<Value> {
-    let url = format!("http://{}:80/", path.vip());
+    let (pod, url) = bed.target(path);
     let mut args = vec![
         url,
         "--duration".into(),
@@ -178,7 +222,7 @@ fn load(
     if http2 {
         args.push("--http2".into());
     }
-    let out = bed.client.ns.command(binary("warren-load")).args(&args).output()?;
+    let out = pod.ns.command(binary("warren-load")).args(&args).output()?;
     let summary: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("warren-load: {}", String::from_utf8_lossy(&out.stderr)))?;
     if summary["successes"] != summary["total"] {
@@ -187,66 +231,137 @@ fn load(
     Ok(summary)
 }
 
-pub fn run(settings: &Settings) -> Result<Value> {
-    let bed = setup()?;
+/// The figures of one run, named as in the JSON (`suffix` tells the fixed-rate run from the
+/// saturated one), with the proxies' CPU seconds per 1,000 requests.
+fn figures(
+    bed: &Bed,
+    path: Path,
+    summary: &Value,
+    cpu: (f64, f64, f64),
+    suffix: &str,
+    out: &mut Vec<(String, f64)>,
+) {
+    let requests = summary["total"].as_f64().unwrap_or(f64::NAN).max(1.0);
+    let per_1000 = |used: f64| used / (requests / 1000.0);
+    let latency = &summary["latencyUs"];
+    let rps = summary["requestsPerSecond"].as_f64().unwrap_or(f64::NAN);
+    out.push((format!("rps_{suffix}"), rps));
+    for q in ["p50", "p99", "p999"] {
+        out.push((format!("{q}_us_{suffix}"), latency[q].as_f64().unwrap_or(f64::NAN)));
+    }
+    if path != Path::Direct {
+        out.push((format!("proxy_cpu_s_per_1000_{suffix}"), per_1000(bed.proxy_cpu(path) - cpu.0)));
+    }
+    if matches!(path, Path::Mesh | Path::Waypoint) {
+        out.push((format!("ztunnel_cpu_s_per_1000_{suffix}"), per_1000(bed.ztunnel_cpu() - cpu.1)));
+    }
+    if path == Path::Waypoint {
+        out.push((format!("waypoint_cpu_s_per_1000_{suffix}"), per_1000(bed.waypoint_cpu() - cpu.2)));
+    }
+}
+
+pub fn run(settings: &Settings, work_dir: &std::path::Path) -> Result<Value> {
+    let bed = setup(work_dir)?;
     let protocols = [(false, "HTTP/1.1"), (true, "HTTP/2")];
-    // Per (path, protocol): p50 and p99 at the fixed rate, requests/s at saturation.
-    let mut p50 = vec![vec![Vec::new(); 2]; 2];
-    let mut p99 = vec![vec![Vec::new(); 2]; 2];
-    let mut rps = vec![vec![Vec::new(); 2]; 2];
-    let mut waypoint_vcpu_per_krps = Vec::new();
-    // Warm both paths (connections, certificates) before measuring.
-    for path in [Path::Mesh, Path::Waypoint] {
+    // Per (path, protocol): the figures of every round, by name.
+    let mut samples: Vec<(usize, usize, String, f64)> = Vec::new();
+    // Warm every path (connections, certificates) before measuring.
+    for path in PATHS {
         load(&bed, path, false, 0, 4, Duration::from_millis(500))?;
     }
+    let cpu = |path: Path| (bed.proxy_cpu(path), bed.ztunnel_cpu(), bed.waypoint_cpu());
     for round in 0..settings.rounds {
-        for (pi, path) in [Path::Mesh, Path::Waypoint].into_iter().enumerate() {
+        for (pi, path) in PATHS.into_iter().enumerate() {
             for (qi, (http2, proto)) in protocols.iter().enumerate() {
-                let before = cpu_seconds(bed.waypoint_pid)?;
+                let mut got = Vec::new();
+                let before = cpu(path);
                 let fixed = load(&bed, path, *http2, RATE, 4, settings.fixed_rate_duration)?;
-                let used = cpu_seconds(bed.waypoint_pid)? - before;
-                let elapsed = fixed["elapsedSeconds"].as_f64().unwrap_or(1.0);
-                let achieved = fixed["requestsPerSecond"].as_f64().unwrap_or(0.0);
-                p50[pi][qi].push(fixed["latencyUs"]["p50"].as_f64().unwrap_or(f64::NAN));
-                p99[pi][qi].push(fixed["latencyUs"]["p99"].as_f64().unwrap_or(f64::NAN));
-                if matches!(path, Path::Waypoint) && achieved > 0.0 {
-                    waypoint_vcpu_per_krps.push(used / elapsed / (achieved / 1000.0));
-                }
+                figures(&bed, path, &fixed, before, "at_1000", &mut got);
+                let before = cpu(path);
                 let saturated = load(&bed, path, *http2, 0, 16, settings.saturation_duration)?;
-                rps[pi][qi].push(saturated["requestsPerSecond"].as_f64().unwrap_or(f64::NAN));
+                figures(&bed, path, &saturated, before, "saturated", &mut got);
+                let value = |name: &str| got.iter().find(|(n, _)| n == name).map_or(f64::NAN, |(_, v)| *v);
+                let cpu = if path == Path::Direct {
+                    String::new()
+                } else {
+                    format!(
+                        "; proxy CPU {:.3} / {:.3} s per 1,000 requests",
+                        value("proxy_cpu_s_per_1000_at_1000"),
+                        value("proxy_cpu_s_per_1000_saturated")
+                    )
+                };
                 println!(
-                    "    round {}: {:<45} {proto:<8} p50 {:>6.0} µs  p99 {:>6.0} µs at {RATE}/s; {:>7.0} req/s saturated",
+                    "    round {}: {:<45} {proto:<8} p50 {:>5.0} µs  p99 {:>5.0} µs at {RATE}/s; {:>6.0} req/s saturated (p50 {:>5.0} µs){cpu}",
                     round + 1,
                     path.name(),
-                    p50[pi][qi].last().unwrap(),
-                    p99[pi][qi].last().unwrap(),
-                    rps[pi][qi].last().unwrap()
+                    value("p50_us_at_1000"),
+                    value("p99_us_at_1000"),
+                    value("rps_saturated"),
+                    value("p50_us_saturated"),
                 );
+                samples.extend(got.into_iter().map(|(n, v)| (pi, qi, n, v)));
             }
         }
     }
-    let rss = rss_mib(bed.waypoint_pid)?;
-    let median = |v: &[f64]| stats(v)["median"].as_f64().unwrap_or(f64::NAN);
+    let rss = load::rss_mib(bed.waypoint_pid);
+    let figure = |pi: usize, qi: usize, name: &str| {
+        let v: Vec<f64> = samples
+            .iter()
+            .filter(|(p, q, n, _)| *p == pi && *q == qi && n == name)
+            .map(|(.., v)| *v)
+            .collect();
+        if v.is_empty() { Value::Null } else { stats(&v) }
+    };
+    let median =
+        |pi: usize, qi: usize, name: &str| figure(pi, qi, name)["median"].as_f64().unwrap_or(f64::NAN);
+    let index = |path: Path| PATHS.iter().position(|p| *p == path).expect("a path");
+    let names: Vec<String> = ["at_1000", "saturated"]
+        .iter()
+        .flat_map(|suffix| {
+            [
+                "rps",
+                "p50_us",
+                "p99_us",
+                "p999_us",
+                "proxy_cpu_s_per_1000",
+                "ztunnel_cpu_s_per_1000",
+                "waypoint_cpu_s_per_1000",
+            ]
+            .map(|n| format!("{n}_{suffix}"))
+        })
+        .collect();
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (qi, (_, proto)) in protocols.iter().enumerate() {
-        for (pi, path) in [Path::Mesh, Path::Waypoint].into_iter().enumerate() {
-            rows.push(json!({
-                "path": path.name(),
-                "protocol": proto,
-                "p50_us_at_1000": stats(&p50[pi][qi]),
-                "p99_us_at_1000": stats(&p99[pi][qi]),
-                "saturated_rps": stats(&rps[pi][qi]),
-            }));
+        for (pi, path) in PATHS.into_iter().enumerate() {
+            let mut row = serde_json::Map::new();
+            row.insert("path".into(), json!(path.name()));
+            row.insert("protocol".into(), json!(proto));
+            for n in &names {
+                let f = figure(pi, qi, n);
+                if !f.is_null() {
+                    row.insert(n.clone(), f);
+                }
+            }
+            rows.push(Value::Object(row));
         }
-        let added_ms = (median(&p50[1][qi]) - median(&p50[0][qi])) / 1000.0;
+        let added_ms = (median(index(Path::Waypoint), qi, "p50_us_at_1000")
+            - median(index(Path::Mesh), qi, "p50_us_at_1000"))
+            / 1000.0;
         targets.push(json!({
             "target": format!("{proto}: the waypoint adds at most 0.3 ms at p50 at 1,000 requests/s"),
             "added_ms": added_ms,
             "met": added_ms <= 0.3,
         }));
     }
-    let vcpu = median(&waypoint_vcpu_per_krps);
+    // The waypoint's CPU per 1,000 requests/s at the fixed rate, over both protocols' rounds
+    // (CPU seconds per 1,000 requests: the same number).
+    let waypoint_per_1000: Vec<f64> = samples
+        .iter()
+        .filter(|(p, _, n, _)| *p == index(Path::Waypoint) && n == "waypoint_cpu_s_per_1000_at_1000")
+        .map(|(.., v)| *v)
+        .collect();
+    let vcpu = stats(&waypoint_per_1000)["median"].as_f64().unwrap_or(f64::NAN);
     targets.push(json!({
         "target": "the waypoint uses at most 0.1 vCPU per 1,000 requests/s",
         "vcpu_per_1000_rps": vcpu,
@@ -259,7 +374,7 @@ pub fn run(settings: &Settings) -> Result<Value> {
         "fixed_rate_seconds": settings.fixed_rate_duration.as_secs_f64(),
         "saturation_seconds": settings.saturation_duration.as_secs_f64(),
         "rows": rows,
-        "waypoint_vcpu_per_1000_rps": stats(&waypoint_vcpu_per_krps),
+        "waypoint_vcpu_per_1000_rps": stats(&waypoint_per_1000),
         "waypoint_rss_mib": rss,
         "targets": targets,
     }))
@@ -268,41 +383,123 @@ pub fn run(settings: &Settings) -> Result<Value> {
 /// The L7 section of docs/performance.md.
 pub fn markdown(s: &mut String, l7: &Value) {
     use std::fmt::Write as _;
+
+    use super::spread;
     let _ = writeln!(s, "\n## L7 path (waypoint)\n");
     let _ = writeln!(
         s,
-        "HTTP through client pod → ztunnel → HBONE → waypoint → HBONE → ztunnel → server pod (the project's echo \
-         server), against the same mesh path without the waypoint; the project's load client (`warren-load`), \
-         4 keep-alive connections at a fixed {}/s for {} s, and 16 connections at saturation for {} s; {} rounds \
-         interleaved, every process on one vCPU.\n",
-        l7["rate"], l7["fixed_rate_seconds"], l7["saturation_seconds"], l7["rounds"]
+        "HTTP from a client pod on node 1 to the project's echo server in a pod on node 2, four ways: \
+         direct pod to pod and through a plain TCP relay pair (haproxy, one per node), between pods \
+         that are not enrolled; Warren L4 (client pod → ztunnel → HBONE → ztunnel → server pod); and \
+         Warren L7 (client pod → ztunnel → HBONE → waypoint → HBONE → ztunnel → server pod). The \
+         project's load client (`warren-load`), 4 keep-alive connections at a fixed {}/s for {} s, \
+         and 16 connections at saturation for {} s; {} rounds interleaved, every process on one \
+         vCPU. Proxy CPU is user + system time per 1,000 requests: both haproxy processes, both \
+         ztunnels, or both ztunnels and the waypoint.\n",
+        super::thousands(&l7["rate"]),
+        l7["fixed_rate_seconds"],
+        l7["saturation_seconds"],
+        l7["rounds"]
     );
-    let _ = writeln!(s, "| path | protocol | p50 at 1,000/s | p99 at 1,000/s | requests/s saturated |");
-    let _ = writeln!(s, "|---|---|---|---|---|");
-    let f = |v: &Value, scale: f64, digits: usize| {
-        format!(
-            "{:.d$} [{:.d$}–{:.d$}]",
-            v["median"].as_f64().unwrap_or(f64::NAN) / scale,
-            v["min"].as_f64().unwrap_or(f64::NAN) / scale,
-            v["max"].as_f64().unwrap_or(f64::NAN) / scale,
-            d = digits
-        )
+    let rows: Vec<Value> = l7["rows"].as_array().cloned().unwrap_or_default();
+    let ms = |v: &Value| {
+        if v.is_null() {
+            return "—".to_string();
+        }
+        let mut scaled = v.clone();
+        for k in ["median", "min", "max"] {
+            scaled[k] = json!(v[k].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        }
+        spread(&scaled, 3)
     };
-    for r in l7["rows"].as_array().into_iter().flatten() {
+    let label = |r: &Value| {
+        format!("| {} | {} |", r["path"].as_str().unwrap_or(""), r["protocol"].as_str().unwrap_or(""))
+    };
+    let _ = writeln!(
+        s,
+        "At {} requests/s:\n\n| path | protocol | p50 ms | p99 ms | p99.9 ms | proxy CPU s per 1,000 requests |\n|---|---|---|---|---|---|",
+        super::thousands(&l7["rate"])
+    );
+    for r in &rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} ms | {} ms | {} |",
-            r["path"].as_str().unwrap_or(""),
-            r["protocol"].as_str().unwrap_or(""),
-            f(&r["p50_us_at_1000"], 1000.0, 3),
-            f(&r["p99_us_at_1000"], 1000.0, 3),
-            f(&r["saturated_rps"], 1.0, 0)
+            "{} {} | {} | {} | {} |",
+            label(r),
+            ms(&r["p50_us_at_1000"]),
+            ms(&r["p99_us_at_1000"]),
+            ms(&r["p999_us_at_1000"]),
+            spread(&r["proxy_cpu_s_per_1000_at_1000"], 3)
         );
     }
     let _ = writeln!(
         s,
-        "\nWaypoint CPU at the fixed rate: {} vCPU per 1,000 requests/s; resident memory after the run {:.1} MiB.\n",
-        f(&l7["waypoint_vcpu_per_1000_rps"], 1.0, 3),
+        "\nAt saturation:\n\n| path | protocol | requests/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s per 1,000 requests |\n|---|---|---|---|---|---|---|"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            s,
+            "{} {} | {} | {} | {} | {} |",
+            label(r),
+            spread(&r["rps_saturated"], 0),
+            ms(&r["p50_us_saturated"]),
+            ms(&r["p99_us_saturated"]),
+            ms(&r["p999_us_saturated"]),
+            spread(&r["proxy_cpu_s_per_1000_saturated"], 3)
+        );
+    }
+    // Ratios to the same protocol's direct and relay rows.
+    let base = |r: &Value, path: Path| {
+        rows.iter()
+            .find(|b| b["protocol"] == r["protocol"] && b["path"] == path.name())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let med = |r: &Value, k: &str| r[k]["median"].as_f64().unwrap_or(f64::NAN);
+    let ratio = |r: &Value, b: &Value, k: &str| {
+        let x = med(r, k) / med(b, k);
+        if x.is_finite() { format!("{x:.2}×") } else { "—".to_string() }
+    };
+    let _ = writeln!(
+        s,
+        "\n| path | protocol | p50 at {0}/s vs direct | vs relay | p99 at {0}/s vs direct | vs relay | saturated requests/s vs direct | vs relay | CPU per request (saturated) vs relay |\n|---|---|---|---|---|---|---|---|---|",
+        super::thousands(&l7["rate"])
+    );
+    for r in &rows {
+        let (d, rl) = (base(r, Path::Direct), base(r, Path::Relay));
+        let _ = writeln!(
+            s,
+            "{} {} | {} | {} | {} | {} | {} | {} |",
+            label(r),
+            ratio(r, &d, "p50_us_at_1000"),
+            ratio(r, &rl, "p50_us_at_1000"),
+            ratio(r, &d, "p99_us_at_1000"),
+            ratio(r, &rl, "p99_us_at_1000"),
+            ratio(r, &d, "rps_saturated"),
+            ratio(r, &rl, "rps_saturated"),
+            ratio(r, &rl, "proxy_cpu_s_per_1000_saturated"),
+        );
+    }
+    let split: Vec<String> = rows
+        .iter()
+        .filter(|r| !r["waypoint_cpu_s_per_1000_at_1000"].is_null())
+        .map(|r| {
+            format!(
+                "{}: waypoint {} and ztunnels {} at the fixed rate, waypoint {} and ztunnels {} saturated",
+                r["protocol"].as_str().unwrap_or(""),
+                spread(&r["waypoint_cpu_s_per_1000_at_1000"], 3),
+                spread(&r["ztunnel_cpu_s_per_1000_at_1000"], 3),
+                spread(&r["waypoint_cpu_s_per_1000_saturated"], 3),
+                spread(&r["ztunnel_cpu_s_per_1000_saturated"], 3)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "\nThe L7 path's CPU per 1,000 requests, split ({}). Waypoint CPU at the fixed rate over both \
+         protocols: {} vCPU per 1,000 requests/s (the same number as CPU seconds per 1,000 requests); \
+         resident memory after the run {:.1} MiB.\n",
+        split.join("; "),
+        spread(&l7["waypoint_vcpu_per_1000_rps"], 3),
         l7["waypoint_rss_mib"].as_f64().unwrap_or(f64::NAN)
     );
     super::targets_markdown(s, &l7["targets"]);

@@ -47,10 +47,14 @@ impl Servers {
             [ECHO_PORT, SINK_PORT, HOLD_PORT]
                 .into_iter()
                 .map(|port| {
-                    let l = TcpListener::bind(("0.0.0.0", port))?;
+                    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                    l.set_reuse_address(true)?;
+                    l.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+                    // A deep backlog: the holder opens thousands of connections back to back.
+                    l.listen(4096)?;
                     // accept() wakes at least this often to notice the stop flag.
-                    socket2::SockRef::from(&l).set_read_timeout(Some(Duration::from_millis(100)))?;
-                    Ok(l)
+                    l.set_read_timeout(Some(Duration::from_millis(100)))?;
+                    Ok(TcpListener::from(l))
                 })
                 .collect()
         })?;
@@ -77,6 +81,11 @@ impl Servers {
             }));
         }
         Ok(Servers { stop, sunk, held, threads })
+    }
+
+    /// Connections the hold server has accepted and keeps.
+    pub fn held_count(&self) -> usize {
+        self.held.lock().expect("poisoned").len()
     }
 
     pub fn release_held(&self) {
@@ -204,12 +213,82 @@ pub fn throughput(
     Ok((sunk.load(Ordering::Relaxed) - before) as f64 / elapsed)
 }
 
-/// Opens `n` connections and keeps them.
-pub fn hold(pod: &Pod, dst: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
-    (0..n)
-        .map(|_| pod.ns.run(move || TcpStream::connect_timeout(&dst, Duration::from_secs(3))))
-        .collect::<std::io::Result<_>>()
-        .context("holding connections")
+/// Connections held open from a pod, by a process of their own (`xtask bench-hold`, this
+/// executable): the server ends live in this process, and one process may not have enough
+/// file descriptors for both ends. Killed (and the connections closed) on drop.
+pub struct Holder {
+    child: std::process::Child,
+    /// How many connections it opened (all asked for, unless time ran out or one failed).
+    pub opened: usize,
+}
+
+impl Holder {
+    /// Opens `count` connections from `pod` to `dst`, one after another, for at most `limit`;
+    /// returns once they are open. The holder exits by itself after `hold` at the latest.
+    pub fn start(
+        pod: &Pod,
+        dst: SocketAddr,
+        count: usize,
+        limit: Duration,
+        hold: Duration,
+    ) -> Result<Holder> {
+        use std::io::BufRead as _;
+        let mut child = pod
+            .ns
+            .command(std::env::current_exe()?)
+            .args(["bench-hold", "--addr", &dst.to_string(), "--count", &count.to_string()])
+            .args(["--limit-secs", &limit.as_secs_f64().to_string()])
+            .args(["--hold-secs", &hold.as_secs_f64().to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the connection holder")?;
+        let mut line = String::new();
+        let read = std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line);
+        let mut holder = Holder { child, opened: 0 };
+        read.context("reading the connection holder's count")?;
+        holder.opened = line.trim().parse().with_context(|| format!("connection holder said {line:?}"))?;
+        Ok(holder)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `xtask bench-hold`: inside a pod, opens `count` connections to `addr` (for at most
+/// `limit_secs`), prints how many it opened, and keeps them until stdin closes or `hold_secs`
+/// pass.
+pub fn hold_main(addr: SocketAddr, count: usize, limit_secs: f64, hold_secs: f64) -> Result<()> {
+    raise_open_file_limit(count as u64 + 256);
+    let limit = Duration::from_secs_f64(limit_secs);
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    let mut failed = None;
+    while held.len() < count && started.elapsed() < limit {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    println!("{}", held.len());
+    std::io::stdout().flush()?;
+    if let Some(e) = failed {
+        eprintln!("bench-hold: connection {} to {addr} failed: {e}", held.len() + 1);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs_f64(hold_secs));
+    Ok(())
 }
 
 /// A process's CPU time (user + system) so far, in seconds.
@@ -234,13 +313,29 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-pub fn raise_open_file_limit() {
+/// Raises this process's open-file limit (soft and hard) to at least `want`; processes it
+/// starts from now on inherit it. Raising the hard limit needs CAP_SYS_RESOURCE, which even
+/// root may lack in a container; without it the soft limit goes as far as the hard one.
+pub fn raise_open_file_limit(want: u64) {
     // SAFETY: getrlimit/setrlimit on a valid struct.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            let raised =
+                libc::rlimit { rlim_cur: limit.rlim_max.max(want), rlim_max: limit.rlim_max.max(want) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                limit.rlim_cur = limit.rlim_max;
+                let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
         }
+    }
+}
+
+/// The open-file limit (soft) of this process.
+pub fn open_file_limit() -> u64 {
+    // SAFETY: getrlimit on a valid struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 { limit.rlim_cur } else { 0 }
     }
 }

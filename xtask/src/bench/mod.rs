@@ -1,9 +1,13 @@
 //! `cargo xtask bench`: Warren's measurements, as ratios against baselines run in the same
 //! invocation and interleaved (A B C A B C ...), so machine drift cancels out. Every figure is
-//! the median over rounds with its spread: the cost of eBPF capture on connect(), and the L4
-//! data path against direct and against relay pairs.
+//! the median over rounds with its spread: the cost of eBPF capture on connect(); the L4 data
+//! path (latency, connections/s, throughput, proxy CPU per GB, ztunnel memory at 1,000 and
+//! 10,000 open connections) against direct and against relay pairs, through the waypoint too;
+//! HTTP/1.1 and HTTP/2 at a fixed rate and at saturation through the waypoint, the mesh, a
+//! relay pair and direct; and the controller at scale.
 //!
-//! Results go to target/bench/results.json and docs/performance.md.
+//! Results go to target/bench/results.json and docs/performance.md (with `--only GROUP`, to
+//! target/bench/results-GROUP.json and target/bench/performance-GROUP.md).
 
 mod controller;
 mod datapath;
@@ -24,6 +28,8 @@ use warren_e2e::{app::Server, topology::Node, topology::Pod, ztunnel::Ztunnel};
 
 use crate::setup::{run_checked, workspace_root};
 
+pub use load::hold_main;
+
 /// The connect() target of the capture benchmark (issue: capture adds < 2 µs at the median).
 const CAPTURE_TARGET_NS: f64 = 2_000.0;
 
@@ -37,6 +43,15 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     }
     warren_e2e::require_root();
     let root = workspace_root();
+    let mut seconds = serde_json::Map::new();
+    let mut phase = Instant::now();
+    // Ends a phase: prints and records how long it took.
+    let mut took = |name: &str, seconds: &mut serde_json::Map<String, Value>| {
+        let s = phase.elapsed().as_secs_f64();
+        println!("    ({name}: {s:.0} s)");
+        seconds.insert(name.into(), json!(s));
+        phase = Instant::now();
+    };
     println!("==> building release binaries");
     run_checked(Command::new("cargo").current_dir(&root).args([
         "build",
@@ -53,11 +68,13 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         "--bin",
         "controller",
     ]))?;
-    // The harness finds binaries beside the running executable; point it at the release ones.
+    // The harness finds binaries beside the running executable; point it at the release ones
+    // (where cargo put them: CARGO_TARGET_DIR when set).
     // SAFETY: single-threaded at this point.
-    unsafe { std::env::set_var("WARREN_BIN_DIR", root.join("target/release")) };
+    unsafe { std::env::set_var("WARREN_BIN_DIR", target_dir().join("release")) };
 
     crate::setup::ensure_debian_packages(&["haproxy"])?;
+    took("build", &mut seconds);
     let (rounds, connects) = if quick { (3, 2_000) } else { (5, 10_000) };
     // Before pinning: the machine's own CPU count.
     let machine = machine();
@@ -66,7 +83,9 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         println!(
             "==> capture: connect() latency, {rounds} rounds x {connects} connects per variant, pinned to CPU 0"
         );
-        capture_bench(rounds, connects)?
+        let c = capture_bench(rounds, connects)?;
+        took("capture", &mut seconds);
+        c
     } else {
         Value::Null
     };
@@ -74,8 +93,10 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         datapath::Settings {
             rounds: 3,
             rr_iterations: 3_000,
-            crr_duration: Duration::from_secs(1),
-            throughput_duration: Duration::from_millis(1500),
+            crr_duration: Duration::from_millis(500),
+            throughput_duration: Duration::from_secs(1),
+            held_connections: 10_000,
+            hold_limit: Duration::from_secs(30),
         }
     } else {
         datapath::Settings {
@@ -83,11 +104,15 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
             rr_iterations: 20_000,
             crr_duration: Duration::from_secs(3),
             throughput_duration: Duration::from_secs(5),
+            held_connections: 10_000,
+            hold_limit: Duration::from_secs(60),
         }
     };
     let data_path = if wants("datapath") {
         println!("==> L4 data path: {} rounds per path, every process pinned to CPU 0", settings.rounds);
-        datapath::run(&settings, root.join("target/bench/relay"))?
+        let d = datapath::run(&settings, root.join("target/bench/relay"))?;
+        took("data_path", &mut seconds);
+        d
     } else {
         Value::Null
     };
@@ -96,8 +121,8 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         let settings = if quick {
             l7::Settings {
                 rounds: 3,
-                fixed_rate_duration: Duration::from_secs(2),
-                saturation_duration: Duration::from_secs(1),
+                fixed_rate_duration: Duration::from_secs(1),
+                saturation_duration: Duration::from_millis(750),
             }
         } else {
             l7::Settings {
@@ -107,7 +132,9 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
             }
         };
         println!("==> L7 path (waypoint): {} rounds, every process pinned to CPU 0", settings.rounds);
-        l7::run(&settings)?
+        let l = l7::run(&settings, &root.join("target/bench/relay-l7"))?;
+        took("l7", &mut seconds);
+        l
     } else {
         Value::Null
     };
@@ -123,7 +150,9 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
             "==> controller at scale: {} pods, {} services, {} policies",
             scale.pods, scale.services, scale.policies
         );
-        controller::run(&scale, &root.join("target/bench/controller"))?
+        let c = controller::run(&scale, &root.join("target/bench/controller"))?;
+        took("controller", &mut seconds);
+        c
     } else {
         Value::Null
     };
@@ -135,14 +164,23 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         "data_path": data_path,
         "l7": l7,
         "controller": controller,
+        "seconds": seconds,
     });
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
-    fs::write(dir.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    // A run of one group leaves the full run's results and docs/performance.md alone.
+    let (json_path, report_path) = match only {
+        None => (dir.join("results.json"), root.join("docs/performance.md")),
+        Some(group) => {
+            (dir.join(format!("results-{group}.json")), dir.join(format!("performance-{group}.md")))
+        }
+    };
+    fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     let report = markdown(&results);
-    fs::write(root.join("docs/performance.md"), &report)?;
+    fs::write(&report_path, &report)?;
     println!("\n{report}");
-    println!("raw numbers: target/bench/results.json; report: docs/performance.md");
+    let shown = |p: &std::path::Path| p.strip_prefix(&root).unwrap_or(p).display().to_string();
+    println!("raw numbers: {}; report: {}", shown(&json_path), shown(&report_path));
     Ok(())
 }
 
@@ -277,6 +315,15 @@ fn measure_connects(pod: &Pod, dst: SocketAddr, connects: usize) -> Result<Sampl
     Ok(Sample { median_ns: at(0.5), p99_ns: at(0.99), per_second: connects as f64 / elapsed.as_secs_f64() })
 }
 
+/// Cargo's target directory: CARGO_TARGET_DIR (relative to the workspace) or `target/`.
+fn target_dir() -> std::path::PathBuf {
+    let root = workspace_root();
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root.join(d) })
+        .unwrap_or_else(|| root.join("target"))
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -323,6 +370,15 @@ fn markdown(r: &Value) -> String {
         m["load_average"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or("")
     );
+    if let Some(secs) = r["seconds"].as_object() {
+        // In the order they ran.
+        let parts: Vec<String> = ["capture", "data_path", "l7", "controller"]
+            .iter()
+            .filter_map(|k| Some(format!("{} {:.0} s", k.replace('_', " "), secs.get(*k)?.as_f64()?)))
+            .collect();
+        let total: f64 = secs.iter().filter(|(k, _)| *k != "build").filter_map(|(_, v)| v.as_f64()).sum();
+        let _ = writeln!(s, "Measuring took {total:.0} s ({}), after the release build.\n", parts.join(", "));
+    }
     if !c.is_null() {
         capture_markdown(&mut s, c);
     }
@@ -386,32 +442,21 @@ fn data_path_markdown(s: &mut String, d: &Value) {
     let _ = writeln!(s, "\n## L4 data path\n");
     let _ = writeln!(
         s,
-        "Client pod on node 1, server pod on node 2 (same node for the last row), {} rounds. \
-         Ratios are to the direct path's median.\n",
+        "Client pod on node 1, server pod on node 2 (same node for the same-node row), {} rounds. \
+         The waypoint row connects to a service VIP whose traffic goes through a waypoint pod on \
+         node 2; the benchmark's bytes are not HTTP, so the waypoint passes them through as TCP \
+         (its sniffer decides on the first byte, 0x07, without waiting for its timeout; the \
+         request/response figures are one connection's steady state after 200 warm-up \
+         exchanges). Ratios are to the direct path's and the plain relay pair's medians.\n",
         d["rounds"]
     );
     let paths = d["paths"].as_array().cloned().unwrap_or_default();
     let med = |p: &Value, k: &str| p[k]["median"].as_f64().unwrap_or(f64::NAN);
     let direct = paths.first().cloned().unwrap_or_default();
     let relay = paths.get(1).cloned().unwrap_or_default();
-    let cell = |p: &Value, k: &str, decimals: usize| {
-        let v = &p[k];
-        if v.is_null() {
-            return "—".to_string();
-        }
-        format!(
-            "{:.*} [{:.*}–{:.*}]",
-            decimals,
-            v["median"].as_f64().unwrap_or(f64::NAN),
-            decimals,
-            v["min"].as_f64().unwrap_or(f64::NAN),
-            decimals,
-            v["max"].as_f64().unwrap_or(f64::NAN)
-        )
-    };
     let _ = writeln!(
         s,
-        "| path | 1-byte RR p50 µs | p99 µs | p99.9 µs | RR tps | new conn/s | Gb/s 1 stream | Gb/s 8 streams | ztunnel CPU s/GB |"
+        "| path | 1-byte RR p50 µs | p99 µs | p99.9 µs | RR tps | new conn/s | Gb/s 1 stream | Gb/s 8 streams | proxy CPU s/GB |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for p in &paths {
@@ -419,26 +464,29 @@ fn data_path_markdown(s: &mut String, d: &Value) {
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p["path"].as_str().unwrap_or(""),
-            cell(p, "rr_p50_us", 1),
-            cell(p, "rr_p99_us", 1),
-            cell(p, "rr_p999_us", 1),
-            cell(p, "rr_tps", 0),
-            cell(p, "new_connections_per_s", 0),
-            cell(p, "throughput_1_stream_gbps", 2),
-            cell(p, "throughput_8_streams_gbps", 2),
-            cell(p, "ztunnel_cpu_s_per_gb", 2),
+            spread(&p["rr_p50_us"], 1),
+            spread(&p["rr_p99_us"], 1),
+            spread(&p["rr_p999_us"], 1),
+            spread(&p["rr_tps"], 0),
+            spread(&p["new_connections_per_s"], 0),
+            spread(&p["throughput_1_stream_gbps"], 2),
+            spread(&p["throughput_8_streams_gbps"], 2),
+            spread(&p["proxy_cpu_s_per_gb"], 2),
         );
     }
     let _ = writeln!(
         s,
-        "\n| path | p50 vs direct | p50 vs relay | conn/s vs direct | conn/s vs relay | 1-stream vs direct | 1-stream vs relay |"
+        "\n| path | p50 vs direct | p50 vs relay | conn/s vs direct | conn/s vs relay | 1-stream vs direct | 1-stream vs relay | 8-stream vs direct | 8-stream vs relay | CPU/GB vs relay |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for p in &paths {
-        let ratio = |k: &str, base: &Value| format!("{:.2}×", med(p, k) / med(base, k));
+        let ratio = |k: &str, base: &Value| {
+            let r = med(p, k) / med(base, k);
+            if r.is_finite() { format!("{r:.2}×") } else { "—".to_string() }
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p["path"].as_str().unwrap_or(""),
             ratio("rr_p50_us", &direct),
             ratio("rr_p50_us", &relay),
@@ -446,8 +494,25 @@ fn data_path_markdown(s: &mut String, d: &Value) {
             ratio("new_connections_per_s", &relay),
             ratio("throughput_1_stream_gbps", &direct),
             ratio("throughput_1_stream_gbps", &relay),
+            ratio("throughput_8_streams_gbps", &direct),
+            ratio("throughput_8_streams_gbps", &relay),
+            ratio("proxy_cpu_s_per_gb", &relay),
         );
     }
+    let waypoint = paths.iter().find(|p| !p["waypoint_cpu_s_per_gb"].is_null());
+    let _ = writeln!(
+        s,
+        "\nProxy CPU is user + system time over both throughput runs (1 and 8 streams) per GB \
+         delivered to the server: both haproxy processes for the relay rows, both ztunnels for \
+         Warren L4{}.",
+        waypoint
+            .map(|w| format!(
+                ", both ztunnels and the waypoint for the waypoint row (ztunnels {}, waypoint {} s/GB)",
+                spread(&w["ztunnel_cpu_s_per_gb"], 2),
+                spread(&w["waypoint_cpu_s_per_gb"], 2)
+            ))
+            .unwrap_or_default()
+    );
     let rss = &d["ztunnel_rss_mib"];
     let fmt = |v: &Value| {
         v.as_array()
@@ -459,13 +524,60 @@ fn data_path_markdown(s: &mut String, d: &Value) {
             })
             .unwrap_or_default()
     };
+    let loaded: Vec<String> = rss["with_connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let (want, opened, at_server) = (&m["connections"], &m["opened"], &m["at_server"]);
+            let short = if opened != want || at_server.as_u64() < want.as_u64() {
+                format!(" (only {opened} opened, {at_server} reached the server in the time allowed)")
+            } else {
+                String::new()
+            };
+            format!(
+                "with {} connections open through the mesh {} MiB{short}",
+                thousands(want),
+                fmt(&m["rss_mib"])
+            )
+        })
+        .collect();
     let _ = writeln!(
         s,
-        "\nztunnel resident memory (node 1 / node 2): idle {} MiB; with 1,000 connections open through the mesh {} MiB.\n",
+        "\nztunnel resident memory (node 1 / node 2): idle {} MiB; {}.\n",
         fmt(&rss["idle"]),
-        fmt(&rss["with_1000_connections"])
+        loaded.join("; ")
     );
     targets_markdown(s, &d["targets"]);
+}
+
+/// A figure as "median [min–max]" with `decimals`, or "—" when absent.
+pub(crate) fn spread(v: &Value, decimals: usize) -> String {
+    if v.is_null() {
+        return "—".to_string();
+    }
+    format!(
+        "{:.*} [{:.*}–{:.*}]",
+        decimals,
+        v["median"].as_f64().unwrap_or(f64::NAN),
+        decimals,
+        v["min"].as_f64().unwrap_or(f64::NAN),
+        decimals,
+        v["max"].as_f64().unwrap_or(f64::NAN)
+    )
+}
+
+/// 10000 as "10,000".
+pub(crate) fn thousands(v: &Value) -> String {
+    let digits = v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| v.to_string());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The "Targets:" list every section ends with: met or not, and the figures behind it.
