@@ -72,7 +72,8 @@ pub struct ProxyStatus {
     pub node: String,
     pub kind: String,
     pub connected: bool,
-    /// The last version the proxy acknowledged (it runs it).
+    /// The last version the proxy runs: it acknowledged it, or nothing in it differed for
+    /// this proxy (a waypoint-only change is not sent to ztunnels, yet they are current).
     pub acked: Option<String>,
     /// The last version sent to it.
     pub sent: Option<String>,
@@ -350,8 +351,10 @@ async fn serve_stream(
                 pending = Some((published.version.clone(), changes));
                 hub.update(&proxy, connection, |p| p.sent = Some(published.version.clone()));
             } else {
-                // Nothing of this version differs for it: it holds this version's set.
+                // Nothing of this version differs for it: it holds this version's set, and
+                // runs what this version would give it.
                 holds = Some(published.version.clone());
+                hub.update(&proxy, connection, |p| p.acked = Some(published.version.clone()));
             }
             first = false;
         }

@@ -77,6 +77,27 @@ fn ztunnels_follow_the_stream_refuse_bad_updates_and_resume_after_a_controller_r
         "no one-resource delta:\n{log}"
     );
 
+    // A change only waypoints get (a DestinationRule): nothing is sent to the ztunnels, and
+    // they still count as running the latest version.
+    let published_and_synced = |local: &LocalMode, before: &Value| {
+        wait_until(Duration::from_secs(10), || {
+            let s = local.proxy_status();
+            s["latest"] != *before && states(&s) == ["SYNCED", "SYNCED"]
+        })
+    };
+    let before = local.proxy_status()["latest"].clone();
+    local.write(
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: payment, namespace: shop}\nspec: {selector: {app: payment}, ports: [{port: 80, targetPort: 8080}]}\n",
+    );
+    assert!(published_and_synced(&local, &before), "{}", local.proxy_status());
+    let before = local.proxy_status()["latest"].clone();
+    local.write(
+        "dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment, namespace: shop}\nspec: {host: payment, subsets: [{name: v1, labels: {version: v1}}]}\n",
+    );
+    assert!(published_and_synced(&local, &before), "{}", local.proxy_status());
+
     // A bad update (another pod claiming payment's IP) is refused by both, who keep the last
     // good config: the DENY policy stays in force, the impostor never appears.
     local.write("impostor.yaml", &pod_manifest(&b, "shop", "impostor", &n1, "default", ""));
