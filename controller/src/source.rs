@@ -143,3 +143,64 @@ pub fn read_documents(origin: &str, text: &str, snapshot: &mut Snapshot, finding
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn pod(name: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{containers: [{{name: app, image: x}}]}}\nstatus: {{podIPs: [{{ip: {ip}}}]}}\n"
+        )
+    }
+
+    fn names(snapshot: &Snapshot) -> Vec<String> {
+        snapshot.pods.iter().map(|p| p.metadata.name.clone().unwrap_or_default()).collect()
+    }
+
+    /// After every kind of edit, the reused reader gives what a fresh one gives, and files
+    /// whose contents did not change keep their parsed objects (the same `Arc`s).
+    #[test]
+    fn a_reused_reader_sees_every_edit_and_reparses_only_changed_files() {
+        let dir = std::env::temp_dir().join(format!("warren-dir-reader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.yaml"), pod("a", "10.0.0.1")).unwrap();
+        std::fs::write(
+            dir.join("sub/b.yml"),
+            format!("{}---\n{}", pod("b", "10.0.0.2"), pod("c", "10.0.0.3")),
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+        let mut reader = DirReader::default();
+        let fresh = |dir: &Path| DirReader::default().read(dir).unwrap();
+
+        let (first, _) = reader.read(&dir).unwrap();
+        assert_eq!(names(&first), ["a", "b", "c"]);
+
+        // One file changes (same size: a different IP): only it is parsed again.
+        std::fs::write(dir.join("a.yaml"), pod("a", "10.0.0.9")).unwrap();
+        let (second, findings) = reader.read(&dir).unwrap();
+        assert_eq!(names(&second), names(&fresh(&dir).0));
+        assert!(findings.is_empty(), "{findings:?}");
+        assert!(!Arc::ptr_eq(&first.pods[0], &second.pods[0]), "the changed file was parsed again");
+        assert!(Arc::ptr_eq(&first.pods[1], &second.pods[1]), "the unchanged file was not");
+        let ip = |s: &Snapshot| s.pods[0].status.as_ref().unwrap().pod_ips.as_ref().unwrap()[0].ip.clone();
+        assert_eq!(ip(&second), "10.0.0.9");
+
+        // A file removed, one added, one broken: the same as reading from nothing.
+        std::fs::remove_file(dir.join("sub/b.yml")).unwrap();
+        std::fs::write(dir.join("d.yaml"), pod("d", "10.0.0.4")).unwrap();
+        std::fs::write(dir.join("e.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: [\n").unwrap();
+        let (third, findings) = reader.read(&dir).unwrap();
+        let (expected, expected_findings) = fresh(&dir);
+        assert_eq!(names(&third), ["a", "d"]);
+        assert_eq!(names(&third), names(&expected));
+        assert_eq!(findings, expected_findings);
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
