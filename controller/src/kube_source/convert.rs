@@ -43,7 +43,7 @@ pub fn snapshot(objects: &Objects) -> (Snapshot, Vec<Finding>) {
     };
     for (kind, list) in &objects.dynamic {
         let mut list: Vec<&DynamicObject> = list.iter().map(|o| o.as_ref()).collect();
-        list.sort_by_key(|o| key(&o.metadata));
+        list.sort_by(|a, b| key(&a.metadata).cmp(&key(&b.metadata)));
         for object in list {
             match *kind {
                 Kind::VirtualService => read(*kind, object, &mut s.virtual_services, &mut findings),
@@ -62,13 +62,15 @@ pub fn snapshot(objects: &Objects) -> (Snapshot, Vec<Finding>) {
     (s, findings)
 }
 
-fn key(meta: &ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+/// Namespace and name, borrowed: sorting 10,000 pods compares keys ~140,000 times, and an
+/// owned key would allocate twice each time.
+fn key(meta: &ObjectMeta) -> (&str, &str) {
+    (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
 }
 
 fn typed<T>(list: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> Vec<Arc<T>> {
     let mut out: Vec<Arc<T>> = list.to_vec();
-    out.sort_by_key(|o| key(meta(o)));
+    out.sort_by(|a, b| key(meta(a)).cmp(&key(meta(b))));
     out
 }
 
