@@ -5,7 +5,10 @@
 //! Stores are hash maps: objects are sorted by namespace/name here so that the same cluster
 //! state always translates to the same bytes (the config file is rewritten only on change).
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service, ServiceAccount},
@@ -31,8 +34,25 @@ pub struct Objects {
     pub dynamic: BTreeMap<Kind, Vec<Arc<DynamicObject>>>,
 }
 
-/// The snapshot the translation reads, and the objects that could not be read.
+/// The snapshot the translation reads, and the objects that could not be read (no cache).
+#[cfg(test)]
 pub fn snapshot(objects: &Objects) -> (Snapshot, Vec<Finding>) {
+    snapshot_with(objects, &mut ReadCache::default())
+}
+
+/// CRD objects already read, by kind, uid and resourceVersion: an object the API server has
+/// not changed is not read from JSON again on every rebuild (what it read into, or the finding
+/// it gave, is reused).
+#[derive(Default)]
+pub struct ReadCache {
+    read: HashMap<(Kind, String, String), ReadOutcome>,
+    next: HashMap<(Kind, String, String), ReadOutcome>,
+}
+
+type ReadOutcome = Result<Arc<dyn std::any::Any + Send + Sync>, Finding>;
+
+/// [`snapshot`], reusing `cache` across rebuilds (the watch loop keeps one).
+pub fn snapshot_with(objects: &Objects, cache: &mut ReadCache) -> (Snapshot, Vec<Finding>) {
     let mut findings = Vec::new();
     let mut s = Snapshot {
         namespaces: typed(&objects.namespaces, |n| &n.metadata),
@@ -46,20 +66,58 @@ pub fn snapshot(objects: &Objects) -> (Snapshot, Vec<Finding>) {
         list.sort_by(|a, b| key(&a.metadata).cmp(&key(&b.metadata)));
         for object in list {
             match *kind {
-                Kind::VirtualService => read(*kind, object, &mut s.virtual_services, &mut findings),
-                Kind::DestinationRule => read(*kind, object, &mut s.destination_rules, &mut findings),
-                Kind::PeerAuthentication => read(*kind, object, &mut s.peer_authentications, &mut findings),
-                Kind::AuthorizationPolicy => {
-                    read(*kind, object, &mut s.authorization_policies, &mut findings)
+                Kind::VirtualService => cache.read(*kind, object, &mut s.virtual_services, &mut findings),
+                Kind::DestinationRule => cache.read(*kind, object, &mut s.destination_rules, &mut findings),
+                Kind::PeerAuthentication => {
+                    cache.read(*kind, object, &mut s.peer_authentications, &mut findings)
                 }
-                Kind::HttpRoute => read(*kind, object, &mut s.http_routes, &mut findings),
-                Kind::Gateway => read(*kind, object, &mut s.gateways, &mut findings),
+                Kind::AuthorizationPolicy => {
+                    cache.read(*kind, object, &mut s.authorization_policies, &mut findings)
+                }
+                Kind::HttpRoute => cache.read(*kind, object, &mut s.http_routes, &mut findings),
+                Kind::Gateway => cache.read(*kind, object, &mut s.gateways, &mut findings),
                 // Core kinds are never dynamic; nothing to read.
                 Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceAccount => {}
             }
         }
     }
+    // Objects gone from the stores are forgotten.
+    cache.read = std::mem::take(&mut cache.next);
     (s, findings)
+}
+
+impl ReadCache {
+    fn read<T: DeserializeOwned + Send + Sync + 'static>(
+        &mut self,
+        kind: Kind,
+        object: &DynamicObject,
+        out: &mut Vec<Arc<T>>,
+        findings: &mut Vec<Finding>,
+    ) {
+        let meta = &object.metadata;
+        let Some(key) = meta.uid.clone().zip(meta.resource_version.clone()).map(|(u, v)| (kind, u, v)) else {
+            // Without a uid and version (never from an API server) there is nothing to key on.
+            read(kind, object, out, findings);
+            return;
+        };
+        let outcome = match self.read.remove(&key) {
+            Some(outcome) => outcome,
+            None => {
+                let (mut parsed, mut found): (Vec<Arc<T>>, Vec<Finding>) = (Vec::new(), Vec::new());
+                read(kind, object, &mut parsed, &mut found);
+                match (parsed.pop(), found.pop()) {
+                    (Some(o), _) => Ok(o as Arc<dyn std::any::Any + Send + Sync>),
+                    (None, Some(f)) => Err(f),
+                    (None, None) => return,
+                }
+            }
+        };
+        match &outcome {
+            Ok(o) => out.push(o.clone().downcast::<T>().expect("cached under this object's kind")),
+            Err(f) => findings.push(f.clone()),
+        }
+        self.next.insert(key, outcome);
+    }
 }
 
 /// Namespace and name, borrowed: sorting 10,000 pods compares keys ~140,000 times, and an
@@ -217,6 +275,41 @@ mod tests {
         assert_eq!((f.code, f.severity), (codes::SCHEMA, Severity::Error));
         assert_eq!(f.object, "VirtualService shop/broken");
         assert_eq!(f.field.as_deref(), Some("spec.http[0].route"));
+    }
+
+    #[test]
+    fn unchanged_crd_objects_are_not_read_again_and_read_the_same() {
+        let versioned = |name: &str, version: &str, http: serde_json::Value| {
+            let mut v = virtual_service(name, http);
+            v["metadata"]["uid"] = json!(format!("uid-{name}"));
+            v["metadata"]["resourceVersion"] = json!(version);
+            dynamic(v)
+        };
+        let (mut objects, _) = cluster();
+        let list = objects.dynamic.get_mut(&Kind::VirtualService).unwrap();
+        list.clear();
+        list.push(versioned("a", "1", json!([{"route": [{"destination": {"host": "payment"}}]}])));
+        list.push(versioned("broken", "1", json!([{"route": 7}])));
+        let mut cache = ReadCache::default();
+        let (first, first_findings) = snapshot_with(&objects, &mut cache);
+        let (again, again_findings) = snapshot_with(&objects, &mut cache);
+        assert!(Arc::ptr_eq(&first.virtual_services[0], &again.virtual_services[0]), "read again");
+        assert_eq!(first_findings, again_findings, "a cached finding is reported again");
+        assert_eq!(again_findings.len(), 1);
+        let uncached = snapshot(&objects);
+        assert_eq!(
+            serde_json::to_value(translate::translate(&again).0).unwrap(),
+            serde_json::to_value(translate::translate(&uncached.0).0).unwrap()
+        );
+
+        // A new resourceVersion is read anew; a deleted object is forgotten.
+        let list = objects.dynamic.get_mut(&Kind::VirtualService).unwrap();
+        list[0] = versioned("a", "2", json!([{"route": [{"destination": {"host": "checkout"}}]}]));
+        list.pop();
+        let (third, third_findings) = snapshot_with(&objects, &mut cache);
+        assert!(!Arc::ptr_eq(&again.virtual_services[0], &third.virtual_services[0]));
+        assert!(third_findings.is_empty(), "{third_findings:?}");
+        assert_eq!(cache.read.len(), 1);
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Re
     eprintln!("controller: watching {}", Kind::ALL.map(|k| k.to_string()).join(", "));
     let mut readiness = Readiness::default();
     let mut output = Output::new(&options.out);
+    let mut read_cache = convert::ReadCache::default();
     let mut last_findings = Vec::new();
     loop {
         let signal = if readiness.started() {
@@ -93,7 +94,7 @@ pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Re
         while let Ok(signal) = tokio::time::timeout_at(deadline, next(&mut rx)).await {
             handle(&mut readiness, signal)?;
         }
-        let (snapshot, mut findings) = convert::snapshot(&stores.objects());
+        let (snapshot, mut findings) = convert::snapshot_with(&stores.objects(), &mut read_cache);
         let (config, more) = crate::translate_snapshot(&snapshot);
         findings.extend(more);
         // Findings are reported when they change, not on every pod status update.
