@@ -34,7 +34,7 @@ pub struct Published {
 /// One version's shared resources for a kind of proxy, and how they differ from the version
 /// the hub built before (`base`): a proxy known to hold `base` is sent `changes`, without
 /// comparing everything.
-pub struct SharedSet {
+struct SharedSet {
     resources: config_stream::Resources,
     base: Option<String>,
     changes: config_stream::Changes,

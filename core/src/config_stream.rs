@@ -124,6 +124,43 @@ fn resource(kind: &str, name: &str, order: u32, value: impl Serialize) -> (Strin
 /// Resources by key, shared between versions and proxies (most of them do not change).
 pub type Resources = BTreeMap<String, Arc<Resource>>;
 
+/// The name an object has in its resource key (`workload/<uid>`, `service/<namespace>/<name>`
+/// ...): the controller names resources by it, and a proxy keeps its lists sorted by it — one
+/// definition, so the two cannot drift apart.
+trait ResourceName {
+    fn resource_name(&self) -> String;
+    /// `resource_name().cmp(name)` without building the name (a proxy binary-searches by it).
+    fn cmp_name(&self, name: &str) -> std::cmp::Ordering;
+}
+
+impl ResourceName for Workload {
+    fn resource_name(&self) -> String {
+        self.uid.clone()
+    }
+
+    fn cmp_name(&self, name: &str) -> std::cmp::Ordering {
+        self.uid.as_str().cmp(name)
+    }
+}
+
+/// Namespaced objects: `<namespace>/<name>`.
+macro_rules! namespaced_resource_name {
+    ($($t:ty),*) => {$(
+        impl ResourceName for $t {
+            fn resource_name(&self) -> String {
+                format!("{}/{}", self.namespace, self.name)
+            }
+
+            fn cmp_name(&self, name: &str) -> std::cmp::Ordering {
+                let own = self.namespace.bytes().chain(std::iter::once(b'/')).chain(self.name.bytes());
+                own.cmp(name.bytes())
+            }
+        }
+    )*};
+}
+
+namespaced_resource_name!(Service, Authorization, PeerAuthentication, L7Authorization, DestinationRule);
+
 /// The resources built for the last version, each with the object it was made from: the
 /// next version reuses the resource (its JSON value and hash) of every object that compares
 /// equal, so publishing a one-pod change builds one resource, not ten thousand. The objects
@@ -204,19 +241,19 @@ pub fn resources_for(config: &NodeConfig, kind: &ProxyKind, node: &str) -> Resou
 pub fn shared_resources(config: &NodeConfig, kind: &ProxyKind, cache: &mut ResourceCache) -> Resources {
     let mut out = Builder::new(cache);
     for w in &config.workloads {
-        out.add(kinds::WORKLOAD, &w.uid, 0, w);
+        out.add(kinds::WORKLOAD, &w.resource_name(), 0, w);
     }
     for s in &config.services {
-        out.add(kinds::SERVICE, &format!("{}/{}", s.namespace, s.name), 0, s);
+        out.add(kinds::SERVICE, &s.resource_name(), 0, s);
     }
     out.add(kinds::MESH, "settings", 0, &serde_json::json!({"rootNamespace": config.root_namespace}));
     match kind {
         ProxyKind::Ztunnel => {
             for a in &config.authorizations {
-                out.add(kinds::AUTHORIZATION, &format!("{}/{}", a.namespace, a.name), 0, a);
+                out.add(kinds::AUTHORIZATION, &a.resource_name(), 0, a);
             }
             for p in &config.peer_authentications {
-                out.add(kinds::PEER_AUTHENTICATION, &format!("{}/{}", p.namespace, p.name), 0, p);
+                out.add(kinds::PEER_AUTHENTICATION, &p.resource_name(), 0, p);
             }
         }
         ProxyKind::Waypoint { .. } => {
@@ -225,10 +262,10 @@ pub fn shared_resources(config: &NodeConfig, kind: &ProxyKind, cache: &mut Resou
                 out.add(kinds::VIRTUAL_SERVICE, &name, i as u32, v);
             }
             for (i, d) in config.routing.destination_rules.iter().enumerate() {
-                out.add(kinds::DESTINATION_RULE, &format!("{}/{}", d.namespace, d.name), i as u32, d);
+                out.add(kinds::DESTINATION_RULE, &d.resource_name(), i as u32, d);
             }
             for a in &config.routing.authorizations {
-                out.add(kinds::L7_AUTHORIZATION, &format!("{}/{}", a.namespace, a.name), 0, a);
+                out.add(kinds::L7_AUTHORIZATION, &a.resource_name(), 0, a);
             }
         }
     }
@@ -273,7 +310,7 @@ pub fn delta_from_changes(
     let mut upsert: Vec<Resource> =
         changes.upserted.iter().filter_map(|k| shared.get(k)).map(|r| Resource::clone(r)).collect();
     let mut remove = changes.removed.clone();
-    upsert.extend(own.values().filter(|r| have.get(&r.key) != Some(&r.hash)).map(|r| Resource::clone(r)));
+    upsert.extend(changed(have, own));
     let own_prefix = format!("{}/", kinds::IDENTITY);
     remove.extend(
         have.range(own_prefix.clone()..)
@@ -282,6 +319,14 @@ pub fn delta_from_changes(
             .map(|(k, _)| k.clone()),
     );
     (upsert, remove)
+}
+
+/// The resources of `set` that `have` lacks or holds at another hash.
+fn changed<'a>(
+    have: &'a BTreeMap<String, String>,
+    set: &'a Resources,
+) -> impl Iterator<Item = Resource> + 'a {
+    set.values().filter(|r| have.get(&r.key) != Some(&r.hash)).map(|r| Resource::clone(r))
 }
 
 /// What to send a proxy that holds `have` (key → hash) so it ends up with `shared` (what
@@ -313,7 +358,7 @@ pub fn delta(
             remove.push(k.clone());
         }
     }
-    upsert.extend(own.values().filter(|r| have.get(&r.key) != Some(&r.hash)).map(|r| Resource::clone(r)));
+    upsert.extend(changed(have, own));
     (upsert, remove)
 }
 
@@ -382,11 +427,11 @@ fn parse(r: &Resource) -> Result<Typed, RejectReason> {
 /// `service/<namespace>/<name>` ...).
 fn sorted_name(typed: &Typed) -> Option<String> {
     Some(match typed {
-        Typed::Workload(w) => w.uid.clone(),
-        Typed::Service(s) => format!("{}/{}", s.namespace, s.name),
-        Typed::Authorization(a) => format!("{}/{}", a.namespace, a.name),
-        Typed::PeerAuthentication(p) => format!("{}/{}", p.namespace, p.name),
-        Typed::L7Authorization(a) => format!("{}/{}", a.namespace, a.name),
+        Typed::Workload(w) => w.resource_name(),
+        Typed::Service(s) => s.resource_name(),
+        Typed::Authorization(a) => a.resource_name(),
+        Typed::PeerAuthentication(p) => p.resource_name(),
+        Typed::L7Authorization(a) => a.resource_name(),
         Typed::VirtualService(..) | Typed::DestinationRule(..) | Typed::Mesh(_) | Typed::Identity => {
             return None;
         }
@@ -394,8 +439,8 @@ fn sorted_name(typed: &Typed) -> Option<String> {
 }
 
 /// Inserts or replaces the item named `name` in a list sorted by name; returns what it replaced.
-fn put_sorted<T>(list: &mut Vec<T>, name: &str, item: T, name_of: impl Fn(&T) -> String) -> Option<T> {
-    match list.binary_search_by(|x| name_of(x).as_str().cmp(name)) {
+fn put_sorted<T: ResourceName>(list: &mut Vec<T>, name: &str, item: T) -> Option<T> {
+    match list.binary_search_by(|x| x.cmp_name(name)) {
         Ok(i) => Some(std::mem::replace(&mut list[i], item)),
         Err(i) => {
             list.insert(i, item);
@@ -404,8 +449,8 @@ fn put_sorted<T>(list: &mut Vec<T>, name: &str, item: T, name_of: impl Fn(&T) ->
     }
 }
 
-fn take_sorted<T>(list: &mut Vec<T>, name: &str, name_of: impl Fn(&T) -> String) -> Option<T> {
-    list.binary_search_by(|x| name_of(x).as_str().cmp(name)).ok().map(|i| list.remove(i))
+fn take_sorted<T: ResourceName>(list: &mut Vec<T>, name: &str) -> Option<T> {
+    list.binary_search_by(|x| x.cmp_name(name)).ok().map(|i| list.remove(i))
 }
 
 /// The resources a proxy holds (their hashes) and the config they make, patched in place by
@@ -490,24 +535,17 @@ impl Held {
     fn put(&mut self, key: &str, typed: Typed) -> Option<Typed> {
         let name = key.split_once('/').map_or("", |(_, n)| n);
         let c = &mut self.config;
-        let ns_name = |namespace: &str, name: &str| format!("{namespace}/{name}");
         match typed {
-            Typed::Workload(w) => {
-                put_sorted(&mut c.workloads, name, *w, |x| x.uid.clone()).map(|w| Typed::Workload(w.into()))
-            }
-            Typed::Service(s) => put_sorted(&mut c.services, name, *s, |x| ns_name(&x.namespace, &x.name))
-                .map(|s| Typed::Service(s.into())),
+            Typed::Workload(w) => put_sorted(&mut c.workloads, name, *w).map(|w| Typed::Workload(w.into())),
+            Typed::Service(s) => put_sorted(&mut c.services, name, *s).map(|s| Typed::Service(s.into())),
             Typed::Authorization(a) => {
-                put_sorted(&mut c.authorizations, name, *a, |x| ns_name(&x.namespace, &x.name))
-                    .map(|a| Typed::Authorization(a.into()))
+                put_sorted(&mut c.authorizations, name, *a).map(|a| Typed::Authorization(a.into()))
             }
             Typed::PeerAuthentication(p) => {
-                put_sorted(&mut c.peer_authentications, name, *p, |x| ns_name(&x.namespace, &x.name))
-                    .map(|p| Typed::PeerAuthentication(p.into()))
+                put_sorted(&mut c.peer_authentications, name, *p).map(|p| Typed::PeerAuthentication(p.into()))
             }
             Typed::L7Authorization(a) => {
-                put_sorted(&mut c.routing.authorizations, name, *a, |x| ns_name(&x.namespace, &x.name))
-                    .map(|a| Typed::L7Authorization(a.into()))
+                put_sorted(&mut c.routing.authorizations, name, *a).map(|a| Typed::L7Authorization(a.into()))
             }
             Typed::VirtualService(order, v) => self
                 .virtual_services
@@ -527,24 +565,17 @@ impl Held {
     fn take(&mut self, key: &str) -> Option<Typed> {
         let (kind, name) = key.split_once('/').unwrap_or((key, ""));
         let c = &mut self.config;
-        let ns_name = |namespace: &str, name: &str| format!("{namespace}/{name}");
         match kind {
-            kinds::WORKLOAD => {
-                take_sorted(&mut c.workloads, name, |x| x.uid.clone()).map(|w| Typed::Workload(w.into()))
-            }
-            kinds::SERVICE => take_sorted(&mut c.services, name, |x| ns_name(&x.namespace, &x.name))
-                .map(|s| Typed::Service(s.into())),
+            kinds::WORKLOAD => take_sorted(&mut c.workloads, name).map(|w| Typed::Workload(w.into())),
+            kinds::SERVICE => take_sorted(&mut c.services, name).map(|s| Typed::Service(s.into())),
             kinds::AUTHORIZATION => {
-                take_sorted(&mut c.authorizations, name, |x| ns_name(&x.namespace, &x.name))
-                    .map(|a| Typed::Authorization(a.into()))
+                take_sorted(&mut c.authorizations, name).map(|a| Typed::Authorization(a.into()))
             }
             kinds::PEER_AUTHENTICATION => {
-                take_sorted(&mut c.peer_authentications, name, |x| ns_name(&x.namespace, &x.name))
-                    .map(|p| Typed::PeerAuthentication(p.into()))
+                take_sorted(&mut c.peer_authentications, name).map(|p| Typed::PeerAuthentication(p.into()))
             }
             kinds::L7_AUTHORIZATION => {
-                take_sorted(&mut c.routing.authorizations, name, |x| ns_name(&x.namespace, &x.name))
-                    .map(|a| Typed::L7Authorization(a.into()))
+                take_sorted(&mut c.routing.authorizations, name).map(|a| Typed::L7Authorization(a.into()))
             }
             kinds::VIRTUAL_SERVICE => {
                 self.virtual_services.remove(key).map(|(o, v)| Typed::VirtualService(o, v.into()))
@@ -989,6 +1020,29 @@ mod tests {
         let fast = sorted(delta_from_changes(&have_with_own, &third, cache.changes(), &own));
         assert_eq!(fast, sorted(delta(&have_with_own, &third, &own)));
         assert_eq!(fast.1, ["identity/a", "identity/gone", "workload/a"]);
+    }
+
+    #[test]
+    fn a_name_compares_as_the_name_it_builds() {
+        use crate::policy::MtlsMode;
+        let names =
+            ["", "a", "a/", "a/b", "a/b/c", "a-b/c", "ab/", "b/a", "shop/pay", "shop/payment", "shop0/a"];
+        for (namespace, name) in [("shop", "pay"), ("a", "b"), ("a-b", "c"), ("", ""), ("a", "")] {
+            let p = PeerAuthentication {
+                name: name.into(),
+                namespace: namespace.into(),
+                selector: None,
+                mode: MtlsMode::Permissive,
+                port_level: Default::default(),
+            };
+            for other in names {
+                assert_eq!(
+                    p.cmp_name(other),
+                    p.resource_name().as_str().cmp(other),
+                    "{namespace}/{name} vs {other}"
+                );
+            }
+        }
     }
 
     #[test]
