@@ -113,6 +113,30 @@ fn the_rendered_chart_passes_server_side_dry_run() {
     assert_eq!(ztunnel["name"], "ztunnel");
     assert_eq!(ztunnel["securityContext"]["privileged"], false, "{ztunnel}");
     assert_eq!(ztunnel["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    // New before old on each node: a surged pod must be schedulable beside the old one (no
+    // container ports, which hostNetwork turns into host ports), and its readiness must be its
+    // own process's (not :15021, shared with the old ztunnel while both run).
+    // DaemonSets surge from Kubernetes 1.22; the test API server is older: old then new there.
+    assert_eq!(
+        daemonset["spec"]["updateStrategy"]["rollingUpdate"],
+        serde_json::json!({"maxUnavailable": 1})
+    );
+    let surge = render(&["--kube-version", "1.30.0"]);
+    assert!(surge.contains("maxSurge: 1\n      maxUnavailable: 0"), "{surge}");
+    assert!(ztunnel.get("ports").is_none(), "ztunnel declares ports: {}", ztunnel["ports"]);
+    assert_eq!(
+        ztunnel["readinessProbe"]["exec"]["command"],
+        serde_json::json!(["ztunnel", "ready", "--socket", "/run/ztunnel/ready.sock"])
+    );
+    // `--reuse-values` from an earlier release carries its ztunnel.maxUnavailable: accepted,
+    // and the strategy stays new-before-old.
+    let reused = render(&["--kube-version", "1.30.0", "--set", "ztunnel.maxUnavailable=1"]);
+    assert!(reused.contains("maxSurge: 1\n      maxUnavailable: 0"), "{reused}");
+    let env = ztunnel["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "WARREN_READINESS_SOCKET" && e["value"] == "/run/ztunnel/ready.sock"),
+        "{env:?}"
+    );
     for (name, kind) in [("warren-ztunnel", "DaemonSet"), ("waypoint", "Deployment")] {
         let pod = &objects.iter().find(|o| o["kind"] == kind && o["metadata"]["name"] == name).unwrap()["spec"]
             ["template"]["spec"];

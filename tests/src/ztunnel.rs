@@ -77,6 +77,11 @@ pub struct Ztunnel {
     private_cgroup_namespace: bool,
     /// The CA this ztunnel made for itself (when not given one).
     _own_ca: Option<MeshCa>,
+    /// Whether dropping it uninstalls the node's pins (not when another ztunnel took over).
+    uninstall_on_drop: bool,
+    /// The binary: this workspace's, or an earlier release's (which has no readiness socket).
+    program: PathBuf,
+    earlier_release: bool,
 }
 
 pub const ADMIN: &str = "127.0.0.1:15000";
@@ -168,6 +173,35 @@ impl Ztunnel {
         Self::start_full(node, None, None, args, &[], false)
     }
 
+    /// Starts a second ztunnel on `node` while the first still runs, as a rolling update's new
+    /// pod: the same node, pins and ports, its own cgroup (`instance` names it), log, config
+    /// file and readiness socket. Returns once it is ready, asked on its own socket.
+    pub fn start_beside(
+        node: &Node,
+        workloads: &[Workload],
+        ca: &MeshCa,
+        instance: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        Self::start_instance(node, instance, Some(workloads), None, dev_ca_args(ca), extra_args, false)
+    }
+
+    /// Starts `program`, a ztunnel binary of a release before hand-over support (no readiness
+    /// socket; ready when its admin endpoint says so).
+    pub fn start_earlier_release(
+        node: &Node,
+        workloads: &[Workload],
+        ca: &MeshCa,
+        program: PathBuf,
+        extra_args: &[&str],
+    ) -> Self {
+        let mut z = Self::prepare(node, "", Some(workloads), None, dev_ca_args(ca), extra_args);
+        z.program = program;
+        z.earlier_release = true;
+        z.spawn(node);
+        z
+    }
+
     fn start_full(
         node: &Node,
         workloads: Option<&[Workload]>,
@@ -176,25 +210,53 @@ impl Ztunnel {
         extra_args: &[&str],
         private_cgroup_namespace: bool,
     ) -> Self {
-        let dir = std::env::temp_dir().join("warren-e2e").join(&node.name);
+        Self::start_instance(node, "", workloads, config_file, ca_args, extra_args, private_cgroup_namespace)
+    }
+
+    fn start_instance(
+        node: &Node,
+        instance: &str,
+        workloads: Option<&[Workload]>,
+        config_file: Option<PathBuf>,
+        ca_args: Vec<String>,
+        extra_args: &[&str],
+        private_cgroup_namespace: bool,
+    ) -> Self {
+        let mut z = Self::prepare(node, instance, workloads, config_file, ca_args, extra_args);
+        z.private_cgroup_namespace = private_cgroup_namespace;
+        z.spawn(node);
+        z
+    }
+
+    fn prepare(
+        node: &Node,
+        instance: &str,
+        workloads: Option<&[Workload]>,
+        config_file: Option<PathBuf>,
+        ca_args: Vec<String>,
+        extra_args: &[&str],
+    ) -> Self {
+        let name = if instance.is_empty() { node.name.clone() } else { format!("{}-{instance}", node.name) };
+        let dir = std::env::temp_dir().join("warren-e2e").join(&name);
         fs::create_dir_all(&dir).expect("temp dir");
-        let mut z = Ztunnel {
+        let z = Ztunnel {
             workloads_file: config_file.unwrap_or_else(|| dir.join("workloads.json")),
             node: node.name.clone(),
             netns: node.ns.path(),
             dir,
             child: None,
-            cgroup: format!("warren-e2e/{}", node.name),
+            cgroup: format!("warren-e2e/{name}"),
             ca_args,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             private_cgroup_namespace: false,
             _own_ca: None,
+            uninstall_on_drop: true,
+            program: binary("ztunnel"),
+            earlier_release: false,
         };
         if let Some(workloads) = workloads {
             z.set_workloads(workloads);
         }
-        z.private_cgroup_namespace = private_cgroup_namespace;
-        z.spawn(node);
         z
     }
 
@@ -207,7 +269,7 @@ impl Ztunnel {
 
     fn spawn(&mut self, node: &Node) {
         let log = fs::File::create(self.log_path()).expect("log file");
-        let mut command = node.ns.command(binary("ztunnel"));
+        let mut command = node.ns.command(&self.program);
         let cpu = PIN_CPU.load(std::sync::atomic::Ordering::Relaxed);
         if cpu >= 0 {
             pin_command(&mut command, cpu as usize);
@@ -244,6 +306,9 @@ impl Ztunnel {
         } else {
             command.args(["--own-cgroup", &self.cgroup]);
         }
+        if !self.earlier_release {
+            command.arg("--readiness-socket").arg(self.readiness_socket());
+        }
         let child = command
             .args(["--reconcile-interval-ms", "100"])
             .args(&self.ca_args)
@@ -254,9 +319,34 @@ impl Ztunnel {
             .spawn()
             .expect("start ztunnel");
         self.child = Some(child);
-        let ready =
-            wait_until(Duration::from_secs(20), || self.get("/healthz/ready").is_ok() || self.exited());
+        // Its own socket: the admin port may be another ztunnel's on this node.
+        let earlier = self.earlier_release;
+        let ready = wait_until(Duration::from_secs(20), || {
+            (if earlier { self.get("/healthz/ready").is_ok() } else { self.ready() }) || self.exited()
+        });
         assert!(ready && !self.exited(), "ztunnel did not become ready:\n{}", self.log());
+    }
+
+    /// The readiness socket only this process serves (`--readiness-socket`).
+    pub fn readiness_socket(&self) -> PathBuf {
+        self.dir.join("ready.sock")
+    }
+
+    /// Whether it says it is ready on its readiness socket.
+    pub fn ready(&self) -> bool {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.readiness_socket()) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut text = String::new();
+        s.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n").is_ok()
+            && s.read_to_string(&mut text).is_ok()
+            && text.lines().next().is_some_and(|status| status.split_whitespace().nth(1) == Some("200"))
+    }
+
+    /// Dropping it leaves the node's pins: another ztunnel took over from it.
+    pub fn keep_pins_on_drop(&mut self) {
+        self.uninstall_on_drop = false;
     }
 
     /// Starts it again after `stop` (same node, same pins).
@@ -418,10 +508,12 @@ impl Ztunnel {
 impl Drop for Ztunnel {
     fn drop(&mut self) {
         self.stop();
-        let _ = std::process::Command::new(binary("ztunnel"))
-            .args(["uninstall", "--node", &self.node])
-            .stdout(Stdio::null())
-            .status();
+        if self.uninstall_on_drop {
+            let _ = std::process::Command::new(binary("ztunnel"))
+                .args(["uninstall", "--node", &self.node])
+                .stdout(Stdio::null())
+                .status();
+        }
         let cgroup = crate::cgroup2_mount().join(&self.cgroup);
         let _ = fs::remove_dir(&cgroup);
         // The shared parent goes with the last test that used it (fails while others run).

@@ -346,13 +346,28 @@ mod chart_tests {
         assert_eq!(pod["priorityClassName"], "system-node-critical");
         assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
         assert_eq!(pod["automountServiceAccountToken"], false);
-        // The old ztunnel leaves before the new one starts (no maxSurge: docs/install.md).
-        assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"], json!({"maxUnavailable": 1}));
+        // New before old on each node (docs/install.md, "Upgrade"); old then new before
+        // Kubernetes 1.22, where DaemonSets cannot surge.
+        assert_eq!(
+            ds["spec"]["updateStrategy"]["rollingUpdate"],
+            json!({"maxSurge": 1, "maxUnavailable": 0})
+        );
+        let old_kube = render(&helm, &dir.0, &["--kube-version", "1.21.0"]);
+        assert_eq!(
+            old_kube["DaemonSet/warren-system/warren-ztunnel"]["spec"]["updateStrategy"]["rollingUpdate"],
+            json!({"maxUnavailable": 1})
+        );
         let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations["prometheus.io/scrape"], "true");
         assert_eq!(annotations["prometheus.io/port"], "15020");
         let ztunnel = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "ztunnel").unwrap();
-        assert_eq!(ztunnel["readinessProbe"]["httpGet"], json!({"path": "/healthz/ready", "port": 15021}));
+        // Its own process's readiness, not :15021, which an update's two ztunnels share; no
+        // container ports, which hostNetwork makes host ports (no second pod on the node).
+        assert_eq!(
+            ztunnel["readinessProbe"]["exec"]["command"],
+            json!(["ztunnel", "ready", "--socket", "/run/ztunnel/ready.sock"])
+        );
+        assert!(ztunnel.get("ports").is_none(), "{}", ztunnel["ports"]);
         // Not privileged by default: exactly the listed capabilities, nothing else, unconfined
         // by AppArmor and SELinux (which would deny mount and bpffs pins), /tmp writable.
         let security = &ztunnel["securityContext"];
@@ -371,6 +386,7 @@ mod chart_tests {
             .map(|m| (m["name"].as_str().unwrap(), m["mountPath"].as_str().unwrap()))
             .collect();
         assert_eq!(mounts["tmp"], "/tmp");
+        assert_eq!(mounts["run"], "/run/ztunnel");
         assert_eq!(mounts["token"], "/var/run/warren/token");
         let host_paths: BTreeMap<&str, &str> = pod["volumes"]
             .as_array()
@@ -399,6 +415,7 @@ mod chart_tests {
             ztunnel["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e)).collect();
         assert_eq!(env["WARREN_CA_TOKEN_FILE"]["value"], "/var/run/warren/token/token");
         assert_eq!(env["WARREN_CGROUP2_ROOT"]["value"], "/host/cgroup");
+        assert_eq!(env["WARREN_READINESS_SOCKET"]["value"], "/run/ztunnel/ready.sock");
         assert_eq!(env["WARREN_CA_ADDR"]["value"], "$(WARREN_CA_SERVICE_HOST):15012");
         // The config comes over the controller's stream, on the CA's port.
         assert_eq!(env["WARREN_CONTROLLER_ADDR"]["value"], "$(WARREN_CA_SERVICE_HOST):15012");

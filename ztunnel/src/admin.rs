@@ -3,6 +3,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -13,7 +14,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tracing::warn;
 use warren_core::model::NodeConfig;
 
@@ -39,6 +40,7 @@ impl AdminState {
             "programs": self.capture.cgroup_attachments(),
             "pods": self.inpod.view(),
             "enrolledMapCookies": self.capture.enrolled_cookies(),
+            "exemptCgroups": self.capture.exempt_cgroups(),
             "originalDstEntries": self.capture.original_dst_entries(),
             "pendingDstEntries": self.capture.pending_dst_entries(),
             "stats": &self.proxy.stats,
@@ -90,6 +92,62 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: End
                 warn!("admin connection: {e}");
             }
         });
+    }
+}
+
+/// Binds the readiness socket, replacing a file a previous process of this pod left (the
+/// directory is the pod's own).
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves `/healthz/ready` on the readiness socket: 200 while `ready()` says so.
+pub async fn serve_unix(listener: UnixListener, ready: impl Fn() -> bool + Clone + Send + Sync + 'static) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (status, body) = match (req.uri().path(), ready()) {
+                    ("/healthz/ready", true) => (StatusCode::OK, "ready\n"),
+                    ("/healthz/ready", false) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+                    _ => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n"),
+                };
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = status;
+                async move { Ok::<_, hyper::Error>(response) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                warn!("readiness socket connection: {e}");
+            }
+        });
+    }
+}
+
+/// `ztunnel ready`: asks the readiness socket; Ok when this ztunnel is ready.
+pub fn ready(path: &Path) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let timeout = Some(std::time::Duration::from_secs(2));
+    let mut stream = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| format!("{}: {e} (is ztunnel running with --readiness-socket here?)", path.display()))?;
+    let _ = stream.set_read_timeout(timeout);
+    let _ = stream.set_write_timeout(timeout);
+    let mut text = String::new();
+    stream
+        .write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")
+        .and_then(|()| stream.read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let status = text.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(())
+    } else {
+        Err(format!("not ready ({status})"))
     }
 }
 

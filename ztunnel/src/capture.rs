@@ -6,6 +6,7 @@
 //! rewritten to its (closed) listener and refused, and inbound connections are dropped.
 
 use std::{
+    collections::HashSet,
     fs::{self, File},
     io,
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -23,7 +24,8 @@ use aya::{
 };
 use serde::Serialize;
 use warren_ebpf_types::{
-    ConnKey, EnrolledPod, ListenerKey, ListenerKind, SockAddr16, global_names, map_names, program_names,
+    ConnKey, EnrolledPod, ListenerKey, ListenerKind, SockAddr16, ZtunnelInstance, global_names, map_names,
+    program_names,
 };
 
 /// The capture programs, built by build.rs from ebpf/programs.
@@ -58,7 +60,6 @@ pub enum CaptureError {
 pub struct CaptureSettings<'a> {
     pub pin_dir: &'a Path,
     pub cgroup2_root: &'a Path,
-    pub ztunnel_cgroup_id: u64,
     pub mark: u32,
     pub ebpf_debug_logs: bool,
 }
@@ -80,6 +81,7 @@ pub struct Capture {
     original_dst: Mutex<BpfHashMap<MapData, ConnKey, SockAddr16>>,
     pending_dst: BpfHashMap<MapData, u64, SockAddr16>,
     probe_sources: Mutex<BpfHashMap<MapData, [u8; 16], u8>>,
+    ztunnels: Mutex<BpfHashMap<MapData, u64, ZtunnelInstance>>,
     pin_dir: PathBuf,
 }
 
@@ -113,7 +115,6 @@ impl Capture {
         let log_level: u8 = if settings.ebpf_debug_logs { 4 } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
-            .override_global(global_names::ZTUNNEL_CGROUP_ID, &settings.ztunnel_cgroup_id, true)
             .override_global(global_names::ZTUNNEL_MARK, &settings.mark, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(OBJECT)
@@ -185,6 +186,7 @@ impl Capture {
         let original_dst = take_map(&mut ebpf, map_names::ORIGINAL_DST)?;
         let pending_dst = take_map(&mut ebpf, map_names::PENDING_ORIGINAL_DST)?;
         let probe_sources = take_map(&mut ebpf, map_names::PROBE_SOURCES)?;
+        let ztunnels = take_map(&mut ebpf, map_names::ZTUNNELS)?;
         let listeners = {
             let map = ebpf.take_map(map_names::LISTENERS).ok_or(CaptureError::Map {
                 map: map_names::LISTENERS,
@@ -200,6 +202,7 @@ impl Capture {
             original_dst: Mutex::new(original_dst),
             pending_dst,
             probe_sources: Mutex::new(probe_sources),
+            ztunnels: Mutex::new(ztunnels),
             pin_dir,
         })
     }
@@ -289,6 +292,12 @@ impl Capture {
             .map_err(|source| CaptureError::Map { map: map_names::LISTENERS, source })
     }
 
+    /// The keys the listener map holds now. An entry goes when its socket closes: a ztunnel
+    /// that handed over and exited takes out what it had registered last.
+    pub fn registered_listeners(&self) -> HashSet<ListenerKey> {
+        self.listeners.lock().expect("poisoned").keys().filter_map(Result::ok).collect()
+    }
+
     pub fn remove_listener(&self, pod_ip: IpAddr, kind: ListenerKind) {
         let _ = self.listeners.lock().expect("poisoned").remove(&ListenerKey::new(mapped(pod_ip), kind));
     }
@@ -311,6 +320,68 @@ impl Capture {
     /// Entries parked by connect4/6 that sock_ops has not moved yet.
     pub fn pending_dst_entries(&self) -> usize {
         self.pending_dst.keys().count()
+    }
+
+    /// Exempts this process's cgroup from capture (with the mark), in the ztunnels map every
+    /// ztunnel on the node shares. First removes entries of ztunnels that are gone.
+    pub fn exempt(&self, cgroup_id: u64) -> Result<ZtunnelInstance, CaptureError> {
+        let me = own_instance()
+            .map_err(|source| CaptureError::Open { path: PathBuf::from("/proc/self/stat"), source })?;
+        let mut map = self.ztunnels.lock().expect("poisoned");
+        let entries: Vec<(u64, ZtunnelInstance)> = map.iter().filter_map(Result::ok).collect();
+        for (cgroup, other) in entries {
+            // Only a process of our own PID namespace can be checked (the chart's ztunnel runs
+            // in the host's). An entry that stays although its ztunnel is gone is harmless: no
+            // process can be in a deleted cgroup, and cgroup ids are not reused while the
+            // machine runs; a cgroup that remains is a ztunnel's own (`--own-cgroup`, where a
+            // restarted ztunnel replaces the entry).
+            if cgroup != cgroup_id && other.pid_namespace == me.pid_namespace && !is_running(&other) {
+                tracing::info!(
+                    cgroup_id = cgroup,
+                    pid = other.pid,
+                    "removing the exemption of a ztunnel that is gone"
+                );
+                let _ = map.remove(&cgroup);
+            }
+        }
+        map.insert(&cgroup_id, &me, 0)
+            .map_err(|source| CaptureError::Map { map: map_names::ZTUNNELS, source })?;
+        Ok(me)
+    }
+
+    /// Ends the exemption [`Capture::exempt`] gave, unless another process has taken the
+    /// entry over (a ztunnel restarted in the same cgroup): the other ztunnel of a hand-over
+    /// keeps its own.
+    pub fn unexempt(&self, cgroup_id: u64, me: &ZtunnelInstance) {
+        let mut map = self.ztunnels.lock().expect("poisoned");
+        if map.get(&cgroup_id, 0).is_ok_and(|v| v == *me) {
+            let _ = map.remove(&cgroup_id);
+        }
+    }
+
+    /// Whether connect programs of a ztunnel from a release before the ztunnels map (one
+    /// that exempted its own cgroup only, by a load-time global) are still loaded for this
+    /// node: programs named like ours that use this node's pinned enrolled map but not its
+    /// ztunnels map. A rolling update from such a release runs this ztunnel beside one; until
+    /// it exits (its programs go with its last link), they would capture this ztunnel's own
+    /// connections out of pods, so this one must not enroll any.
+    pub fn earlier_release_attached(&self) -> bool {
+        let id = |name: &str| aya::maps::MapInfo::from_pin(self.pin_dir.join(name)).map(|m| m.id()).ok();
+        let (Some(enrolled), Some(ztunnels)) = (id(map_names::ENROLLED), id(map_names::ZTUNNELS)) else {
+            return false;
+        };
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| matches!(p.name_as_str(), Some(program_names::CONNECT4 | program_names::CONNECT6)))
+            .any(|p| {
+                let maps = p.map_ids().ok().flatten().unwrap_or_default();
+                maps.contains(&enrolled) && !maps.contains(&ztunnels)
+            })
+    }
+
+    /// The exempt ztunnel cgroups, for the admin view.
+    pub fn exempt_cgroups(&self) -> Vec<u64> {
+        self.ztunnels.lock().expect("poisoned").keys().filter_map(Result::ok).collect()
     }
 
     pub fn set_probe_sources(&self, sources: &[IpAddr]) -> Result<(), CaptureError> {
@@ -339,6 +410,39 @@ pub fn uninstall(pin_dir: &Path) -> io::Result<bool> {
         let _ = fs::remove_dir(parent);
     }
     Ok(true)
+}
+
+/// Whether the pins under `pin_dir` are an earlier release's: capture programs pinned, but no
+/// ztunnels map (that release exempted its own cgroup through a load-time constant). Checked
+/// before loading: once this release loads, the map is pinned.
+pub fn earlier_release_pinned(pin_dir: &Path) -> bool {
+    pin_dir.join("links").join(program_names::CONNECT4).exists()
+        && !pin_dir.join(map_names::ZTUNNELS).exists()
+}
+
+/// This process as the ztunnels map records it.
+fn own_instance() -> io::Result<ZtunnelInstance> {
+    use std::os::unix::fs::MetadataExt;
+    let pid = std::process::id();
+    let pid_namespace = fs::metadata("/proc/self/ns/pid")?.ino();
+    let start_time = start_time(&fs::read_to_string("/proc/self/stat")?)
+        .ok_or_else(|| io::Error::other("/proc/self/stat has no start time"))?;
+    Ok(ZtunnelInstance { pid, _pad: 0, pid_namespace, start_time })
+}
+
+/// Whether the process an entry names still runs (same pid, same start time).
+fn is_running(instance: &ZtunnelInstance) -> bool {
+    fs::read_to_string(format!("/proc/{}/stat", instance.pid))
+        .ok()
+        .and_then(|stat| start_time(&stat))
+        .is_some_and(|t| t == instance.start_time)
+}
+
+/// Field 22 of /proc/<pid>/stat. The command name (field 2) may hold spaces and parentheses:
+/// count from the last ')'.
+fn start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn sk_lookup_pin_name(cookie: u64) -> String {
@@ -432,4 +536,23 @@ pub fn mapped(ip: IpAddr) -> [u8; 16] {
 
 fn unmapped(octets: [u8; 16]) -> IpAddr {
     Ipv6Addr::from(octets).to_canonical()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10";
+        assert_eq!(start_time(stat), Some(987654));
+        assert_eq!(start_time("no parenthesis"), None);
+    }
+
+    #[test]
+    fn this_process_is_running_and_a_different_start_time_is_not() {
+        let me = own_instance().unwrap();
+        assert!(is_running(&me));
+        assert!(!is_running(&ZtunnelInstance { start_time: me.start_time + 1, ..me }));
+    }
 }

@@ -59,6 +59,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
 
+    /// A Unix socket serving `/healthz/ready` for this process alone (`ztunnel ready --socket`
+    /// asks it). During a rolling update two ztunnels share the node's TCP ports, so a probe
+    /// of :15021 may reach the other one; a socket in the pod's own volume cannot.
+    #[arg(long, env = "WARREN_READINESS_SOCKET")]
+    pub readiness_socket: Option<PathBuf>,
+
     /// On SIGTERM: stop accepting, then give open connections this long to finish.
     #[arg(long, env = "WARREN_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,

@@ -300,7 +300,19 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodC
             return;
         }
     };
-    while let Some(next) = connection.accept().await {
+    let mut draining = pod.proxy.draining.subscribe();
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            _ = draining.wait_for(|d| *d), if !going_away => {
+                // Streams already open carry on; the peer opens new ones on a new connection.
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let Ok((request, respond)) = next else { break };
         let (pod, src_identity) = (pod.clone(), src_identity.clone());
         tokio::spawn(async move { serve_stream(request, respond, peer, src_identity, &pod).await });

@@ -4,23 +4,34 @@
 //! Enrolling goes listeners → listener map → sk_lookup → enrolled map, so that by the time
 //! anything is steered to ztunnel its listener exists; unenrolling goes the other way. A step
 //! that fails undoes the earlier ones: a pod is enrolled completely or not at all.
+//!
+//! Hand-over (a rolling update that starts the new ztunnel before the old one leaves): every
+//! in-pod listener has `SO_REUSEPORT`, so a second ztunnel binds the same addresses beside the
+//! first. Its listener-map entries replace the first one's, and sk_lookup steers to exactly
+//! the socket in the map: inbound moves to the newcomer at once. Outbound connects to
+//! 127.0.0.1:15001 are spread over both until the old one closes its listeners on SIGTERM;
+//! `tcp_migrate_req`, set in every pod netns, moves what its queues still hold to the new one.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use aya::programs::links::PinnedLink;
 use serde::Serialize;
-use tokio::{runtime::Handle, task::JoinHandle};
+use tokio::{runtime::Handle, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 use warren_core::model::Workload;
-use warren_ebpf_types::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT};
+use warren_ebpf_types::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKey, ListenerKind, OUTBOUND_PORT};
 
 use crate::{
     capture::{Attachment, Capture, CaptureError},
@@ -38,8 +49,19 @@ pub enum EnrollError {
         "pod {pod}: opening ztunnel's listeners in its netns failed: {source} (is loopback up there, and ports 15001/15006/15008 free?)"
     )]
     Listeners { pod: String, source: io::Error },
+    #[error(
+        "pod {pod}: another process holds ports 15001/15006/15008 in its netns without sharing them: \
+         a ztunnel of a release before hand-over support, during an upgrade; retrying until it leaves"
+    )]
+    ListenersHeld { pod: String },
     #[error("pod {pod}: {source}")]
     Capture { pod: String, source: Box<CaptureError> },
+    #[error(
+        "a ztunnel of a release before hand-over support still runs on this node (its capture \
+         programs exempt only its own sockets and would capture this one's): enrolling pods once \
+         it has exited"
+    )]
+    EarlierRelease,
     #[error("pods {first} and {second} both claim IP {ip}: neither is enrolled until one lets go")]
     DuplicateIp { ip: IpAddr, first: String, second: String },
 }
@@ -61,7 +83,12 @@ struct EnrolledPod {
     workload: Workload,
     sk_lookup: Option<PinnedLink>,
     listener_keys: Vec<(IpAddr, ListenerKind)>,
-    accept_loops: Vec<JoinHandle<()>>,
+    /// The inbound listeners' fds, to put back into the listener map if their entries go
+    /// (see `InPod::restore_listeners`). Open as long as the pod is in `InPod::pods`: its
+    /// accept loops close them only after being told to stop, after it left the map.
+    inbound_fds: Vec<(IpAddr, ListenerKind, RawFd)>,
+    /// Tells the accept loops to take what is queued and close their listeners.
+    stop: watch::Sender<bool>,
 }
 
 /// The enrolled pods of this node.
@@ -74,9 +101,15 @@ pub struct InPod {
     last_error: Mutex<HashMap<String, String>>,
     /// Pods that failed to enroll: when to try again, and the current backoff.
     retry: Mutex<HashMap<String, (Instant, Duration)>>,
+    /// Set by `stop_accepting` (SIGTERM): from then on nothing is enrolled, repaired or undone,
+    /// whatever a reconcile still running does; a ztunnel that took over owns it all.
+    stopped: AtomicBool,
+    /// Whether `tcp_migrate_req` could not be set somewhere (reported once).
+    migration_warned: AtomicBool,
 }
 
-/// Backoff between enrollment attempts of a pod that fails (no netns yet, say).
+/// Backoff between enrollment attempts of a pod that fails (no netns yet, say). A pod whose
+/// ports an old ztunnel holds is retried at the minimum: it is free the moment that one leaves.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -85,6 +118,8 @@ struct InPodSockets {
     cookie: u64,
     outbound: Vec<std::net::TcpListener>,
     inbound: Vec<(IpAddr, ListenerKind, std::net::TcpListener)>,
+    /// Whether `tcp_migrate_req` is on in the pod's netns (else why not).
+    migration: io::Result<()>,
 }
 
 impl InPod {
@@ -96,6 +131,8 @@ impl InPod {
             pods: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(HashMap::new()),
             retry: Mutex::new(HashMap::new()),
+            stopped: AtomicBool::new(false),
+            migration_warned: AtomicBool::new(false),
         }
     }
 
@@ -104,8 +141,18 @@ impl InPod {
     }
 
     /// Brings the enrolled set to `desired` (the enrolled workloads of this node). Blocking:
-    /// it enters network namespaces; call it from a blocking thread.
-    pub fn reconcile(&self, desired: &[Workload], namespaces: &[NetnsRef]) {
+    /// it enters network namespaces; call it from a blocking thread. Returns whether every
+    /// pod that can be enrolled is.
+    pub fn reconcile(&self, desired: &[Workload], namespaces: &[NetnsRef]) -> bool {
+        if self.stopped.load(Ordering::Acquire) {
+            return false;
+        }
+        self.restore_listeners();
+        if self.capture.earlier_release_attached() {
+            self.report("earlier-release", &EnrollError::EarlierRelease);
+            return false;
+        }
+        self.last_error.lock().expect("poisoned").remove("earlier-release");
         let (admissible, conflicts) = without_duplicate_ips(desired);
         for conflict in conflicts {
             self.report(&conflict.to_string(), &conflict);
@@ -128,10 +175,12 @@ impl InPod {
         }
 
         let now = Instant::now();
+        let mut complete = true;
         for workload in admissible {
             if self.pods.lock().expect("poisoned").contains_key(&workload.uid) {
                 continue;
             }
+            complete = false;
             // A pod that failed recently waits its turn: each attempt may enter every network
             // namespace on the node.
             let due =
@@ -146,6 +195,13 @@ impl InPod {
                 }
                 // Waiting for an IP costs nothing: no backoff, so it enrolls as soon as it has one.
                 Err(e @ EnrollError::NoIp { .. }) => self.report(&workload.uid, &e),
+                Err(e @ EnrollError::ListenersHeld { .. }) => {
+                    self.report(&workload.uid, &e);
+                    self.retry
+                        .lock()
+                        .expect("poisoned")
+                        .insert(workload.uid.clone(), (now + RETRY_MIN, RETRY_MIN));
+                }
                 Err(e) => {
                     self.report(&workload.uid, &e);
                     let mut retry = self.retry.lock().expect("poisoned");
@@ -157,18 +213,50 @@ impl InPod {
         }
         // Forget the backoff of pods that are gone from the config.
         self.retry.lock().expect("poisoned").retain(|uid, _| wanted.contains_key(uid.as_str()));
+        complete
     }
 
-    /// Drain: stop accepting on every pod's listeners (closing them), keep everything else.
-    /// Connections already accepted carry on in their own tasks.
+    /// Drain: stop accepting on every pod's listeners (each takes what its queue holds, then
+    /// closes), keep everything else — the pinned programs, the enrolled map, the listener-map
+    /// entries (a socket's entry goes when it closes): a ztunnel that took over, or the next
+    /// one to start, relies on them. Connections already accepted carry on in their own tasks.
     pub fn stop_accepting(&self) {
-        for pod in self.pods.lock().expect("poisoned").values() {
-            pod.accept_loops.iter().for_each(JoinHandle::abort);
+        let pods = self.pods.lock().expect("poisoned");
+        self.stopped.store(true, Ordering::Release);
+        for pod in pods.values() {
+            pod.stop.send_replace(true);
         }
     }
 
-    /// Removes what a previous ztunnel left for pods this one does not enroll. Call after the
-    /// first reconcile.
+    /// Puts this ztunnel's inbound listeners back into the listener map where their entries
+    /// are missing. An entry goes when its socket closes, and during a hand-over a pod that
+    /// both ztunnels enrolled may hold the old one's socket: it is gone when that one exits.
+    /// Only missing entries are filled, so two running ztunnels never take turns.
+    fn restore_listeners(&self) {
+        let pods = self.pods.lock().expect("poisoned");
+        if pods.is_empty() || self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let registered = self.capture.registered_listeners();
+        for pod in pods.values() {
+            for (ip, kind, fd) in &pod.inbound_fds {
+                if registered.contains(&ListenerKey::new(crate::capture::mapped(*ip), *kind)) {
+                    continue;
+                }
+                // SAFETY: open while the pod is in `pods`, which is locked (see inbound_fds).
+                let fd = unsafe { BorrowedFd::borrow_raw(*fd) };
+                match self.capture.add_listener(*ip, *kind, &fd) {
+                    Ok(()) => info!(pod = pod.view.pod, %ip, ?kind, "listener-map entry restored"),
+                    Err(e) => warn!(pod = pod.view.pod, %ip, ?kind, "restoring a listener-map entry: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Removes what a previous ztunnel left for pods this one does not enroll. Call once every
+    /// pod this one should enroll is enrolled (`reconcile` says so): until then, an entry may
+    /// be a pod this one has not managed to enroll yet, still served by the ztunnel it takes
+    /// over from, and removing it would let that pod's traffic around the mesh.
     pub fn remove_leftovers(&self) {
         let ours: HashSet<u64> =
             self.pods.lock().expect("poisoned").values().map(|p| p.view.netns_cookie).collect();
@@ -202,9 +290,26 @@ impl InPod {
         let first_ip = *workload.ips.first().ok_or_else(|| EnrollError::NoIp { pod: pod.clone() })?;
         let (netns_ref, netns_file) = netns::find_by_ip(first_ip, namespaces)
             .map_err(|source| EnrollError::Netns { pod: pod.clone(), source })?;
-        let sockets = open_listeners(&netns_file, &workload.ips)
-            .map_err(|source| EnrollError::Listeners { pod: pod.clone(), source })?;
+        let sockets = open_listeners(&netns_file, &workload.ips).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                EnrollError::ListenersHeld { pod: pod.clone() }
+            } else {
+                EnrollError::Listeners { pod: pod.clone(), source }
+            }
+        })?;
         let cookie = sockets.cookie;
+        if let Err(e) = &sockets.migration
+            && !self.migration_warned.swap(true, Ordering::Relaxed)
+        {
+            warn!(
+                pod,
+                "net.ipv4.tcp_migrate_req could not be set in the pod's netns ({e}): a ztunnel hand-over \
+                 may reset connections queued but not yet accepted by the old ztunnel; set it in pods' \
+                 namespaces (Linux 5.14+) or let ztunnel write /proc/sys"
+            );
+        }
+        let inbound_fds: Vec<_> =
+            sockets.inbound.iter().map(|(ip, kind, listener)| (*ip, *kind, listener.as_raw_fd())).collect();
         let capture_err =
             |source: CaptureError| EnrollError::Capture { pod: pod.clone(), source: Box::new(source) };
 
@@ -231,9 +336,10 @@ impl InPod {
             netns_cookie: cookie,
             proxy: self.proxy.clone(),
         });
+        let (stop, stop_rx) = watch::channel(false);
         let accept_loops = {
             let _guard = self.runtime.enter();
-            match proxy::spawn_accept_loops(&context, sockets.outbound, sockets.inbound) {
+            match proxy::spawn_accept_loops(&context, sockets.outbound, sockets.inbound, &stop_rx) {
                 Ok(loops) => loops,
                 Err(e) => {
                     self.capture.detach_sk_lookup(cookie, Some(link));
@@ -242,8 +348,11 @@ impl InPod {
                 }
             }
         };
-        // Last: from here on the pod's outbound connects are captured.
-        if let Err(e) = self.capture.enroll(cookie) {
+        // Last: from here on the pod's outbound connects are captured. Not after SIGTERM: the
+        // listener map now names sockets about to close, the ztunnel that took over restores.
+        let enrolled =
+            if self.stopped.load(Ordering::Acquire) { Ok(()) } else { self.capture.enroll(cookie) };
+        if let Err(e) = enrolled {
             accept_loops.iter().for_each(JoinHandle::abort);
             self.capture.detach_sk_lookup(cookie, Some(link));
             self.remove_listener_keys(&keys);
@@ -259,14 +368,21 @@ impl InPod {
             netns_cookie: cookie,
             sk_lookup: attachment,
         };
-        self.pods.lock().expect("poisoned").insert(
+        let mut pods = self.pods.lock().expect("poisoned");
+        if self.stopped.load(Ordering::Acquire) {
+            // Drain began meanwhile: these listeners close unused, as every other pod's.
+            stop.send_replace(true);
+            return Ok(());
+        }
+        pods.insert(
             workload.uid.clone(),
             EnrolledPod {
                 view,
                 workload: workload.clone(),
                 sk_lookup: Some(link),
                 listener_keys: keys,
-                accept_loops,
+                inbound_fds,
+                stop,
             },
         );
         Ok(())
@@ -280,8 +396,8 @@ impl InPod {
         self.capture.unenroll(pod.view.netns_cookie);
         self.capture.detach_sk_lookup(pod.view.netns_cookie, pod.sk_lookup.take());
         self.remove_listener_keys(&pod.listener_keys);
-        // Aborting an accept loop drops (closes) its listener.
-        pod.accept_loops.iter().for_each(JoinHandle::abort);
+        // The accept loops take what is queued and close their listeners.
+        pod.stop.send_replace(true);
         info!(pod = pod.view.pod, netns_cookie = pod.view.netns_cookie, "unenrolled");
     }
 
@@ -323,6 +439,9 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    // A second ztunnel (a rolling update's new one) binds the same addresses while this one
+    // runs; see the module docs.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -342,6 +461,7 @@ fn open_listeners(netns: &File, ips: &[IpAddr]) -> io::Result<InPodSockets> {
             outbound.push(l);
         }
         let cookie = netns::netns_cookie(&outbound[0])?;
+        let migration = netns::enable_request_migration();
         let mut inbound = Vec::new();
         for ip in ips {
             let local = if ip.is_ipv4() { v4 } else { v6 };
@@ -351,7 +471,7 @@ fn open_listeners(netns: &File, ips: &[IpAddr]) -> io::Result<InPodSockets> {
                 inbound.push((*ip, kind, listen(SocketAddr::new(local, port))?));
             }
         }
-        Ok(InPodSockets { cookie, outbound, inbound })
+        Ok(InPodSockets { cookie, outbound, inbound, migration })
     })?
 }
 

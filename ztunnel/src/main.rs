@@ -38,6 +38,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Exit 0 if the ztunnel serving this readiness socket is ready (the chart's readiness
+    /// probe: it reaches this pod's ztunnel only, even while another shares the node's ports).
+    Ready {
+        #[arg(long, env = "WARREN_READINESS_SOCKET")]
+        socket: PathBuf,
+    },
     /// Detach this node's capture programs and remove every pin (ztunnel must be stopped).
     Uninstall {
         #[arg(long = "node", env = "WARREN_NODE_NAME")]
@@ -52,6 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(config) => run::run(*config),
         Command::Status { admin, json } => status(admin, json),
+        Command::Ready { socket } => admin::ready(&socket).map_err(anyhow::Error::msg),
         Command::Uninstall { node_name, bpffs } => {
             let dir = bpffs.join("warren").join(&node_name);
             match capture::uninstall(&dir) {
@@ -109,6 +116,8 @@ fn status(admin: SocketAddr, raw: bool) -> anyhow::Result<()> {
             p["netns"].as_str().unwrap_or("")
         );
     }
-    println!("\nstats: {}", v["stats"]);
+    // Two during a rolling update (the old and the new ztunnel), one otherwise.
+    println!("\nexempt ztunnel cgroups: {}", v["exemptCgroups"]);
+    println!("stats: {}", v["stats"]);
     Ok(())
 }

@@ -152,3 +152,58 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
 pub fn still_present(inode: u64, current: &[NetnsRef]) -> bool {
     current.iter().any(|n| n.inode == inode)
 }
+
+/// Turns on `net.ipv4.tcp_migrate_req` (Linux 5.14+) in the network namespace the calling
+/// thread is in; call it inside [`run_in`]. With it, when a listener closes, the connections
+/// in its accept queue move to another listener of its `SO_REUSEPORT` group instead of being
+/// reset: what makes a ztunnel hand-over lose none of the connections the old ztunnel had
+/// queued but not accepted. It covers IPv6 sockets too.
+///
+/// `/proc/sys/net` shows the opening thread's namespace. In an unprivileged container the
+/// runtime mounts `/proc/sys` read-only; then the same file of a procfs mounted privately
+/// (ztunnel holds CAP_SYS_ADMIN) is used.
+pub fn enable_request_migration() -> io::Result<()> {
+    const SYSCTL: &str = "sys/net/ipv4/tcp_migrate_req";
+    let set = |proc: &std::path::Path| -> io::Result<()> {
+        let path = proc.join(SYSCTL);
+        if fs::read_to_string(&path)?.trim() == "1" {
+            return Ok(());
+        }
+        fs::write(&path, "1")
+    };
+    match set(std::path::Path::new("/proc")) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => match private_proc() {
+            Some(proc) => set(proc),
+            None => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// A procfs of ztunnel's own, mounted once (first use) where /proc/sys is read-only.
+fn private_proc() -> Option<&'static std::path::Path> {
+    static PROC: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PROC.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("warren-proc-{}", std::process::id()));
+        fs::create_dir_all(&dir).ok()?;
+        let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+        let fstype = c"proc";
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            tracing::debug!("mounting a private procfs: {}", io::Error::last_os_error());
+            let _ = fs::remove_dir(&dir);
+            return None;
+        }
+        Some(dir)
+    })
+    .as_deref()
+}

@@ -21,6 +21,7 @@ use http::StatusCode;
 use serde::Serialize;
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
     task::JoinHandle,
 };
 use tracing::{info, warn};
@@ -54,6 +55,10 @@ pub struct Proxy {
     pub stats: Stats,
     pub mark: u32,
     pub trust_domain: String,
+    /// Turns true when this ztunnel drains: its HBONE server connections then tell their
+    /// peers (GOAWAY) to open new streams elsewhere — on a new connection, which reaches the
+    /// ztunnel that took over — while the streams they carry run on.
+    pub draining: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -103,15 +108,18 @@ pub struct Stats {
     pub upstream_connect_failures: AtomicU64,
 }
 
+/// Starts one task per listener. Each runs until `stop` turns true: then it takes what is left
+/// in its accept queue and closes the listener.
 pub fn spawn_accept_loops(
     pod: &Arc<PodContext>,
     outbound: Vec<std::net::TcpListener>,
     inbound: Vec<(std::net::IpAddr, ListenerKind, std::net::TcpListener)>,
+    stop: &watch::Receiver<bool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let mut loops = Vec::new();
     for listener in outbound {
         let listener = TcpListener::from_std(listener)?;
-        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), Direction::Outbound)));
+        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), Direction::Outbound, stop.clone())));
     }
     for (_, kind, listener) in inbound {
         let listener = TcpListener::from_std(listener)?;
@@ -119,7 +127,7 @@ pub fn spawn_accept_loops(
             ListenerKind::InboundPlaintext => Direction::InboundPlaintext,
             ListenerKind::Hbone => Direction::Hbone,
         };
-        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), direction)));
+        loops.push(tokio::spawn(accept_loop(listener, pod.clone(), direction, stop.clone())));
     }
     Ok(loops)
 }
@@ -131,32 +139,59 @@ enum Direction {
     Hbone,
 }
 
-async fn accept_loop(listener: TcpListener, pod: Arc<PodContext>, direction: Direction) {
+async fn accept_loop(
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    direction: Direction,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // A dropped sender (the pod forgotten) stops the loop too.
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => handle(stream, peer, &pod, direction),
             Err(e) => {
                 warn!(pod = pod.pod, ?direction, "accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        // A relay forwards what it reads at once: Nagle would hold a small write (an HTTP/2
-        // frame, a response tail) back until the previous one is acknowledged — up to a 40 ms
-        // delayed ACK.
-        let _ = stream.set_nodelay(true);
-        let pod = pod.clone();
-        tokio::spawn(async move {
-            match direction {
-                Direction::Outbound => outbound(stream, peer, &pod).await,
-                Direction::InboundPlaintext => inbound_plaintext(stream, peer, &pod).await,
-                Direction::Hbone => {
-                    pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
-                    hbone::serve_connection(stream, peer, pod).await
-                }
-            }
-        });
+        }
     }
+    // Closing a listener resets the connections still in its accept queue (unless the pod's
+    // netns has tcp_migrate_req and a sibling listener shares the port, during a hand-over).
+    // Those clients were already told they are connected: serve them. Plain accept(2) on the
+    // kernel's queue, not tokio's readiness, which may not have caught up yet.
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, peer)) = listener.accept() {
+        let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+        match stream {
+            Ok(stream) => handle(stream, peer, &pod, direction),
+            Err(e) => warn!(pod = pod.pod, ?direction, "taking a queued connection failed: {e}"),
+        }
+    }
+}
+
+/// Serves one accepted connection in a task of its own.
+fn handle(stream: TcpStream, peer: SocketAddr, pod: &Arc<PodContext>, direction: Direction) {
+    // A relay forwards what it reads at once: Nagle would hold a small write (an HTTP/2
+    // frame, a response tail) back until the previous one is acknowledged — up to a 40 ms
+    // delayed ACK.
+    let _ = stream.set_nodelay(true);
+    let pod = pod.clone();
+    tokio::spawn(async move {
+        match direction {
+            Direction::Outbound => outbound(stream, peer, &pod).await,
+            Direction::InboundPlaintext => inbound_plaintext(stream, peer, &pod).await,
+            Direction::Hbone => {
+                pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
+                hbone::serve_connection(stream, peer, pod).await
+            }
+        }
+    });
 }
 
 async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {

@@ -16,7 +16,7 @@ use warren_core::{
 
 use crate::{
     admin::{self, AdminState, Endpoints},
-    capture::{Capture, CaptureSettings},
+    capture::{self, Capture, CaptureSettings},
     certs::{CaSettings, CertManager},
     cgroup,
     config::{Config, LogFormat},
@@ -58,13 +58,20 @@ async fn serve(config: Config) -> Result<()> {
     ensure_bpffs(&config.bpffs)?;
 
     let pin_dir = config.pin_dir();
+    if capture::earlier_release_pinned(&pin_dir)
+        && address_held(config.admin_addr)
+        && !stand_by(&config).await?
+    {
+        return Ok(());
+    }
     let capture = Arc::new(Capture::load(&CaptureSettings {
         pin_dir: &pin_dir,
         cgroup2_root: &cgroup_root,
-        ztunnel_cgroup_id: cgroup_id,
         mark: config.mark,
         ebpf_debug_logs: tracing::enabled!(target: "warren_capture", tracing::Level::DEBUG),
     })?);
+    // Before this ztunnel opens any socket in a pod. Undone when `serve` returns, whichever way.
+    let _exemption = Exemption { instance: capture.exempt(cgroup_id)?, capture: capture.clone(), cgroup_id };
     capture.set_probe_sources(&config.probe_sources)?;
     for a in capture.cgroup_attachments() {
         info!(program = a.program, program_id = a.program_id, link_id = a.link_id, attach_point = a.attach_point, pin = %a.pin.display(), "attached");
@@ -104,14 +111,9 @@ async fn serve(config: Config) -> Result<()> {
         stats: Default::default(),
         mark: config.mark,
         trust_domain: config.trust_domain.clone(),
+        draining: tokio::sync::watch::Sender::new(false),
     });
     let inpod = Arc::new(InPod::new(proxy.clone(), tokio::runtime::Handle::current()));
-    let bind = |addr, what: &'static str| async move {
-        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} endpoint {addr}"))
-    };
-    let admin_listener = bind(config.admin_addr, "admin").await?;
-    let metrics_listener = bind(config.metrics_addr, "metrics").await?;
-    let readiness_listener = bind(config.readiness_addr, "readiness").await?;
     let state = Arc::new(AdminState {
         config: config.clone(),
         capture: capture.clone(),
@@ -121,28 +123,144 @@ async fn serve(config: Config) -> Result<()> {
         ready: false.into(),
         stream: Default::default(),
     });
-    tokio::spawn(admin::serve(admin_listener, state.clone(), Endpoints::Admin));
-    tokio::spawn(admin::serve(metrics_listener, state.clone(), Endpoints::Metrics));
-    tokio::spawn(admin::serve(readiness_listener, state.clone(), Endpoints::Readiness));
-    info!(admin = %config.admin_addr, metrics = %config.metrics_addr, readiness = %config.readiness_addr, "endpoints listening");
+    for (addr, endpoints) in [
+        (config.admin_addr, Endpoints::Admin),
+        (config.metrics_addr, Endpoints::Metrics),
+        (config.readiness_addr, Endpoints::Readiness),
+    ] {
+        match listen_shared(addr) {
+            Ok(listener) => {
+                tokio::spawn(admin::serve(listener, state.clone(), endpoints));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                warn!(%addr, "another process holds the {endpoints:?} endpoint's address without sharing it (a ztunnel of a release before hand-over support, during an upgrade): serving it once that one leaves");
+                tokio::spawn(serve_when_free(addr, state.clone(), endpoints));
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding the {endpoints:?} endpoint {addr}")),
+        }
+    }
+    if let Some(path) = &config.readiness_socket {
+        let listener = admin::bind_unix(path)
+            .with_context(|| format!("binding the readiness socket {}", path.display()))?;
+        let state = state.clone();
+        tokio::spawn(admin::serve_unix(listener, move || state.ready.load(Ordering::Relaxed)));
+    }
+    info!(admin = %config.admin_addr, metrics = %config.metrics_addr, readiness = %config.readiness_addr, readiness_socket = ?config.readiness_socket, "endpoints listening");
 
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
-    let reconciler = tokio::spawn(reconcile_loop(config, state.clone()));
+    let mut reconciler = tokio::spawn(reconcile_loop(config, state.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => info!("interrupted: draining"),
-        r = reconciler => bail!("the reconcile loop ended: {r:?}"),
+        r = &mut reconciler => bail!("the reconcile loop ended: {r:?}"),
     }
+    // No enrolling or unenrolling while draining: in a rolling update the new ztunnel owns
+    // the pods now, and an old one enrolling a pod would point its inbound at a listener about
+    // to close. (A reconcile already running is held back by `InPod::stop_accepting`.)
+    reconciler.abort();
     drain(&state, drain_timeout).await;
     Ok(())
 }
 
-/// Stops accepting (new connections of enrolled pods are refused: capture stays pinned and
-/// fails closed until a ztunnel returns), then lets open connections finish, up to `timeout`.
+/// Waits, capture not loaded, while a ztunnel of a release before hand-over support runs on this
+/// node (a rolling update from it starts this one beside it). Its programs exempt only its own
+/// cgroup: attached beside them, this one's would capture that one's connections out of pods,
+/// and that one's would capture this one's. So this one stands by — ready, so that the
+/// DaemonSet goes on and terminates the other — and starts once the other has exited: it held
+/// the admin address without sharing it. Meanwhile the other serves the node as before; after
+/// it, the pinned programs fail closed until this one has loaded and enrolled (moments).
+/// Returns false when told to terminate meanwhile (nothing loaded, nothing to drain).
+async fn stand_by(config: &Config) -> Result<bool> {
+    warn!(admin = %config.admin_addr, "a ztunnel of a release before hand-over support still runs on this node: standing by (ready, capture not loaded) until it exits");
+    let responder = match &config.readiness_socket {
+        Some(path) => {
+            let listener = admin::bind_unix(path)
+                .with_context(|| format!("binding the readiness socket {}", path.display()))?;
+            Some(tokio::spawn(admin::serve_unix(listener, || true)))
+        }
+        None => None,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                info!("SIGTERM while standing by: nothing loaded, nothing to drain");
+                return Ok(false);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if !address_held(config.admin_addr) {
+            break;
+        }
+    }
+    if let Some(responder) = responder {
+        responder.abort();
+    }
+    info!("the earlier ztunnel has exited: taking over");
+    Ok(true)
+}
+
+/// Whether a socket that does not share its address holds `addr` on this node.
+fn address_held(addr: std::net::SocketAddr) -> bool {
+    matches!(listen_shared(addr), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// Removes this ztunnel's cgroup from the exempt set when `serve` ends (not if the process is
+/// killed: see `Capture::exempt` for why a left entry is harmless and how it goes).
+struct Exemption {
+    capture: Arc<Capture>,
+    cgroup_id: u64,
+    instance: warren_ebpf_types::ZtunnelInstance,
+}
+
+impl Drop for Exemption {
+    fn drop(&mut self) {
+        self.capture.unexempt(self.cgroup_id, &self.instance);
+    }
+}
+
+/// A listener on the node that a second ztunnel can share during a rolling update
+/// (`SO_REUSEPORT`): either may answer until the old one exits. The readiness probe must not
+/// be answered by the other one, so the chart probes `--readiness-socket` instead.
+fn listen_shared(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Binds `addr` once the process holding it lets go, then serves it.
+async fn serve_when_free(addr: std::net::SocketAddr, state: Arc<AdminState>, endpoints: Endpoints) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match listen_shared(addr) {
+            Ok(listener) => {
+                info!(%addr, "{endpoints:?} endpoint listening");
+                return admin::serve(listener, state, endpoints).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => {
+                error!(%addr, "binding the {endpoints:?} endpoint: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Stops accepting, then lets open connections finish, up to `timeout`. With no other ztunnel
+/// on the node, new connections of enrolled pods are refused meanwhile (capture stays pinned
+/// and fails closed until one returns); with one that took over, they go to it. Nothing this
+/// ztunnel set up is undone: the pins, the enrolled map and the other ztunnel's exemption and
+/// listener-map entries stay.
 async fn drain(state: &AdminState, timeout: Duration) {
     state.ready.store(false, Ordering::Relaxed);
     state.inpod.stop_accepting();
+    state.proxy.draining.send_replace(true);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let open = state.proxy.metrics.open_connections();
@@ -224,6 +342,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
     };
     let mut last_error = String::new();
     let mut first = true;
+    let mut leftovers_removed = false;
     let mut tick = tokio::time::interval(config.reconcile_interval());
     loop {
         tick.tick().await;
@@ -253,16 +372,18 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
         let desired: Vec<_> =
             state.workloads.lock().expect("poisoned").enrolled_on(&config.node_name).cloned().collect();
         let inpod = state.inpod.clone();
-        let cleanup = first;
+        let cleanup = !leftovers_removed;
         let done = tokio::task::spawn_blocking(move || {
-            inpod.reconcile(&desired, &netns::scan());
-            if cleanup {
+            let complete = inpod.reconcile(&desired, &netns::scan());
+            if cleanup && complete {
                 inpod.remove_leftovers();
             }
+            complete
         })
         .await;
-        if let Err(e) = done {
-            error!("reconcile panicked: {e}");
+        match done {
+            Ok(complete) => leftovers_removed |= complete,
+            Err(e) => error!("reconcile panicked: {e}"),
         }
         if first {
             state.ready.store(true, Ordering::Relaxed);

@@ -3,8 +3,8 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
-        sk_action,
+        BPF_SK_LOOKUP_F_NO_REUSEPORT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, sk_action,
     },
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
@@ -13,7 +13,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use warren_ebpf_types::{
-    ConnKey, EnrolledPod, HBONE_PORT, ListenerKey, ListenerKind, OUTBOUND_PORT, SockAddr16, v4_mapped,
+    ConnKey, EnrolledPod, HBONE_PORT, ListenerKey, ListenerKind, OUTBOUND_PORT, SockAddr16, ZtunnelInstance,
+    v4_mapped,
 };
 
 /// Reads one context field with a volatile load. The verifier refuses context accesses through
@@ -34,8 +35,6 @@ const CONNECT_PROCEED: i32 = 1;
 
 /// Filled in by ztunnel at load time; see `warren_ebpf_types::global_names`.
 #[unsafe(no_mangle)]
-static ZTUNNEL_CGROUP_ID: Global<u64> = Global::new(0);
-#[unsafe(no_mangle)]
 static ZTUNNEL_MARK: Global<u32> = Global::new(0);
 
 /// Netns cookies of the pods this node's ztunnel captures.
@@ -55,6 +54,11 @@ static ORIGINAL_DST: LruHashMap<ConnKey, SockAddr16> = LruHashMap::pinned(262144
 /// ztunnel's in-pod inbound listeners, by pod IP and kind.
 #[map(name = "WARREN_LISTENERS")]
 static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(32768, 0);
+
+/// The cgroups of the ztunnels running on this node: one, or two during a rolling update. Each
+/// ztunnel adds its own at start and removes it when it exits; see `ZtunnelInstance`.
+#[map(name = "WARREN_ZTUNNELS")]
+static ZTUNNELS: HashMap<u64, ZtunnelInstance> = HashMap::pinned(256, 0);
 
 /// Source addresses whose connections go straight to the pod (kubelet probes from the node).
 #[map(name = "WARREN_PROBE_SOURCES")]
@@ -194,7 +198,14 @@ pub fn warren_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         ListenerKind::InboundPlaintext
     };
-    match LISTENERS.redirect_sk_lookup(&ctx, &ListenerKey::new(local, kind), 0) {
+    // NO_REUSEPORT: the listener in the map, not whichever member of its reuseport group the
+    // kernel would pick. During a hand-over both ztunnels' listeners share the address; the
+    // map names the new one's, so inbound moves to it at once and the old one's accept queue
+    // only drains. (Both ztunnels' links of this program are attached to the netns meanwhile:
+    // the second run's assign fails, a socket being chosen already — the same one, from the
+    // same map — and the kernel keeps the last socket chosen whatever a later program returns.)
+    let flags = u64::from(BPF_SK_LOOKUP_F_NO_REUSEPORT);
+    match LISTENERS.redirect_sk_lookup(&ctx, &ListenerKey::new(local, kind), flags) {
         Ok(()) => sk_action::SK_PASS,
         Err(_) => {
             debug!(&ctx, "sk_lookup: no ztunnel listener for port {}: dropped", local_port);
@@ -210,12 +221,13 @@ fn enrolled(ctx: &SockAddrContext) -> bool {
     unsafe { ENROLLED.get(&netns) }.is_some()
 }
 
-/// ztunnel's own sockets carry both its cgroup and its mark: a pod process can set the mark,
-/// but it cannot run in ztunnel's cgroup, so it is still captured.
+/// ztunnel's own sockets carry both a ztunnel's cgroup and the mark: a pod process can set the
+/// mark, but it cannot run in a ztunnel's cgroup, so it is still captured.
 fn ztunnel_socket(ctx: &SockAddrContext) -> bool {
     // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup != ZTUNNEL_CGROUP_ID.load() {
+    // SAFETY: only presence is checked.
+    if unsafe { ZTUNNELS.get(&cgroup) }.is_none() {
         return false;
     }
     // SAFETY: ctx->sk is always a valid full socket in sock_addr programs.

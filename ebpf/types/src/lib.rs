@@ -19,6 +19,7 @@ pub mod map_names {
     pub const ORIGINAL_DST: &str = "WARREN_ORIGINAL_DST";
     pub const LISTENERS: &str = "WARREN_LISTENERS";
     pub const PROBE_SOURCES: &str = "WARREN_PROBE_SOURCES";
+    pub const ZTUNNELS: &str = "WARREN_ZTUNNELS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -31,10 +32,28 @@ pub mod program_names {
 
 /// Names of the load-time globals (`EbpfLoader::set_global`).
 pub mod global_names {
-    /// The cgroup v2 id ztunnel runs in: with the mark, what exempts ztunnel's own sockets.
-    pub const ZTUNNEL_CGROUP_ID: &str = "ZTUNNEL_CGROUP_ID";
-    /// The SO_MARK ztunnel sets on every socket it opens in a pod's netns.
+    /// The SO_MARK ztunnel sets on every socket it opens in a pod's netns: with a cgroup in
+    /// the ztunnels map, what exempts ztunnel's own sockets.
     pub const ZTUNNEL_MARK: &str = "ZTUNNEL_MARK";
+}
+
+/// Value of the ztunnels map, keyed by the cgroup v2 id a running ztunnel is in (`u64`).
+///
+/// The map is pinned and shared, not a load-time global, because during a rolling update two
+/// ztunnels (two pods, two cgroups) run on one node, and each one's programs must exempt both.
+/// The rest identifies the process, so that a ztunnel that starts can tell an entry of a live
+/// ztunnel from one a killed ztunnel left, and one that exits removes only its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZtunnelInstance {
+    /// Process id, in the PID namespace named by `pid_namespace`.
+    pub pid: u32,
+    pub _pad: u32,
+    /// Inode of the PID namespace `pid` belongs to (`/proc/self/ns/pid`).
+    pub pid_namespace: u64,
+    /// The process's start time (field 22 of `/proc/<pid>/stat`, clock ticks since boot):
+    /// with the pid, one process, even after the pid is reused.
+    pub start_time: u64,
 }
 
 /// Value of the enrolled map, keyed by a pod's netns cookie (`u64`).
@@ -109,4 +128,5 @@ mod user {
     unsafe impl aya::Pod for SockAddr16 {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ZtunnelInstance {}
 }
