@@ -180,12 +180,15 @@ impl Hub {
 
 /// Whether `principal` (authenticated) may subscribe as `kind` on `node`: a node subscribes as
 /// any proxy on itself (its ztunnel, or in local mode a waypoint holding its token); a pod
-/// only as a waypoint of its own namespace, on its own node. The error is the refusal's reason.
+/// only as the waypoint its ServiceAccount is named after (a waypoint runs as the
+/// ServiceAccount of its Gateway's name, as Istio's do), in its own namespace, on its own node.
+/// Without the name check any pod could read the whole mesh's workloads from the stream. The
+/// error is the refusal's reason.
 pub fn may_subscribe(principal: &Principal, node: &str, kind: &ProxyKind) -> Result<(), String> {
     match principal {
         Principal::Node(owner) if owner == node => Ok(()),
         Principal::Node(owner) => Err(format!("the token belongs to node {owner}, not {node}")),
-        Principal::Pod { namespace, node: pod_node, .. } => match kind {
+        Principal::Pod { namespace, service_account, node: pod_node, .. } => match kind {
             ProxyKind::Ztunnel => Err(format!(
                 "the token is {principal}'s, which may subscribe only as a waypoint of namespace \
                  {namespace}, not as a ztunnel (a ztunnel sends a token of the ztunnel's \
@@ -194,6 +197,11 @@ pub fn may_subscribe(principal: &Principal, node: &str, kind: &ProxyKind) -> Res
             ProxyKind::Waypoint { namespace: asked, name } if asked != namespace => Err(format!(
                 "the token is {principal}'s, which may subscribe only as a waypoint of namespace \
                  {namespace}, not as waypoint {asked}/{name}"
+            )),
+            ProxyKind::Waypoint { name, .. } if name != service_account => Err(format!(
+                "the token is {principal}'s, which may subscribe only as waypoint \
+                 {namespace}/{service_account} (a waypoint pod runs as the ServiceAccount named \
+                 after its Gateway), not as waypoint {namespace}/{name}"
             )),
             ProxyKind::Waypoint { .. } if pod_node != node => {
                 Err(format!("the token is {principal}'s, which runs on node {pod_node}, not {node}"))
@@ -477,7 +485,7 @@ mod tests {
     use crate::ca_service::Tokens;
 
     #[test]
-    fn a_pod_subscribes_only_as_a_waypoint_of_its_namespace_on_its_node() {
+    fn a_pod_subscribes_only_as_its_own_waypoint_of_its_namespace_on_its_node() {
         let waypoint =
             |namespace: &str| ProxyKind::Waypoint { namespace: namespace.into(), name: "wp".into() };
         let node = Principal::Node("node-1".into());
@@ -503,6 +511,20 @@ mod tests {
         assert!(elsewhere.contains("namespace shop, not as waypoint bank/wp"), "{elsewhere}");
         let other_node = may_subscribe(&pod, "node-2", &waypoint("shop")).unwrap_err();
         assert!(other_node.contains("runs on node node-1, not node-2"), "{other_node}");
+        // Any pod of the namespace holds a bound token: only the Gateway's ServiceAccount may
+        // subscribe as its waypoint.
+        let app = Principal::Pod {
+            namespace: "shop".into(),
+            service_account: "checkout".into(),
+            name: "checkout-5c4b".into(),
+            node: "node-1".into(),
+        };
+        let not_the_gateway = may_subscribe(&app, "node-1", &waypoint("shop")).unwrap_err();
+        assert!(
+            not_the_gateway.contains("only as waypoint shop/checkout")
+                && not_the_gateway.contains("not as waypoint shop/wp"),
+            "{not_the_gateway}"
+        );
     }
 
     #[test]

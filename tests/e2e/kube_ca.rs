@@ -4,7 +4,8 @@
 //! first start and reused after a restart, and authenticates proxies with a TokenReview of
 //! their pod-bound ServiceAccount token: for a ztunnel's token it signs the identities of pods
 //! on the ztunnel pod's node only; for a waypoint's (any other pod's) its own identity only,
-//! and the config stream takes it only as a waypoint of its namespace on its node.
+//! and the config stream takes it only as the waypoint its ServiceAccount is named after, in its
+//! namespace, on its node.
 //!
 //! Skipped (with how to install it) only when kube-apiserver is not installed: `./x setup`
 //! builds it.
@@ -295,9 +296,15 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_only_what_each_proxy_may_have() {
     assert!(as_other.contains("belongs to node node-1"), "{as_other}");
     let app_as_ztunnel = subscribe(&server, &restarted, &root, &app, "node-1").unwrap_err();
     assert!(app_as_ztunnel.contains("not as a ztunnel"), "{app_as_ztunnel}");
+    // Nor as its namespace's waypoint: that is the Gateway's ServiceAccount's alone (else any
+    // pod could read the mesh's workloads from the stream).
+    let waypoint_of_shop = ProxyKind::Waypoint { namespace: "shop".into(), name: "waypoint".into() };
+    let app_as_waypoint =
+        subscribe_as(&server, &restarted, &root, &app, "node-1", waypoint_of_shop).unwrap_err();
+    assert!(app_as_waypoint.contains("only as waypoint shop/checkout"), "{app_as_waypoint}");
 
-    // The waypoint's token subscribes as a waypoint of its namespace on its node; not as a
-    // ztunnel, not as another namespace's waypoint, not on another node.
+    // The waypoint's token subscribes as its own waypoint (named as its ServiceAccount) on its
+    // node; not as a ztunnel, not as another waypoint, not on another node.
     let as_waypoint =
         |namespace: &str| ProxyKind::Waypoint { namespace: namespace.into(), name: "waypoint".into() };
     subscribe_as(&server, &restarted, &root, &waypoint, "node-1", as_waypoint("shop"))
@@ -306,6 +313,13 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_only_what_each_proxy_may_have() {
     assert!(
         refused.contains("pod shop/waypoint-node-1") && refused.contains("not as a ztunnel"),
         "{refused}"
+    );
+    let other_gateway = ProxyKind::Waypoint { namespace: "shop".into(), name: "payments".into() };
+    let refused = subscribe_as(&server, &restarted, &root, &waypoint, "node-1", other_gateway).unwrap_err();
+    assert!(
+        refused.contains("only as waypoint shop/waypoint")
+            && refused.contains("not as waypoint shop/payments"),
+        "a pod subscribed as a waypoint its ServiceAccount is not named after: {refused}"
     );
     let refused =
         subscribe_as(&server, &restarted, &root, &waypoint, "node-1", as_waypoint("production")).unwrap_err();
