@@ -10,10 +10,24 @@
 //!   pod's node ([`Principal::Node`]); any other ServiceAccount's for that pod alone
 //!   ([`Principal::Pod`]: a waypoint, which the CA gives only its own identity).
 //!
-//! The decisions are pure functions ([`root_from_secret`], [`pod_claim`], [`principal_of`]),
-//! unit-tested; the async functions only fetch what they decide on.
+//! A review's answer (the token's ServiceAccount and pod) is reused for the same token for up to
+//! [`REVIEW_TTL`] (never past the token's `exp`): a ztunnel asks for the certificate of every pod
+//! on its node when it starts, each a request with the same token. The pod check is not cached:
+//! it reads the controller's own pod watch (a GET only when the watch does not hold the pod yet),
+//! so a deleted pod's token is refused as soon as the watch sees the deletion.
+//!
+//! The decisions are pure functions ([`root_from_secret`], [`pod_claim`], [`principal_of`],
+//! [`ReviewCache`], [`token_expiry`]), unit-tested; the async functions only fetch what they
+//! decide on.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use base64::Engine;
 
 use hyper::StatusCode;
 use k8s_openapi::{
@@ -28,6 +42,7 @@ use kube::{
     Api, Client,
     api::PostParams,
     config::{KubeConfigOptions, Kubeconfig},
+    runtime::reflector::{ObjectRef, Store},
 };
 use warren_core::ca::{Ca, CaError};
 
@@ -228,16 +243,94 @@ pub fn principal_of(
     Ok(Principal::Pod { namespace, service_account: account, name, node })
 }
 
+/// How long a TokenReview's answer is reused for the same token (the Kubernetes API server's
+/// own webhook token cache keeps answers for two minutes).
+pub const REVIEW_TTL: Duration = Duration::from_secs(60);
+
+/// Reviews kept at most: a node's ztunnel and its waypoints hold one token each, so this covers
+/// a few thousand nodes; past it, expired answers go first, then all (they are only a cache).
+const REVIEW_CACHE_MAX: usize = 4096;
+
+/// TokenReview answers by token (the whole token is the key: a shorter hash could be collided
+/// into by a forged one), each with the instant it stops being used.
+#[derive(Default)]
+pub struct ReviewCache {
+    entries: Mutex<HashMap<String, (PodClaim, Instant)>>,
+}
+
+impl ReviewCache {
+    /// The claim reviewed for `token`, if its answer is still to be used at `now`.
+    pub fn get(&self, token: &str, now: Instant) -> Option<PodClaim> {
+        let entries = self.entries.lock().expect("poisoned");
+        entries.get(token).filter(|(_, until)| now < *until).map(|(claim, _)| claim.clone())
+    }
+
+    /// Keeps `claim` for `token` until `until`.
+    pub fn insert(&self, token: &str, claim: PodClaim, now: Instant, until: Instant) {
+        let mut entries = self.entries.lock().expect("poisoned");
+        if entries.len() >= REVIEW_CACHE_MAX && !entries.contains_key(token) {
+            entries.retain(|_, (_, until)| now < *until);
+            if entries.len() >= REVIEW_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(token.to_string(), (claim, until));
+    }
+}
+
+/// The `exp` claim of a JWT, read without verifying it: it only shortens how long a review of
+/// the token is reused (the API server verified the token itself).
+pub fn token_expiry(token: &str) -> Option<SystemTime> {
+    let payload = token.split('.').nth(1)?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+/// Until when a review made at `now` (`wall` on the wall clock) is reused for a token expiring at
+/// `expiry`: [`REVIEW_TTL`], cut short by the expiry; an expired token's review not at all.
+pub fn review_reused_until(now: Instant, wall: SystemTime, expiry: Option<SystemTime>) -> Instant {
+    let left = match expiry {
+        Some(expiry) => expiry.duration_since(wall).unwrap_or(Duration::ZERO),
+        None => REVIEW_TTL,
+    };
+    now + left.min(REVIEW_TTL)
+}
+
 /// Checks ServiceAccount tokens with the TokenReview API.
 pub struct TokenReviewer {
     pub client: Client,
     /// The ztunnel's ServiceAccount: its pods' tokens speak for their node.
     pub ztunnel: ServiceAccountRef,
+    pub reviews: ReviewCache,
+    /// The controller's pod watch, once Kubernetes mode has started it.
+    pub pods: Arc<OnceLock<Store<Pod>>>,
 }
 
 impl TokenReviewer {
+    pub fn new(client: Client, ztunnel: ServiceAccountRef, pods: Arc<OnceLock<Store<Pod>>>) -> Self {
+        Self { client, ztunnel, reviews: ReviewCache::default(), pods }
+    }
+
     /// Who `token` speaks for: the node of the ztunnel pod it was issued to, or the pod.
     pub async fn principal(&self, token: &str) -> Result<Principal, AuthError> {
+        let claim = match self.reviews.get(token, Instant::now()) {
+            Some(claim) => claim,
+            None => {
+                let claim = self.review(token).await?;
+                let now = Instant::now();
+                let until = review_reused_until(now, SystemTime::now(), token_expiry(token));
+                self.reviews.insert(token, claim.clone(), now, until);
+                claim
+            }
+        };
+        let pod = self.pod(&claim).await?;
+        principal_of(pod.as_deref(), &claim, &self.ztunnel)
+    }
+
+    async fn review(&self, token: &str) -> Result<PodClaim, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_string()), audiences: None },
             ..Default::default()
@@ -246,13 +339,24 @@ impl TokenReviewer {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| AuthError::Api(format!("TokenReview: {e}")))?;
-        let claim = pod_claim(&answer.status.unwrap_or_default())?;
+        pod_claim(&answer.status.unwrap_or_default())
+    }
+
+    /// The claimed pod: from the pod watch when it holds the pod with the claimed uid, else
+    /// (not listed yet, just created, or replaced) from the API server.
+    async fn pod(&self, claim: &PodClaim) -> Result<Option<Arc<Pod>>, AuthError> {
         let namespace = &claim.service_account.namespace;
+        if let Some(store) = self.pods.get() {
+            let watched = store.get(&ObjectRef::new(&claim.name).within(namespace));
+            if let Some(pod) = watched.filter(|p| p.metadata.uid.as_deref() == Some(claim.uid.as_str())) {
+                return Ok(Some(pod));
+            }
+        }
         let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
             .get_opt(&claim.name)
             .await
             .map_err(|e| AuthError::Api(format!("getting pod {namespace}/{}: {e}", claim.name)))?;
-        principal_of(pod.as_ref(), &claim, &self.ztunnel)
+        Ok(pod.map(Arc::new))
     }
 }
 
@@ -496,5 +600,62 @@ mod tests {
         for wrong in ["ztunnel", "/ztunnel", "warren-system/", "a/b/c"] {
             assert!(wrong.parse::<ServiceAccountRef>().is_err(), "{wrong}");
         }
+    }
+
+    fn claim(pod: &str) -> PodClaim {
+        PodClaim { service_account: ztunnel(), name: pod.into(), uid: format!("uid-{pod}") }
+    }
+
+    #[test]
+    fn a_review_is_reused_until_its_time_is_up() {
+        let cache = ReviewCache::default();
+        let now = Instant::now();
+        cache.insert("token-a", claim("a"), now, now + Duration::from_secs(60));
+        assert_eq!(cache.get("token-a", now + Duration::from_secs(59)), Some(claim("a")));
+        assert_eq!(cache.get("token-a", now + Duration::from_secs(60)), None, "expired");
+        assert_eq!(cache.get("token-b", now), None, "another token");
+        assert_eq!(cache.get("token-", now), None, "the whole token is the key");
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_reviews_first() {
+        let cache = ReviewCache::default();
+        let now = Instant::now();
+        let later = now + Duration::from_secs(10);
+        cache.insert("old", claim("old"), now, now + Duration::from_secs(5));
+        for i in 1..REVIEW_CACHE_MAX {
+            cache.insert(&format!("t{i}"), claim("x"), now, now + Duration::from_secs(60));
+        }
+        // Full: the expired review goes, the live ones stay.
+        cache.insert("new", claim("new"), later, later + Duration::from_secs(60));
+        assert_eq!(cache.get("new", later), Some(claim("new")));
+        assert_eq!(cache.get("t1", later), Some(claim("x")));
+        // Full of live reviews: all go (it is only a cache), the new one is kept.
+        cache.insert("newer", claim("newer"), later, later + Duration::from_secs(60));
+        assert_eq!(cache.get("newer", later), Some(claim("newer")));
+        assert_eq!(cache.get("t1", later), None);
+    }
+
+    /// A JWT with `payload` (unsigned: only the shape matters here).
+    fn jwt(payload: &str) -> String {
+        let part = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.c2lnbmF0dXJl", part(r#"{"alg":"RS256"}"#), part(payload))
+    }
+
+    #[test]
+    fn a_review_is_never_reused_past_the_tokens_expiry() {
+        let token = jwt(r#"{"iss":"https://kubernetes.default.svc","exp":1900000000}"#);
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000);
+        assert_eq!(token_expiry(&token), Some(expiry));
+        for garbage in ["", "abc", "a.!!!.c", &jwt(r#"{"exp":"soon"}"#), &jwt("not json")] {
+            assert_eq!(token_expiry(garbage), None, "{garbage}");
+        }
+        let now = Instant::now();
+        let wall = expiry - Duration::from_secs(3600);
+        assert_eq!(review_reused_until(now, wall, Some(expiry)), now + REVIEW_TTL, "far from expiry");
+        let wall = expiry - Duration::from_secs(10);
+        assert_eq!(review_reused_until(now, wall, Some(expiry)), now + Duration::from_secs(10));
+        assert_eq!(review_reused_until(now, expiry + Duration::from_secs(1), Some(expiry)), now, "expired");
+        assert_eq!(review_reused_until(now, wall, None), now + REVIEW_TTL, "no exp claim");
     }
 }

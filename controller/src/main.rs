@@ -211,7 +211,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             None => {
                 let runtime =
                     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-                runtime.block_on(watch_kubernetes(source.kubeconfig, out, |_| {}))
+                runtime.block_on(watch_kubernetes(source.kubeconfig, out, None, |_| {}))
             }
         },
         Command::ProxyStatus { admin, json } => proxy_status(admin, json),
@@ -296,13 +296,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // HTTP/1.1 for the CA, h2 for the config stream, on the one port.
             tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             let tls = std::sync::Arc::new(tls);
+            // The CA reads the pods the Kubernetes watch holds, once it has started.
+            let watched_pods = std::sync::Arc::new(std::sync::OnceLock::new());
             let reviewer = kube_client.map(|client| {
                 eprintln!(
                     "controller: CA accepts pod-bound ServiceAccount tokens (TokenReview): {}'s for \
                      its pod's node, any other pod's for its own identity",
                     ztunnel_service_account.username()
                 );
-                kube_ca::TokenReviewer { client, ztunnel: ztunnel_service_account }
+                kube_ca::TokenReviewer::new(client, ztunnel_service_account, watched_pods.clone())
             });
             let config = std::sync::Arc::new(std::sync::RwLock::new(Default::default()));
             // The CA and the config stream authenticate proxies the same way.
@@ -331,7 +333,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             match source.dir {
                 Some(dir) => watch(&dir, &out, interval_ms, apply),
-                None => runtime.block_on(watch_kubernetes(source.kubeconfig, out, apply)),
+                None => runtime.block_on(watch_kubernetes(source.kubeconfig, out, Some(watched_pods), apply)),
             }
         }
     }
@@ -426,9 +428,10 @@ fn watch(
 async fn watch_kubernetes(
     kubeconfig: Option<PathBuf>,
     out: PathBuf,
+    share_pods: Option<kube_source::SharedPods>,
     apply: impl FnMut(std::sync::Arc<warren_core::model::NodeConfig>),
 ) -> Result<ExitCode> {
-    let options = kube_source::Options { kubeconfig, out, debounce: KUBE_DEBOUNCE };
+    let options = kube_source::Options { kubeconfig, out, debounce: KUBE_DEBOUNCE, share_pods };
     kube_source::run(options, apply).await?;
     Ok(ExitCode::SUCCESS)
 }

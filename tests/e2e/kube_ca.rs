@@ -23,17 +23,18 @@ use warren_core::{
 };
 use warren_e2e::kube::{ApiServer, KubeController, apiserver_or_skip};
 
-const OBJECTS: &str = "apiVersion: v1
-kind: ServiceAccount
-metadata: {name: ztunnel, namespace: warren-system}
----
-apiVersion: v1
+const ZTUNNEL_POD: &str = "apiVersion: v1
 kind: Pod
 metadata: {name: ztunnel-node-1, namespace: warren-system}
 spec:
   nodeName: node-1
   serviceAccountName: ztunnel
   containers: [{name: ztunnel, image: ztunnel}]
+";
+
+const OBJECTS: &str = "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: ztunnel, namespace: warren-system}
 ---
 apiVersion: v1
 kind: Namespace
@@ -196,6 +197,7 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_only_what_each_proxy_may_have() {
     server.apply_file("deploy/crds/istio.yaml");
     server.apply_file("deploy/crds/gateway-api.yaml");
     server.apply_file("deploy/rbac/controller.yaml");
+    server.apply(ZTUNNEL_POD);
     server.apply(OBJECTS);
     server.pod_running("shop", "checkout", &["10.1.0.1"]);
     server.pod_running("shop", "payment", &["10.1.0.2"]);
@@ -334,10 +336,33 @@ fn the_ca_keeps_its_root_in_a_secret_and_signs_only_what_each_proxy_may_have() {
         subscribe_as(&server, &restarted, &root, &waypoint_unbound, "node-1", as_waypoint("shop")).is_err()
     );
 
-    // The ztunnel pod replaced (same name, new uid): its old token no longer names a node.
+    // The TokenReview of a token is reused (the token was reviewed above), but its pod is checked
+    // on every request, in the controller's pod watch: once the watch sees the ztunnel pod
+    // replaced (same name, new uid), its old token no longer names a node.
     server.delete("v1", "Pod", "warren-system", "ztunnel-node-1");
-    assert_eq!(status(ask(&server, &restarted, &root, &ztunnel, "checkout")), 401);
+    server.apply(ZTUNNEL_POD);
+    assert_refused_soon("the replaced ztunnel pod's token", || {
+        ask(&server, &restarted, &root, &ztunnel, "checkout")
+    });
+    assert!(restarted.log().contains("is not the one it was issued to"), "{}", restarted.log());
     // Likewise a deleted waypoint pod's token.
     server.delete("v1", "Pod", "shop", "waypoint-node-1");
-    assert_eq!(status(ask(&server, &restarted, &root, &waypoint, "waypoint")), 401);
+    assert_refused_soon("the deleted waypoint pod's token", || {
+        ask(&server, &restarted, &root, &waypoint, "waypoint")
+    });
+}
+
+/// Asserts that `ask` is refused with 401 within a few seconds: the controller checks a token's
+/// pod in its own pod watch, which sees a deletion a moment after the API server made it.
+fn assert_refused_soon(what: &str, ask: impl Fn() -> Result<SpiffeId, RemoteCaError>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match ask() {
+            Err(RemoteCaError::Refused { status: 401, .. }) => return,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            other => panic!("{what}: expected a 401 within 10 s, got {other:?}"),
+        }
+    }
 }

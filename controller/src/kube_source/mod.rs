@@ -16,7 +16,7 @@ pub mod watch;
 
 use std::path::PathBuf;
 
-pub use watch::{Options, run};
+pub use watch::{Options, SharedPods, run};
 
 /// What stops Kubernetes mode. Each message says what the operator should do about it.
 #[derive(Debug, thiserror::Error)]

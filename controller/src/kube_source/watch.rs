@@ -49,7 +49,12 @@ pub struct Options {
     pub out: PathBuf,
     /// Changes arriving within this window make one rewrite (a rollout touches many pods).
     pub debounce: Duration,
+    /// Where to hand the pod watch's store to others (the CA checks token holders' pods in it).
+    pub share_pods: Option<SharedPods>,
 }
+
+/// A pod store, set once Kubernetes mode has started its pod watch.
+pub type SharedPods = Arc<std::sync::OnceLock<Store<Pod>>>;
 
 /// How long the first list may take before the controller says what it is waiting for.
 const STARTUP_NOTICE: Duration = Duration::from_secs(10);
@@ -64,6 +69,9 @@ pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Re
     let client = connect(options.kubeconfig.as_deref()).await?;
     let (tx, mut rx) = unbounded_channel();
     let stores = Stores::start(&client, &tx);
+    if let Some(shared) = &options.share_pods {
+        let _ = shared.set(stores.pods.clone());
+    }
     eprintln!("controller: watching {}", Kind::ALL.map(|k| k.to_string()).join(", "));
     let mut readiness = Readiness::default();
     let mut output = Output::new(&options.out);
