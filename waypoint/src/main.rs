@@ -20,6 +20,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    warren_core::malloc::tune_for_relaying();
     let config = config::Config::parse();
     match run::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -56,7 +56,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(config) => run::run(*config),
+        Command::Run(config) => {
+            warren_core::malloc::tune_for_relaying();
+            run::run(*config)
+        }
         Command::Status { admin, json } => status(admin, json),
         Command::Ready { socket } => admin::ready(&socket).map_err(anyhow::Error::msg),
         Command::Uninstall { node_name, bpffs } => {
