@@ -437,9 +437,18 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancer>,
     pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
-    /// Not implemented: read to be reported. (`tls` is not read: mesh traffic is always mTLS.)
+    /// (`tls` is not read: mesh traffic is always mTLS.)
     #[serde(default)]
-    pub port_level_settings: Vec<serde_json::Value>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -326,23 +326,22 @@ pub struct DestinationRule {
 }
 
 impl DestinationRule {
-    /// The policy for `subset`: the subset's own fields over the rule's (field by field, as
-    /// Istio merges them).
-    pub fn policy_for(&self, subset: Option<&str>) -> TrafficPolicy {
+    /// The policy for `subset` on service port `port`, merged as Istio does: the rule's policy,
+    /// replaced as a whole by its port-level settings for `port` (they do not inherit: an
+    /// omitted field is the default); the subset's own fields over that, field by field; and
+    /// the subset's port-level settings for `port`, again replacing all.
+    pub fn policy_for(&self, subset: Option<&str>, port: u16) -> TrafficPolicy {
+        let rule = self.traffic_policy.at_port(port);
         let own = subset.and_then(|name| self.subsets.iter().find(|s| s.name == name));
-        match own.and_then(|s| s.traffic_policy.as_ref()) {
-            None => self.traffic_policy.clone(),
-            Some(p) => TrafficPolicy {
-                load_balancer: p.load_balancer.clone().or_else(|| self.traffic_policy.load_balancer.clone()),
-                connection_pool: p
-                    .connection_pool
-                    .clone()
-                    .or_else(|| self.traffic_policy.connection_pool.clone()),
-                outlier_detection: p
-                    .outlier_detection
-                    .clone()
-                    .or_else(|| self.traffic_policy.outlier_detection.clone()),
-            },
+        let Some(p) = own.and_then(|s| s.traffic_policy.as_ref()) else { return rule };
+        if let Some(at_port) = p.port_level.iter().find(|l| l.port == port) {
+            return at_port.policy();
+        }
+        TrafficPolicy {
+            load_balancer: p.load_balancer.clone().or(rule.load_balancer),
+            connection_pool: p.connection_pool.clone().or(rule.connection_pool),
+            outlier_detection: p.outlier_detection.clone().or(rule.outlier_detection),
+            port_level: Vec::new(),
         }
     }
 }
@@ -367,11 +366,50 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// `portLevelSettings`: per service port, a policy that replaces this one on that port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_level: Vec<PortTrafficPolicy>,
 }
 
 impl TrafficPolicy {
     pub fn is_empty(&self) -> bool {
-        self.load_balancer.is_none() && self.connection_pool.is_none() && self.outlier_detection.is_none()
+        self.load_balancer.is_none()
+            && self.connection_pool.is_none()
+            && self.outlier_detection.is_none()
+            && self.port_level.is_empty()
+    }
+
+    /// This policy on service port `port`: its port-level settings for the port if it has
+    /// some (in place of all of its own fields), else its own fields.
+    pub fn at_port(&self, port: u16) -> TrafficPolicy {
+        match self.port_level.iter().find(|l| l.port == port) {
+            Some(at_port) => at_port.policy(),
+            None => TrafficPolicy { port_level: Vec::new(), ..self.clone() },
+        }
+    }
+}
+
+/// One entry of `portLevelSettings`: the policy of one service port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicy {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+impl PortTrafficPolicy {
+    fn policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: self.load_balancer.clone(),
+            connection_pool: self.connection_pool.clone(),
+            outlier_detection: self.outlier_detection.clone(),
+            port_level: Vec::new(),
+        }
     }
 }
 
@@ -531,7 +569,7 @@ mod tests {
             traffic_policy: TrafficPolicy {
                 load_balancer: Some(LoadBalancer::Simple(SimpleLb::Random)),
                 connection_pool: Some(ConnectionPool { max_connections: Some(5), ..Default::default() }),
-                outlier_detection: None,
+                ..Default::default()
             },
             subsets: vec![Subset {
                 name: "v2".into(),
@@ -542,11 +580,77 @@ mod tests {
                 }),
             }],
         };
-        let v2 = rule.policy_for(Some("v2"));
+        let v2 = rule.policy_for(Some("v2"), 80);
         assert_eq!(v2.load_balancer, Some(LoadBalancer::Simple(SimpleLb::LeastRequest)));
         assert_eq!(v2.connection_pool.unwrap().max_connections, Some(5));
-        assert_eq!(rule.policy_for(None).load_balancer, Some(LoadBalancer::Simple(SimpleLb::Random)));
-        assert_eq!(rule.policy_for(Some("missing")), rule.traffic_policy);
+        assert_eq!(rule.policy_for(None, 80).load_balancer, Some(LoadBalancer::Simple(SimpleLb::Random)));
+        assert_eq!(rule.policy_for(Some("missing"), 80), rule.traffic_policy);
+    }
+
+    fn pool(max_connections: u32) -> Option<ConnectionPool> {
+        Some(ConnectionPool { max_connections: Some(max_connections), ..Default::default() })
+    }
+
+    /// Istio's merge (pilot's MergeTrafficPolicy): port-level settings replace the policy they
+    /// sit in as a whole on their port, and do not inherit from it.
+    #[test]
+    fn port_level_settings_replace_the_policy_on_their_port() {
+        let random = Some(LoadBalancer::Simple(SimpleLb::Random));
+        let least = Some(LoadBalancer::Simple(SimpleLb::LeastRequest));
+        let rule = DestinationRule {
+            name: "payment".into(),
+            namespace: "shop".into(),
+            host: "payment.shop.svc.cluster.local".into(),
+            traffic_policy: TrafficPolicy {
+                load_balancer: random.clone(),
+                connection_pool: pool(5),
+                port_level: vec![PortTrafficPolicy {
+                    port: 9090,
+                    load_balancer: None,
+                    connection_pool: pool(1),
+                    outlier_detection: None,
+                }],
+                ..Default::default()
+            },
+            subsets: vec![
+                Subset {
+                    name: "v2".into(),
+                    labels: BTreeMap::new(),
+                    traffic_policy: Some(TrafficPolicy {
+                        load_balancer: least.clone(),
+                        ..Default::default()
+                    }),
+                },
+                Subset {
+                    name: "v3".into(),
+                    labels: BTreeMap::new(),
+                    traffic_policy: Some(TrafficPolicy {
+                        load_balancer: least.clone(),
+                        port_level: vec![PortTrafficPolicy {
+                            port: 80,
+                            load_balancer: None,
+                            connection_pool: pool(2),
+                            outlier_detection: None,
+                        }],
+                        ..Default::default()
+                    }),
+                },
+            ],
+        };
+        // Port 80: the rule's own fields. Port 9090: only what the port-level entry sets.
+        let at_80 = rule.policy_for(None, 80);
+        assert_eq!((at_80.load_balancer, at_80.connection_pool), (random.clone(), pool(5)));
+        assert!(at_80.port_level.is_empty(), "a resolved policy carries no port-level settings");
+        let at_9090 = rule.policy_for(None, 9090);
+        assert_eq!((at_9090.load_balancer, at_9090.connection_pool), (None, pool(1)));
+        // A subset's fields go over the rule's as resolved for the port.
+        let v2 = rule.policy_for(Some("v2"), 9090);
+        assert_eq!((v2.load_balancer, v2.connection_pool), (least.clone(), pool(1)));
+        // A subset's own port-level settings replace everything on their port.
+        let v3 = rule.policy_for(Some("v3"), 80);
+        assert_eq!((v3.load_balancer, v3.connection_pool), (None, pool(2)));
+        let v3 = rule.policy_for(Some("v3"), 9090);
+        assert_eq!((v3.load_balancer, v3.connection_pool), (least, pool(1)));
     }
 
     #[test]

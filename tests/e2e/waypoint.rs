@@ -12,10 +12,10 @@ use std::{
 
 use warren_core::{
     l7::{
-        ConnectionPool, Destination, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay,
+        ConnectionPool, Destination, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
         HeaderOperations, Headers, HttpRoute, L7Authorization, L7Rule, LoadBalancer, Mirror, Operation,
-        OutlierDetection, PolicyTarget, Redirect, RequestMatch, Retries, Rewrite, RouteDestination, Routing,
-        SimpleLb, StringMatch, Subset, TrafficPolicy, VirtualService,
+        OutlierDetection, PolicyTarget, PortTrafficPolicy, Redirect, RequestMatch, Retries, Rewrite,
+        RouteDestination, Routing, SimpleLb, StringMatch, Subset, TrafficPolicy, VirtualService,
     },
     model::{NodeConfig, Service, ServicePort, WAYPOINT_LABEL, Workload},
     policy::{Action, Source},
@@ -483,6 +483,58 @@ fn non_http_traffic_passes_through_the_waypoint_as_tcp() {
             .any(|l| l["protocol"] == "TCP" && l["service"] == HOST && l["error"] == "")
     });
     assert!(passed, "no TCP passthrough logged:\n{}", mesh.waypoint.log());
+}
+
+/// DestinationRule `portLevelSettings`: the policy of the port a request arrives on. Port 80
+/// (HTTP) round-robins across v1 and v2 while the rule's own policy, hashing on the source IP,
+/// keeps every TCP connection to port 90 on one endpoint; either half fails if the port-level
+/// entry were ignored or applied to every port.
+#[test]
+fn port_level_settings_apply_to_their_port_only() {
+    let mesh = Mesh::new(&[]);
+    let _tcp_v1 = Server::start(&mesh.v1, TCP_APP_PORT);
+    let _tcp_v2 = Server::start(&mesh.v2, TCP_APP_PORT);
+    let mut rule = subsets();
+    rule.traffic_policy = TrafficPolicy {
+        load_balancer: Some(LoadBalancer::ConsistentHash(HashKey::UseSourceIp)),
+        port_level: vec![PortTrafficPolicy {
+            port: 80,
+            load_balancer: Some(LoadBalancer::Simple(SimpleLb::RoundRobin)),
+            connection_pool: None,
+            outlier_detection: None,
+        }],
+        ..Default::default()
+    };
+    mesh.apply(Routing { virtual_services: vec![], destination_rules: vec![rule], authorizations: vec![] });
+
+    let http = load(&mesh.client, &url("/port-level"), &["-n", "20", "-c", "1"]);
+    assert_eq!(http.successes, 20, "{http:?}");
+    for _ in 0..8 {
+        let mut c = Client::connect(&mesh.client, SocketAddr::new(vip(), 90)).expect("connect to port 90");
+        c.greeting().expect("the server's greeting");
+        assert_eq!(c.echo("which endpoint").unwrap(), "which endpoint");
+    }
+    let upstreams = |pick: &dyn Fn(&serde_json::Value) -> bool| -> std::collections::BTreeSet<String> {
+        mesh.waypoint
+            .access_log()
+            .iter()
+            .filter(|l| pick(l))
+            .map(|l| l["upstream"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let over_http = upstreams(&|l| l["path"] == "/port-level");
+    assert_eq!(over_http.len(), 2, "port 80 round-robins over v1 and v2: {over_http:?}");
+    let tcp_logged = wait_until(Duration::from_secs(5), || {
+        mesh.waypoint.access_log().iter().filter(|l| l["protocol"] == "TCP").count() == 8
+    });
+    assert!(
+        tcp_logged,
+        "eight TCP connections logged:
+{}",
+        mesh.waypoint.log()
+    );
+    let over_tcp = upstreams(&|l| l["protocol"] == "TCP");
+    assert_eq!(over_tcp.len(), 1, "port 90 keeps the rule's source-IP hash: {over_tcp:?}");
 }
 
 /// The seed scenario's DestinationRule: stable = v1 (LEAST_CONN), canary = v2 (ROUND_ROBIN,

@@ -363,7 +363,7 @@ async fn process(
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     }
     let target_port = dest_service.target_port(port).unwrap_or(port);
-    let policy = rule.map(|r| r.policy_for(d.subset.as_deref())).unwrap_or_default();
+    let policy = rule.map(|r| r.policy_for(d.subset.as_deref(), port)).unwrap_or_default();
 
     // 6. The request upstream: path rewrite, authority, headers; the body buffered so that
     // retries and mirrors can send it again.

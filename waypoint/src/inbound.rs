@@ -222,7 +222,8 @@ async fn passthrough(
     let key = ClusterKey { host: host.clone(), subset: None, port: target.port() };
     let cluster = state.clusters.get(&key);
     let endpoints = snapshot.index.endpoints(service);
-    let policy = snapshot.destination_rules.get(&host).map(|r| r.policy_for(None)).unwrap_or_default();
+    let policy =
+        snapshot.destination_rules.get(&host).map(|r| r.policy_for(None, target.port())).unwrap_or_default();
     let headers = http::HeaderMap::new();
     let hash = HashInput { headers: &headers, source_ip: client.ip() };
     let Some(endpoint) = cluster.pick(&endpoints, policy.load_balancer.as_ref(), None, &hash, &[]) else {

@@ -1,10 +1,11 @@
 //! Istio DestinationRule → subsets and traffic policy.
 
 use warren_core::l7::{
-    self, ConnectionPool, HashKey, LoadBalancer, OutlierDetection, SimpleLb, Subset, TrafficPolicy,
+    self, ConnectionPool, HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb, Subset,
+    TrafficPolicy,
 };
 
-use super::{Mesh, Report, duration_ms, fqdn, namespace_of};
+use super::{Mesh, Report, duration_ms, fqdn, namespace_of, port_number};
 use crate::{
     findings::{Finding, codes},
     objects,
@@ -68,27 +69,59 @@ pub(super) fn translate(
 
 fn traffic_policy(p: Option<&objects::TrafficPolicy>, at: &str, r: &mut Report<'_>) -> TrafficPolicy {
     let Some(p) = p else { return TrafficPolicy::default() };
-    if !p.port_level_settings.is_empty() {
-        r.warning(
-            codes::UNSUPPORTED,
-            format!("{at}.portLevelSettings"),
-            "per-port policies are not supported; ignored (the policy applies to every port)",
-        );
+    let (load_balancer, connection_pool, outlier_detection) =
+        policy_fields(&p.load_balancer, &p.connection_pool, &p.outlier_detection, at, r);
+    TrafficPolicy { load_balancer, connection_pool, outlier_detection, port_level: port_level(p, at, r) }
+}
+
+type PolicyFields = (Option<LoadBalancer>, Option<ConnectionPool>, Option<OutlierDetection>);
+
+fn policy_fields(
+    lb: &Option<objects::LoadBalancer>,
+    pool: &Option<objects::ConnectionPool>,
+    outlier: &Option<objects::OutlierDetection>,
+    at: &str,
+    r: &mut Report<'_>,
+) -> PolicyFields {
+    (
+        lb.as_ref().and_then(|lb| load_balancer(lb, &format!("{at}.loadBalancer"), r)),
+        pool.as_ref().and_then(|c| connection_pool(c, &format!("{at}.connectionPool"), r)),
+        outlier.as_ref().map(|o| outlier_detection(o, &format!("{at}.outlierDetection"), r)),
+    )
+}
+
+/// `portLevelSettings`: one policy per service port (it replaces the policy it sits in on that
+/// port, without inheriting from it — an entry with no fields resets the port to defaults).
+fn port_level(p: &objects::TrafficPolicy, at: &str, r: &mut Report<'_>) -> Vec<PortTrafficPolicy> {
+    let mut out: Vec<PortTrafficPolicy> = Vec::new();
+    for (i, entry) in p.port_level_settings.iter().enumerate() {
+        let at = format!("{at}.portLevelSettings[{i}]");
+        let number = entry.port.as_ref().and_then(|s| s.number);
+        let Some(port) = number.and_then(port_number) else {
+            let what = match number {
+                None => "is missing".to_string(),
+                Some(n) => format!("{n} is not a port number"),
+            };
+            r.error(
+                codes::INVALID_VALUE,
+                format!("{at}.port.number"),
+                format!("{what}; the entry is dropped"),
+            );
+            continue;
+        };
+        if out.iter().any(|o| o.port == port) {
+            r.error(
+                codes::INVALID_VALUE,
+                format!("{at}.port.number"),
+                format!("port {port} has settings twice; the first are kept"),
+            );
+            continue;
+        }
+        let (load_balancer, connection_pool, outlier_detection) =
+            policy_fields(&entry.load_balancer, &entry.connection_pool, &entry.outlier_detection, &at, r);
+        out.push(PortTrafficPolicy { port, load_balancer, connection_pool, outlier_detection });
     }
-    TrafficPolicy {
-        load_balancer: p
-            .load_balancer
-            .as_ref()
-            .and_then(|lb| load_balancer(lb, &format!("{at}.loadBalancer"), r)),
-        connection_pool: p
-            .connection_pool
-            .as_ref()
-            .and_then(|c| connection_pool(c, &format!("{at}.connectionPool"), r)),
-        outlier_detection: p
-            .outlier_detection
-            .as_ref()
-            .map(|o| outlier_detection(o, &format!("{at}.outlierDetection"), r)),
-    }
+    out
 }
 
 fn load_balancer(lb: &objects::LoadBalancer, at: &str, r: &mut Report<'_>) -> Option<LoadBalancer> {

@@ -753,6 +753,60 @@ destinationRules:
             ],
         },
         Case {
+            name: "port-level settings, at the rule and in a subset",
+            input: r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payment, namespace: shop}
+spec:
+  host: payment
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    portLevelSettings:
+    - port: {number: 9090}
+      connectionPool: {tcp: {maxConnections: 1}}
+    - port: {number: 8080}
+    - port: {number: 9090}
+      loadBalancer: {simple: ROUND_ROBIN}
+  subsets:
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 80}
+        loadBalancer: {simple: LEAST_REQUEST}
+        outlierDetection: {consecutive5xxErrors: 2}
+"#,
+            routing: r#"
+destinationRules:
+- name: payment
+  namespace: shop
+  host: payment.shop.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    portLevel:
+    - port: 9090
+      connectionPool: {maxConnections: 1}
+    - port: 8080
+  subsets:
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      portLevel:
+      - port: 80
+        loadBalancer: {simple: LEAST_REQUEST}
+        outlierDetection:
+          consecutive5xxErrors: 2
+          intervalMs: 10000
+          baseEjectionTimeMs: 30000
+          maxEjectionPercent: 10
+          minHealthPercent: 0
+"#,
+            findings: &[
+                "WA0103 DestinationRule shop/payment spec.trafficPolicy.portLevelSettings[2].port.number",
+            ],
+        },
+        Case {
             name: "what is refused costs only itself",
             input: r#"
 apiVersion: networking.istio.io/v1
@@ -764,7 +818,7 @@ spec:
     loadBalancer: {simple: PASSTHROUGH}
     connectionPool: {tcp: {maxConnections: -1}}
     outlierDetection: {interval: soon, maxEjectionPercent: 120}
-    portLevelSettings: [{port: {number: 80}}]
+    portLevelSettings: [{port: {number: 70000}}, {loadBalancer: {simple: RANDOM}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -786,11 +840,12 @@ destinationRules:
       minHealthPercent: 0
 "#,
             findings: &[
-                "WA0206 DestinationRule shop/checkout spec.trafficPolicy.portLevelSettings",
                 "WA0206 DestinationRule shop/checkout spec.trafficPolicy.loadBalancer.simple",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.maxConnections",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.interval",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+                "WA0103 DestinationRule shop/checkout spec.trafficPolicy.portLevelSettings[0].port.number",
+                "WA0103 DestinationRule shop/checkout spec.trafficPolicy.portLevelSettings[1].port.number",
                 "WA0202 DestinationRule shop/external spec.host",
             ],
         },
