@@ -75,6 +75,9 @@ pub mod codes {
     pub const NOT_FOR_MESH: &str = "WA0207";
     /// Routes or policies for a Service that has no waypoint: nothing applies them.
     pub const NO_WAYPOINT: &str = "WA0208";
+    /// An HTTPRoute backend or mirror in another namespace that no ReferenceGrant there allows:
+    /// refused.
+    pub const REFERENCE_NOT_PERMITTED: &str = "WA0209";
 }
 
 pub fn error(

@@ -26,6 +26,7 @@ pub struct Snapshot {
     pub destination_rules: Vec<Arc<DestinationRule>>,
     pub http_routes: Vec<Arc<gateway_api::HttpRoute>>,
     pub gateways: Vec<Arc<gateway_api::Gateway>>,
+    pub reference_grants: Vec<Arc<gateway_api::ReferenceGrant>>,
 }
 
 impl Snapshot {
@@ -41,6 +42,7 @@ impl Snapshot {
         self.destination_rules.extend_from_slice(&other.destination_rules);
         self.http_routes.extend_from_slice(&other.http_routes);
         self.gateways.extend_from_slice(&other.gateways);
+        self.reference_grants.extend_from_slice(&other.reference_grants);
     }
 }
 
@@ -531,6 +533,44 @@ pub mod gateway_api {
     pub struct GatewaySpec {
         #[serde(default)]
         pub gateway_class_name: String,
+    }
+
+    /// A ReferenceGrant (v1beta1): lets objects of the `from` kinds in the `from` namespaces
+    /// refer to objects of the `to` kinds in the grant's own namespace. Warren reads it for
+    /// HTTPRoute backends (and mirrors) in another namespace.
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct ReferenceGrant {
+        pub metadata: ObjectMeta,
+        #[serde(default)]
+        pub spec: ReferenceGrantSpec,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct ReferenceGrantSpec {
+        #[serde(default)]
+        pub from: Vec<GrantFrom>,
+        #[serde(default)]
+        pub to: Vec<GrantTo>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct GrantFrom {
+        #[serde(default)]
+        pub group: String,
+        #[serde(default)]
+        pub kind: String,
+        #[serde(default)]
+        pub namespace: String,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct GrantTo {
+        #[serde(default)]
+        pub group: String,
+        #[serde(default)]
+        pub kind: String,
+        /// Unset: every object of the kind in the namespace.
+        pub name: Option<String>,
     }
 
     /// An HTTPRoute (v1, v1beta1). Warren translates the mesh (GAMMA) form: routes whose

@@ -134,6 +134,7 @@ pub fn read_documents(origin: &str, text: &str, snapshot: &mut Snapshot, finding
             ("networking.istio.io", "DestinationRule") => take!(snapshot.destination_rules),
             ("gateway.networking.k8s.io", "HTTPRoute") => take!(snapshot.http_routes),
             ("gateway.networking.k8s.io", "Gateway") => take!(snapshot.gateways),
+            ("gateway.networking.k8s.io", "ReferenceGrant") => take!(snapshot.reference_grants),
             _ => findings.push(warning(
                 codes::UNKNOWN_KIND,
                 object,

@@ -13,6 +13,7 @@
 mod authorization;
 mod destination_rule;
 mod http_route;
+mod reference_grant;
 mod virtual_service;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -100,6 +101,7 @@ struct Mesh<'a> {
     k8s_services: BTreeMap<String, &'a K8sService>,
     /// Gateways by (namespace, name), with their class.
     gateways: BTreeMap<(String, String), &'a str>,
+    grants: reference_grant::Grants,
 }
 
 impl<'a> Mesh<'a> {
@@ -119,6 +121,7 @@ impl<'a> Mesh<'a> {
                     (key, g.spec.gateway_class_name.as_str())
                 })
                 .collect(),
+            grants: reference_grant::Grants::new(&snapshot.reference_grants),
         }
     }
 

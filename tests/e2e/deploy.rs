@@ -155,7 +155,7 @@ fn the_rendered_chart_passes_server_side_dry_run() {
     server.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: warren-system}\n");
     server.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: production}\n");
     let (crds, rest) = split_crds(&full);
-    assert_eq!(crds.matches("kind: CustomResourceDefinition").count(), 6, "{crds}");
+    assert_eq!(crds.matches("kind: CustomResourceDefinition").count(), 7, "{crds}");
     server.apply(&crds);
     for (api_version, kind) in [
         ("networking.istio.io/v1", "VirtualService"),
@@ -164,6 +164,7 @@ fn the_rendered_chart_passes_server_side_dry_run() {
         ("security.istio.io/v1", "AuthorizationPolicy"),
         ("gateway.networking.k8s.io/v1", "Gateway"),
         ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+        ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
     ] {
         server.wait_served(api_version, kind);
     }

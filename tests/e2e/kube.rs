@@ -1,7 +1,8 @@
 //! Kubernetes mode end to end, against a real kube-apiserver and etcd: the controller (the real
 //! binary, under exactly the RBAC of deploy/rbac/controller.yaml) follows creates, label
 //! patches, deletions and an API-server restart into its config file; a CRD installed late is
-//! picked up; an identity without RBAC fails naming what it may not read.
+//! picked up; a ReferenceGrant lets an HTTPRoute use another namespace's Service while it
+//! exists; an identity without RBAC fails naming what it may not read.
 //!
 //! Skipped (with how to install it) only when kube-apiserver is not installed: `./x setup`
 //! builds it.
@@ -54,6 +55,7 @@ fn cluster(with_gateway_api: bool) -> Option<(ApiServer, std::path::PathBuf)> {
     if with_gateway_api {
         server.apply_file("deploy/crds/gateway-api.yaml");
         server.wait_served("gateway.networking.k8s.io/v1", "HTTPRoute");
+        server.wait_served("gateway.networking.k8s.io/v1beta1", "ReferenceGrant");
     }
     server.wait_served("networking.istio.io/v1", "VirtualService");
     server.wait_served("networking.istio.io/v1", "DestinationRule");
@@ -205,6 +207,55 @@ spec:
     });
 }
 
+/// The destinations of HTTPRoute shop/payment in the config, or None while it is absent.
+fn http_route_hosts(config: &Value) -> Option<Vec<String>> {
+    let routes = config["routing"]["virtualServices"].as_array()?;
+    let route = routes.iter().find(|r| r["kind"] == "HTTPRoute" && r["name"] == "payment")?;
+    let hosts = route["http"].as_array()?.iter().flat_map(|h| h["route"].as_array().into_iter().flatten());
+    Some(hosts.filter_map(|d| d["destination"]["host"].as_str().map(str::to_string)).collect())
+}
+
+#[test]
+fn a_route_reaches_another_namespaces_service_only_while_a_reference_grant_allows_it() {
+    let Some((server, kubeconfig)) = cluster(true) else { return };
+    server.apply(NAMESPACE);
+    server.apply(PAYMENT_SERVICE);
+    server.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: bank}\n---\napiVersion: v1\nkind: Service\n\
+         metadata: {name: ledger, namespace: bank}\nspec: {ports: [{name: http, port: 80, protocol: TCP}]}\n",
+    );
+    server.apply(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payment, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: payment, port: 80}]
+  rules: [{backendRefs: [{name: ledger, namespace: bank, port: 80}]}]
+",
+    );
+    let controller = KubeController::watch(&kubeconfig, &server.root, "controller");
+    controller.wait_config("the route, without its cross-namespace backend", |c| {
+        http_route_hosts(c).is_some_and(|hosts| hosts.is_empty())
+    });
+    assert!(controller.log().contains("no ReferenceGrant in bank"), "{}", controller.log());
+
+    const GRANT: &str = "apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: bank}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: '', kind: Service, name: ledger}]
+";
+    server.apply(GRANT);
+    controller.wait_config("the route to bank/ledger once granted", |c| {
+        http_route_hosts(c).is_some_and(|hosts| hosts == ["ledger.bank.svc.cluster.local"])
+    });
+    server.delete("gateway.networking.k8s.io/v1beta1", "ReferenceGrant", "bank", "shop-routes");
+    controller.wait_config("the backend refused again once the grant is gone", |c| {
+        http_route_hosts(c).is_some_and(|hosts| hosts.is_empty())
+    });
+}
+
 #[test]
 fn an_identity_without_rbac_fails_naming_the_forbidden_resource() {
     let Some((server, _)) = cluster(true) else { return };
@@ -235,6 +286,7 @@ fn an_identity_without_rbac_fails_naming_the_forbidden_resource() {
         "authorizationpolicies",
         "httproutes",
         "gateways",
+        "referencegrants",
     ]
     .iter()
     .any(|r| log.contains(&format!("list/watch {r}")));

@@ -326,7 +326,7 @@ mod chart_tests {
         }
         let crds: Vec<&String> =
             objects.keys().filter(|k| k.starts_with("CustomResourceDefinition/")).collect();
-        assert_eq!(crds.len(), 6, "{crds:?}");
+        assert_eq!(crds.len(), 7, "{crds:?}");
         for k in crds {
             assert_eq!(objects[k]["metadata"]["annotations"]["helm.sh/resource-policy"], "keep", "{k}");
         }

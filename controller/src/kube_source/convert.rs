@@ -76,6 +76,7 @@ pub fn snapshot_with(objects: &Objects, cache: &mut ReadCache) -> (Snapshot, Vec
                 }
                 Kind::HttpRoute => cache.read(*kind, object, &mut s.http_routes, &mut findings),
                 Kind::Gateway => cache.read(*kind, object, &mut s.gateways, &mut findings),
+                Kind::ReferenceGrant => cache.read(*kind, object, &mut s.reference_grants, &mut findings),
                 // Core kinds are never dynamic; nothing to read.
                 Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceAccount => {}
             }

@@ -16,10 +16,11 @@ pub enum Kind {
     AuthorizationPolicy,
     HttpRoute,
     Gateway,
+    ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -30,16 +31,18 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::HttpRoute,
         Kind::Gateway,
+        Kind::ReferenceGrant,
     ];
 
     /// The kinds read through CRDs, which may not be installed.
-    pub const DYNAMIC: [Kind; 6] = [
+    pub const DYNAMIC: [Kind; 7] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::HttpRoute,
         Kind::Gateway,
+        Kind::ReferenceGrant,
     ];
 
     /// API group (`""` for core).
@@ -48,7 +51,7 @@ impl Kind {
             Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceAccount => "",
             Kind::VirtualService | Kind::DestinationRule => "networking.istio.io",
             Kind::PeerAuthentication | Kind::AuthorizationPolicy => "security.istio.io",
-            Kind::HttpRoute | Kind::Gateway => "gateway.networking.k8s.io",
+            Kind::HttpRoute | Kind::Gateway | Kind::ReferenceGrant => "gateway.networking.k8s.io",
         }
     }
 
@@ -65,6 +68,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::Gateway => "Gateway",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 
@@ -81,6 +85,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "authorizationpolicies",
             Kind::HttpRoute => "httproutes",
             Kind::Gateway => "gateways",
+            Kind::ReferenceGrant => "referencegrants",
         }
     }
 

@@ -411,8 +411,8 @@ fn backend(
     Some(RouteDestination { destination, weight, headers })
 }
 
-/// A backend or mirror reference to a Service, resolved. None (reported) for other kinds and
-/// bad ports.
+/// A backend or mirror reference to a Service, resolved. None (reported) for other kinds, bad
+/// ports, and Services in another namespace that no ReferenceGrant lets the route use.
 fn service_ref(
     b: &ObjectRef,
     at: &str,
@@ -432,12 +432,17 @@ fn service_ref(
         return None;
     }
     let backend_namespace = b.namespace.as_deref().unwrap_or(namespace);
-    if backend_namespace != namespace {
-        r.warning(
-            codes::UNSUPPORTED,
+    if !mesh.grants.route_may_use(namespace, backend_namespace, &b.name) {
+        r.error(
+            codes::REFERENCE_NOT_PERMITTED,
             format!("{at}.namespace"),
-            "a backend in another namespace needs a ReferenceGrant, which Warren does not check yet; accepted",
+            format!(
+                "Service {backend_namespace}/{} is in another namespace, and no ReferenceGrant in \
+                 {backend_namespace} lets HTTPRoutes from {namespace} refer to it; refused, {dropped}",
+                b.name
+            ),
         );
+        return None;
     }
     let host = format!("{}.{backend_namespace}.svc.{}", b.name, super::CLUSTER_DOMAIN);
     if !mesh.is_service(&host) {

@@ -561,6 +561,13 @@ spec:
     - type: URLRewrite
       urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /auth/login}}
     backendRefs: [{name: payment, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: bank}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: ledger}]
 "#,
             routing: r#"
 virtualServices:
@@ -590,8 +597,46 @@ virtualServices:
       request: {set: {x-env: prod}, add: {x-trace: "1"}, remove: [cookie]}
       response: {remove: [server]}
 "#,
+            findings: &[],
+        },
+        Case {
+            name: "a backend in another namespace needs a ReferenceGrant there",
+            input: r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payment, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: payment, port: 80}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: ledger, namespace: bank, port: 80}}
+    backendRefs: [{name: payment, port: 80}, {name: ledger, namespace: bank, port: 80}]
+---
+# Not for this route: another namespace's routes, and Gateways.
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: others, namespace: bank}
+spec:
+  from:
+  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: web}
+  - {group: gateway.networking.k8s.io, kind: Gateway, namespace: shop}
+  to: [{group: "", kind: Service}]
+"#,
+            routing: r#"
+virtualServices:
+- name: payment
+  namespace: shop
+  kind: HTTPRoute
+  hosts: [payment.shop.svc.cluster.local]
+  http:
+  - match: [{uri: {pathPrefix: /}, port: 80}]
+    route: [{destination: {host: payment.shop.svc.cluster.local, port: 80}, weight: 100}]
+    retries: $RETRIES
+"#,
             findings: &[
-                "WA0206 HTTPRoute shop/payment spec.rules[1].filters[4].requestMirror.backendRef.namespace",
+                "WA0209 HTTPRoute shop/payment spec.rules[0].filters[0].requestMirror.backendRef.namespace",
+                "WA0209 HTTPRoute shop/payment spec.rules[0].backendRefs[1].namespace",
             ],
         },
         Case {
