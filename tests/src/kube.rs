@@ -347,6 +347,87 @@ impl ApiServer {
         .unwrap_or_else(|e| panic!("deleting {kind} {namespace}/{name}: {e}"));
     }
 
+    /// Creates `objects` as the admin, `in_flight` requests at a time, telling `progress` how
+    /// many are done after each: for loading a cluster at scale (the controller benchmark). A
+    /// Pod's `status` is left out of its create (the API server resets it) and merge-patched
+    /// onto its status subresource afterwards, as a kubelet would report it, in the same batch
+    /// of concurrent requests.
+    pub fn create_all(
+        &self,
+        objects: Vec<serde_json::Value>,
+        in_flight: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(), kube::Error> {
+        // One discovery per kind, not per object.
+        let mut resources = std::collections::HashMap::new();
+        let mut requests = Vec::with_capacity(objects.len());
+        for mut value in objects {
+            let status = value.as_object_mut().and_then(|o| o.remove("status"));
+            let object: DynamicObject = serde_json::from_value(value).map_err(kube::Error::SerdeError)?;
+            let types = object.types.clone().unwrap_or_default();
+            let key = (types.api_version.clone(), types.kind.clone());
+            if !resources.contains_key(&key) {
+                let gvk = GroupVersionKind::try_from(&types).map_err(|e| {
+                    kube::Error::Discovery(kube::error::DiscoveryError::InvalidGroupVersion(e.to_string()))
+                })?;
+                resources.insert(key.clone(), self.block_on(discovery::pinned_kind(&self.client(), &gvk))?);
+            }
+            let (resource, caps) = &resources[&key];
+            let api: Api<DynamicObject> = match (&caps.scope, object.metadata.namespace.as_deref()) {
+                (Scope::Namespaced, Some(ns)) => Api::namespaced_with(self.client(), ns, resource),
+                (Scope::Namespaced, None) => Api::default_namespaced_with(self.client(), resource),
+                (Scope::Cluster, _) => Api::all_with(self.client(), resource),
+            };
+            requests.push((api, object, status));
+        }
+        let total = requests.len();
+        self.block_on(async move {
+            let mut running = tokio::task::JoinSet::new();
+            let mut done = 0;
+            for (api, object, status) in requests {
+                while running.len() >= in_flight.max(1) {
+                    running.join_next().await.expect("a running request").expect("not cancelled")?;
+                    done += 1;
+                    progress(done);
+                }
+                running.spawn(async move {
+                    let created = api.create(&PostParams::default(), &object).await?;
+                    if let Some(status) = status {
+                        let name = created.metadata.name.unwrap_or_default();
+                        let patch = serde_json::json!({ "status": status });
+                        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    }
+                    Ok::<_, kube::Error>(())
+                });
+            }
+            while let Some(finished) = running.join_next().await {
+                finished.expect("not cancelled")?;
+                done += 1;
+                progress(done);
+            }
+            debug_assert_eq!(done, total);
+            Ok(())
+        })
+    }
+
+    /// Merge-patches pod `namespace/name` with one request (no discovery first: for timing).
+    pub fn patch_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        let api: Api<Pod> = Api::namespaced(self.client(), namespace);
+        self.block_on(api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))).map(drop)
+    }
+
+    /// `key` of Secret `namespace/name`, read as the admin.
+    pub fn secret_value(&self, namespace: &str, name: &str, key: &str) -> Option<Vec<u8>> {
+        let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(self.client(), namespace);
+        let secret = self.block_on(api.get_opt(name)).ok()??;
+        secret.data?.remove(key).map(|b| b.0)
+    }
+
     /// Plays the kubelet: the pod is running, ready, with these IPs (status subresource).
     pub fn pod_running(&self, namespace: &str, name: &str, ips: &[&str]) {
         let api: Api<Pod> = Api::namespaced(self.client(), namespace);

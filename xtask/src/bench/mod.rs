@@ -10,6 +10,7 @@
 //! target/bench/results-GROUP.json and target/bench/performance-GROUP.md).
 
 mod controller;
+mod controller_kube;
 mod datapath;
 mod l7;
 mod load;
