@@ -527,12 +527,7 @@ fn port_level_settings_apply_to_their_port_only() {
     let tcp_logged = wait_until(Duration::from_secs(5), || {
         mesh.waypoint.access_log().iter().filter(|l| l["protocol"] == "TCP").count() == 8
     });
-    assert!(
-        tcp_logged,
-        "eight TCP connections logged:
-{}",
-        mesh.waypoint.log()
-    );
+    assert!(tcp_logged, "eight TCP connections logged:\n{}", mesh.waypoint.log());
     let over_tcp = upstreams(&|l| l["protocol"] == "TCP");
     assert_eq!(over_tcp.len(), 1, "port 90 keeps the rule's source-IP hash: {over_tcp:?}");
 }

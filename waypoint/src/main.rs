@@ -8,6 +8,7 @@ mod config;
 mod forward;
 mod hbone;
 mod inbound;
+mod log_buffer;
 mod metrics;
 mod routing;
 mod run;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
     match run::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            log_buffer::flush();
             eprintln!("waypoint: {e:#}");
             ExitCode::FAILURE
         }

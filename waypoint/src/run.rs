@@ -23,18 +23,28 @@ pub fn run(config: Config) -> Result<()> {
     init_logging(config.log_format);
     // One worker: a single-threaded runtime (no work stealing, no cross-thread wake-ups), as an
     // Envoy with --concurrency 1 runs one event loop.
-    let runtime = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    let mut builder = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
     };
-    runtime.block_on(serve(config))
+    // Log lines are written in one go when an event loop has nothing left to do.
+    let runtime = builder.enable_all().on_thread_park(crate::log_buffer::flush).build()?;
+    let result = runtime.block_on(serve(config));
+    crate::log_buffer::flush();
+    result
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    crate::log_buffer::flush_on_panic();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(crate::log_buffer::BufferedStderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
