@@ -29,6 +29,9 @@ pub struct Published {
     pub translated: bool,
     /// The resources every ztunnel / every waypoint gets, computed once per version.
     shared: [std::sync::OnceLock<Arc<SharedSet>>; 2],
+    /// Each node's identity grants, computed once per version (not once per ztunnel: a pass
+    /// over every workload per proxy made a change's cost grow with nodes × workloads).
+    grants: std::sync::OnceLock<Arc<config_stream::NodeGrants>>,
 }
 
 /// One version's shared resources for a kind of proxy, and how they differ from the version
@@ -42,7 +45,11 @@ struct SharedSet {
 
 impl Published {
     fn new(version: String, config: Arc<NodeConfig>, translated: bool) -> Self {
-        Published { version, config, translated, shared: Default::default() }
+        Published { version, config, translated, shared: Default::default(), grants: Default::default() }
+    }
+
+    fn grants(&self) -> Arc<config_stream::NodeGrants> {
+        self.grants.get_or_init(|| Arc::new(config_stream::grants_by_node(&self.config))).clone()
     }
 
     /// Built from the hub's cache for `kind`, so only what changed since the last version
@@ -214,6 +221,9 @@ pub fn may_subscribe(principal: &Principal, node: &str, kind: &ProxyKind) -> Res
 /// A resource cache and the version whose shared set it holds.
 type BuiltFor = (ResourceCache, Option<String>);
 
+/// A ztunnel's own resources and the node grants they were built from.
+type OwnBuilt = (Vec<(String, config_stream::IdentityGrant)>, Arc<config_stream::Resources>);
+
 /// A resource an update sets (to its hash) or removes (`None`).
 type KeyChange = (String, Option<String>);
 
@@ -315,6 +325,9 @@ async fn serve_stream(
     let mut pending: Option<(String, Vec<KeyChange>)> = None;
     // This proxy's own resources (a ztunnel's identities), reused between versions.
     let mut own_cache = ResourceCache::default();
+    // The node's grants the own resources were last built from: an unchanged node (most of
+    // them, for a one-pod change) reuses them as they are.
+    let mut own_built: Option<OwnBuilt> = None;
     let mut updates = hub.current.subscribe();
     // Nothing is sent before the first translation.
     if updates.wait_for(|p| p.translated).await.is_err() {
@@ -331,7 +344,21 @@ async fn serve_stream(
             dirty = false;
             let published = updates.borrow_and_update().clone();
             let shared = published.shared_for(&kind, &hub.caches);
-            let own = config_stream::node_resources(&published.config, &kind, &node, &mut own_cache);
+            let own = match kind {
+                ProxyKind::Ztunnel => {
+                    let grants = published.grants();
+                    let mine = grants.get(&node).map(Vec::as_slice).unwrap_or_default();
+                    match &own_built {
+                        Some((built_from, own)) if built_from.as_slice() == mine => own.clone(),
+                        _ => {
+                            let own = Arc::new(config_stream::identity_resources(mine, &mut own_cache));
+                            own_built = Some((mine.to_vec(), own.clone()));
+                            own
+                        }
+                    }
+                }
+                ProxyKind::Waypoint { .. } => Arc::default(),
+            };
             let (upsert, remove) = match &holds {
                 Some(held) if shared.base.as_ref() == Some(held) => {
                     config_stream::delta_from_changes(&acked, &shared.resources, &shared.changes, &own)

@@ -279,23 +279,45 @@ pub fn node_resources(
     node: &str,
     cache: &mut ResourceCache,
 ) -> Resources {
-    let mut out = Builder::new(cache);
-    if *kind == ProxyKind::Ztunnel {
-        for w in config.workloads.iter().filter(|w| w.enrolled && w.node == node) {
-            let identity =
-                IdentityGrant { namespace: w.namespace.clone(), service_account: w.service_account.clone() };
-            out.add(kinds::IDENTITY, &w.uid, 0, &identity);
+    match kind {
+        ProxyKind::Ztunnel => {
+            let grants = grants_by_node(config);
+            identity_resources(grants.get(node).map(Vec::as_slice).unwrap_or_default(), cache)
         }
+        ProxyKind::Waypoint { .. } => Builder::new(cache).finish(),
+    }
+}
+
+/// The identities each node's ztunnel may request: one pass over the workloads for every node
+/// (the controller builds it once per version, not once per proxy).
+pub fn grants_by_node(config: &NodeConfig) -> NodeGrants {
+    let mut out = NodeGrants::new();
+    for w in config.workloads.iter().filter(|w| w.enrolled) {
+        let identity =
+            IdentityGrant { namespace: w.namespace.clone(), service_account: w.service_account.clone() };
+        out.entry(w.node.clone()).or_default().push((w.uid.clone(), identity));
+    }
+    out
+}
+
+/// A ztunnel's identity resources from its node's grants. `cache` is that proxy's.
+pub fn identity_resources(grants: &[(String, IdentityGrant)], cache: &mut ResourceCache) -> Resources {
+    let mut out = Builder::new(cache);
+    for (uid, identity) in grants {
+        out.add(kinds::IDENTITY, uid, 0, identity);
     }
     out.finish()
 }
 
+/// Each node's identity grants, by workload uid, in workload order.
+pub type NodeGrants = HashMap<String, Vec<(String, IdentityGrant)>>;
+
 /// An identity resource's value: a ServiceAccount whose certificate the node may request.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct IdentityGrant {
-    namespace: String,
-    service_account: String,
+pub struct IdentityGrant {
+    pub namespace: String,
+    pub service_account: String,
 }
 
 /// [`delta`] for a proxy known to hold exactly the shared set that `changes` was built
@@ -897,6 +919,34 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn each_node_is_granted_the_identities_of_its_enrolled_workloads() {
+        let mut config = config();
+        let mut unenrolled = workload("c", "10.0.0.3", "n1");
+        unenrolled.enrolled = false;
+        config.workloads.push(unenrolled);
+        config.workloads.push(workload("d", "10.0.0.4", "n1"));
+        let grants = grants_by_node(&config);
+        let uids = |node: &str| grants[node].iter().map(|(uid, _)| uid.as_str()).collect::<Vec<_>>();
+        assert_eq!((uids("n1"), uids("n2")), (vec!["a", "d"], vec!["b"]), "in workload order, enrolled only");
+        assert!(!grants.contains_key("n3"));
+        // The per-node path gives what the one-node function does.
+        let mut cache = ResourceCache::default();
+        assert_eq!(
+            identity_resources(&grants["n1"], &mut cache),
+            node_resources(&config, &ProxyKind::Ztunnel, "n1", &mut ResourceCache::default())
+        );
+        assert!(
+            node_resources(
+                &config,
+                &ProxyKind::Waypoint { namespace: "shop".into(), name: "w".into() },
+                "n1",
+                &mut cache
+            )
+            .is_empty()
+        );
     }
 
     #[test]
