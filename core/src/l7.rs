@@ -384,7 +384,14 @@ impl TrafficPolicy {
     pub fn at_port(&self, port: u16) -> TrafficPolicy {
         match self.port_level.iter().find(|l| l.port == port) {
             Some(at_port) => at_port.policy(),
-            None => TrafficPolicy { port_level: Vec::new(), ..self.clone() },
+            // Field by field: the port-level list is not needed once resolved (this runs per
+            // request), so it is not cloned.
+            None => TrafficPolicy {
+                load_balancer: self.load_balancer.clone(),
+                connection_pool: self.connection_pool.clone(),
+                outlier_detection: self.outlier_detection.clone(),
+                port_level: Vec::new(),
+            },
         }
     }
 }
