@@ -582,4 +582,10 @@ fn ztunnel_in_a_private_cgroup_namespace_still_exempts_its_own_sockets() {
     c.greeting().unwrap();
     assert_eq!(c.echo("through the mesh").unwrap(), "through the mesh");
     assert_eq!(z.stat("hbone_streams_served"), 1, "not carried over HBONE:\n{}", z.log());
+    // Its /proc/sys is read-only, as in the chart's unprivileged container: the hand-over
+    // setting reaches the pods through a procfs of its own.
+    for pod in [&a, &b] {
+        let migrate = pod.ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req"));
+        assert_eq!(migrate.unwrap().trim(), "1", "tcp_migrate_req in {}:\n{}", pod.name, z.log());
+    }
 }

@@ -262,7 +262,9 @@ impl Ztunnel {
 
     /// As [`Ztunnel::start_with`], but run the way a container runtime runs an unprivileged
     /// container: in its own cgroup seen through a private cgroup namespace (its cgroup reads
-    /// as `/`), without `--own-cgroup`.
+    /// as `/`), without `--own-cgroup`, and in a mount namespace of its own (host mounts still
+    /// propagate in, as with `mountPropagation: HostToContainer`) where `/proc/sys` is
+    /// read-only.
     pub fn start_in_private_cgroup_namespace(node: &Node, workloads: &[Workload], ca: &MeshCa) -> Self {
         Self::start_full(node, Some(workloads), None, dev_ca_args(ca), &[], true)
     }
@@ -297,7 +299,17 @@ impl Ztunnel {
                     // "0" joins the writing process itself.
                     let written = libc::write(fd, b"0".as_ptr().cast(), 1);
                     libc::close(fd);
-                    if written != 1 || libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+                    if written != 1 || libc::unshare(libc::CLONE_NEWCGROUP | libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let (null, no_data) = (std::ptr::null(), std::ptr::null());
+                    let sys = c"/proc/sys".as_ptr();
+                    let slave = libc::MS_REC | libc::MS_SLAVE;
+                    let read_only = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+                    if libc::mount(null, c"/".as_ptr(), null, slave, no_data) != 0
+                        || libc::mount(sys, sys, null, libc::MS_BIND | libc::MS_REC, no_data) != 0
+                        || libc::mount(null, sys, null, read_only, no_data) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -501,6 +513,9 @@ impl Ztunnel {
                 let _ = child.kill();
             }
             let _ = child.wait();
+            // Where it mounted its own procfs (a read-only /proc/sys), in its mount namespace,
+            // gone with it: the empty directory is all that is left on the host.
+            let _ = fs::remove_dir(std::env::temp_dir().join(format!("warren-proc-{}", child.id())));
         }
     }
 }

@@ -80,29 +80,10 @@ const ROOT_CGROUP_INO: u64 = 1;
 /// Mounts cgroup2 on a private directory, reads its root's inode (this namespace's root: our
 /// own cgroup), unmounts. None when that is the host's root cgroup.
 fn namespaced_cgroup_id() -> Result<Option<u64>, CgroupError> {
-    let dir = std::env::temp_dir().join(format!("warren-cgroupns-{}", std::process::id()));
-    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).expect("no NUL in a temp path");
-    let fstype = c"cgroup2";
-    // SAFETY: valid C strings; no data argument.
-    let mounted = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            std::ptr::null(),
-        )
-    } == 0;
-    if !mounted {
-        let source = std::io::Error::last_os_error();
-        let _ = fs::remove_dir(&dir);
-        return Err(CgroupError::Io { path: dir, source });
-    }
+    let dir = crate::private_mount::mount(c"cgroup2", "cgroupns")
+        .map_err(io_err(&crate::private_mount::dir("cgroupns")))?;
     let ino = fs::metadata(&dir).map(|m| m.ino());
-    // SAFETY: unmounting what was mounted just above.
-    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    let _ = fs::remove_dir(&dir);
+    crate::private_mount::unmount(&dir);
     let ino = ino.map_err(io_err(&dir))?;
     Ok((ino != ROOT_CGROUP_INO).then_some(ino))
 }

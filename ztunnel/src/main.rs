@@ -10,6 +10,7 @@ mod hbone;
 mod inpod;
 mod metrics;
 mod netns;
+mod private_mount;
 mod proxy;
 mod route;
 mod run;

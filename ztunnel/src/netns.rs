@@ -183,27 +183,12 @@ pub fn enable_request_migration() -> io::Result<()> {
 /// A procfs of ztunnel's own, mounted once (first use) where /proc/sys is read-only.
 fn private_proc() -> Option<&'static std::path::Path> {
     static PROC: OnceLock<Option<PathBuf>> = OnceLock::new();
-    PROC.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("warren-proc-{}", std::process::id()));
-        fs::create_dir_all(&dir).ok()?;
-        let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-        let fstype = c"proc";
-        // SAFETY: valid C strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            tracing::debug!("mounting a private procfs: {}", io::Error::last_os_error());
-            let _ = fs::remove_dir(&dir);
-            return None;
+    PROC.get_or_init(|| match crate::private_mount::mount(c"proc", "proc") {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            tracing::debug!("mounting a private procfs: {e}");
+            None
         }
-        Some(dir)
     })
     .as_deref()
 }
