@@ -191,20 +191,21 @@ fn a_missing_crd_does_not_stop_the_rest_and_is_watched_once_installed() {
 
     server.apply_file("deploy/crds/gateway-api.yaml");
     server.wait_served("gateway.networking.k8s.io/v1", "HTTPRoute");
-    server.apply(
+    server.apply(&payment_route("{name: payment, port: 80}"));
+    controller.wait_config("the HTTPRoute", |c| http_route_hosts(c).is_some());
+}
+
+/// HTTPRoute shop/payment, attached to Service payment, sending to `backend_ref`.
+fn payment_route(backend_ref: &str) -> String {
+    format!(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: payment, namespace: shop}
+metadata: {{name: payment, namespace: shop}}
 spec:
-  parentRefs: [{group: '', kind: Service, name: payment, port: 80}]
-  rules: [{backendRefs: [{name: payment, port: 80}]}]
-",
-    );
-    controller.wait_config("the HTTPRoute", |c| {
-        c["routing"]["virtualServices"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|r| r["kind"] == "HTTPRoute" && r["name"] == "payment"))
-    });
+  parentRefs: [{{group: '', kind: Service, name: payment, port: 80}}]
+  rules: [{{backendRefs: [{backend_ref}]}}]
+"
+    )
 }
 
 /// The destinations of HTTPRoute shop/payment in the config, or None while it is absent.
@@ -224,15 +225,7 @@ fn a_route_reaches_another_namespaces_service_only_while_a_reference_grant_allow
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: bank}\n---\napiVersion: v1\nkind: Service\n\
          metadata: {name: ledger, namespace: bank}\nspec: {ports: [{name: http, port: 80, protocol: TCP}]}\n",
     );
-    server.apply(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: payment, namespace: shop}
-spec:
-  parentRefs: [{group: '', kind: Service, name: payment, port: 80}]
-  rules: [{backendRefs: [{name: ledger, namespace: bank, port: 80}]}]
-",
-    );
+    server.apply(&payment_route("{name: ledger, namespace: bank, port: 80}"));
     let controller = KubeController::watch(&kubeconfig, &server.root, "controller");
     controller.wait_config("the route, without its cross-namespace backend", |c| {
         http_route_hosts(c).is_some_and(|hosts| hosts.is_empty())
