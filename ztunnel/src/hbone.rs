@@ -252,6 +252,12 @@ pub struct PooledStream {
     _guard: StreamGuard,
 }
 
+impl PooledStream {
+    pub fn stream_mut(&mut self) -> &mut H2Stream {
+        &mut self.inner
+    }
+}
+
 impl AsyncRead for PooledStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -387,7 +393,11 @@ async fn serve_stream(
     let mut downstream = H2Stream::new(send, request.into_body());
     let (_tracked, closed) =
         proxy.tracker.track(Some(src_identity.clone()), peer.ip(), target.ip(), target.port(), false);
-    let relay = crate::proxy::splice(&mut downstream, &mut upstream);
+    // (client → application, application → client), as `splice` counts.
+    let relay = async {
+        let (to_client, from_client) = downstream.relay_with_tcp(&mut upstream).await?;
+        Ok((from_client, to_client))
+    };
     // On a policy close, dropping the stream resets it: the client's ztunnel closes its side.
     let (from_client, to_client, error) = match crate::proxy::until_closed(relay, Some(closed)).await {
         Ok((a, b)) => (a, b, String::new()),

@@ -293,7 +293,7 @@ async fn outbound_hbone(
         }
     };
     metrics.opened(&labels);
-    let (sent, received, error) = match crate::proxy::splice(&mut downstream, &mut upstream).await {
+    let (sent, received, error) = match upstream.stream_mut().relay_with_tcp(&mut downstream).await {
         Ok((a, b)) => (a, b, String::new()),
         Err(e) => (0, 0, e.to_string()),
     };
@@ -448,8 +448,9 @@ where
 }
 
 /// Buffer per direction for relaying. tokio's 8 KiB default caps a single stream well below
-/// what the link and TLS can do; 64 KiB lets one stream fill a TLS record train.
-const RELAY_BUFFER: usize = 64 * 1024;
+/// what the link and TLS can do; ~64 KiB lets one stream fill a TLS record train, and the
+/// exact size makes each HBONE DATA frame four full TLS records.
+const RELAY_BUFFER: usize = warren_core::hbone::DATA_CHUNK;
 
 /// Copies both ways until both sides are done; returns (bytes a→b, bytes b→a).
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
