@@ -106,6 +106,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_CERT_LIFETIME_SECS", default_value_t = 24 * 3600)]
     pub cert_lifetime_secs: u64,
 
+    /// Worker threads of the proxy's runtime; 0 = one per CPU this process may run on. A
+    /// DaemonSet usually runs without a CPU limit, so "one per CPU" would be 64 threads (and
+    /// as many allocator arenas) on a 64-core node; Istio's ztunnel also defaults to 2.
+    #[arg(long, env = "WARREN_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+
     /// CONNECT streams per pooled HBONE connection before another connection is opened.
     #[arg(long, env = "WARREN_POOL_MAX_STREAMS", default_value_t = 100)]
     pub pool_max_streams: usize,

@@ -106,6 +106,9 @@ pub struct InPod {
     stopped: AtomicBool,
     /// Whether `tcp_migrate_req` could not be set somewhere (reported once).
     migration_warned: AtomicBool,
+    /// Whether no ztunnel of a release before hand-over support runs any more (checked until
+    /// it holds).
+    earlier_release_gone: AtomicBool,
 }
 
 /// Backoff between enrollment attempts of a pod that fails (no netns yet, say). A pod whose
@@ -133,11 +136,35 @@ impl InPod {
             retry: Mutex::new(HashMap::new()),
             stopped: AtomicBool::new(false),
             migration_warned: AtomicBool::new(false),
+            earlier_release_gone: AtomicBool::new(false),
         }
     }
 
     pub fn view(&self) -> Vec<EnrolledPodView> {
         self.pods.lock().expect("poisoned").values().map(|p| p.view.clone()).collect()
+    }
+
+    /// Whether every enrolled pod's network namespace is still where it was last found: its
+    /// path still names the same nsfs inode. One `stat` per pod; while it holds, the last full
+    /// scan still tells the truth about them (a namespace is gone once the path its pod was
+    /// found through is, and then a full scan decides).
+    pub fn enrolled_netns_in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.pods
+            .lock()
+            .expect("poisoned")
+            .values()
+            .all(|p| std::fs::metadata(&p.view.netns).is_ok_and(|m| m.ino() == p.view.netns_inode))
+    }
+
+    /// After a full scan: names each enrolled pod's namespace by a path that still leads to it
+    /// (the process it was found through may have exited while the pod's others hold it).
+    pub fn renew_netns_paths(&self, namespaces: &[NetnsRef]) {
+        for pod in self.pods.lock().expect("poisoned").values_mut() {
+            if let Some(found) = namespaces.iter().find(|n| n.inode == pod.view.netns_inode) {
+                pod.view.netns.clone_from(&found.path);
+            }
+        }
     }
 
     /// Brings the enrolled set to `desired` (the enrolled workloads of this node). Blocking:
@@ -148,11 +175,16 @@ impl InPod {
             return false;
         }
         self.restore_listeners();
-        if self.capture.earlier_release_attached() {
-            self.report("earlier-release", &EnrollError::EarlierRelease);
-            return false;
+        // Once gone it does not come back (a rollback's chart replaces ztunnels old-then-new),
+        // so the loaded programs are not listed again every tick.
+        if !self.earlier_release_gone.load(Ordering::Acquire) {
+            if self.capture.earlier_release_attached() {
+                self.report("earlier-release", &EnrollError::EarlierRelease);
+                return false;
+            }
+            self.earlier_release_gone.store(true, Ordering::Release);
+            self.last_error.lock().expect("poisoned").remove("earlier-release");
         }
-        self.last_error.lock().expect("poisoned").remove("earlier-release");
         let (admissible, conflicts) = without_duplicate_ips(desired);
         for conflict in conflicts {
             self.report(&conflict.to_string(), &conflict);

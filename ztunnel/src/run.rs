@@ -3,14 +3,14 @@
 use std::{
     path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use warren_core::{
-    model::{NodeConfig, WorkloadIndex},
+    model::{NodeConfig, Workload, WorkloadIndex},
     policy::Policies,
 };
 
@@ -22,7 +22,7 @@ use crate::{
     config::{Config, LogFormat},
     hbone::Pool,
     inpod::InPod,
-    netns,
+    netns::{self, NetnsRef},
     proxy::Proxy,
 };
 
@@ -31,7 +31,11 @@ pub fn run(config: Config) -> Result<()> {
     netns::init();
     init_logging(config.log_format);
     raise_open_file_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        builder.worker_threads(config.worker_threads);
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(serve(config))
 }
 
@@ -344,6 +348,11 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
     let mut first = true;
     let mut leftovers_removed = false;
     let mut tick = tokio::time::interval(config.reconcile_interval());
+    // The last full scan of the node's network namespaces, what it was done for, and whether
+    // every pod could then be enrolled: a tick with nothing new reuses it.
+    let mut scanned: Option<(Vec<NetnsRef>, Instant)> = None;
+    let mut scanned_for: Vec<Workload> = Vec::new();
+    let mut all_enrolled = false;
     loop {
         tick.tick().await;
         match source.poll(first) {
@@ -373,21 +382,63 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
             state.workloads.lock().expect("poisoned").enrolled_on(&config.node_name).cloned().collect();
         let inpod = state.inpod.clone();
         let cleanup = !leftovers_removed;
+        let desired_changed = desired != scanned_for;
+        let last_scan = scanned.take();
         let done = tokio::task::spawn_blocking(move || {
-            let complete = inpod.reconcile(&desired, &netns::scan());
+            let since = last_scan.as_ref().map(|(_, at)| at.elapsed());
+            let rescan =
+                full_scan_needed(desired_changed, all_enrolled, since, || inpod.enrolled_netns_in_place());
+            let scan = match last_scan {
+                Some(last) if !rescan => last,
+                _ => {
+                    let namespaces = netns::scan();
+                    inpod.renew_netns_paths(&namespaces);
+                    (namespaces, Instant::now())
+                }
+            };
+            let complete = inpod.reconcile(&desired, &scan.0);
             if cleanup && complete {
                 inpod.remove_leftovers();
             }
-            complete
+            (complete, scan, desired)
         })
         .await;
         match done {
-            Ok(complete) => leftovers_removed |= complete,
+            Ok((complete, scan, desired)) => {
+                leftovers_removed |= complete;
+                all_enrolled = complete;
+                scanned = Some(scan);
+                scanned_for = desired;
+            }
             Err(e) => error!("reconcile panicked: {e}"),
         }
         if first {
             state.ready.store(true, Ordering::Relaxed);
             first = false;
+        }
+    }
+}
+
+/// A full scan (every /proc/*/ns/net and /var/run/netns: thousands of `stat`s on a busy node)
+/// is needed at least this often even when nothing seems to have changed.
+const FULL_SCAN_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether a reconcile tick must scan the node's network namespaces afresh rather than reuse
+/// the last scan: first of all; when the pods to enroll changed (a new pod's namespace must be
+/// found); while some pod is not enrolled yet (its namespace may appear); when an enrolled
+/// pod's namespace is no longer where it was found (gone, or its sandbox replaced); and at
+/// least every [`FULL_SCAN_AT_LEAST_EVERY`]. `enrolled_in_place` is asked last: it stats every
+/// enrolled pod's namespace.
+fn full_scan_needed(
+    desired_changed: bool,
+    all_enrolled: bool,
+    since_last: Option<Duration>,
+    enrolled_in_place: impl FnOnce() -> bool,
+) -> bool {
+    match since_last {
+        None => true,
+        Some(age) => {
+            desired_changed || !all_enrolled || age >= FULL_SCAN_AT_LEAST_EVERY || !enrolled_in_place()
         }
     }
 }
@@ -433,4 +484,33 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_namespaces_are_scanned_afresh_only_when_something_may_have_changed() {
+        let recent = Some(Duration::from_secs(1));
+        let in_place = || true;
+        // Nothing new: the last scan is reused, after checking the enrolled pods' namespaces.
+        let mut asked = false;
+        assert!(!full_scan_needed(false, true, recent, || {
+            asked = true;
+            true
+        }));
+        assert!(asked, "the enrolled pods' namespaces are checked");
+        // Each reason alone forces a scan.
+        assert!(full_scan_needed(false, true, None, in_place), "first tick");
+        assert!(full_scan_needed(true, true, recent, in_place), "the pods to enroll changed");
+        assert!(full_scan_needed(false, false, recent, in_place), "a pod is waiting to be enrolled");
+        assert!(full_scan_needed(false, true, recent, || false), "an enrolled pod's namespace moved");
+        assert!(
+            full_scan_needed(false, true, Some(FULL_SCAN_AT_LEAST_EVERY), in_place),
+            "the last scan is old"
+        );
+        // The stats are skipped when a cheaper reason already decided.
+        assert!(full_scan_needed(true, true, recent, || panic!("not needed")));
+    }
 }
