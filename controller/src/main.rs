@@ -4,6 +4,7 @@
 //! translation serves both.
 
 mod analyze;
+mod background;
 mod ca_service;
 mod findings;
 mod kube_ca;
@@ -61,7 +62,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Local mode: how often the directory is checked for changes. (Kubernetes mode is told
-        /// of changes by the API server and rewrites after a 20 ms debounce.)
+        /// of changes by the API server; a burst is gathered into one rebuild.)
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
@@ -166,7 +167,8 @@ struct SourceArgs {
     kubeconfig: Option<PathBuf>,
 }
 
-/// Kubernetes mode rewrites the config once per burst of changes within this window.
+/// Kubernetes mode: a change arriving within this long of the last rebuild waits this long for
+/// the rest of its burst, which is then rebuilt once; an isolated change is rebuilt at once.
 const KUBE_DEBOUNCE: Duration = Duration::from_millis(20);
 
 /// The CA's own identity, which ztunnels expect when they call it.
@@ -329,7 +331,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("controller: config stream on {listen} (h2), admin on {admin}");
             let apply = |c: std::sync::Arc<warren_core::model::NodeConfig>| {
                 hub.publish(c.clone());
-                *config.write().expect("poisoned") = c;
+                let replaced = std::mem::replace(&mut *config.write().expect("poisoned"), c);
+                background::drop_later(replaced);
             };
             match source.dir {
                 Some(dir) => watch(&dir, &out, interval_ms, apply),

@@ -351,7 +351,9 @@ impl ApiServer {
     /// many are done after each: for loading a cluster at scale (the controller benchmark). A
     /// Pod's `status` is left out of its create (the API server resets it) and merge-patched
     /// onto its status subresource afterwards, as a kubelet would report it, in the same batch
-    /// of concurrent requests.
+    /// of concurrent requests. Namespaces go first, all of them before anything else: an object
+    /// created concurrently with its namespace is refused (404) until the API server's
+    /// namespace admission has seen it, and such a refusal is retried for a few seconds.
     pub fn create_all(
         &self,
         objects: Vec<serde_json::Value>,
@@ -381,17 +383,38 @@ impl ApiServer {
             requests.push((api, object, status));
         }
         let total = requests.len();
+        // Stable: the namespaces first, everything else in the order given.
+        requests.sort_by_key(|(_, object, _)| {
+            object.types.as_ref().is_none_or(|t| !(t.kind == "Namespace" && t.api_version == "v1"))
+        });
+        let namespaces = requests
+            .iter()
+            .take_while(|(_, o, _)| o.types.as_ref().is_some_and(|t| t.kind == "Namespace"))
+            .count();
         self.block_on(async move {
             let mut running = tokio::task::JoinSet::new();
             let mut done = 0;
-            for (api, object, status) in requests {
-                while running.len() >= in_flight.max(1) {
+            for (i, (api, object, status)) in requests.into_iter().enumerate() {
+                // The last namespace is in before the first object that may live in it.
+                let limit = if i == namespaces { 1 } else { in_flight.max(1) };
+                while running.len() >= limit {
                     running.join_next().await.expect("a running request").expect("not cancelled")?;
                     done += 1;
                     progress(done);
                 }
                 running.spawn(async move {
-                    let created = api.create(&PostParams::default(), &object).await?;
+                    let mut attempts = 0;
+                    let created = loop {
+                        match api.create(&PostParams::default(), &object).await {
+                            Err(kube::Error::Api(e))
+                                if e.code == 404 && e.message.starts_with("namespaces ") && attempts < 50 =>
+                            {
+                                attempts += 1;
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            }
+                            other => break other?,
+                        }
+                    };
                     if let Some(status) = status {
                         let name = created.metadata.name.unwrap_or_default();
                         let patch = serde_json::json!({ "status": status });

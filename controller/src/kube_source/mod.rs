@@ -10,7 +10,6 @@
 
 pub mod convert;
 pub mod kinds;
-pub mod output;
 pub mod readiness;
 pub mod watch;
 
@@ -41,14 +40,6 @@ pub enum KubeSourceError {
          Check the token or client certificate in the kubeconfig"
     )]
     Unauthorized { resource: String, message: String },
-    #[error("writing the config to {path}: {source}. Check that its directory exists and is writable")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("serialising the config: {0}")]
-    Serialize(#[from] serde_json::Error),
 }
 
 #[cfg(test)]

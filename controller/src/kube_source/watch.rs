@@ -36,7 +36,6 @@ use super::{
     KubeSourceError,
     convert::{self, Objects},
     kinds::Kind,
-    output::Output,
     readiness::{Next, Readiness, Signal},
 };
 
@@ -47,7 +46,8 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// The config file ztunnels and waypoints read.
     pub out: PathBuf,
-    /// Changes arriving within this window make one rewrite (a rollout touches many pods).
+    /// A change within this long of the last rebuild waits this long for the rest of its
+    /// burst, rebuilt once (a rollout touches many pods); an isolated one is rebuilt at once.
     pub debounce: Duration,
     /// Where to hand the pod watch's store to others (the CA checks token holders' pods in it).
     pub share_pods: Option<SharedPods>,
@@ -74,9 +74,10 @@ pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Re
     }
     eprintln!("controller: watching {}", Kind::ALL.map(|k| k.to_string()).join(", "));
     let mut readiness = Readiness::default();
-    let mut output = Output::new(&options.out);
+    let out_file = crate::out_file::OutFile::spawn(options.out.clone());
     let mut read_cache = convert::ReadCache::default();
     let mut last_findings = Vec::new();
+    let mut last_rebuild: Option<tokio::time::Instant> = None;
     loop {
         let signal = if readiness.started() {
             next(&mut rx).await
@@ -97,10 +98,19 @@ pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Re
         if !handle(&mut readiness, signal)? {
             continue;
         }
-        // Debounce: take in whatever else arrives within the window, then rebuild once.
-        let deadline = tokio::time::Instant::now() + options.debounce;
-        while let Ok(signal) = tokio::time::timeout_at(deadline, next(&mut rx)).await {
-            handle(&mut readiness, signal)?;
+        // Debounce, on the trailing edge only when busy: a change arriving within the window
+        // of the last rebuild takes in whatever else arrives within the window, then rebuilds
+        // once (a rollout touches many pods); an isolated change is rebuilt at once, with
+        // whatever is already queued.
+        if last_rebuild.is_some_and(|at| at.elapsed() < options.debounce) {
+            let deadline = tokio::time::Instant::now() + options.debounce;
+            while let Ok(signal) = tokio::time::timeout_at(deadline, next(&mut rx)).await {
+                handle(&mut readiness, signal)?;
+            }
+        } else {
+            while let Ok(signal) = rx.try_recv() {
+                handle(&mut readiness, signal)?;
+            }
         }
         let (snapshot, mut findings) = convert::snapshot_with(&stores.objects(), &mut read_cache);
         let (config, more) = crate::translate_snapshot(&snapshot);
@@ -112,17 +122,11 @@ pub async fn run(options: Options, mut apply: impl FnMut(Arc<NodeConfig>)) -> Re
             last_findings = rendered;
         }
         // Proxies first (the hub publishes a new version only when the config changed), then
-        // the file, for tools and development.
+        // the file, for tools and development, by a thread of its own at the lowest priority.
         let config = Arc::new(config);
         apply(config.clone());
-        if output.write(serde_json::to_string_pretty(&*config)?)? {
-            eprintln!(
-                "controller: wrote {} from the API server ({} workloads, {} services)",
-                output.path().display(),
-                config.workloads.len(),
-                config.services.len()
-            );
-        }
+        out_file.write(config);
+        last_rebuild = Some(tokio::time::Instant::now());
     }
 }
 

@@ -325,10 +325,9 @@ pub fn markdown(s: &mut String, k: &Value) {
          listing every kind, translating, publishing, writing the file): {:.0} ms\n\
          - the {NODES} proxies subscribing at once (TokenReview) until all hold the whole config: {:.0} ms\n\
          - one pod's label patched through the API → all {NODES} proxies have applied the update \
-         (after one warm-up change): {} — this includes the controller's 20 ms debounce, which \
-         gathers a burst of changes into one rebuild; the API server answered the PATCH in {}, and \
-         the controller logged its config file written (it hands the config to the config stream \
-         first) at {}\n",
+         (after one warm-up change): {} — the API server answered the PATCH in {}, and the \
+         controller logged its config file written (a low-priority thread writes it after the \
+         config stream has the update) at {}\n",
         warren_e2e::kube::KUBE_APISERVER_VERSION,
         super::thousands(&k["objects"]),
         super::thousands(&k["pods"]),
