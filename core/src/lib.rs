@@ -9,6 +9,7 @@ pub mod config_stream;
 pub mod hbone;
 pub mod identity;
 pub mod l7;
+pub mod logging;
 pub mod malloc;
 pub mod model;
 pub mod policy;

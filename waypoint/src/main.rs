@@ -8,7 +8,6 @@ mod config;
 mod forward;
 mod hbone;
 mod inbound;
-mod log_buffer;
 mod metrics;
 mod routing;
 mod run;
@@ -26,7 +25,7 @@ fn main() -> ExitCode {
     match run::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log_buffer::flush();
+            warren_core::logging::flush();
             eprintln!("waypoint: {e:#}");
             ExitCode::FAILURE
         }

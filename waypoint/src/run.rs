@@ -20,7 +20,7 @@ use crate::{
 };
 
 pub fn run(config: Config) -> Result<()> {
-    init_logging(config.log_format);
+    warren_core::logging::init(matches!(config.log_format, LogFormat::Json));
     // One worker: a single-threaded runtime (no work stealing, no cross-thread wake-ups), as an
     // Envoy with --concurrency 1 runs one event loop.
     let mut builder = match config.worker_threads {
@@ -33,22 +33,10 @@ pub fn run(config: Config) -> Result<()> {
         }
     };
     // Log lines are written in one go when an event loop has nothing left to do.
-    let runtime = builder.enable_all().on_thread_park(crate::log_buffer::flush).build()?;
+    let runtime = builder.enable_all().on_thread_park(warren_core::logging::flush).build()?;
     let result = runtime.block_on(serve(config));
-    crate::log_buffer::flush();
+    warren_core::logging::flush();
     result
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    crate::log_buffer::flush_on_panic();
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(crate::log_buffer::BufferedStderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 async fn serve(config: Config) -> Result<()> {

@@ -44,7 +44,9 @@ pub fn run_in<T>(netns: &File, f: impl FnOnce() -> T) -> io::Result<T> {
     let out = f();
     // SAFETY: as above.
     if unsafe { libc::setns(home().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        eprintln!("ztunnel: cannot return to its own network namespace: {}", io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        warren_core::logging::flush();
+        eprintln!("ztunnel: cannot return to its own network namespace: {error}");
         std::process::abort();
     }
     Ok(out)

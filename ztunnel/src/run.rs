@@ -29,24 +29,17 @@ use crate::{
 pub fn run(config: Config) -> Result<()> {
     // Before any thread exists: every thread returns to this netns after entering a pod's.
     netns::init();
-    init_logging(config.log_format);
+    warren_core::logging::init(matches!(config.log_format, LogFormat::Json));
     raise_open_file_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);
     }
-    let runtime = builder.enable_all().build()?;
-    runtime.block_on(serve(config))
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    // Log lines are written in one go when an event loop has nothing left to do.
+    let runtime = builder.enable_all().on_thread_park(warren_core::logging::flush).build()?;
+    let result = runtime.block_on(serve(config));
+    warren_core::logging::flush();
+    result
 }
 
 async fn serve(config: Config) -> Result<()> {

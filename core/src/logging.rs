@@ -1,15 +1,19 @@
-//! Log lines written in batches. The lines an event loop produces while it works are kept in
-//! memory and written with one `write` when the loop is about to sleep (tokio's
-//! `on_thread_park`), as Envoy buffers its access logs. At 1,000 requests/s the waypoint wrote
-//! its access-log line with a `write` of its own per request, ~3 % of its CPU, and each write
-//! woke whatever reads its stderr (on a node, the container runtime's log pipe).
+//! Logging for ztunnel and the waypoint: `tracing` to stderr, text or JSON, filtered by
+//! `WARREN_LOG`, with lines written in batches. The lines an event loop produces while it
+//! works are kept in memory and written with one `write` when the loop is about to sleep
+//! (tokio's `on_thread_park` calls [`flush`]), as Envoy buffers its access logs. At 1,000
+//! requests/s the waypoint wrote its access-log line with a `write` of its own per request,
+//! ~3 % of its CPU, and each write woke whatever reads its stderr (on a node, the container
+//! runtime's log pipe); ztunnel writes one line per connection.
 //!
 //! Nothing an operator needs waits: warnings and errors are written at once (after what is
-//! buffered, so the order holds); any line is written within [`MAX_DELAY`] of being logged
-//! while the process logs, and the buffer when it reaches [`MAX_BUFFERED`]; the rest at exit
-//! and before a panic's message.
+//! buffered, so the order holds); so is every line of a thread that does not flush when it
+//! parks (a blocking-pool or other thread: nothing would write its lines later); any line is
+//! written within [`MAX_DELAY`] of being logged while the process logs, and the buffer when it
+//! reaches [`MAX_BUFFERED`]; the rest at exit and before a panic's message.
 
 use std::{
+    cell::Cell,
     io::{self, Write},
     sync::Mutex,
     time::{Duration, Instant},
@@ -31,8 +35,31 @@ struct Pending {
 
 static PENDING: Mutex<Pending> = Mutex::new(Pending { bytes: Vec::new(), since: None });
 
-/// Writes what is buffered: when an event loop parks, at exit, before a panic's message.
+thread_local! {
+    /// Whether this thread calls [`flush`] when it parks (a runtime worker): only such a
+    /// thread's lines wait in the buffer.
+    static FLUSHES_WHEN_PARKING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets up `tracing` for a proxy: stderr through the buffer, one line per event as text or
+/// as a JSON object, filtered by `WARREN_LOG` (`info` by default). The runtime must call
+/// [`flush`] from `on_thread_park`, and the process at exit.
+pub fn init(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    flush_on_panic();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(BufferedStderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Writes what is buffered: when an event loop parks (pass it to tokio's `on_thread_park`;
+/// the calling thread's lines are buffered from then on), at exit, before a panic's message.
 pub fn flush() {
+    FLUSHES_WHEN_PARKING.set(true);
     write_out(&mut PENDING.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
@@ -46,7 +73,7 @@ fn write_out(pending: &mut Pending) {
 }
 
 /// Writes the buffer out before a panic's message (which goes straight to stderr).
-pub fn flush_on_panic() {
+fn flush_on_panic() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         flush();
@@ -70,7 +97,11 @@ impl Write for LineWriter {
         pending.bytes.extend_from_slice(line);
         let now = Instant::now();
         let since = *pending.since.get_or_insert(now);
-        if self.urgent || pending.bytes.len() >= MAX_BUFFERED || now.duration_since(since) >= MAX_DELAY {
+        if self.urgent
+            || !FLUSHES_WHEN_PARKING.get()
+            || pending.bytes.len() >= MAX_BUFFERED
+            || now.duration_since(since) >= MAX_DELAY
+        {
             write_out(&mut pending);
         }
         Ok(line.len())
@@ -106,6 +137,13 @@ mod tests {
     fn info_lines_wait_for_a_flush_warnings_do_not() {
         // One test touches the process-wide buffer, so the steps below do not race.
         let buffered = || PENDING.lock().unwrap().bytes.len();
+        // A thread that never flushed (not an event loop) has its lines written at once.
+        std::thread::spawn(move || {
+            LineWriter { urgent: false }.write_all(b"from another thread\n").unwrap();
+            assert_eq!(buffered(), 0, "a thread that does not flush when parking buffered a line");
+        })
+        .join()
+        .unwrap();
         flush();
         LineWriter { urgent: false }.write_all(b"{\"target\":\"access\"}\n").unwrap();
         assert_eq!(buffered(), 20, "an info line is kept");
