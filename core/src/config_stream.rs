@@ -221,26 +221,32 @@ impl<'a> Builder<'a> {
         self.key.clear();
         let _ = write!(self.key, "{kind}/{name}");
         let generation = self.cache.generation;
-        let built = match self.cache.built.get_mut(self.key.as_str()) {
-            Some(built) => built,
-            None => self.cache.built.entry(self.key.clone()).or_insert(Built {
-                object: Box::new(()),
-                resource: Arc::new(resource(kind, name, order, object).1),
-                generation: 0,
-            }),
+        let fresh = || Built {
+            object: Box::new(object.clone()),
+            resource: Arc::new(resource(kind, name, order, object).1),
+            generation,
         };
-        let unchanged = built.generation != 0
-            && built.resource.order == order
-            && built.object.downcast_ref::<T>() == Some(object);
-        if !unchanged {
-            if built.generation != 0 {
-                built.resource = Arc::new(resource(kind, name, order, object).1);
+        let resource = match self.cache.built.get_mut(self.key.as_str()) {
+            Some(built)
+                if built.resource.order == order && built.object.downcast_ref::<T>() == Some(object) =>
+            {
+                built.generation = generation;
+                built.resource.clone()
             }
-            built.object = Box::new(object.clone());
-            self.upserted.push(self.key.clone());
-        }
-        built.generation = generation;
-        self.out.push((self.key.clone(), built.resource.clone()));
+            Some(built) => {
+                *built = fresh();
+                self.upserted.push(self.key.clone());
+                built.resource.clone()
+            }
+            None => {
+                let built = fresh();
+                let resource = built.resource.clone();
+                self.cache.built.insert(self.key.clone(), built);
+                self.upserted.push(self.key.clone());
+                resource
+            }
+        };
+        self.out.push((self.key.clone(), resource));
     }
 
     fn finish(self) -> Resources {

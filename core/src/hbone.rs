@@ -133,8 +133,8 @@ pub fn new_traceparent() -> String {
     format!("00-{}-{}-00", hex(&bytes[..16]), hex(&bytes[16..]))
 }
 
-/// One CONNECT stream as a byte stream, so `tokio::io::copy_bidirectional` can splice it to a
-/// TCP socket. Reading releases HTTP/2 flow-control capacity as data is consumed; shutting
+/// One CONNECT stream as a byte stream (`AsyncRead` + `AsyncWrite`), so that hyper can serve
+/// HTTP inside it. Reading releases HTTP/2 flow-control capacity as data is consumed; shutting
 /// down the write side ends the stream (END_STREAM). For relaying, `relay_with_tcp` and
 /// `relay_with_stream` move the frames' buffers themselves, without copying.
 pub struct H2Stream {

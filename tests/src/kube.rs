@@ -384,13 +384,11 @@ impl ApiServer {
         }
         let total = requests.len();
         // Stable: the namespaces first, everything else in the order given.
-        requests.sort_by_key(|(_, object, _)| {
-            object.types.as_ref().is_none_or(|t| !(t.kind == "Namespace" && t.api_version == "v1"))
-        });
-        let namespaces = requests
-            .iter()
-            .take_while(|(_, o, _)| o.types.as_ref().is_some_and(|t| t.kind == "Namespace"))
-            .count();
+        let is_namespace = |o: &DynamicObject| {
+            o.types.as_ref().is_some_and(|t| t.kind == "Namespace" && t.api_version == "v1")
+        };
+        requests.sort_by_key(|(_, object, _)| !is_namespace(object));
+        let namespaces = requests.iter().take_while(|(_, object, _)| is_namespace(object)).count();
         self.block_on(async move {
             let mut running = tokio::task::JoinSet::new();
             let mut done = 0;

@@ -123,13 +123,13 @@ impl Ztunnel {
 
     /// Starts ztunnel for `node` with the mesh root `ca` and extra `run` arguments.
     pub fn start_with(node: &Node, workloads: &[Workload], ca: &MeshCa, extra_args: &[&str]) -> Self {
-        Self::start_full(node, Some(workloads), None, dev_ca_args(ca), extra_args, false)
+        Self::start_instance(node, "", Some(workloads), None, dev_ca_args(ca), extra_args, false)
     }
 
     /// Starts ztunnel reading its config from `config_file`, which someone else (a controller)
     /// writes.
     pub fn start_reading(node: &Node, config_file: &std::path::Path, ca: &MeshCa) -> Self {
-        Self::start_full(node, None, Some(config_file.to_path_buf()), dev_ca_args(ca), &[], false)
+        Self::start_instance(node, "", None, Some(config_file.to_path_buf()), dev_ca_args(ca), &[], false)
     }
 
     /// Starts ztunnel reading `config_file` and asking the controller's CA at `ca_addr` for
@@ -149,7 +149,7 @@ impl Ztunnel {
             "--ca-token-file".into(),
             token_file.display().to_string(),
         ];
-        Self::start_full(node, None, Some(config_file.to_path_buf()), ca_args, &[], false)
+        Self::start_instance(node, "", None, Some(config_file.to_path_buf()), ca_args, &[], false)
     }
 
     /// Starts ztunnel subscribed to the controller's config stream at `controller` (the CA's
@@ -170,7 +170,7 @@ impl Ztunnel {
             "--ca-token-file".into(),
             token_file.display().to_string(),
         ];
-        Self::start_full(node, None, None, args, &[], false)
+        Self::start_instance(node, "", None, None, args, &[], false)
     }
 
     /// Starts a second ztunnel on `node` while the first still runs, as a rolling update's new
@@ -200,17 +200,6 @@ impl Ztunnel {
         z.earlier_release = true;
         z.spawn(node);
         z
-    }
-
-    fn start_full(
-        node: &Node,
-        workloads: Option<&[Workload]>,
-        config_file: Option<PathBuf>,
-        ca_args: Vec<String>,
-        extra_args: &[&str],
-        private_cgroup_namespace: bool,
-    ) -> Self {
-        Self::start_instance(node, "", workloads, config_file, ca_args, extra_args, private_cgroup_namespace)
     }
 
     fn start_instance(
@@ -266,7 +255,7 @@ impl Ztunnel {
     /// propagate in, as with `mountPropagation: HostToContainer`) where `/proc/sys` is
     /// read-only.
     pub fn start_in_private_cgroup_namespace(node: &Node, workloads: &[Workload], ca: &MeshCa) -> Self {
-        Self::start_full(node, Some(workloads), None, dev_ca_args(ca), &[], true)
+        Self::start_instance(node, "", Some(workloads), None, dev_ca_args(ca), &[], true)
     }
 
     fn spawn(&mut self, node: &Node) {

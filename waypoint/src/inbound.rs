@@ -128,7 +128,6 @@ async fn serve_stream(
     let sniff_timeout = Duration::from_millis(state.config.sniff_timeout_ms);
     let (kind, prefix) = sniff(&mut stream, sniff_timeout).await;
     stream.unread(prefix);
-    let io = stream;
     let down = |protocol| {
         Arc::new(Downstream {
             service: service.clone(),
@@ -143,7 +142,7 @@ async fn serve_stream(
             let down = down(Protocol::Http2);
             let svc = service_fn(move |req| forward::handle(state.clone(), down.clone(), req));
             if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(io), svc)
+                .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
                 debug!(%client, "HTTP/2 downstream ended: {e}");
@@ -153,12 +152,12 @@ async fn serve_stream(
             let down = down(Protocol::Http1);
             let svc = service_fn(move |req| forward::handle(state.clone(), down.clone(), req));
             if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).await
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
             {
                 debug!(%client, "HTTP/1.1 downstream ended: {e}");
             }
         }
-        Sniffed::Tcp => passthrough(io, &state, &service, target, client, &peer_identity).await,
+        Sniffed::Tcp => passthrough(stream, &state, &service, target, client, &peer_identity).await,
     }
 }
 

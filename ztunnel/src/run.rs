@@ -341,10 +341,10 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
     let mut first = true;
     let mut leftovers_removed = false;
     let mut tick = tokio::time::interval(config.reconcile_interval());
-    // The last full scan of the node's network namespaces, what it was done for, and whether
-    // every pod could then be enrolled: a tick with nothing new reuses it.
+    // The last full scan of the node's network namespaces, and what the last tick wanted
+    // enrolled and whether it all was: a tick with nothing new reuses the scan.
     let mut scanned: Option<(Vec<NetnsRef>, Instant)> = None;
-    let mut scanned_for: Vec<Workload> = Vec::new();
+    let mut last_desired: Vec<Workload> = Vec::new();
     let mut all_enrolled = false;
     loop {
         tick.tick().await;
@@ -375,7 +375,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
             state.workloads.lock().expect("poisoned").enrolled_on(&config.node_name).cloned().collect();
         let inpod = state.inpod.clone();
         let cleanup = !leftovers_removed;
-        let desired_changed = desired != scanned_for;
+        let desired_changed = desired != last_desired;
         let last_scan = scanned.take();
         let done = tokio::task::spawn_blocking(move || {
             let since = last_scan.as_ref().map(|(_, at)| at.elapsed());
@@ -401,7 +401,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
                 leftovers_removed |= complete;
                 all_enrolled = complete;
                 scanned = Some(scan);
-                scanned_for = desired;
+                last_desired = desired;
             }
             Err(e) => error!("reconcile panicked: {e}"),
         }

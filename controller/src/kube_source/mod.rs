@@ -5,8 +5,8 @@
 //! - [`kinds`]: what is watched (core kinds typed, Istio and Gateway API kinds dynamic).
 //! - [`convert`]: the stores' contents to a `Snapshot` — pure, unit-tested.
 //! - [`readiness`]: when the first config may be written, and which failures are fatal — pure.
-//! - [`output`]: the config file, rewritten atomically and only when it changed.
-//! - [`watch`]: the thin async loop tying the reflectors to the above.
+//! - [`watch`]: the thin async loop tying the reflectors to the above; the config file is
+//!   written by [`crate::out_file`], as in local mode.
 
 pub mod convert;
 pub mod kinds;

@@ -44,7 +44,7 @@ pub struct Options {
     /// A kubeconfig file; `None`: `$KUBECONFIG`, `~/.kube/config`, then the in-cluster
     /// service account.
     pub kubeconfig: Option<PathBuf>,
-    /// The config file ztunnels and waypoints read.
+    /// The config file (`--out`), for tools and development: proxies take the config stream.
     pub out: PathBuf,
     /// A change within this long of the last rebuild waits this long for the rest of its
     /// burst, rebuilt once (a rollout touches many pods); an isolated one is rebuilt at once.
