@@ -108,7 +108,7 @@ fn strict_peer_authentication_refuses_plaintext_while_hbone_works() {
     m.apply(vec![], vec![strict]);
     assert!(!reaches(&m.legacy, &m.payment), "STRICT let plaintext through");
     assert!(reaches(&m.checkout, &m.payment), "HBONE refused under STRICT");
-    assert!(m.z.log().contains("PeerAuthentication is STRICT"));
+    assert!(m.z.settled_log().contains("PeerAuthentication is STRICT"));
 }
 
 #[test]

@@ -468,7 +468,11 @@ fn the_exemption_a_killed_ztunnel_left_is_removed_by_the_next_one() {
     killed.keep_pins_on_drop();
 
     let next = Ztunnel::start_beside(&cluster.nodes[0], &workloads, &ca, "next", &[]);
-    assert!(next.log().contains("removing the exemption of a ztunnel that is gone"), "{}", next.log());
+    assert!(
+        next.settled_log().contains("removing the exemption of a ztunnel that is gone"),
+        "{}",
+        next.log()
+    );
     next.wait_enrolled(&client.name);
     assert_eq!(next.capture()["exemptCgroups"].as_array().map(Vec::len), Some(1), "{:#}", next.capture());
     let _app = Server::start(&server, APP_PORT);

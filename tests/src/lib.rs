@@ -37,6 +37,24 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// A proxy's log file once its buffered lines are out: the proxies write info lines in
+/// batches up to `warren_core::logging::MAX_DELAY` after they are logged, so the file is read
+/// until it has not grown for longer than that (at most 3 s).
+pub fn settled_log(path: &std::path::Path) -> String {
+    let read = || std::fs::read_to_string(path).unwrap_or_default();
+    let quiet = warren_core::logging::MAX_DELAY + Duration::from_millis(50);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut text = read();
+    loop {
+        std::thread::sleep(quiet);
+        let again = read();
+        if again.len() == text.len() || Instant::now() > deadline {
+            return again;
+        }
+        text = again;
+    }
+}
+
 /// End-to-end tests need root (namespaces, BPF); say so plainly instead of failing obscurely.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -103,20 +103,9 @@ impl Waypoint {
         self.child.id()
     }
 
-    /// The access-log lines (one per request). The waypoint writes its lines when it has nothing
-    /// left to do, which may be a moment after the client has its response: the log is read
-    /// until it stops growing (20 ms unchanged, at most 2 s).
+    /// The access-log lines (one per request), once the waypoint has written what it buffered.
     pub fn access_log(&self) -> Vec<Value> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let mut text = self.log();
-        loop {
-            std::thread::sleep(Duration::from_millis(20));
-            let again = self.log();
-            if again.len() == text.len() || std::time::Instant::now() > deadline {
-                break;
-            }
-            text = again;
-        }
+        let text = crate::settled_log(&self.log);
         text.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|l| l["target"] == "access")

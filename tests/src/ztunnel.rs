@@ -373,9 +373,15 @@ impl Ztunnel {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// JSON log lines (access log and events).
+    /// The log once ztunnel has written what it buffered (info lines wait up to
+    /// `warren_core::logging::MAX_DELAY`; warnings and errors are written at once).
+    pub fn settled_log(&self) -> String {
+        crate::settled_log(&self.log_path())
+    }
+
+    /// JSON log lines (access log and events), once ztunnel has written what it buffered.
     pub fn log_lines(&self) -> Vec<Value> {
-        self.log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.settled_log().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Access-log records of one direction.

@@ -32,8 +32,7 @@ pub fn run(config: Config) -> Result<()> {
             b
         }
     };
-    // Log lines are written in one go when an event loop has nothing left to do.
-    let runtime = builder.enable_all().on_thread_park(warren_core::logging::flush).build()?;
+    let runtime = builder.enable_all().build()?;
     let result = runtime.block_on(serve(config));
     warren_core::logging::flush();
     result

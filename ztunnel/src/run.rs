@@ -35,8 +35,7 @@ pub fn run(config: Config) -> Result<()> {
     if config.worker_threads > 0 {
         builder.worker_threads(config.worker_threads);
     }
-    // Log lines are written in one go when an event loop has nothing left to do.
-    let runtime = builder.enable_all().on_thread_park(warren_core::logging::flush).build()?;
+    let runtime = builder.enable_all().build()?;
     let result = runtime.block_on(serve(config));
     warren_core::logging::flush();
     result
