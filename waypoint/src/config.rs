@@ -117,8 +117,9 @@ pub struct Config {
     #[arg(long, env = "WARREN_TRACING_SAMPLING", default_value_t = 1.0)]
     pub tracing_sampling: f64,
 
-    /// Worker threads (Envoy's `--concurrency`): 0 = one per CPU this process may run on; 1 =
-    /// a single event loop, the cheapest per request when the waypoint has one CPU.
+    /// Worker threads (Envoy's `--concurrency`): 0 = one per CPU this process may run on (its
+    /// affinity and cgroup CPU quota). One worker is a single-threaded event loop, the cheapest
+    /// per request when the waypoint has one CPU.
     #[arg(long, env = "WARREN_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 

@@ -21,16 +21,19 @@ use crate::{
 
 pub fn run(config: Config) -> Result<()> {
     warren_core::logging::init(matches!(config.log_format, LogFormat::Json));
+    // 0: one worker per CPU this process may run on (its affinity and cgroup quota).
+    let workers = match config.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
     // One worker: a single-threaded runtime (no work stealing, no cross-thread wake-ups), as an
     // Envoy with --concurrency 1 runs one event loop.
-    let mut builder = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
     };
     let runtime = builder.enable_all().build()?;
     let result = runtime.block_on(serve(config));
