@@ -398,8 +398,25 @@ fn watch(
     let mut reader = source::DirReader::default();
     let out_file = out_file::OutFile::spawn(out.to_path_buf());
     let mut last_findings: Vec<String> = Vec::new();
+    let mut stamp_error: Option<String> = None;
     loop {
-        let stamp = dir_stamp(dir)?;
+        let stamp = match dir_stamp(dir) {
+            Ok(stamp) => stamp,
+            // At start, a directory that cannot be read is a mistake to report and stop on.
+            Err(e) if last.is_none() => return Err(e),
+            // Later it is transient (out of file descriptors, the directory being replaced):
+            // the proxies keep the last config, and the directory is read again.
+            Err(e) => {
+                let message = format!("{e:#}");
+                if stamp_error.as_ref() != Some(&message) {
+                    eprintln!("controller: {message}; keeping the last config, trying again");
+                    stamp_error = Some(message);
+                }
+                std::thread::sleep(Duration::from_millis(interval_ms.max(10)));
+                continue;
+            }
+        };
+        stamp_error = None;
         if last.as_ref() != Some(&stamp) {
             let started = std::time::Instant::now();
             match translate_dir(&mut reader, dir) {
