@@ -21,6 +21,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateSigningRequestDer;
 use warren_core::{
+    accept::{AcceptErrors, HANDSHAKE_TIMEOUT},
     ca::{Ca, base64, base64_decode},
     ca_protocol::{ErrorResponse, PATH, SignRequest, SignResponse},
     identity::SpiffeId,
@@ -176,11 +177,21 @@ pub async fn serve(
     hub: Option<Arc<crate::stream::Hub>>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut errors = AcceptErrors::new();
     loop {
-        let Ok((tcp, peer)) = accept(&listener).await else { continue };
+        let (tcp, peer) = match accept(&listener).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                errors.back_off(&e, |line| eprintln!("controller: CA and config-stream port: {line}")).await;
+                continue;
+            }
+        };
         let (acceptor, service, hub) = (acceptor.clone(), service.clone(), hub.clone());
         tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else { return };
+            // A client that never finishes its handshake must not hold the descriptor.
+            let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else {
+                return;
+            };
             if let Some(hub) = hub
                 && stream.get_ref().1.alpn_protocol() == Some(b"h2")
             {

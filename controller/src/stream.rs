@@ -444,8 +444,15 @@ pub async fn serve_admin(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
     use http_body_util::Full;
     use hyper::{server::conn::http1, service::service_fn};
     use hyper_util::rt::TokioIo;
+    let mut errors = warren_core::accept::AcceptErrors::new();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                errors.back_off(&e, |line| eprintln!("controller: admin port: {line}")).await;
+                continue;
+            }
+        };
         let hub = hub.clone();
         tokio::spawn(async move {
             let handler = service_fn(move |req: http::Request<hyper::body::Incoming>| {

@@ -391,23 +391,43 @@ pub enum HandshakeError {
     NoIdentity,
     #[error("HTTP/2 handshake failed: {0}")]
     H2(#[from] h2::Error),
+    #[error("the mTLS and HTTP/2 handshakes did not complete within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// The server side of an HBONE connection (what a pod's 15008 and a waypoint accept): mTLS
 /// presenting `own` and requiring a client of its trust domain under `bundle`, then HTTP/2
 /// with HBONE's windows. Returns the client's verified identity and the connection whose
-/// CONNECT streams to serve.
+/// CONNECT streams to serve. Both handshakes must be done within
+/// [`crate::accept::HANDSHAKE_TIMEOUT`].
 pub async fn accept(
     tcp: tokio::net::TcpStream,
     own: &crate::ca::WorkloadCertificate,
     bundle: &crate::tls::TrustBundle,
-) -> Result<
-    (
-        crate::identity::SpiffeId,
-        h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>,
-    ),
-    HandshakeError,
-> {
+) -> Result<(crate::identity::SpiffeId, ServerConnection), HandshakeError> {
+    accept_within(tcp, own, bundle, crate::accept::HANDSHAKE_TIMEOUT).await
+}
+
+/// An accepted HBONE connection, whose CONNECT streams are to be served.
+pub type ServerConnection =
+    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
+
+async fn accept_within(
+    tcp: tokio::net::TcpStream,
+    own: &crate::ca::WorkloadCertificate,
+    bundle: &crate::tls::TrustBundle,
+    timeout: std::time::Duration,
+) -> Result<(crate::identity::SpiffeId, ServerConnection), HandshakeError> {
+    tokio::time::timeout(timeout, handshakes(tcp, own, bundle))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(timeout)))
+}
+
+async fn handshakes(
+    tcp: tokio::net::TcpStream,
+    own: &crate::ca::WorkloadCertificate,
+    bundle: &crate::tls::TrustBundle,
+) -> Result<(crate::identity::SpiffeId, ServerConnection), HandshakeError> {
     let config = crate::tls::server_config(own, bundle)?;
     let _ = tcp.set_nodelay(true);
     let mut tls = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
@@ -434,13 +454,35 @@ pub async fn connect(
     own: &crate::ca::WorkloadCertificate,
     bundle: &crate::tls::TrustBundle,
     expected: &crate::identity::SpiffeId,
-) -> Result<
-    (
-        h2::client::SendRequest<Bytes>,
-        h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
-    ),
-    HandshakeError,
-> {
+) -> Result<(h2::client::SendRequest<Bytes>, ClientConnection), HandshakeError> {
+    connect_within(tcp, own, bundle, expected, crate::accept::HANDSHAKE_TIMEOUT).await
+}
+
+/// A dialled HBONE connection's driver, to be spawned.
+pub type ClientConnection =
+    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>;
+
+/// [`connect`] within `timeout`: a server that takes the connection and never answers (out of
+/// descriptors, wedged) must not hold the dial — and, in a pool that dials once per key,
+/// every stream waiting for it — for good.
+async fn connect_within(
+    tcp: tokio::net::TcpStream,
+    own: &crate::ca::WorkloadCertificate,
+    bundle: &crate::tls::TrustBundle,
+    expected: &crate::identity::SpiffeId,
+    timeout: std::time::Duration,
+) -> Result<(h2::client::SendRequest<Bytes>, ClientConnection), HandshakeError> {
+    tokio::time::timeout(timeout, client_handshakes(tcp, own, bundle, expected))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(timeout)))
+}
+
+async fn client_handshakes(
+    tcp: tokio::net::TcpStream,
+    own: &crate::ca::WorkloadCertificate,
+    bundle: &crate::tls::TrustBundle,
+    expected: &crate::identity::SpiffeId,
+) -> Result<(h2::client::SendRequest<Bytes>, ClientConnection), HandshakeError> {
     let config = crate::tls::client_config(own, bundle, expected)?;
     let _ = tcp.set_nodelay(true);
     let addr = tcp.peer_addr().map_err(HandshakeError::Tls)?;
@@ -483,6 +525,56 @@ mod relay_tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(listener.local_addr().unwrap()), listener.accept());
         (a.unwrap(), b.unwrap().0)
+    }
+
+    /// A client that connects and sends nothing is let go when the handshake time is up
+    /// (else each such connection would hold a task and a descriptor for good); one that
+    /// completes mTLS but never sends the HTTP/2 preface, too.
+    #[tokio::test]
+    async fn a_client_that_never_completes_the_handshakes_is_dropped() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let bundle = TrustBundle::new(std::slice::from_ref(ca.root())).unwrap();
+        let server_id =
+            ca.issue(&id("spiffe://cluster.local/ns/shop/sa/payment"), Duration::from_secs(600)).unwrap();
+        let client_id =
+            ca.issue(&id("spiffe://cluster.local/ns/shop/sa/checkout"), Duration::from_secs(600)).unwrap();
+        let limit = Duration::from_millis(300);
+
+        let (mut silent, server_side) = tcp_pair().await;
+        let outcome = accept_within(server_side, &server_id, &bundle, limit).await;
+        assert!(matches!(outcome, Err(HandshakeError::Timeout(t)) if t == limit), "{:?}", outcome.err());
+        let mut byte = [0u8; 1];
+        assert_eq!(silent.read(&mut byte).await.unwrap(), 0, "the server kept the silent connection");
+
+        // mTLS done, then nothing: the HTTP/2 preface is part of the bound.
+        let (client_tcp, server_side) = tcp_pair().await;
+        let config = crate::tls::client_config(&client_id, &bundle, &server_id.identity).unwrap();
+        let client = tokio::spawn(async move {
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let name = rustls_pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let mut tls = connector.connect(name, client_tcp).await.unwrap();
+            // Held open without a preface, reading (the server's SETTINGS) until it closes.
+            let mut sink = Vec::new();
+            let _ = tls.read_to_end(&mut sink).await;
+        });
+        let outcome = accept_within(server_side, &server_id, &bundle, limit).await;
+        assert!(matches!(outcome, Err(HandshakeError::Timeout(_))), "{:?}", outcome.err());
+        let closed = tokio::time::timeout(Duration::from_secs(5), client).await;
+        assert!(closed.is_ok(), "the server kept the connection");
+    }
+
+    /// A server that takes the connection and never answers ends the dial with a timeout.
+    #[tokio::test]
+    async fn a_server_that_never_answers_ends_the_dial() {
+        let ca = Ca::generate("cluster.local").unwrap();
+        let bundle = TrustBundle::new(std::slice::from_ref(ca.root())).unwrap();
+        let client_id =
+            ca.issue(&id("spiffe://cluster.local/ns/shop/sa/checkout"), Duration::from_secs(600)).unwrap();
+        let (client_tcp, _silent_server) = tcp_pair().await;
+        let limit = Duration::from_millis(300);
+        let expected = id("spiffe://cluster.local/ns/shop/sa/payment");
+        let outcome = connect_within(client_tcp, &client_id, &bundle, &expected, limit).await;
+        assert!(matches!(outcome, Err(HandshakeError::Timeout(t)) if t == limit), "{:?}", outcome.err());
     }
 
     /// Client application ⇄ relay ⇄ HBONE (real mTLS and HTTP/2 over loopback) ⇄ relay ⇄ an

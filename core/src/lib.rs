@@ -1,7 +1,9 @@
 //! What Warren's ztunnel, waypoint and controller all need: the config model the controller
 //! produces and the proxies consume, SPIFFE workload identities, the mesh CA's signing, mutual
-//! TLS set-up with SPIFFE verification, and the HBONE codec.
+//! TLS set-up with SPIFFE verification, the HBONE codec, and how their servers accept
+//! connections.
 
+pub mod accept;
 pub mod ca;
 pub mod ca_protocol;
 pub mod certs;

@@ -48,6 +48,8 @@ pub struct LocalMode {
     /// Where `serve` runs (node 0's netns) and listens, for restarts.
     node0: Option<PathBuf>,
     ca_addr: Option<SocketAddr>,
+    /// `serve`'s open-files limit (RLIMIT_NOFILE), when a test sets one.
+    pub max_open_files: Option<u64>,
 }
 
 impl LocalMode {
@@ -56,7 +58,7 @@ impl LocalMode {
         let manifests = root.join("manifests");
         fs::create_dir_all(&manifests).expect("manifest dir");
         let config = root.join("config.json");
-        LocalMode { root, manifests, config, process: None, node0: None, ca_addr: None }
+        LocalMode { root, manifests, config, process: None, node0: None, ca_addr: None, max_open_files: None }
     }
 
     /// Writes (or replaces) a manifest file atomically.
@@ -123,13 +125,20 @@ impl LocalMode {
             .open(self.root.join("controller.log"))
             .expect("log");
         let netns = fs::File::open(node0).expect("node netns");
+        let max_open_files = self.max_open_files;
         let mut command = std::process::Command::new(binary("controller"));
-        // SAFETY: setns is async-signal-safe; the file lives until exec.
+        // SAFETY: setns and setrlimit are async-signal-safe; the file lives until exec.
         unsafe {
             use std::os::{fd::AsRawFd, unix::process::CommandExt};
             command.pre_exec(move || {
                 if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(n) = max_open_files {
+                    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -149,6 +158,11 @@ impl LocalMode {
             .spawn()
             .expect("start the controller");
         self.process = Some(child);
+    }
+
+    /// The running controller's process id.
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
     }
 
     /// What the controller has logged so far.

@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::warn;
+use warren_core::accept::AcceptErrors;
 
 use crate::state::WaypointState;
 
@@ -20,9 +21,14 @@ pub enum Endpoints {
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<WaypointState>, endpoints: Endpoints) {
+    let mut errors = AcceptErrors::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                errors.back_off(&e, |line| warn!(?endpoints, "{line}")).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {

@@ -19,6 +19,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 use warren_core::{
+    accept::AcceptErrors,
     hbone::{ConnectRequest, H2Stream},
     identity::SpiffeId,
 };
@@ -38,6 +39,7 @@ pub async fn serve(
     state: Arc<WaypointState>,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut errors = AcceptErrors::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -47,10 +49,7 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 tokio::spawn(serve_connection(stream, peer, state.clone()));
             }
-            Err(e) => {
-                warn!("accepting HBONE: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => errors.back_off(&e, |line| warn!("HBONE port: {line}")).await,
         }
     }
 }

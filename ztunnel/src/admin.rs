@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::warn;
-use warren_core::model::NodeConfig;
+use warren_core::{accept::AcceptErrors, model::NodeConfig};
 
 use crate::{capture::Capture, config::Config, inpod::InPod, proxy::Proxy};
 
@@ -78,9 +78,14 @@ pub enum Endpoints {
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) {
+    let mut errors = AcceptErrors::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                errors.back_off(&e, |line| warn!(?endpoints, "{line}")).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -107,9 +112,14 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves `/healthz/ready` on the readiness socket: 200 while `ready()` says so.
 pub async fn serve_unix(listener: UnixListener, ready: impl Fn() -> bool + Clone + Send + Sync + 'static) {
+    let mut errors = AcceptErrors::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                errors.back_off(&e, |line| warn!("readiness socket: {line}")).await;
+                continue;
+            }
         };
         let ready = ready.clone();
         tokio::spawn(async move {

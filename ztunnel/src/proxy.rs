@@ -26,6 +26,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 use warren_core::{
+    accept::AcceptErrors,
     hbone::{ConnectRequest, baggage, new_traceparent},
     model::{Workload, WorkloadIndex},
     policy::Policies,
@@ -145,6 +146,7 @@ async fn accept_loop(
     direction: Direction,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut errors = AcceptErrors::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -153,10 +155,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => handle(stream, peer, &pod, direction),
-            Err(e) => {
-                warn!(pod = pod.pod, ?direction, "accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            Err(e) => errors.back_off(&e, |line| warn!(pod = pod.pod, ?direction, "{line}")).await,
         }
     }
     // Closing a listener resets the connections still in its accept queue (unless the pod's

@@ -292,16 +292,7 @@ pub fn hold_main(addr: SocketAddr, count: usize, limit_secs: f64, hold_secs: f64
 }
 
 /// A process's CPU time (user + system) so far, in seconds.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
-}
+pub use warren_e2e::cpu_seconds;
 
 /// A process's resident memory, in MiB.
 pub fn rss_mib(pid: u32) -> f64 {
