@@ -8,6 +8,7 @@ pub mod ca;
 pub mod ca_protocol;
 pub mod certs;
 pub mod config_stream;
+pub mod connect;
 pub mod hbone;
 pub mod identity;
 pub mod l7;

@@ -337,7 +337,7 @@ struct TwoNodes {
     z0: Ztunnel,
     z1: Ztunnel,
     _server: Server,
-    _cluster: Cluster,
+    cluster: Cluster,
     _ca: MeshCa,
 }
 
@@ -353,7 +353,7 @@ fn two_nodes(z0_args: &[&str], z1_args: &[&str]) -> TwoNodes {
     z0.wait_enrolled(&a.name);
     z1.wait_enrolled(&b.name);
     let _server = Server::start(&b, APP_PORT);
-    TwoNodes { a, b, z0, z1, _server, _cluster: cluster, _ca: ca }
+    TwoNodes { a, b, z0, z1, _server, cluster, _ca: ca }
 }
 
 #[test]
@@ -588,4 +588,40 @@ fn ztunnel_in_a_private_cgroup_namespace_still_exempts_its_own_sockets() {
         let migrate = pod.ns.run(|| std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req"));
         assert_eq!(migrate.unwrap().trim(), "1", "tcp_migrate_req in {}:\n{}", pod.name, z.log());
     }
+}
+
+/// A peer node that drops everything (as a node that died): the client's connection fails
+/// after `--connect-timeout-ms`, reset by ztunnel, with an access line saying why — not after
+/// the kernel's two minutes of SYN retries (the client would see its own read time out).
+#[test]
+fn a_peer_node_that_drops_everything_fails_the_connection_after_the_connect_timeout() {
+    require_root();
+    let mesh = two_nodes(&["--connect-timeout-ms", "1000"], &[]);
+    let (a, b, z0) = (&mesh.a, &mesh.b, &mesh.z0);
+    // Node 1's underlay address now resolves to a MAC no one has: node 0's frames to it are
+    // dropped without a word, SYNs included. (Before any connection, so none is pooled.)
+    let node1 = mesh.cluster.underlay_ips[1].to_string();
+    mesh.cluster.nodes[0].ns.ip(&[
+        "neigh",
+        "replace",
+        &node1,
+        "lladdr",
+        "02:00:5e:00:00:99",
+        "dev",
+        "uplink",
+        "nud",
+        "permanent",
+    ]);
+    let mut c = Client::connect(a, SocketAddr::new(b.ipv4, APP_PORT)).expect("captured by ztunnel");
+    let failed = c.greeting().expect_err("reached a pod on a node that drops everything");
+    // The client's own read timeout (5 s) would be WouldBlock/TimedOut.
+    assert!(
+        matches!(failed.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof),
+        "{failed:?}: the connection was not ended by ztunnel's connect timeout"
+    );
+    let outbound = z0.access_log("outbound");
+    assert!(
+        outbound.iter().any(|l| l["error"].as_str().is_some_and(|e| e.contains("within 1s"))),
+        "{outbound:#?}"
+    );
 }

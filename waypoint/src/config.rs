@@ -117,6 +117,13 @@ pub struct Config {
     #[arg(long, env = "WARREN_TRACING_SAMPLING", default_value_t = 1.0)]
     pub tracing_sampling: f64,
 
+    /// Milliseconds a TCP connection to an upstream (an endpoint's ztunnel over HBONE, an
+    /// endpoint outside the mesh) may take to be established: Envoy's connect timeout, 10 s in
+    /// Istio. A failed connect is answered 503 `UF` (retried when `retryOn` has
+    /// connect-failure).
+    #[arg(long, env = "WARREN_CONNECT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout_ms: u64,
+
     /// Worker threads (Envoy's `--concurrency`): 0 = one per CPU this process may run on (its
     /// affinity and cgroup CPU quota). One worker is a single-threaded event loop, the cheapest
     /// per request when the waypoint has one CPU.

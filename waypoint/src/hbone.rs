@@ -38,12 +38,14 @@ pub enum HboneError {
 pub struct HboneClient {
     certs: Arc<CertManager>,
     identity: SpiffeId,
+    /// How long a TCP connect may take (`--connect-timeout-ms`), for every upstream dial.
+    pub connect_timeout: std::time::Duration,
     conns: Mutex<HashMap<(SocketAddr, SpiffeId), SendRequest<Bytes>>>,
 }
 
 impl HboneClient {
-    pub fn new(certs: Arc<CertManager>, identity: SpiffeId) -> Self {
-        Self { certs, identity, conns: Mutex::new(HashMap::new()) }
+    pub fn new(certs: Arc<CertManager>, identity: SpiffeId, connect_timeout: std::time::Duration) -> Self {
+        Self { certs, identity, connect_timeout, conns: Mutex::new(HashMap::new()) }
     }
 
     pub fn open_connections(&self) -> usize {
@@ -78,7 +80,9 @@ impl HboneClient {
 
     async fn dial(&self, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<Bytes>, HboneError> {
         let own = self.certs.get(&self.identity).await?;
-        let tcp = TcpStream::connect(addr).await.map_err(|source| HboneError::Connect { addr, source })?;
+        let tcp = warren_core::connect::within(addr, self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|source| HboneError::Connect { addr, source })?;
         let (send, connection) = warren_core::hbone::connect(tcp, &own, self.certs.bundle()?, expected)
             .await
             .map_err(|e| match e {

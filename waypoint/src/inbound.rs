@@ -237,7 +237,8 @@ async fn passthrough(
             Err(e) => Err(e.to_string()),
         }
     } else {
-        match TcpStream::connect(addr).await {
+        let timeout = state.clusters.hbone.connect_timeout;
+        match warren_core::connect::within(addr, timeout, TcpStream::connect(addr)).await {
             Ok(mut upstream) => {
                 // (bytes from the client, bytes to the client), as the HBONE branch counts.
                 io.relay_with_tcp(&mut upstream).await.map(|(to, from)| (from, to)).map_err(|e| e.to_string())

@@ -60,7 +60,8 @@ async fn serve(config: Config) -> Result<()> {
         namespace: config.namespace.clone(),
         service_account: config.service_account().to_string(),
     };
-    let clusters = Clusters::new(HboneClient::new(certs.clone(), identity));
+    let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+    let clusters = Clusters::new(HboneClient::new(certs.clone(), identity, connect_timeout));
     let exporter = config.tracing_collector.map(|collector| {
         info!(%collector, sampling_percent = config.tracing_sampling, "exporting spans over OTLP/HTTP");
         crate::trace::Exporter::start(collector, format!("{}.{}", config.name, config.namespace))

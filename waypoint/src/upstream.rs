@@ -482,7 +482,8 @@ impl Clusters {
                 .map_err(|e| UpstreamError::Connect(e.to_string()))?;
             Box::new(stream)
         } else {
-            let tcp = tokio::net::TcpStream::connect(target.addr)
+            let connect = tokio::net::TcpStream::connect(target.addr);
+            let tcp = warren_core::connect::within(target.addr, self.hbone.connect_timeout, connect)
                 .await
                 .map_err(|e| UpstreamError::Connect(format!("{}: {e}", target.addr)))?;
             let _ = tcp.set_nodelay(true);

@@ -120,6 +120,13 @@ pub struct Config {
     #[arg(long, env = "WARREN_POOL_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     pub pool_idle_timeout_secs: u64,
 
+    /// Milliseconds a TCP connection from ztunnel (to a peer's 15008, a destination outside
+    /// the mesh, a pod's application) may take to be established: Envoy's connect timeout,
+    /// 10 s in Istio. Without it, a peer whose node died mid-flight would hold the client for
+    /// the kernel's SYN retries (about two minutes).
+    #[arg(long, env = "WARREN_CONNECT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout_ms: u64,
+
     /// Log output format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

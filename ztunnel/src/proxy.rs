@@ -56,6 +56,8 @@ pub struct Proxy {
     pub stats: Stats,
     pub mark: u32,
     pub trust_domain: String,
+    /// How long a TCP connect may take (`--connect-timeout-ms`).
+    pub connect_timeout: std::time::Duration,
     /// Turns true when this ztunnel drains: its HBONE server connections then tell their
     /// peers (GOAWAY) to open new streams elsewhere — on a new connection, which reaches the
     /// ztunnel that took over — while the streams they carry run on.
@@ -348,7 +350,8 @@ async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext
     relay_until(stream, original_dst, pod, "inbound", peer, Some(closed), Some(labels)).await;
 }
 
-/// Opens a socket inside the pod's netns, marked as ztunnel's, and connects it.
+/// Opens a socket inside the pod's netns, marked as ztunnel's, and connects it within the
+/// connect timeout.
 pub async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<TcpStream> {
     let socket = netns::run_in(&pod.netns, || {
         let domain = if dst.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
@@ -358,7 +361,8 @@ pub async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> io::Result<T
         s.set_nonblocking(true)?;
         io::Result::Ok(s)
     })??;
-    TcpSocket::from_std_stream(socket.into()).connect(dst).await
+    let connect = TcpSocket::from_std_stream(socket.into()).connect(dst);
+    warren_core::connect::within(dst, pod.proxy.connect_timeout, connect).await
 }
 
 /// Resets rather than closes, so a client sees a failed connection as it would without the

@@ -107,6 +107,7 @@ async fn serve(config: Config) -> Result<()> {
         stats: Default::default(),
         mark: config.mark,
         trust_domain: config.trust_domain.clone(),
+        connect_timeout: Duration::from_millis(config.connect_timeout_ms),
         draining: tokio::sync::watch::Sender::new(false),
     });
     let inpod = Arc::new(InPod::new(proxy.clone(), tokio::runtime::Handle::current()));
