@@ -486,6 +486,8 @@ pub struct ConnectionPool {
 #[serde(rename_all = "camelCase")]
 pub struct TcpSettings {
     pub max_connections: Option<i64>,
+    /// A duration (`10s`, `500ms`).
+    pub connect_timeout: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

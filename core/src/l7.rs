@@ -464,6 +464,11 @@ pub struct ConnectionPool {
     /// `http.maxRetries`: retries in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// `tcp.connectTimeout`: how long setting up a connection to an endpoint may take (for one
+    /// in the mesh: TCP, mTLS and HTTP/2 to its ztunnel); unset, the waypoint's
+    /// `--connect-timeout-ms` bounds the TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -807,3 +807,45 @@ fn seed_scenario_retries_timeouts_and_outlier_detection() {
         "the restored endpoint got no traffic: {again:?}"
     );
 }
+
+/// A DestinationRule's `connectionPool.tcp.connectTimeout`: with v2's node dropping its
+/// packets (v2's address pointed at a MAC no one has), a request routed to v2 is answered 503
+/// `UF` once the rule's bound is up, naming it — not after the waypoint's default 10 s.
+#[test]
+fn a_destination_rules_connect_timeout_bounds_the_upstream_dial() {
+    let mesh = Mesh::new(&[]);
+    let mut rule = subsets();
+    rule.subsets[1].traffic_policy = Some(TrafficPolicy {
+        connection_pool: Some(ConnectionPool { connect_timeout_ms: Some(300), ..Default::default() }),
+        ..Default::default()
+    });
+    let to_v2 = HttpRoute { matches: prefix("/v2"), route: vec![to("v2", 100)], ..Default::default() };
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![to_v2])],
+        destination_rules: vec![rule],
+        authorizations: vec![],
+    });
+    // Before any request: no connection to v2 is pooled yet.
+    let v2 = mesh.v2.ipv4.to_string();
+    mesh._cluster.nodes[0].ns.ip(&[
+        "neigh",
+        "replace",
+        &v2,
+        "lladdr",
+        "02:00:5e:00:00:99",
+        "dev",
+        "br0",
+        "nud",
+        "permanent",
+    ]);
+    let started = Instant::now();
+    let answer = http(&mesh.client, SocketAddr::new(vip(), 80), "GET", "/v2", &[]);
+    let took = started.elapsed();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    let log = mesh.waypoint.access_log().into_iter().find(|l| l["path"] == "/v2").expect("logged");
+    assert_eq!(log["response_flags"], "UF", "{log}");
+    let detail = log["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("connectionPool.tcp.connectTimeout"), "{detail}");
+    // The waypoint's own bound (10 s) is what would end it without the rule's.
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+}

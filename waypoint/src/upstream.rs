@@ -448,7 +448,17 @@ impl Clusters {
                 .is_ok()
             {
                 let slot = Arc::new(ConnectionSlot(cluster.clone()));
-                let sender = self.dial(target).await?;
+                let sender = match pool.and_then(|p| p.connect_timeout_ms) {
+                    Some(ms) => tokio::time::timeout(Duration::from_millis(ms), self.dial(target))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(UpstreamError::Connect(format!(
+                                "{}: no connection within {ms} ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
+                                target.addr
+                            )))
+                        })?,
+                    None => self.dial(target).await?,
+                };
                 return Ok(PooledConn { sender, requests: 0, slot });
             }
             if pending.is_none() {

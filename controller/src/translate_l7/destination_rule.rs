@@ -208,6 +208,21 @@ fn connection_pool(c: &objects::ConnectionPool, at: &str, r: &mut Report<'_>) ->
             r,
         ),
         max_retries: limit(http.max_retries, format!("{at}.http.maxRetries"), r),
+        connect_timeout_ms: c.tcp.as_ref().and_then(|t| t.connect_timeout.as_deref()).and_then(|text| {
+            match duration_ms(text) {
+                Ok(0) | Err(_) => {
+                    let why =
+                        "is not a positive duration (such as 10s or 500ms); the waypoint's default applies";
+                    r.error(
+                        codes::INVALID_VALUE,
+                        format!("{at}.tcp.connectTimeout"),
+                        format!("{text:?} {why}"),
+                    );
+                    None
+                }
+                Ok(ms) => Some(ms),
+            }
+        }),
     };
     (pool != ConnectionPool::default()).then_some(pool)
 }

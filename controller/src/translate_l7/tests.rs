@@ -746,7 +746,7 @@ spec:
   trafficPolicy:
     loadBalancer: {consistentHash: {httpHeaderName: X-User}}
     connectionPool:
-      tcp: {maxConnections: 100}
+      tcp: {maxConnections: 100, connectTimeout: 250ms}
       http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 0, maxRetries: 3}
     outlierDetection: {consecutiveGatewayErrors: 7}
   subsets:
@@ -771,7 +771,7 @@ destinationRules:
   host: payment.shop.svc.cluster.local
   trafficPolicy:
     loadBalancer: {consistentHash: {httpHeaderName: x-user}}
-    connectionPool: {maxConnections: 100, http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRetries: 3}
+    connectionPool: {maxConnections: 100, http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRetries: 3, connectTimeoutMs: 250}
     outlierDetection:
       consecutive5xxErrors: 5
       consecutiveGatewayErrors: 7
@@ -861,7 +861,7 @@ spec:
   host: checkout
   trafficPolicy:
     loadBalancer: {simple: PASSTHROUGH}
-    connectionPool: {tcp: {maxConnections: -1}}
+    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never}}
     outlierDetection: {interval: soon, maxEjectionPercent: 120}
     portLevelSettings: [{port: {number: 70000}}, {loadBalancer: {simple: RANDOM}}]
 ---
@@ -887,6 +887,7 @@ destinationRules:
             findings: &[
                 "WA0206 DestinationRule shop/checkout spec.trafficPolicy.loadBalancer.simple",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.maxConnections",
+                "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.connectTimeout",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.interval",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.maxEjectionPercent",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.portLevelSettings[0].port.number",
