@@ -405,23 +405,12 @@ pub async fn accept(
     own: &crate::ca::WorkloadCertificate,
     bundle: &crate::tls::TrustBundle,
 ) -> Result<(crate::identity::SpiffeId, ServerConnection), HandshakeError> {
-    accept_within(tcp, own, bundle, crate::accept::HANDSHAKE_TIMEOUT).await
+    bounded(crate::accept::HANDSHAKE_TIMEOUT, handshakes(tcp, own, bundle)).await
 }
 
 /// An accepted HBONE connection, whose CONNECT streams are to be served.
 pub type ServerConnection =
     h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Bytes>;
-
-async fn accept_within(
-    tcp: tokio::net::TcpStream,
-    own: &crate::ca::WorkloadCertificate,
-    bundle: &crate::tls::TrustBundle,
-    timeout: std::time::Duration,
-) -> Result<(crate::identity::SpiffeId, ServerConnection), HandshakeError> {
-    tokio::time::timeout(timeout, handshakes(tcp, own, bundle))
-        .await
-        .unwrap_or(Err(HandshakeError::Timeout(timeout)))
-}
 
 async fn handshakes(
     tcp: tokio::net::TcpStream,
@@ -455,26 +444,22 @@ pub async fn connect(
     bundle: &crate::tls::TrustBundle,
     expected: &crate::identity::SpiffeId,
 ) -> Result<(h2::client::SendRequest<Bytes>, ClientConnection), HandshakeError> {
-    connect_within(tcp, own, bundle, expected, crate::accept::HANDSHAKE_TIMEOUT).await
+    bounded(crate::accept::HANDSHAKE_TIMEOUT, client_handshakes(tcp, own, bundle, expected)).await
 }
 
 /// A dialled HBONE connection's driver, to be spawned.
 pub type ClientConnection =
     h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>;
 
-/// [`connect`] within `timeout`: a server that takes the connection and never answers (out of
-/// descriptors, wedged) must not hold the dial — and, in a pool that dials once per key,
-/// every stream waiting for it — for good.
-async fn connect_within(
-    tcp: tokio::net::TcpStream,
-    own: &crate::ca::WorkloadCertificate,
-    bundle: &crate::tls::TrustBundle,
-    expected: &crate::identity::SpiffeId,
+/// `handshakes` if they complete within `timeout`. Unbounded, a client that connects and sends
+/// nothing would hold a server's task and descriptor for good, and a server that takes the
+/// connection and never answers would hold the dial (in a pool that dials once per key, every
+/// stream waiting for it).
+async fn bounded<T>(
     timeout: std::time::Duration,
-) -> Result<(h2::client::SendRequest<Bytes>, ClientConnection), HandshakeError> {
-    tokio::time::timeout(timeout, client_handshakes(tcp, own, bundle, expected))
-        .await
-        .unwrap_or(Err(HandshakeError::Timeout(timeout)))
+    handshakes: impl std::future::Future<Output = Result<T, HandshakeError>>,
+) -> Result<T, HandshakeError> {
+    tokio::time::timeout(timeout, handshakes).await.unwrap_or(Err(HandshakeError::Timeout(timeout)))
 }
 
 async fn client_handshakes(
@@ -541,7 +526,7 @@ mod relay_tests {
         let limit = Duration::from_millis(300);
 
         let (mut silent, server_side) = tcp_pair().await;
-        let outcome = accept_within(server_side, &server_id, &bundle, limit).await;
+        let outcome = bounded(limit, handshakes(server_side, &server_id, &bundle)).await;
         assert!(matches!(outcome, Err(HandshakeError::Timeout(t)) if t == limit), "{:?}", outcome.err());
         let mut byte = [0u8; 1];
         assert_eq!(silent.read(&mut byte).await.unwrap(), 0, "the server kept the silent connection");
@@ -557,7 +542,7 @@ mod relay_tests {
             let mut sink = Vec::new();
             let _ = tls.read_to_end(&mut sink).await;
         });
-        let outcome = accept_within(server_side, &server_id, &bundle, limit).await;
+        let outcome = bounded(limit, handshakes(server_side, &server_id, &bundle)).await;
         assert!(matches!(outcome, Err(HandshakeError::Timeout(_))), "{:?}", outcome.err());
         let closed = tokio::time::timeout(Duration::from_secs(5), client).await;
         assert!(closed.is_ok(), "the server kept the connection");
@@ -573,7 +558,7 @@ mod relay_tests {
         let (client_tcp, _silent_server) = tcp_pair().await;
         let limit = Duration::from_millis(300);
         let expected = id("spiffe://cluster.local/ns/shop/sa/payment");
-        let outcome = connect_within(client_tcp, &client_id, &bundle, &expected, limit).await;
+        let outcome = bounded(limit, client_handshakes(client_tcp, &client_id, &bundle, &expected)).await;
         assert!(matches!(outcome, Err(HandshakeError::Timeout(t)) if t == limit), "{:?}", outcome.err());
     }
 
