@@ -16,17 +16,21 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateSigningRequestDer;
 use warren_core::{
     accept::{AcceptErrors, HANDSHAKE_TIMEOUT},
     ca::{Ca, base64, base64_decode},
     ca_protocol::{ErrorResponse, PATH, SignRequest, SignResponse},
+    endpoints::{IDLE_TIMEOUT, http1_server},
     identity::SpiffeId,
     model::NodeConfig,
 };
+
+/// The largest signing request read (a CSR and an identity are a few KiB).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Node bootstrap tokens: `<node> <token>` per line, `#` comments.
 #[derive(Debug, Default, Clone)]
@@ -202,7 +206,9 @@ pub async fn serve(
                 let service = service.clone();
                 async move { Ok::<_, hyper::Error>(handle(&service, req, peer).await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), handler).await;
+            // The request head within the idle bound, as on every endpoint; the body has its
+            // own bound in `handle`.
+            let _ = http1_server(IDLE_TIMEOUT).serve_connection(TokioIo::new(stream), handler).await;
         });
     }
 }
@@ -226,11 +232,11 @@ fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Byte
     r
 }
 
-async fn handle(
-    service: &CaService,
-    req: Request<hyper::body::Incoming>,
-    peer: std::net::SocketAddr,
-) -> Response<Full<Bytes>> {
+async fn handle<B>(service: &CaService, req: Request<B>, peer: std::net::SocketAddr) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let refuse = |status: StatusCode, error: String| {
         eprintln!("controller: CA refused a request from {peer}: {status} {error}");
         json(status, &ErrorResponse { error })
@@ -240,8 +246,25 @@ async fn handle(
     }
     let authorization =
         req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let Ok(body) = req.into_body().collect().await else {
-        return refuse(StatusCode::BAD_REQUEST, "unreadable body".into());
+    // A signing request is a CSR and an identity, a few KiB. Read whole, so bounded in size
+    // and time: anyone can reach this port, and an endless or stalled body would hold memory
+    // and the connection.
+    let body = Limited::new(req.into_body(), MAX_REQUEST_BYTES);
+    let body = match tokio::time::timeout(IDLE_TIMEOUT, body.collect()).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a request is at most {MAX_REQUEST_BYTES} bytes"),
+            );
+        }
+        Ok(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "unreadable body".into()),
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {} s", IDLE_TIMEOUT.as_secs()),
+            );
+        }
     };
     let Ok(request) = serde_json::from_slice::<SignRequest>(&body.to_bytes()) else {
         return refuse(StatusCode::BAD_REQUEST, "expected {\"identity\", \"csr\"}".into());
@@ -339,6 +362,57 @@ mod tests {
         let (accepted, _client) = tokio::join!(accept(&listener), tokio::net::TcpStream::connect(addr));
         let (tcp, _) = accepted.unwrap();
         assert!(tcp.nodelay().unwrap(), "the CA / config-stream side must not delay small writes");
+    }
+
+    fn service() -> CaService {
+        CaService {
+            ca: Ca::generate("cluster.local").unwrap(),
+            auth: Arc::new(Authenticator {
+                tokens: Some(Tokens::parse("node-1 secret-1\n")),
+                reviewer: None,
+            }),
+            trust_domain: "cluster.local".into(),
+            lifetime: Duration::from_secs(3600),
+            config: Default::default(),
+        }
+    }
+
+    fn post<B>(body: B) -> Request<B> {
+        Request::post(PATH).header("authorization", "Bearer secret-1").body(body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_refused_without_being_read_whole() {
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let huge = Full::new(Bytes::from(vec![b' '; MAX_REQUEST_BYTES + 1]));
+        assert_eq!(handle(&service(), post(huge), peer).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Just under the bound it is read, and refused for what it says.
+        let json_but_wrong = Full::new(Bytes::from(vec![b' '; MAX_REQUEST_BYTES - 1]));
+        assert_eq!(handle(&service(), post(json_but_wrong), peer).await.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_is_given_up_after_the_idle_timeout() {
+        // A body whose bytes never come.
+        struct Stalled;
+        impl hyper::body::Body for Stalled {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+                std::task::Poll::Pending
+            }
+        }
+        let stalled = Stalled;
+        let started = tokio::time::Instant::now();
+        let service = service();
+        let handled = handle(&service, post(stalled), "127.0.0.1:1".parse().unwrap());
+        let response =
+            tokio::time::timeout(IDLE_TIMEOUT * 2, handled).await.expect("the CA gave up on the body");
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), IDLE_TIMEOUT);
     }
 
     #[tokio::test]

@@ -441,50 +441,21 @@ async fn serve_stream(
 /// The admin endpoint (`--admin`, 127.0.0.1:15014 by default): `/debug/proxy-status`,
 /// `/debug/config_dump` (the latest version and its config).
 pub async fn serve_admin(listener: tokio::net::TcpListener, hub: Arc<Hub>) {
-    use http_body_util::Full;
-    use hyper::{server::conn::http1, service::service_fn};
-    use hyper_util::rt::TokioIo;
-    let mut errors = warren_core::accept::AcceptErrors::new();
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                errors.back_off(&e, |line| eprintln!("controller: admin port: {line}")).await;
-                continue;
-            }
-        };
-        let hub = hub.clone();
-        tokio::spawn(async move {
-            let handler = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let hub = hub.clone();
-                async move {
-                    let (status, body) = match req.uri().path() {
-                        "/debug/proxy-status" => (
-                            StatusCode::OK,
-                            serde_json::to_string_pretty(&StatusView {
-                                latest: hub.latest_version(),
-                                proxies: hub.status(),
-                            })
-                            .unwrap_or_default(),
-                        ),
-                        "/debug/config_dump" => {
-                            let published = hub.current.borrow().clone();
-                            let dump = serde_json::json!({"version": published.version, "config": &*published.config});
-                            (StatusCode::OK, serde_json::to_string_pretty(&dump).unwrap_or_default())
-                        }
-                        _ => (
-                            StatusCode::NOT_FOUND,
-                            "endpoints: /debug/proxy-status /debug/config_dump\n".into(),
-                        ),
-                    };
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                    *r.status_mut() = status;
-                    Ok::<_, hyper::Error>(r)
-                }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(tcp), handler).await;
-        });
-    }
+    use warren_core::endpoints::{self, Limits, text};
+    let report = |line: &str| eprintln!("controller: {line}");
+    endpoints::serve(listener, "admin port", Limits::default(), report, move |req| match req.uri().path() {
+        "/debug/proxy-status" => {
+            let view = StatusView { latest: hub.latest_version(), proxies: hub.status() };
+            text(StatusCode::OK, serde_json::to_string_pretty(&view).unwrap_or_default())
+        }
+        "/debug/config_dump" => {
+            let published = hub.current.borrow().clone();
+            let dump = serde_json::json!({"version": published.version, "config": &*published.config});
+            text(StatusCode::OK, serde_json::to_string_pretty(&dump).unwrap_or_default())
+        }
+        _ => text(StatusCode::NOT_FOUND, "endpoints: /debug/proxy-status /debug/config_dump\n"),
+    })
+    .await
 }
 
 /// What `/debug/proxy-status` answers.

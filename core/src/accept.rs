@@ -20,11 +20,30 @@ pub const PAUSE: Duration = Duration::from_millis(50);
 /// How often a persisting failure is reported.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
-/// One accept loop's failures: when it last reported, and how many since.
+/// Reports of something that can happen many times a second: the first at once, then at
+/// most one per [`REPORT_EVERY`], each with how many happened since the last.
 #[derive(Debug, Default)]
-pub struct AcceptErrors {
+pub struct Throttle {
     last_report: Option<Instant>,
     since_report: u64,
+}
+
+impl Throttle {
+    /// Counts one occurrence at `now`; when a report is due, how many it covers.
+    pub fn note(&mut self, now: Instant) -> Option<u64> {
+        self.since_report += 1;
+        if self.last_report.is_some_and(|last| now.duration_since(last) < REPORT_EVERY) {
+            return None;
+        }
+        self.last_report = Some(now);
+        Some(std::mem::take(&mut self.since_report))
+    }
+}
+
+/// One accept loop's failures, reported through a [`Throttle`].
+#[derive(Debug, Default)]
+pub struct AcceptErrors {
+    reports: Throttle,
 }
 
 impl AcceptErrors {
@@ -43,17 +62,9 @@ impl AcceptErrors {
 
     /// Counts a failure at `now`; the line to log, when one is due.
     fn failed_at(&mut self, error: &io::Error, now: Instant) -> Option<String> {
-        self.since_report += 1;
-        if self.last_report.is_some_and(|last| now.duration_since(last) < REPORT_EVERY) {
-            return None;
-        }
-        let count = std::mem::take(&mut self.since_report);
-        let times = if self.last_report.is_some() {
-            format!(" ({count} times in the last second)")
-        } else {
-            String::new()
-        };
-        self.last_report = Some(now);
+        let first = self.reports.last_report.is_none();
+        let count = self.reports.note(now)?;
+        let times = if first { String::new() } else { format!(" ({count} times in the last second)") };
         let hint = match error.raw_os_error() {
             Some(libc::EMFILE) => {
                 "; the process is out of file descriptors: raise its open-files limit (ulimit -n, the container runtime's LimitNOFILE)"

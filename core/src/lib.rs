@@ -9,6 +9,7 @@ pub mod ca_protocol;
 pub mod certs;
 pub mod config_stream;
 pub mod connect;
+pub mod endpoints;
 pub mod hbone;
 pub mod identity;
 pub mod l7;

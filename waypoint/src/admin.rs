@@ -4,43 +4,18 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, StatusCode, body::Bytes};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::warn;
-use warren_core::accept::AcceptErrors;
+use warren_core::endpoints::{Endpoints, Limits, text, warn_line};
 
 use crate::state::WaypointState;
 
-#[derive(Clone, Copy, Debug)]
-pub enum Endpoints {
-    Admin,
-    Metrics,
-    Readiness,
-}
-
 pub async fn serve(listener: TcpListener, state: Arc<WaypointState>, endpoints: Endpoints) {
-    let mut errors = AcceptErrors::new();
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                errors.back_off(&e, |line| warn!(?endpoints, "{line}")).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, hyper::Error>(route(&state, endpoints, &req)) }
-            });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                warn!("admin connection: {e}");
-            }
-        });
-    }
+    warren_core::endpoints::serve(listener, endpoints.name(), Limits::default(), warn_line, move |req| {
+        route(&state, endpoints, req)
+    })
+    .await
 }
 
 fn config_dump(state: &WaypointState) -> serde_json::Value {
@@ -96,7 +71,5 @@ fn route(
         (Endpoints::Metrics, _) => (StatusCode::NOT_FOUND, "endpoints: /metrics /stats/prometheus\n".into()),
         (Endpoints::Readiness, _) => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n".into()),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
+    text(status, body)
 }

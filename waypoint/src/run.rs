@@ -9,10 +9,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
-use warren_core::{certs::CaSettings, model::NodeConfig};
+use warren_core::{certs::CaSettings, endpoints::Endpoints, model::NodeConfig};
 
 use crate::{
-    admin::{self, Endpoints},
+    admin,
     config::{Config, LogFormat},
     hbone::HboneClient,
     state::{Snapshot, WaypointState},

@@ -11,12 +11,13 @@ use std::{
 };
 
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, StatusCode, body::Bytes};
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
-use tracing::warn;
-use warren_core::{accept::AcceptErrors, model::NodeConfig};
+use warren_core::{
+    endpoints::{Endpoints, Limits, text, warn_line},
+    model::NodeConfig,
+};
 
 use crate::{capture::Capture, config::Config, inpod::InPod, proxy::Proxy};
 
@@ -66,38 +67,11 @@ impl AdminState {
     }
 }
 
-/// Which endpoints a listener serves.
-#[derive(Clone, Copy, Debug)]
-pub enum Endpoints {
-    /// 127.0.0.1:15000: /config_dump, /capture, /healthz/ready.
-    Admin,
-    /// :15020: Prometheus metrics at /metrics and /stats/prometheus.
-    Metrics,
-    /// :15021: /healthz/ready only.
-    Readiness,
-}
-
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) {
-    let mut errors = AcceptErrors::new();
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                errors.back_off(&e, |line| warn!(?endpoints, "{line}")).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, hyper::Error>(route(&state, endpoints, &req)) }
-            });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                warn!("admin connection: {e}");
-            }
-        });
-    }
+    warren_core::endpoints::serve(listener, endpoints.name(), Limits::default(), warn_line, move |req| {
+        route(&state, endpoints, req)
+    })
+    .await
 }
 
 /// Binds the readiness socket, replacing a file a previous process of this pod left (the
@@ -111,33 +85,15 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves `/healthz/ready` on the readiness socket: 200 while `ready()` says so.
-pub async fn serve_unix(listener: UnixListener, ready: impl Fn() -> bool + Clone + Send + Sync + 'static) {
-    let mut errors = AcceptErrors::new();
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                errors.back_off(&e, |line| warn!("readiness socket: {line}")).await;
-                continue;
-            }
-        };
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, body) = match (req.uri().path(), ready()) {
-                    ("/healthz/ready", true) => (StatusCode::OK, "ready\n"),
-                    ("/healthz/ready", false) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-                    _ => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n"),
-                };
-                let mut response = Response::new(Full::new(Bytes::from(body)));
-                *response.status_mut() = status;
-                async move { Ok::<_, hyper::Error>(response) }
-            });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                warn!("readiness socket connection: {e}");
-            }
-        });
-    }
+pub async fn serve_unix(listener: UnixListener, ready: impl Fn() -> bool + Send + Sync + 'static) {
+    warren_core::endpoints::serve(listener, "readiness socket", Limits::default(), warn_line, move |req| {
+        match (req.uri().path(), ready()) {
+            ("/healthz/ready", true) => text(StatusCode::OK, "ready\n"),
+            ("/healthz/ready", false) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            _ => text(StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n"),
+        }
+    })
+    .await
 }
 
 /// `ztunnel ready`: asks the readiness socket; Ok when this ztunnel is ready.
@@ -185,9 +141,7 @@ fn route(
         (Endpoints::Metrics, _) => (StatusCode::NOT_FOUND, "endpoints: /metrics /stats/prometheus\n".into()),
         (Endpoints::Readiness, _) => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n".into()),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
+    text(status, body)
 }
 
 fn pretty(value: &serde_json::Value) -> String {

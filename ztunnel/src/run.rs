@@ -10,12 +10,13 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use warren_core::{
+    endpoints::Endpoints,
     model::{NodeConfig, Workload, WorkloadIndex},
     policy::Policies,
 };
 
 use crate::{
-    admin::{self, AdminState, Endpoints},
+    admin::{self, AdminState},
     capture::{self, Capture, CaptureSettings},
     certs::{CaSettings, CertManager},
     cgroup,
