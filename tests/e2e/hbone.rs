@@ -470,6 +470,58 @@ fn metrics_and_readiness_speak_istios_language() {
     }
 }
 
+/// The metrics port is open to the pod network; clients that connect and never send a
+/// request must not pile up in ztunnel (each a task and a descriptor the data path needs):
+/// beyond 64 open ones it closes new ones at once, and it closes silent ones after 10 s.
+#[test]
+fn silent_clients_cannot_hold_the_metrics_port() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(1);
+    let a = cluster.nodes[0].add_pod();
+    let node = cluster.nodes[0].name.clone();
+    let z = Ztunnel::start_with(&cluster.nodes[0], &[a.workload_as(&node, true, "checkout")], &ca, &[]);
+    z.wait_enrolled(&a.name);
+    let pid = z.pid().expect("running");
+    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("its descriptors").count();
+    let before = descriptors();
+    let metrics: SocketAddr = "127.0.0.1:15020".parse().unwrap();
+    let held: Vec<std::net::TcpStream> = cluster.nodes[0].ns.run(move || {
+        (0..200)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).ok())
+            .collect()
+    });
+    assert_eq!(held.len(), 200, "the kernel accepts them all");
+    // Those beyond the limit are closed right away (given ztunnel a moment to take them all
+    // from its accept queue).
+    std::thread::sleep(Duration::from_millis(500));
+    let closed_now = held
+        .iter()
+        .filter(|s| {
+            use std::io::Read;
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            match (&**s).read(&mut [0u8; 1]) {
+                Ok(0) => true,
+                Ok(_) => panic!("bytes from the metrics port without a request"),
+                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            }
+        })
+        .count();
+    let grew = descriptors().saturating_sub(before);
+    assert!(grew <= 64 + 4, "ztunnel holds {grew} more descriptors with 200 silent clients");
+    assert!(closed_now >= 200 - 64 - 4, "only {closed_now} of 200 closed at once");
+    assert!(
+        wait_until(Duration::from_secs(5), || z.log().contains("the most it serves at once")),
+        "no word of the refused connections:\n{}",
+        z.log()
+    );
+    // The silent ones are let go after 10 s, while the test still holds its ends, and the
+    // port answers again.
+    let answered = wait_until(Duration::from_secs(20), || z.get_at(metrics, "/metrics").is_ok());
+    assert!(answered, "the metrics port did not answer again:\n{}", z.log());
+    drop(held);
+}
+
 #[test]
 fn sigterm_drains_open_connections_and_refuses_new_ones() {
     require_root();
