@@ -3,8 +3,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde::Serialize;
+use warren_core::logging::LogFormat;
 
 #[derive(Parser, Clone, Debug, Serialize)]
 #[command(
@@ -137,13 +138,6 @@ pub struct Config {
     /// Log output format.
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 impl Config {

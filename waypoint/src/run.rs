@@ -13,14 +13,14 @@ use warren_core::{certs::CaSettings, endpoints::Endpoints, model::NodeConfig};
 
 use crate::{
     admin,
-    config::{Config, LogFormat},
+    config::Config,
     hbone::HboneClient,
     state::{Snapshot, WaypointState},
     upstream::Clusters,
 };
 
 pub fn run(config: Config) -> Result<()> {
-    warren_core::logging::init(matches!(config.log_format, LogFormat::Json));
+    warren_core::logging::init(config.log_format);
     // 0: one worker per CPU this process may run on (its affinity and cgroup quota).
     let workers = match config.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, usize::from),

@@ -20,7 +20,7 @@ use crate::{
     capture::{self, Capture, CaptureSettings},
     certs::{CaSettings, CertManager},
     cgroup,
-    config::{Config, LogFormat},
+    config::Config,
     hbone::Pool,
     inpod::InPod,
     netns::{self, NetnsRef},
@@ -30,7 +30,7 @@ use crate::{
 pub fn run(config: Config) -> Result<()> {
     // Before any thread exists: every thread returns to this netns after entering a pod's.
     netns::init();
-    warren_core::logging::init(matches!(config.log_format, LogFormat::Json));
+    warren_core::logging::init(config.log_format);
     raise_open_file_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {

@@ -46,10 +46,21 @@ static WRITING: Mutex<()> = Mutex::new(());
 /// Whether the writer thread runs: without it (before [`init`]) lines are written at once.
 static WRITER_RUNNING: AtomicBool = AtomicBool::new(false);
 
+/// How log lines are written (`--log-format`, `WARREN_LOG_FORMAT` of both proxies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Sets up `tracing` for a proxy: stderr through the buffer, one line per event as text or
 /// as a JSON object, filtered by `WARREN_LOG` (`info` by default). The process calls
 /// [`flush`] at exit.
-pub fn init(json: bool) {
+pub fn init(format: LogFormat) {
+    let json = format == LogFormat::Json;
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     flush_on_panic();
