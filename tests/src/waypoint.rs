@@ -58,6 +58,31 @@ impl Waypoint {
         config_file: &std::path::Path,
         ca_args: &[String],
     ) -> Self {
+        Self::start_program(&binary("waypoint"), pod, namespace, name, config_file, ca_args)
+    }
+
+    /// As [`Waypoint::start`], running `program` instead of this build's waypoint (another
+    /// build's, for comparing two side by side).
+    pub fn start_build(
+        program: &std::path::Path,
+        pod: &Pod,
+        namespace: &str,
+        name: &str,
+        config_file: &std::path::Path,
+        ca: &MeshCa,
+    ) -> Self {
+        let ca_args = ["--dev-ca-dir".to_string(), ca.dir.display().to_string()];
+        Self::start_program(program, pod, namespace, name, config_file, &ca_args)
+    }
+
+    fn start_program(
+        program: &std::path::Path,
+        pod: &Pod,
+        namespace: &str,
+        name: &str,
+        config_file: &std::path::Path,
+        ca_args: &[String],
+    ) -> Self {
         let dir = std::env::temp_dir().join("warren-e2e").join(&pod.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let log = dir.join("waypoint.log");
@@ -69,7 +94,7 @@ impl Waypoint {
         };
         let child = pod
             .ns
-            .command(binary("waypoint"))
+            .command(program)
             .args(["--name", name, "--namespace", namespace, "--log-format", "json"])
             .args(ca_args)
             .args(config_args)

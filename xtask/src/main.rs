@@ -93,6 +93,25 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Compare this build's waypoint (A) with another build's (B, e.g. a copy of
+    /// target/release/waypoint from before a change), side by side on the L7 benchmark's bed at
+    /// 1,000 requests/s: CPU per 1,000 requests and p50 latency of each, round by round, and
+    /// the median B/A ratio. Run it once with the same binary on both sides first: that shows
+    /// the rig's own bias and noise (about ±5 % here).
+    BenchWaypointAb {
+        /// The other waypoint binary.
+        #[arg(long)]
+        baseline: std::path::PathBuf,
+        /// Paired rounds (each runs A and B, alternating which goes first).
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
+        /// Length of each run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// HTTP/2 (prior knowledge) instead of HTTP/1.1.
+        #[arg(long)]
+        http2: bool,
+    },
     /// The benchmark's connection holder (started by `bench` inside a pod; not for direct
     /// use): opens COUNT connections to ADDR, prints how many, keeps them until its stdin
     /// closes or HOLD_SECS pass.
@@ -159,6 +178,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { quick, only } => {
             setup::run()?;
             bench::run(quick, only.as_deref())
+        }
+        Command::BenchWaypointAb { baseline, rounds, seconds, http2 } => {
+            setup::run()?;
+            bench::waypoint_ab(&baseline, rounds, seconds, http2)
         }
         Command::BenchHold { addr, count, limit_secs, hold_secs } => {
             bench::hold_main(addr, count, limit_secs, hold_secs)

@@ -81,6 +81,9 @@ struct Bed {
     _echo: Echo,
     _plain_echo: Echo,
     _waypoint_pod: Pod,
+    /// `cargo xtask bench-waypoint-ab`: another build's waypoint beside this one's, serving
+    /// its own copy of the service ([`BASELINE_VIP`]).
+    baseline: Option<Baseline>,
     _server: Pod,
     relays: Vec<Child>,
     config_dir: std::path::PathBuf,
@@ -96,23 +99,39 @@ impl Drop for Bed {
     }
 }
 
-fn setup(work_dir: &std::path::Path) -> Result<Bed> {
+/// The second waypoint of an A/B comparison.
+struct Baseline {
+    _waypoint: Waypoint,
+    pid: u32,
+    _pod: Pod,
+}
+
+/// The service the baseline waypoint serves: the same endpoints as [`Path::Waypoint`]'s.
+const BASELINE_VIP: &str = "10.199.1.12";
+
+fn setup(work_dir: &std::path::Path, baseline: Option<&std::path::Path>) -> Result<Bed> {
     let ca = MeshCa::new();
     let mut cluster = Cluster::new(2);
     let client = cluster.nodes[0].add_pod();
     let server = cluster.nodes[1].add_pod();
     let wp = cluster.nodes[1].add_pod();
+    let baseline_pod = baseline.map(|_| cluster.nodes[1].add_pod());
     // The baselines' pods: not in the mesh config, so never enrolled.
     let plain_client = cluster.nodes[0].add_pod();
     let plain_server = cluster.nodes[1].add_pod();
     let (n0, n1) = (cluster.nodes[0].name.clone(), cluster.nodes[1].name.clone());
     let mut waypoint_workload = wp.workload_as(&n1, false, "waypoint");
     waypoint_workload.labels.insert(WAYPOINT_LABEL.into(), "waypoint".into());
-    let workloads = vec![
+    let mut workloads = vec![
         client.workload_as(&n0, true, "client"),
         server.workload_as(&n1, true, "server"),
         waypoint_workload,
     ];
+    if let Some(pod) = &baseline_pod {
+        let mut w = pod.workload_as(&n1, false, "waypoint-baseline");
+        w.labels.insert(WAYPOINT_LABEL.into(), "waypoint-baseline".into());
+        workloads.push(w);
+    }
     let service = |name: &str, path: Path, waypoint: Option<&str>| Service {
         name: name.into(),
         namespace: "default".into(),
@@ -121,14 +140,15 @@ fn setup(work_dir: &std::path::Path) -> Result<Bed> {
         endpoints: vec![server.name.clone()],
         waypoint: waypoint.map(str::to_string),
     };
-    let config = NodeConfig {
-        workloads: workloads.clone(),
-        services: vec![
-            service("plain", Path::Mesh, None),
-            service("routed", Path::Waypoint, Some("waypoint")),
-        ],
-        ..Default::default()
-    };
+    let mut services =
+        vec![service("plain", Path::Mesh, None), service("routed", Path::Waypoint, Some("waypoint"))];
+    if baseline.is_some() {
+        services.push(Service {
+            vips: vec![BASELINE_VIP.parse().expect("an address")],
+            ..service("routed-baseline", Path::Waypoint, Some("waypoint-baseline"))
+        });
+    }
+    let config = NodeConfig { workloads: workloads.clone(), services, ..Default::default() };
     PIN_CPU.store(0, std::sync::atomic::Ordering::Relaxed);
     let ztunnels: Vec<Ztunnel> =
         cluster.nodes.iter().map(|n| Ztunnel::start_with(n, &workloads, &ca, &[])).collect();
@@ -144,6 +164,14 @@ fn setup(work_dir: &std::path::Path) -> Result<Bed> {
     // Started from this (pinned) thread, the waypoint and the echo servers inherit vCPU 0.
     let waypoint = Waypoint::start(&wp, "default", "waypoint", &config_file, &ca);
     let waypoint_pid = waypoint.pid();
+    let baseline = match (baseline, baseline_pod) {
+        (Some(program), Some(pod)) => {
+            let waypoint =
+                Waypoint::start_build(program, &pod, "default", "waypoint-baseline", &config_file, &ca);
+            Some(Baseline { pid: waypoint.pid(), _waypoint: waypoint, _pod: pod })
+        }
+        _ => None,
+    };
     let echo = Echo::start(&server, APP_PORT, "v1", &[]);
     let plain_echo = Echo::start(&plain_server, APP_PORT, "v1", &[]);
     let front = [(RELAY_PORT, SocketAddr::new(cluster.underlay_ips[1], HOP_PORT), None, None)];
@@ -161,6 +189,7 @@ fn setup(work_dir: &std::path::Path) -> Result<Bed> {
         _echo: echo,
         _plain_echo: plain_echo,
         _waypoint_pod: wp,
+        baseline,
         _server: server,
         relays,
         config_dir,
@@ -209,8 +238,20 @@ fn load(
     duration: Duration,
 ) -> Result<Value> {
     let (pod, url) = bed.target(path);
+    load_url(pod, &url, http2, rate, concurrency, duration).with_context(|| path.name())
+}
+
+/// One `warren-load` run from `pod` to `url`; an error when any request failed.
+fn load_url(
+    pod: &Pod,
+    url: &str,
+    http2: bool,
+    rate: u32,
+    concurrency: u32,
+    duration: Duration,
+) -> Result<Value> {
     let mut args = vec![
-        url,
+        url.to_string(),
         "--duration".into(),
         format!("{:.1}", duration.as_secs_f64()),
         "--rate".into(),
@@ -226,7 +267,7 @@ fn load(
     let summary: Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("warren-load: {}", String::from_utf8_lossy(&out.stderr)))?;
     if summary["successes"] != summary["total"] {
-        bail!("{}: requests failed during the benchmark: {summary}", path.name());
+        bail!("{url}: requests failed during the benchmark: {summary}");
     }
     Ok(summary)
 }
@@ -261,7 +302,7 @@ fn figures(
 }
 
 pub fn run(settings: &Settings, work_dir: &std::path::Path) -> Result<Value> {
-    let bed = setup(work_dir)?;
+    let bed = setup(work_dir, None)?;
     let protocols = [(false, "HTTP/1.1"), (true, "HTTP/2")];
     // Per (path, protocol): the figures of every round, by name.
     let mut samples: Vec<(usize, usize, String, f64)> = Vec::new();
@@ -503,4 +544,64 @@ pub fn markdown(s: &mut String, l7: &Value) {
         l7["waypoint_rss_mib"].as_f64().unwrap_or(f64::NAN)
     );
     super::targets_markdown(s, &l7["targets"]);
+}
+
+/// `cargo xtask bench-waypoint-ab`: this build's waypoint (A) against another build (B), side
+/// by side on one bed, at the L7 benchmark's fixed rate. Rounds alternate which goes first;
+/// the median ratio is what to read, since this machine's speed drifts by tens of percent
+/// over minutes while two runs a few seconds apart see the same machine.
+pub fn waypoint_ab(
+    baseline: &std::path::Path,
+    rounds: usize,
+    run_for: Duration,
+    http2: bool,
+    work_dir: &std::path::Path,
+) -> Result<()> {
+    let bed = setup(work_dir, Some(baseline))?;
+    let b = bed.baseline.as_ref().expect("set up with a baseline");
+    let candidate_url = format!("http://{}:80/", Path::Waypoint.vip());
+    let baseline_url = format!("http://{BASELINE_VIP}:80/");
+    // (CPU seconds per 1,000 requests, p50 µs) of one run through the waypoint `pid`.
+    let run = |url: &str, pid: u32| -> Result<(f64, f64)> {
+        let before = load::cpu_seconds(pid);
+        let summary = load_url(&bed.client, url, http2, RATE, 4, run_for)?;
+        let requests = summary["total"].as_f64().unwrap_or(f64::NAN).max(1.0);
+        let p50 = summary["latencyUs"]["p50"].as_f64().unwrap_or(f64::NAN);
+        Ok(((load::cpu_seconds(pid) - before) / (requests / 1000.0), p50))
+    };
+    // Warm both (connections, pools, caches).
+    run(&candidate_url, bed.waypoint_pid)?;
+    run(&baseline_url, b.pid)?;
+    println!("    round  A cpu/1000  A p50 µs  B cpu/1000  B p50 µs  B/A cpu");
+    let mut ratios = Vec::new();
+    let (mut sum_a, mut sum_b) = (0.0, 0.0);
+    for round in 0..rounds {
+        let (a, bb) = if round % 2 == 0 {
+            let a = run(&candidate_url, bed.waypoint_pid)?;
+            (a, run(&baseline_url, b.pid)?)
+        } else {
+            let bb = run(&baseline_url, b.pid)?;
+            (run(&candidate_url, bed.waypoint_pid)?, bb)
+        };
+        println!(
+            "    {:>5}  {:>10.4}  {:>8.0}  {:>10.4}  {:>8.0}  {:>7.3}",
+            round + 1,
+            a.0,
+            a.1,
+            bb.0,
+            bb.1,
+            bb.0 / a.0
+        );
+        ratios.push(bb.0 / a.0);
+        sum_a += a.0;
+        sum_b += bb.0;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    println!(
+        "==> B/A CPU per request: median {median:.3}, of the sums {:.3} (above 1: this build uses less). \
+         Compare with an A/A run (the same binary as baseline) for the rig's own bias and noise.",
+        sum_b / sum_a
+    );
+    Ok(())
 }

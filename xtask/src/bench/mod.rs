@@ -53,26 +53,7 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         seconds.insert(name.into(), json!(s));
         phase = Instant::now();
     };
-    println!("==> building release binaries");
-    run_checked(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--bin",
-        "ztunnel",
-        "--bin",
-        "waypoint",
-        "--bin",
-        "warren-echo",
-        "--bin",
-        "warren-load",
-        "--bin",
-        "controller",
-    ]))?;
-    // The harness finds binaries beside the running executable; point it at the release ones
-    // (where cargo put them: CARGO_TARGET_DIR when set).
-    // SAFETY: single-threaded at this point.
-    unsafe { std::env::set_var("WARREN_BIN_DIR", target_dir().join("release")) };
+    build_release(&root)?;
 
     crate::setup::ensure_debian_packages(&["haproxy"])?;
     took("build", &mut seconds);
@@ -317,6 +298,56 @@ fn measure_connects(pod: &Pod, dst: SocketAddr, connects: usize) -> Result<Sampl
 }
 
 /// Cargo's target directory: CARGO_TARGET_DIR (relative to the workspace) or `target/`.
+/// Builds the release binaries the benchmarks run and points the harness at them.
+fn build_release(root: &std::path::Path) -> Result<()> {
+    println!("==> building release binaries");
+    run_checked(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "--bin",
+        "ztunnel",
+        "--bin",
+        "waypoint",
+        "--bin",
+        "warren-echo",
+        "--bin",
+        "warren-load",
+        "--bin",
+        "controller",
+    ]))?;
+    // The harness finds binaries beside the running executable; point it at the release ones
+    // (where cargo put them: CARGO_TARGET_DIR when set).
+    // SAFETY: called before any thread is started.
+    unsafe { std::env::set_var("WARREN_BIN_DIR", target_dir().join("release")) };
+    Ok(())
+}
+
+/// `cargo xtask bench-waypoint-ab`: see [`l7::waypoint_ab`].
+pub fn waypoint_ab(baseline: &std::path::Path, rounds: usize, seconds: f64, http2: bool) -> Result<()> {
+    anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!((0.5..=120.0).contains(&seconds), "--seconds takes 0.5 to 120, not {seconds}");
+    let baseline = std::fs::canonicalize(baseline)
+        .with_context(|| format!("--baseline {}: no such waypoint binary", baseline.display()))?;
+    warren_e2e::require_root();
+    let root = workspace_root();
+    build_release(&root)?;
+    load::pin_to_cpu(0)?;
+    let protocol = if http2 { "HTTP/2" } else { "HTTP/1.1" };
+    println!(
+        "==> waypoint A/B: A = this build, B = {}; {rounds} rounds of {seconds} s each at {RATE}/s over {protocol}, every process on CPU 0",
+        baseline.display(),
+        RATE = 1000
+    );
+    l7::waypoint_ab(
+        &baseline,
+        rounds,
+        Duration::from_secs_f64(seconds),
+        http2,
+        &root.join("target/bench/waypoint-ab"),
+    )
+}
+
 fn target_dir() -> std::path::PathBuf {
     let root = workspace_root();
     std::env::var_os("CARGO_TARGET_DIR")
