@@ -492,7 +492,7 @@ fn silent_clients_cannot_hold_the_metrics_port() {
             .collect()
     });
     assert_eq!(held.len(), 200, "the kernel accepts them all");
-    // Those beyond the limit are closed right away (given ztunnel a moment to take them all
+    // Those beyond the limit are closed right away (giving ztunnel a moment to take them all
     // from its accept queue).
     std::thread::sleep(Duration::from_millis(500));
     let closed_now = held

@@ -35,7 +35,8 @@ pub struct Settings {
     pub saturation_duration: Duration,
 }
 
-const RATE: u32 = 1_000;
+/// The fixed request rate of the L7 runs (and of `bench-waypoint-ab`).
+pub const RATE: u32 = 1_000;
 const APP_PORT: u16 = 8080;
 /// The relay pair's ports: the client connects to node 1's RELAY_PORT, which forwards to
 /// node 2's HOP_PORT, which forwards to the server pod.

@@ -297,7 +297,6 @@ fn measure_connects(pod: &Pod, dst: SocketAddr, connects: usize) -> Result<Sampl
     Ok(Sample { median_ns: at(0.5), p99_ns: at(0.99), per_second: connects as f64 / elapsed.as_secs_f64() })
 }
 
-/// Cargo's target directory: CARGO_TARGET_DIR (relative to the workspace) or `target/`.
 /// Builds the release binaries the benchmarks run and points the harness at them.
 fn build_release(root: &std::path::Path) -> Result<()> {
     println!("==> building release binaries");
@@ -335,9 +334,9 @@ pub fn waypoint_ab(baseline: &std::path::Path, rounds: usize, seconds: f64, http
     load::pin_to_cpu(0)?;
     let protocol = if http2 { "HTTP/2" } else { "HTTP/1.1" };
     println!(
-        "==> waypoint A/B: A = this build, B = {}; {rounds} rounds of {seconds} s each at {RATE}/s over {protocol}, every process on CPU 0",
+        "==> waypoint A/B: A = this build, B = {}; {rounds} rounds of {seconds} s each at {}/s over {protocol}, every process on CPU 0",
         baseline.display(),
-        RATE = 1000
+        l7::RATE
     );
     l7::waypoint_ab(
         &baseline,
@@ -348,6 +347,7 @@ pub fn waypoint_ab(baseline: &std::path::Path, rounds: usize, seconds: f64, http
     )
 }
 
+/// Cargo's target directory: CARGO_TARGET_DIR (relative to the workspace) or `target/`.
 fn target_dir() -> std::path::PathBuf {
     let root = workspace_root();
     std::env::var_os("CARGO_TARGET_DIR")
