@@ -5,6 +5,7 @@
 mod admin;
 mod authz;
 mod config;
+mod deadline;
 mod forward;
 mod hbone;
 mod inbound;

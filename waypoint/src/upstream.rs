@@ -32,7 +32,7 @@ use warren_core::{
     model::Workload,
 };
 
-use crate::hbone::HboneClient;
+use crate::{deadline, hbone::HboneClient};
 
 /// Why an upstream attempt failed, with Envoy's response flag.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -448,17 +448,19 @@ impl Clusters {
                 .is_ok()
             {
                 let slot = Arc::new(ConnectionSlot(cluster.clone()));
-                let sender = match pool.and_then(|p| p.connect_timeout_ms) {
-                    Some(ms) => tokio::time::timeout(Duration::from_millis(ms), self.dial(target))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(UpstreamError::Connect(format!(
-                                "{}: no connection within {ms} ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
-                                target.addr
-                            )))
-                        })?,
-                    None => self.dial(target).await?,
-                };
+                let connect_timeout = pool.and_then(|p| p.connect_timeout_ms);
+                // Boxed: dialing (TLS and HTTP handshakes) is rare next to requests on pooled
+                // connections, and its state is most of what a request's future would hold.
+                let dial = Box::pin(self.dial(target));
+                let sender = deadline::within(connect_timeout.map(Duration::from_millis), dial)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(UpstreamError::Connect(format!(
+                            "{}: no connection within {} ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
+                            target.addr,
+                            connect_timeout.unwrap_or_default()
+                        )))
+                    })?;
                 return Ok(PooledConn { sender, requests: 0, slot });
             }
             if pending.is_none() {
