@@ -562,18 +562,25 @@ pub fn waypoint_ab(
     let b = bed.baseline.as_ref().expect("set up with a baseline");
     let candidate_url = format!("http://{}:80/", Path::Waypoint.vip());
     let baseline_url = format!("http://{BASELINE_VIP}:80/");
-    // (CPU seconds per 1,000 requests, p50 µs) of one run through the waypoint `pid`.
-    let run = |url: &str, pid: u32| -> Result<(f64, f64)> {
-        let before = load::cpu_seconds(pid);
+    // One run through the waypoint `pid`: its CPU, write calls and context switches.
+    let run = |url: &str, pid: u32| -> Result<Round> {
+        let before = Counters::read(pid);
         let summary = load_url(&bed.client, url, http2, RATE, 4, run_for)?;
+        let after = Counters::read(pid);
         let requests = summary["total"].as_f64().unwrap_or(f64::NAN).max(1.0);
-        let p50 = summary["latencyUs"]["p50"].as_f64().unwrap_or(f64::NAN);
-        Ok(((load::cpu_seconds(pid) - before) / (requests / 1000.0), p50))
+        Ok(Round {
+            cpu_per_1000: (after.cpu - before.cpu) / (requests / 1000.0),
+            p50_us: summary["latencyUs"]["p50"].as_f64().unwrap_or(f64::NAN),
+            writes_per_request: (after.writes - before.writes) as f64 / requests,
+            switches_per_request: (after.switches - before.switches) as f64 / requests,
+        })
     };
     // Warm both (connections, pools, caches).
     run(&candidate_url, bed.waypoint_pid)?;
     run(&baseline_url, b.pid)?;
-    println!("    round  A cpu/1000  A p50 µs  B cpu/1000  B p50 µs  B/A cpu");
+    println!(
+        "    round  A cpu/1000  A p50 µs  A wr/req  A csw/req  B cpu/1000  B p50 µs  B wr/req  B csw/req  B/A cpu"
+    );
     let mut ratios = Vec::new();
     let (mut sum_a, mut sum_b) = (0.0, 0.0);
     for round in 0..rounds {
@@ -584,18 +591,10 @@ pub fn waypoint_ab(
             let bb = run(&baseline_url, b.pid)?;
             (run(&candidate_url, bed.waypoint_pid)?, bb)
         };
-        println!(
-            "    {:>5}  {:>10.4}  {:>8.0}  {:>10.4}  {:>8.0}  {:>7.3}",
-            round + 1,
-            a.0,
-            a.1,
-            bb.0,
-            bb.1,
-            bb.0 / a.0
-        );
-        ratios.push(bb.0 / a.0);
-        sum_a += a.0;
-        sum_b += bb.0;
+        println!("    {:>5}  {a}  {bb}  {:>7.3}", round + 1, bb.cpu_per_1000 / a.cpu_per_1000);
+        ratios.push(bb.cpu_per_1000 / a.cpu_per_1000);
+        sum_a += a.cpu_per_1000;
+        sum_b += bb.cpu_per_1000;
     }
     ratios.sort_by(f64::total_cmp);
     let median = ratios[ratios.len() / 2];
@@ -605,4 +604,50 @@ pub fn waypoint_ab(
         sum_b / sum_a
     );
     Ok(())
+}
+
+/// One side of one A/B round.
+struct Round {
+    cpu_per_1000: f64,
+    p50_us: f64,
+    /// `write`/`writev` calls (`/proc/PID/io` counts these, not `recvfrom` or `epoll_wait`).
+    writes_per_request: f64,
+    /// Voluntary and involuntary, over all threads.
+    switches_per_request: f64,
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>10.4}  {:>8.0}  {:>8.2}  {:>9.2}",
+            self.cpu_per_1000, self.p50_us, self.writes_per_request, self.switches_per_request
+        )
+    }
+}
+
+/// A process's cumulative CPU seconds, write calls and context switches.
+struct Counters {
+    cpu: f64,
+    writes: u64,
+    switches: u64,
+}
+
+impl Counters {
+    fn read(pid: u32) -> Self {
+        let field = |text: &str, name: &str| -> u64 {
+            text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0)
+        };
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        let switches = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|task| {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                field(&status, "voluntary_ctxt_switches:") + field(&status, "nonvoluntary_ctxt_switches:")
+            })
+            .sum();
+        Self { cpu: load::cpu_seconds(pid), writes: field(&io, "syscw:"), switches }
+    }
 }
