@@ -77,6 +77,8 @@ struct Options<'a> {
     bad_ledger_endpoint: bool,
     /// Start an OTLP collector in the waypoint's netns and sample every trace.
     tracing: bool,
+    /// More waypoint flags.
+    waypoint_args: &'a [&'a str],
 }
 
 fn ledger_vip() -> IpAddr {
@@ -121,13 +123,12 @@ impl Mesh {
             NodeConfig { workloads: workloads.clone(), services: services.clone(), ..Default::default() };
         std::fs::write(&waypoint_config, serde_json::to_vec(&config).unwrap()).unwrap();
         let collector = options.tracing.then(|| warren_e2e::waypoint::Collector::start(&wp, 4318));
-        let tracing_args: &[&str] = if options.tracing {
-            &["--tracing-collector", "127.0.0.1:4318", "--tracing-sampling", "100"]
-        } else {
-            &[]
-        };
+        let mut waypoint_args: Vec<&str> = options.waypoint_args.to_vec();
+        if options.tracing {
+            waypoint_args.extend(["--tracing-collector", "127.0.0.1:4318", "--tracing-sampling", "100"]);
+        }
         let waypoint =
-            Waypoint::start_with_args(&wp, "default", "waypoint", &waypoint_config, &ca, tracing_args);
+            Waypoint::start_with_args(&wp, "default", "waypoint", &waypoint_config, &ca, &waypoint_args);
         let mut node0_pods = vec![&client, &legacy, &v2];
         node0_pods.extend(bad.as_ref());
         for (z, pods) in ztunnels.iter().zip([node0_pods, vec![&v1]]) {
@@ -848,4 +849,71 @@ fn a_destination_rules_connect_timeout_bounds_the_upstream_dial() {
     assert!(detail.contains("connectionPool.tcp.connectTimeout"), "{detail}");
     // The waypoint's own bound (10 s) is what would end it without the rule's.
     assert!(took < Duration::from_secs(5), "answered after {took:?}");
+}
+
+/// `--idle-timeout-secs`: a keep-alive connection with no request in flight is closed after
+/// the bound, while a request that takes longer than the bound is answered in full.
+#[test]
+fn idle_downstream_connections_are_closed_but_long_requests_are_not() {
+    let mesh = Mesh::with(Options { waypoint_args: &["--idle-timeout-secs", "1"], ..Default::default() });
+    let slow = HttpRoute {
+        matches: prefix("/slow"),
+        route: vec![to("v1", 100)],
+        fault: Some(Fault {
+            delay: Some(FaultDelay { fixed_delay_ms: 2500, percentage: 100.0 }),
+            abort: None,
+        }),
+        ..Default::default()
+    };
+    let rest = HttpRoute { route: vec![to("v1", 100)], ..Default::default() };
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![slow, rest])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    });
+    let addr = SocketAddr::new(vip(), 80);
+    let (slow_answer, idle_closed_after) = mesh.client.ns.run(move || {
+        use std::io::{Read, Write};
+        // Reads one response: its head, then as many body bytes as content-length says.
+        fn response(s: &mut std::net::TcpStream) -> String {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let text = String::from_utf8_lossy(&got).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        return text;
+                    }
+                }
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return text,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        }
+        let request = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // 2.5 s in flight on a connection whose idle bound is 1 s.
+        s.write_all(request("/slow").as_bytes()).unwrap();
+        let slow = response(&mut s);
+        // Then nothing: the waypoint closes the connection about a second later.
+        let idle_from = Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = matches!(s.read(&mut buf), Ok(0));
+        (slow, closed.then(|| idle_from.elapsed()))
+    });
+    assert!(slow_answer.starts_with("HTTP/1.1 200"), "{slow_answer}\n{}", mesh.waypoint.log());
+    let after = idle_closed_after
+        .unwrap_or_else(|| panic!("the idle connection was not closed:\n{}", mesh.waypoint.log()));
+    assert!(after >= Duration::from_millis(700) && after < Duration::from_secs(5), "closed after {after:?}");
 }

@@ -131,6 +131,12 @@ pub struct Config {
     #[arg(long, env = "WARREN_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
 
+    /// A client's HTTP connection with no request in flight for this many seconds is closed
+    /// (Envoy's `idle_timeout`, 1 h by default); a request counts until its response body has
+    /// been sent. 0: never.
+    #[arg(long, env = "WARREN_IDLE_TIMEOUT_SECS", default_value_t = 3600)]
+    pub idle_timeout_secs: u64,
+
     /// On SIGTERM: stop accepting, then give open streams this long to finish.
     #[arg(long, env = "WARREN_DRAIN_TIMEOUT_SECS", default_value_t = 5)]
     pub drain_timeout_secs: u64,
@@ -143,6 +149,11 @@ pub struct Config {
 impl Config {
     pub fn service_account(&self) -> &str {
         self.service_account.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The downstream idle timeout, if any.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
     }
 
     pub fn reload_interval(&self) -> Duration {

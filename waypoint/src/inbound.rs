@@ -4,6 +4,7 @@
 //! request by request ([`crate::forward`]), anything else is passed through as TCP.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -12,7 +13,10 @@ use std::{
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::graceful::GracefulConnection,
+};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -26,6 +30,7 @@ use warren_core::{
 
 use crate::{
     forward::{self, Downstream},
+    idle::{self, IdleWatch},
     state::WaypointState,
     upstream::{ClusterKey, HashInput, Protocol},
 };
@@ -136,27 +141,72 @@ async fn serve_stream(
             protocol,
         })
     };
+    let idle_timeout = state.config.idle_timeout();
     match kind {
         Sniffed::Http2 => {
-            let down = down(Protocol::Http2);
-            let svc = service_fn(move |req| forward::handle(state.clone(), down.clone(), req));
-            if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(%client, "HTTP/2 downstream ended: {e}");
-            }
+            let watch = IdleWatch::new();
+            let svc = request_handler(state.clone(), down(Protocol::Http2), watch.clone());
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            serve_until_idle(conn, &watch, idle_timeout, client, "HTTP/2").await;
         }
         Sniffed::Http1 => {
-            let down = down(Protocol::Http1);
-            let svc = service_fn(move |req| forward::handle(state.clone(), down.clone(), req));
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await
-            {
-                debug!(%client, "HTTP/1.1 downstream ended: {e}");
-            }
+            let watch = IdleWatch::new();
+            let svc = request_handler(state.clone(), down(Protocol::Http1), watch.clone());
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            serve_until_idle(conn, &watch, idle_timeout, client, "HTTP/1.1").await;
         }
         Sniffed::Tcp => passthrough(stream, &state, &service, target, client, &peer_identity).await,
+    }
+}
+
+/// The request handler of one downstream connection: each request is in flight for `watch`
+/// until its response body has been sent.
+fn request_handler(
+    state: Arc<WaypointState>,
+    down: Arc<Downstream>,
+    watch: IdleWatch,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<forward::ResponseBody>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<http::Response<forward::ResponseBody>, std::convert::Infallible>> + Send,
+> + Clone {
+    service_fn(move |req| {
+        let busy = watch.busy();
+        let handled = forward::handle(state.clone(), down.clone(), req);
+        async move { handled.await.map(|response| response.map(|body| idle::hold(body, busy))) }
+    })
+}
+
+/// Serves a downstream connection until it ends, or — once it has had no request in flight
+/// for `idle_timeout` — shuts it down gracefully.
+async fn serve_until_idle<C>(
+    conn: C,
+    watch: &IdleWatch,
+    idle_timeout: Option<Duration>,
+    client: SocketAddr,
+    protocol: &str,
+) where
+    C: GracefulConnection<Error = hyper::Error>,
+{
+    tokio::pin!(conn);
+    let idle = async {
+        match idle_timeout {
+            Some(limit) => watch.idle_for(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = idle => {
+            debug!(%client, "{protocol} downstream idle for {idle_timeout:?}: closing (--idle-timeout-secs)");
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        debug!(%client, "{protocol} downstream ended: {e}");
     }
 }
 

@@ -8,6 +8,7 @@ mod config;
 mod deadline;
 mod forward;
 mod hbone;
+mod idle;
 mod inbound;
 mod metrics;
 mod routing;
