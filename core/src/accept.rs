@@ -5,7 +5,10 @@
 //! so — once, then at most once a second with a count, not 20 lines a second.
 
 use std::{
+    collections::HashMap,
     io,
+    net::IpAddr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -14,6 +17,73 @@ use std::{
 /// would hold a task and a file descriptor for good, and enough of them would close the port
 /// to everyone. A mesh peer completes both in milliseconds.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections from one source address that may be in their handshakes at once. A mesh peer
+/// pools its HBONE connections and finishes each handshake in milliseconds, so it never comes
+/// near; one misbehaving client that opens connections and never finishes them is held to
+/// this many descriptors and tasks (each for at most [`HANDSHAKE_TIMEOUT`]) instead of
+/// every descriptor the proxy has.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 128;
+
+/// Connections still in their handshakes, per source address.
+#[derive(Debug)]
+pub struct Handshakes {
+    limit: usize,
+    pending: Mutex<HashMap<IpAddr, usize>>,
+    refusals: Mutex<Throttle>,
+}
+
+impl Handshakes {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { limit, pending: Mutex::default(), refusals: Mutex::default() })
+    }
+
+    /// A slot for one more connection from `source` until its handshakes end (the slot drops),
+    /// or `Err` with a line for the log when one is due (at most one a second) if the source
+    /// already has [`Self::limit`](MAX_HANDSHAKES_PER_SOURCE) pending.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<HandshakeSlot, Option<String>> {
+        {
+            let mut pending = self.pending.lock().expect("poisoned");
+            let count = pending.entry(source).or_default();
+            if *count < self.limit {
+                *count += 1;
+                return Ok(HandshakeSlot { handshakes: self.clone(), source });
+            }
+        }
+        let refused = self.refusals.lock().expect("poisoned").note(Instant::now());
+        Err(refused.map(|n| {
+            format!(
+                "closed {n} connection(s) from {source} at once: it already has {} that have not finished their TLS and HTTP/2 handshakes (the most one source may have; each is let go after {} s)",
+                self.limit,
+                HANDSHAKE_TIMEOUT.as_secs()
+            )
+        }))
+    }
+
+    /// Sources with connections in their handshakes now.
+    pub fn sources(&self) -> usize {
+        self.pending.lock().expect("poisoned").len()
+    }
+}
+
+/// One connection's place among its source's pending handshakes.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    handshakes: Arc<Handshakes>,
+    source: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut pending = self.handshakes.pending.lock().expect("poisoned");
+        if let Some(count) = pending.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// How long an accept loop waits after a failure before it tries again.
 pub const PAUSE: Duration = Duration::from_millis(50);
@@ -82,6 +152,26 @@ impl AcceptErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_source_is_held_to_its_pending_handshakes_and_others_are_not() {
+        let handshakes = Handshakes::new(3);
+        let (greedy, other): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let held: Vec<HandshakeSlot> = (0..3).map(|_| handshakes.admit(greedy).unwrap()).collect();
+        let refused = handshakes.admit(greedy).unwrap_err().expect("the first refusal is reported");
+        assert!(
+            refused.contains("from 10.0.0.1") && refused.contains("3 that have not finished"),
+            "{refused}"
+        );
+        assert_eq!(handshakes.admit(greedy).unwrap_err(), None, "the next within the second is only counted");
+        let _other = handshakes.admit(other).expect("another source is unaffected");
+        // A finished handshake frees its place; all of them, the source's entry.
+        drop(held);
+        let again = handshakes.admit(greedy).expect("room again once handshakes end");
+        drop(again);
+        drop(_other);
+        assert_eq!(handshakes.sources(), 0);
+    }
 
     #[test]
     fn a_lasting_failure_is_reported_once_a_second_with_a_count() {

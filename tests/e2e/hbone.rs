@@ -522,6 +522,80 @@ fn silent_clients_cannot_hold_the_metrics_port() {
     drop(held);
 }
 
+/// One source that opens HBONE connections and never handshakes is held to its share
+/// (`MAX_HANDSHAKES_PER_SOURCE`, 128): the rest are closed at once, ztunnel keeps its
+/// descriptors, and another pod's traffic to the same pod still flows.
+#[test]
+fn one_source_cannot_fill_the_hbone_port_with_unfinished_handshakes() {
+    require_root();
+    let ca = MeshCa::new();
+    let mut cluster = Cluster::new(1);
+    let (server, client, flooder) =
+        (cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod(), cluster.nodes[0].add_pod());
+    let node = cluster.nodes[0].name.clone();
+    // The flooder is not enrolled: its connections to port 15008 reach ztunnel as they are.
+    let z = Ztunnel::start_with(
+        &cluster.nodes[0],
+        &[server.workload(&node, true), client.workload(&node, true), flooder.workload(&node, false)],
+        &ca,
+        &[],
+    );
+    z.wait_enrolled(&server.name);
+    z.wait_enrolled(&client.name);
+    let _app = Server::start(&server, APP_PORT);
+    let pid = z.pid().expect("running");
+    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("its descriptors").count();
+    let before = descriptors();
+    let hbone = SocketAddr::new(server.ipv4, 15008);
+    let held: Vec<std::net::TcpStream> = flooder.ns.run(move || {
+        // In batches, so that the listener's queue never overflows: what ztunnel closes is
+        // then its own doing, not the kernel's.
+        (0..300)
+            .filter_map(|i| {
+                if i % 20 == 19 {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(1)).ok()
+            })
+            .collect()
+    });
+    assert_eq!(held.len(), 300, "the kernel accepts them all");
+    // Time for ztunnel to take them all from the listener's queue.
+    std::thread::sleep(Duration::from_secs(2));
+    let grew = descriptors().saturating_sub(before);
+    // Non-blocking reads: the whole look takes milliseconds, well inside the 10 s after
+    // which ztunnel lets every silent connection go anyway.
+    let closed_now = held
+        .iter()
+        .filter(|s| {
+            use std::io::Read;
+            s.set_nonblocking(true).unwrap();
+            match (&**s).read(&mut [0u8; 1]) {
+                Ok(0) => true,
+                Ok(_) => panic!("bytes from the HBONE port before a TLS hello"),
+                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            }
+        })
+        .count();
+    assert!(
+        grew <= 128 + 8,
+        "ztunnel holds {grew} more descriptors for one silent source ({closed_now} closed)"
+    );
+    assert!(closed_now >= 300 - 128 - 8, "only {closed_now} of 300 closed at once (ztunnel grew {grew})");
+    assert!(
+        wait_until(Duration::from_secs(5), || z
+            .log()
+            .contains("have not finished their TLS and HTTP/2 handshakes")),
+        "no word of the refused connections:\n{}",
+        z.log()
+    );
+    // Meanwhile another source's connection to the same pod is served.
+    let mut c = Client::connect(&client, SocketAddr::new(server.ipv4, APP_PORT)).expect("connect");
+    c.greeting().expect("greeting through HBONE while the flood is held");
+    assert_eq!(c.echo("unaffected").unwrap(), "unaffected");
+    drop(held);
+}
+
 #[test]
 fn sigterm_drains_open_connections_and_refuses_new_ones() {
     require_root();

@@ -23,7 +23,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 use warren_core::{
-    accept::AcceptErrors,
+    accept::{AcceptErrors, HandshakeSlot},
     hbone::{ConnectRequest, H2Stream},
     identity::SpiffeId,
 };
@@ -51,15 +51,28 @@ pub async fn serve(
             _ = draining.changed() => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                tokio::spawn(serve_connection(stream, peer, state.clone()));
-            }
+            // Before a task exists: a source over its pending handshakes is closed at once.
+            Ok((stream, peer)) => match state.handshakes.admit(peer.ip()) {
+                Ok(handshake) => {
+                    tokio::spawn(serve_connection(stream, peer, state.clone(), handshake));
+                }
+                Err(report) => {
+                    if let Some(line) = report {
+                        warn!("HBONE port: {line}");
+                    }
+                }
+            },
             Err(e) => errors.back_off(&e, |line| warn!("HBONE port: {line}")).await,
         }
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<WaypointState>) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<WaypointState>,
+    handshake: HandshakeSlot,
+) {
     let certs = &state.certs;
     let (own, bundle) = match (certs.get(&state.identity).await, certs.bundle()) {
         (Ok(own), Ok(bundle)) => (own, bundle),
@@ -75,6 +88,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<Waypoi
             return;
         }
     };
+    drop(handshake);
     while let Some(next) = connection.accept().await {
         let Ok((request, respond)) = next else { break };
         let (state, peer_identity) = (state.clone(), peer_identity.clone());

@@ -11,6 +11,7 @@ use std::{
 };
 
 use warren_core::{
+    accept::{Handshakes, MAX_HANDSHAKES_PER_SOURCE},
     certs::CertManager,
     identity::SpiffeId,
     l7::DestinationRule,
@@ -57,6 +58,8 @@ pub struct WaypointState {
     pub metrics: Metrics,
     pub ready: AtomicBool,
     pub open_streams: AtomicUsize,
+    /// HBONE connections still in their handshakes, per source.
+    pub handshakes: Arc<Handshakes>,
     /// Where sampled spans go, when a collector is configured.
     pub exporter: Option<Exporter>,
     /// The config stream's state, when config comes from the controller.
@@ -85,6 +88,7 @@ impl WaypointState {
             metrics: Metrics::default(),
             ready: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
+            handshakes: Handshakes::new(MAX_HANDSHAKES_PER_SOURCE),
             exporter,
             stream: Default::default(),
             me: me.clone(),

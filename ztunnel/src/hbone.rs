@@ -23,6 +23,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 use warren_core::{
+    accept::HandshakeSlot,
     hbone::{self, ConnectRequest, H2Stream},
     identity::SpiffeId,
 };
@@ -282,7 +283,12 @@ impl AsyncWrite for PooledStream {
 
 /// Server side: one TCP connection accepted on a pod's 15008 listener. Terminates mTLS with
 /// the pod's own certificate, then serves CONNECT streams until the peer goes away.
-pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    handshake: HandshakeSlot,
+) {
     let certs = &pod.proxy.certs;
     let identity = pod.workload.identity(&pod.proxy.trust_domain);
     let own = match certs.get(&identity).await {
@@ -306,6 +312,7 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, pod: Arc<PodC
             return;
         }
     };
+    drop(handshake);
     let mut draining = pod.proxy.draining.subscribe();
     let mut going_away = false;
     loop {

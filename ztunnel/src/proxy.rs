@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 use warren_core::{
-    accept::AcceptErrors,
+    accept::{AcceptErrors, Handshakes},
     hbone::{ConnectRequest, baggage, new_traceparent},
     model::{Workload, WorkloadIndex},
     policy::Policies,
@@ -62,6 +62,9 @@ pub struct Proxy {
     /// peers (GOAWAY) to open new streams elsewhere — on a new connection, which reaches the
     /// ztunnel that took over — while the streams they carry run on.
     pub draining: watch::Sender<bool>,
+    /// HBONE connections still in their handshakes, per source: one source is held to
+    /// [`warren_core::accept::MAX_HANDSHAKES_PER_SOURCE`].
+    pub handshakes: Arc<Handshakes>,
 }
 
 impl Proxy {
@@ -183,16 +186,28 @@ fn handle(stream: TcpStream, peer: SocketAddr, pod: &Arc<PodContext>, direction:
     // delayed ACK.
     let _ = stream.set_nodelay(true);
     let pod = pod.clone();
-    tokio::spawn(async move {
-        match direction {
-            Direction::Outbound => outbound(stream, peer, &pod).await,
-            Direction::InboundPlaintext => inbound_plaintext(stream, peer, &pod).await,
-            Direction::Hbone => {
-                pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
-                hbone::serve_connection(stream, peer, pod).await
-            }
+    match direction {
+        Direction::Outbound => {
+            tokio::spawn(async move { outbound(stream, peer, &pod).await });
         }
-    });
+        Direction::InboundPlaintext => {
+            tokio::spawn(async move { inbound_plaintext(stream, peer, &pod).await });
+        }
+        Direction::Hbone => {
+            // Before a task exists: a source over its pending handshakes is closed at once.
+            let handshake = match pod.proxy.handshakes.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(report) => {
+                    if let Some(line) = report {
+                        warn!(pod = pod.pod, "HBONE port: {line}");
+                    }
+                    return;
+                }
+            };
+            pod.proxy.stats.hbone_accepted.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(hbone::serve_connection(stream, peer, pod, handshake));
+        }
+    }
 }
 
 async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {

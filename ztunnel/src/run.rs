@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use warren_core::{
+    accept::{Handshakes, MAX_HANDSHAKES_PER_SOURCE},
     endpoints::Endpoints,
     model::{NodeConfig, Workload, WorkloadIndex},
     policy::Policies,
@@ -110,6 +111,7 @@ async fn serve(config: Config) -> Result<()> {
         trust_domain: config.trust_domain.clone(),
         connect_timeout: Duration::from_millis(config.connect_timeout_ms),
         draining: tokio::sync::watch::Sender::new(false),
+        handshakes: Handshakes::new(MAX_HANDSHAKES_PER_SOURCE),
     });
     let inpod = Arc::new(InPod::new(proxy.clone(), tokio::runtime::Handle::current()));
     let state = Arc::new(AdminState {
