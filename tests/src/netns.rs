@@ -18,6 +18,8 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Self {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(remove_orphans);
         sh("ip", &["netns", "add", name]);
         let ns = Netns { name: name.to_string(), deleted: false };
         // No IPv6 duplicate address detection: addresses (link-local ones included) are usable
@@ -84,5 +86,78 @@ impl Drop for Netns {
         if !self.deleted {
             let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
         }
+    }
+}
+
+/// Deletes the namespaces that test processes no longer alive left behind. Drop deletes a
+/// test's namespaces, also when it fails; a process that dies without unwinding (killed by a
+/// timeout, aborted by a panic inside a panic, SIGPIPE'd when its output was cut short)
+/// cannot, so the next run cleans up. Names are `w` + role + pid % 100,000 + `x` + counter
+/// ([`crate::unique_name`]); one whose pid residue matches any live process is kept.
+fn remove_orphans() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    // Processes read after the list: a namespace listed was made by a process that existed
+    // then, so one started meanwhile is never mistaken for dead.
+    let live = live_pid_residues();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if orphan_pid(name).is_some_and(|pid| !live.contains(&pid)) {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// The pid residue in a namespace name of this harness (`wp12345x6`, `wn...`, `wu...`).
+fn orphan_pid(name: &str) -> Option<u32> {
+    let rest =
+        name.strip_prefix("wp").or_else(|| name.strip_prefix("wn")).or_else(|| name.strip_prefix("wu"))?;
+    let (pid, counter) = rest.split_once('x')?;
+    counter.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// pid % 100,000 of every live process.
+fn live_pid_residues() -> std::collections::HashSet<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .map(|pid| pid % 100_000)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_harness_names_carry_a_pid() {
+        assert_eq!(orphan_pid("wp19978x4"), Some(19978));
+        assert_eq!(orphan_pid("wu19978x3"), Some(19978));
+        assert_eq!(orphan_pid("wn7x0"), Some(7));
+        assert_eq!(orphan_pid("cni-1234"), None);
+        assert_eq!(orphan_pid("wpx1"), None);
+        assert_eq!(orphan_pid("wp12x"), None);
+    }
+
+    /// For real: a namespace of a dead process goes, one of this process stays.
+    #[test]
+    fn a_dead_processes_namespaces_are_removed_and_live_ones_kept() {
+        crate::require_root();
+        let live = live_pid_residues();
+        let dead = (1..100_000).rev().find(|r| !live.contains(r)).expect("a residue no process has");
+        let orphan = format!("wu{dead}x0");
+        sh("ip", &["netns", "add", &orphan]);
+        let mine = Netns::new(&crate::unique_name("wu"));
+        remove_orphans();
+        let names = sh("ip", &["netns", "list"]);
+        let listed = |n: &str| names.lines().any(|l| l.split_whitespace().next() == Some(n));
+        let gone = !listed(&orphan);
+        if !gone {
+            let _ = Command::new("ip").args(["netns", "del", &orphan]).status();
+        }
+        assert!(gone, "{orphan} was left:\n{names}");
+        assert!(listed(&mine.name), "{} was removed:\n{names}", mine.name);
     }
 }
