@@ -470,6 +470,28 @@ fn metrics_and_readiness_speak_istios_language() {
     }
 }
 
+/// How many file descriptors process `pid` has open.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("its descriptors").count()
+}
+
+/// Of connections a client opened to `port` and never wrote to, how many the server has
+/// closed already. Non-blocking reads: hundreds take milliseconds, well inside the 10 s after
+/// which a server lets every silent connection go anyway.
+fn closed_by_server(held: &[std::net::TcpStream], port: &str) -> usize {
+    use std::io::Read;
+    held.iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            match (&**s).read(&mut [0u8; 1]) {
+                Ok(0) => true,
+                Ok(_) => panic!("bytes from {port} before the client sent any"),
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        })
+        .count()
+}
+
 /// The metrics port is open to the pod network; clients that connect and never send a
 /// request must not pile up in ztunnel (each a task and a descriptor the data path needs):
 /// beyond 64 open ones it closes new ones at once, and it closes silent ones after 10 s.
@@ -483,8 +505,7 @@ fn silent_clients_cannot_hold_the_metrics_port() {
     let z = Ztunnel::start_with(&cluster.nodes[0], &[a.workload_as(&node, true, "checkout")], &ca, &[]);
     z.wait_enrolled(&a.name);
     let pid = z.pid().expect("running");
-    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("its descriptors").count();
-    let before = descriptors();
+    let before = open_descriptors(pid);
     let metrics: SocketAddr = "127.0.0.1:15020".parse().unwrap();
     let held: Vec<std::net::TcpStream> = cluster.nodes[0].ns.run(move || {
         (0..200)
@@ -495,19 +516,8 @@ fn silent_clients_cannot_hold_the_metrics_port() {
     // Those beyond the limit are closed right away (giving ztunnel a moment to take them all
     // from its accept queue).
     std::thread::sleep(Duration::from_millis(500));
-    let closed_now = held
-        .iter()
-        .filter(|s| {
-            use std::io::Read;
-            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            match (&**s).read(&mut [0u8; 1]) {
-                Ok(0) => true,
-                Ok(_) => panic!("bytes from the metrics port without a request"),
-                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-            }
-        })
-        .count();
-    let grew = descriptors().saturating_sub(before);
+    let grew = open_descriptors(pid).saturating_sub(before);
+    let closed_now = closed_by_server(&held, "the metrics port");
     assert!(grew <= 64 + 4, "ztunnel holds {grew} more descriptors with 200 silent clients");
     assert!(closed_now >= 200 - 64 - 4, "only {closed_now} of 200 closed at once");
     assert!(
@@ -544,8 +554,7 @@ fn one_source_cannot_fill_the_hbone_port_with_unfinished_handshakes() {
     z.wait_enrolled(&client.name);
     let _app = Server::start(&server, APP_PORT);
     let pid = z.pid().expect("running");
-    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).expect("its descriptors").count();
-    let before = descriptors();
+    let before = open_descriptors(pid);
     let hbone = SocketAddr::new(server.ipv4, 15008);
     let held: Vec<std::net::TcpStream> = flooder.ns.run(move || {
         // In batches, so that the listener's queue never overflows: what ztunnel closes is
@@ -562,21 +571,8 @@ fn one_source_cannot_fill_the_hbone_port_with_unfinished_handshakes() {
     assert_eq!(held.len(), 300, "the kernel accepts them all");
     // Time for ztunnel to take them all from the listener's queue.
     std::thread::sleep(Duration::from_secs(2));
-    let grew = descriptors().saturating_sub(before);
-    // Non-blocking reads: the whole look takes milliseconds, well inside the 10 s after
-    // which ztunnel lets every silent connection go anyway.
-    let closed_now = held
-        .iter()
-        .filter(|s| {
-            use std::io::Read;
-            s.set_nonblocking(true).unwrap();
-            match (&**s).read(&mut [0u8; 1]) {
-                Ok(0) => true,
-                Ok(_) => panic!("bytes from the HBONE port before a TLS hello"),
-                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
-            }
-        })
-        .count();
+    let grew = open_descriptors(pid).saturating_sub(before);
+    let closed_now = closed_by_server(&held, "the HBONE port");
     assert!(
         grew <= 128 + 8,
         "ztunnel holds {grew} more descriptors for one silent source ({closed_now} closed)"
