@@ -4,6 +4,7 @@
 //! operations. Every request ends in one access-log line and one metrics sample.
 
 use std::{
+    borrow::Cow,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -24,7 +25,7 @@ use warren_core::{
 use crate::{
     authz::{self, RequestAttributes},
     deadline,
-    metrics::{RequestLabels, SeriesHandle, Side},
+    metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
     trace::{Span, TraceContext},
@@ -36,6 +37,10 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
 /// The CONNECT stream a request arrived on.
 pub struct Downstream {
     pub service: Arc<Service>,
+    /// The service's metric labels, its FQDN among them (built once per stream).
+    pub service_labels: Interned<ServiceLabels>,
+    /// The source's metric labels when the client is not a known workload: the HBONE peer's.
+    pub peer_side: Interned<Side>,
     /// The service port the client dialed (the CONNECT authority's port).
     pub port: u16,
     pub peer_identity: SpiffeId,
@@ -86,20 +91,18 @@ pub async fn handle(
     let response = process(&state, &snapshot, &down, source.as_deref(), req, &trace, &mut outcome).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    let flags = if outcome.flags.is_empty() { "-".to_string() } else { outcome.flags.join(",") };
-    let destination = match &outcome.upstream {
-        Some(w) => Side::of(w, &state.config.trust_domain),
-        None => Side::unknown(),
+    let flags: Cow<'static, str> = match outcome.flags[..] {
+        [] => "-".into(),
+        [one] => one.into(),
+        ref many => many.join(",").into(),
+    };
+    let side_of = |w: &Workload| {
+        snapshot.metric_side(w, || state.metrics.side(Side::of(w, &state.config.trust_domain)))
     };
     let labels = RequestLabels {
-        source: match &source {
-            Some(w) => Side::of(w, &state.config.trust_domain),
-            None => Side::from_identity(&down.peer_identity),
-        },
-        destination,
-        destination_service: down.service.hostname(),
-        destination_service_name: down.service.name.clone(),
-        destination_service_namespace: down.service.namespace.clone(),
+        source: source.as_deref().map_or_else(|| down.peer_side.clone(), side_of),
+        destination: outcome.upstream.as_deref().map_or_else(|| state.metrics.unknown_side(), side_of),
+        service: down.service_labels.clone(),
         request_protocol: "http",
         response_code: status,
         response_flags: flags.clone(),
@@ -109,7 +112,7 @@ pub async fn handle(
         exporter.export(Span {
             context: trace.clone(),
             // Istio's span name: the service authority and a wildcard path.
-            name: format!("{}:{}/*", down.service.hostname(), down.port),
+            name: format!("{}:{}/*", down.service_labels.hostname, down.port),
             start: span_start,
             end: std::time::SystemTime::now(),
             attributes: vec![
@@ -130,11 +133,11 @@ pub async fn handle(
         path,
         protocol = ?down.protocol,
         status,
-        response_flags = flags,
+        response_flags = &*flags,
         duration_ms = elapsed.as_millis() as u64,
         src = %down.client,
         src_identity = %down.peer_identity,
-        service = down.service.hostname(),
+        service = down.service_labels.hostname,
         route = outcome.route,
         upstream_cluster = outcome.upstream_cluster,
         upstream = outcome.upstream.as_ref().map(|w| w.display_name()).unwrap_or_default(),
@@ -202,7 +205,7 @@ async fn process(
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_else(|| down.service.hostname());
+        .unwrap_or_else(|| down.service_labels.hostname.clone());
 
     // 1. L7 authorization.
     let attributes = RequestAttributes {
@@ -223,7 +226,7 @@ async fn process(
     }
 
     // 2. Route selection.
-    let host = down.service.hostname();
+    let host = &down.service_labels.hostname;
     let facts = RequestFacts {
         method: parts.method.as_str(),
         path: &path,
@@ -234,10 +237,10 @@ async fn process(
         port: down.port,
         source,
     };
-    let selected = snapshot.routes.select(&host, &facts);
+    let selected = snapshot.routes.select(host, &facts);
     let (route, matched) = match selected {
         Some((route, matched)) => (Some(route), matched),
-        None if snapshot.routes.has_routes(&host) => {
+        None if snapshot.routes.has_routes(host) => {
             out.flags.push("NR");
             out.detail = format!("no route of the VirtualServices for {host} matched");
             return text_response(StatusCode::NOT_FOUND, "no route matched\n");
@@ -618,15 +621,16 @@ fn apply(ops: &HeaderOperations, headers: &mut HeaderMap) {
 
 /// Headers that belong to one hop and must not be forwarded.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "te",
-        "http2-settings",
-    ] {
+    const HOP_BY_HOP: [HeaderName; 7] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+        HeaderName::from_static("http2-settings"),
+    ];
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     // The body is re-sent whole; hyper sets the length it has.
@@ -636,18 +640,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// `x-forwarded-for`, and an `x-request-id` when the client sent none, as Envoy adds them.
 fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    use std::fmt::Write as _;
+    const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    let mut xff = String::with_capacity(64);
+    if let Some(existing) = headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        xff.push_str(existing);
+        xff.push_str(", ");
     }
-    if !headers.contains_key("x-request-id") {
-        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let _ = write!(xff, "{}", client.ip());
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(FORWARDED_FOR, v);
+    }
+    if !headers.contains_key(REQUEST_ID) {
+        let mut id = String::with_capacity(32);
+        crate::trace::push_hex(&mut id, fastrand::u128(..), 16);
         if let Ok(v) = HeaderValue::from_str(&id) {
-            headers.insert("x-request-id", v);
+            headers.insert(REQUEST_ID, v);
         }
     }
 }

@@ -146,9 +146,13 @@ async fn serve_stream(
     let sniff_timeout = Duration::from_millis(state.config.sniff_timeout_ms);
     let (kind, prefix) = sniff(&mut stream, sniff_timeout).await;
     stream.unread(prefix);
+    let service_labels = state.metrics.service(&service);
+    let peer_side = state.metrics.side(crate::metrics::Side::from_identity(&peer_identity));
     let down = |protocol| {
         Arc::new(Downstream {
             service: service.clone(),
+            service_labels: service_labels.clone(),
+            peer_side: peer_side.clone(),
             port: target.port(),
             peer_identity: peer_identity.clone(),
             client,

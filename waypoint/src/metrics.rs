@@ -4,9 +4,11 @@
 //! the dashboards people already have work.
 
 use std::{
-    collections::BTreeMap,
+    borrow::Cow,
+    collections::{HashMap, HashSet},
     fmt::Write as _,
-    sync::{Arc, Mutex},
+    hash::{Hash, Hasher},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use warren_core::{identity::SpiffeId, model::Workload};
@@ -18,7 +20,7 @@ const BUCKETS_MS: [f64; 19] = [
 ];
 
 /// One side of a request as the labels describe it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Side {
     pub workload: String,
     pub namespace: String,
@@ -53,18 +55,78 @@ impl Side {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// The destination service as the labels name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceLabels {
+    /// The service's FQDN.
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+/// A label value interned by [`Metrics`]: equal values share one allocation, so a request
+/// finds its series by comparing pointers instead of a dozen strings, and builds no strings.
+/// Only [`Metrics`] makes them, which is what makes pointer equality value equality.
+#[derive(Debug)]
+pub struct Interned<T>(Arc<T>);
+
+impl<T> Clone for Interned<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for Interned<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> PartialEq for Interned<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T> Eq for Interned<T> {}
+
+impl<T> Hash for Interned<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}
+
+/// One value per content, for the life of the process (as the series that use them).
+struct Interner<T>(Mutex<HashSet<Arc<T>>>);
+
+impl<T> Default for Interner<T> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<T: Hash + Eq> Interner<T> {
+    fn intern(&self, value: T) -> Interned<T> {
+        let mut set = self.0.lock().expect("poisoned");
+        if let Some(known) = set.get(&value) {
+            return Interned(known.clone());
+        }
+        let new = Arc::new(value);
+        set.insert(new.clone());
+        Interned(new)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
-    pub source: Side,
-    pub destination: Side,
-    /// Service FQDN.
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub source: Interned<Side>,
+    pub destination: Interned<Side>,
+    pub service: Interned<ServiceLabels>,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     pub response_code: u16,
-    pub response_flags: String,
+    pub response_flags: Cow<'static, str>,
 }
 
 /// Istio's size buckets (bytes): powers of ten.
@@ -113,7 +175,10 @@ struct Series {
 
 #[derive(Default)]
 pub struct Metrics {
-    series: Mutex<BTreeMap<RequestLabels, Arc<Mutex<Series>>>>,
+    series: Mutex<HashMap<RequestLabels, Arc<Mutex<Series>>>>,
+    sides: Interner<Side>,
+    services: Interner<ServiceLabels>,
+    unknown: OnceLock<Interned<Side>>,
 }
 
 /// One series, for what is recorded later (the response size, once the body is sent) without
@@ -139,18 +204,43 @@ impl Metrics {
         SeriesHandle(cell)
     }
 
+    /// `side` as a label value (built once per workload and config version: see
+    /// [`crate::state::Snapshot::metric_side`]).
+    pub fn side(&self, side: Side) -> Interned<Side> {
+        self.sides.intern(side)
+    }
+
+    pub fn unknown_side(&self) -> Interned<Side> {
+        self.unknown.get_or_init(|| self.sides.intern(Side::unknown())).clone()
+    }
+
+    pub fn service(&self, service: &warren_core::model::Service) -> Interned<ServiceLabels> {
+        self.services.intern(ServiceLabels {
+            hostname: service.hostname(),
+            name: service.name.clone(),
+            namespace: service.namespace.clone(),
+        })
+    }
+
     pub fn total(&self) -> u64 {
         self.series.lock().expect("poisoned").values().map(|s| s.lock().expect("poisoned").count).sum()
     }
 
     pub fn render(&self) -> String {
-        let series = self.series.lock().expect("poisoned");
+        // Rendered label sets, sorted so that the page reads the same from scrape to scrape.
+        let series: Vec<(String, Arc<Mutex<Series>>)> = {
+            let map = self.series.lock().expect("poisoned");
+            let mut rendered: Vec<_> =
+                map.iter().map(|(labels, s)| (render_labels(labels), s.clone())).collect();
+            rendered.sort_by(|a, b| a.0.cmp(&b.0));
+            rendered
+        };
         let mut out = String::new();
         out.push_str("# HELP istio_requests_total Requests handled by the waypoint.\n");
         out.push_str("# TYPE istio_requests_total counter\n");
-        for (labels, s) in series.iter() {
+        for (labels, s) in &series {
             let count = s.lock().expect("poisoned").count;
-            let _ = writeln!(out, "istio_requests_total{{{}}} {count}", render_labels(labels));
+            let _ = writeln!(out, "istio_requests_total{{{labels}}} {count}");
         }
         type Pick = fn(&Series) -> &Histogram;
         let histograms: [(&str, &str, &[f64], Pick); 3] = [
@@ -166,8 +256,8 @@ impl Metrics {
         for (name, help, bounds, pick) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} histogram");
-            for (labels, s) in series.iter() {
-                pick(&s.lock().expect("poisoned")).render(&mut out, name, &render_labels(labels), bounds);
+            for (labels, s) in &series {
+                pick(&s.lock().expect("poisoned")).render(&mut out, name, labels, bounds);
             }
         }
         out
@@ -193,9 +283,9 @@ fn render_labels(l: &RequestLabels) -> String {
         ("destination_app", &l.destination.app),
         ("destination_canonical_service", &l.destination.app),
         ("destination_version", &l.destination.version),
-        ("destination_service", &l.destination_service),
-        ("destination_service_name", &l.destination_service_name),
-        ("destination_service_namespace", &l.destination_service_namespace),
+        ("destination_service", &l.service.hostname),
+        ("destination_service_name", &l.service.name),
+        ("destination_service_namespace", &l.service.namespace),
         ("request_protocol", l.request_protocol),
         ("response_code", &l.response_code.to_string()),
         ("response_flags", &l.response_flags),
@@ -208,15 +298,25 @@ fn render_labels(l: &RequestLabels) -> String {
 mod tests {
     use super::*;
 
+    fn payment_service() -> warren_core::model::Service {
+        warren_core::model::Service {
+            name: "payment".into(),
+            namespace: "shop".into(),
+            vips: vec![],
+            ports: vec![],
+            endpoints: vec![],
+            waypoint: None,
+        }
+    }
+
     #[test]
     fn renders_istio_names_and_counts() {
         let m = Metrics::default();
+        let service = payment_service();
         let labels = RequestLabels {
-            source: Side::unknown(),
-            destination: Side { version: "v2".into(), ..Side::unknown() },
-            destination_service: "payment.shop.svc.cluster.local".into(),
-            destination_service_name: "payment".into(),
-            destination_service_namespace: "shop".into(),
+            source: m.unknown_side(),
+            destination: m.side(Side { version: "v2".into(), ..Side::unknown() }),
+            service: m.service(&service),
             request_protocol: "http",
             response_code: 200,
             response_flags: "-".into(),
@@ -235,5 +335,29 @@ mod tests {
         assert!(text.contains("istio_response_bytes_bucket{reporter=\"waypoint\""), "{text}");
         assert!(text.contains("le=\"10000\"} 1"), "{text}");
         assert_eq!(m.total(), 2);
+    }
+
+    #[test]
+    fn equal_labels_interned_twice_are_one_series() {
+        let m = Metrics::default();
+        let service = payment_service();
+        // As after a config reload: every value built and interned anew.
+        let labels = |m: &Metrics| RequestLabels {
+            source: m.side(Side { workload: "checkout".into(), ..Side::unknown() }),
+            destination: m.unknown_side(),
+            service: m.service(&service),
+            request_protocol: "http",
+            response_code: 503,
+            response_flags: "UH".into(),
+        };
+        m.record(labels(&m), 1.0, 0);
+        m.record(labels(&m), 1.0, 0);
+        let text = m.render();
+        assert_eq!(text.matches("istio_requests_total{").count(), 1, "{text}");
+        assert!(text.contains("source_workload=\"checkout\""), "{text}");
+        assert!(
+            text.contains("response_flags=\"UH\",connection_security_policy=\"mutual_tls\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        Arc, RwLock, Weak,
+        Arc, Mutex, RwLock, Weak,
         atomic::{AtomicBool, AtomicUsize},
     },
 };
@@ -15,10 +15,16 @@ use warren_core::{
     certs::CertManager,
     identity::SpiffeId,
     l7::DestinationRule,
-    model::{NodeConfig, Service, WorkloadIndex},
+    model::{NodeConfig, Service, Workload, WorkloadIndex},
 };
 
-use crate::{config::Config, metrics::Metrics, routing::RouteTable, trace::Exporter, upstream::Clusters};
+use crate::{
+    config::Config,
+    metrics::{Interned, Metrics, Side},
+    routing::RouteTable,
+    trace::Exporter,
+    upstream::Clusters,
+};
 
 /// One config version, compiled.
 #[derive(Default)]
@@ -28,6 +34,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     pub services_by_host: HashMap<String, Arc<Service>>,
     pub destination_rules: HashMap<String, DestinationRule>,
+    /// Each workload's metric labels, by UID, built on its first request under this version.
+    metric_sides: Mutex<HashMap<String, Interned<Side>>>,
 }
 
 impl Snapshot {
@@ -39,7 +47,26 @@ impl Snapshot {
         for rule in &config.routing.destination_rules {
             destination_rules.entry(rule.host.clone()).or_insert_with(|| rule.clone());
         }
-        Self { index: WorkloadIndex::new(&config), routes, services_by_host, destination_rules, config }
+        Self {
+            index: WorkloadIndex::new(&config),
+            routes,
+            services_by_host,
+            destination_rules,
+            config,
+            metric_sides: Mutex::default(),
+        }
+    }
+
+    /// `workload`'s metric labels under this config version (its labels can change with the
+    /// next): built by `make` the first time, then looked up.
+    pub fn metric_side(&self, workload: &Workload, make: impl FnOnce() -> Interned<Side>) -> Interned<Side> {
+        let mut sides = self.metric_sides.lock().expect("poisoned");
+        if let Some(side) = sides.get(&workload.uid) {
+            return side.clone();
+        }
+        let side = make();
+        sides.insert(workload.uid.clone(), side.clone());
+        side
     }
 
     /// The service behind `vip` if this waypoint (`namespace`/`name`) serves it.

@@ -10,12 +10,20 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
+
+// The trace headers as names (a `&str` name is parsed again on every lookup).
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_SINGLE: HeaderName = HeaderName::from_static("b3");
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
@@ -28,11 +36,20 @@ pub struct TraceContext {
     pub sampled: bool,
 }
 
-/// A random non-zero id of `bytes` bytes (8 or 16) as lower-case hex, in one allocation.
+/// A random non-zero id of `bytes` bytes (8 or 16) as lower-case hex.
 fn random_hex(bytes: usize) -> String {
-    let value = fastrand::u128(1..);
-    let hex = format!("{value:032x}");
-    hex[32 - 2 * bytes..].to_string()
+    let mut hex = String::with_capacity(2 * bytes);
+    push_hex(&mut hex, fastrand::u128(1..), bytes);
+    hex
+}
+
+/// The low `bytes` bytes of `value` as lower-case hex digits (a request's ids, built without
+/// the formatting machinery: they are on every request's path).
+pub(crate) fn push_hex(out: &mut String, value: u128, bytes: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..2 * bytes).rev() {
+        out.push(char::from(DIGITS[((value >> (4 * shift)) & 0xf) as usize]));
+    }
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -43,9 +60,9 @@ impl TraceContext {
     /// From `traceparent`, else B3 (multi-header or single `b3`), else a new trace sampled at
     /// `sampling_percent`. A caller's sampling decision is kept.
     pub fn from_headers(headers: &HeaderMap, sampling_percent: f64) -> Self {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let get = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         let new_span = random_hex(8);
-        if let Some(tp) = get("traceparent") {
+        if let Some(tp) = get(TRACEPARENT) {
             let parts: Vec<&str> = tp.split('-').collect();
             if parts.len() >= 4 && parts[0].len() == 2 && is_hex(parts[1], 32) && is_hex(parts[2], 16) {
                 let flags = u8::from_str_radix(parts[3], 16).unwrap_or(0);
@@ -58,18 +75,18 @@ impl TraceContext {
             }
         }
         let b3_sampled = |v: &str| matches!(v, "1" | "true" | "d");
-        if let Some(trace) = get("x-b3-traceid") {
+        if let Some(trace) = get(B3_TRACE_ID) {
             let trace = if trace.len() == 16 { format!("{:0>32}", trace) } else { trace.to_string() };
             if is_hex(&trace, 32) {
                 return TraceContext {
                     trace_id: trace.to_ascii_lowercase(),
-                    parent_span_id: get("x-b3-spanid").filter(|s| is_hex(s, 16)).map(str::to_ascii_lowercase),
+                    parent_span_id: get(B3_SPAN_ID).filter(|s| is_hex(s, 16)).map(str::to_ascii_lowercase),
                     span_id: new_span,
-                    sampled: get("x-b3-sampled").map(b3_sampled).unwrap_or_else(|| roll(sampling_percent)),
+                    sampled: get(B3_SAMPLED).map(b3_sampled).unwrap_or_else(|| roll(sampling_percent)),
                 };
             }
         }
-        if let Some(b3) = get("b3") {
+        if let Some(b3) = get(B3_SINGLE) {
             let parts: Vec<&str> = b3.split('-').collect();
             let trace =
                 parts.first().map(|t| if t.len() == 16 { format!("{t:0>32}") } else { t.to_string() });
@@ -92,24 +109,26 @@ impl TraceContext {
 
     /// Sets both header styles for the upstream request, the waypoint's span as the parent.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        let flags = if self.sampled { "01" } else { "00" };
-        let mut set = |name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
+        let mut set = |name: HeaderName, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
                 headers.insert(name, v);
             }
         };
-        set("traceparent", format!("00-{}-{}-{flags}", self.trace_id, self.span_id));
-        set("x-b3-traceid", self.trace_id.clone());
-        set("x-b3-spanid", self.span_id.clone());
-        set("x-b3-sampled", if self.sampled { "1".into() } else { "0".into() });
-        match &self.parent_span_id {
-            Some(parent) => set("x-b3-parentspanid", parent.clone()),
-            None => {
-                headers.remove("x-b3-parentspanid");
-            }
+        let mut traceparent = String::with_capacity(55);
+        for part in ["00-", &self.trace_id, "-", &self.span_id, if self.sampled { "-01" } else { "-00" }] {
+            traceparent.push_str(part);
         }
+        set(TRACEPARENT, &traceparent);
+        set(B3_TRACE_ID, &self.trace_id);
+        set(B3_SPAN_ID, &self.span_id);
+        if let Some(parent) = &self.parent_span_id {
+            set(B3_PARENT_SPAN_ID, parent);
+        } else {
+            headers.remove(B3_PARENT_SPAN_ID);
+        }
+        headers.insert(B3_SAMPLED, HeaderValue::from_static(if self.sampled { "1" } else { "0" }));
         // The single-header form would now disagree with the multi-header one.
-        headers.remove("b3");
+        headers.remove(B3_SINGLE);
     }
 }
 
@@ -245,6 +264,17 @@ mod tests {
             h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn ids_are_fixed_width_lower_case_hex() {
+        let mut out = String::new();
+        push_hex(&mut out, 0xab, 2);
+        assert_eq!(out, "00ab");
+        out.clear();
+        push_hex(&mut out, u128::MAX, 16);
+        assert_eq!(out, "f".repeat(32));
+        assert!(is_hex(&random_hex(8), 16) && is_hex(&random_hex(16), 32));
     }
 
     #[test]

@@ -111,6 +111,10 @@ enum Command {
         /// HTTP/2 (prior knowledge) instead of HTTP/1.1.
         #[arg(long)]
         http2: bool,
+        /// Requests per second (the L7 benchmark's fixed rate by default). Lower it to run a
+        /// side under a slow tool such as `valgrind --tool=callgrind`.
+        #[arg(long, default_value_t = bench::L7_RATE)]
+        rate: u32,
     },
     /// The benchmark's connection holder (started by `bench` inside a pod; not for direct
     /// use): opens COUNT connections to ADDR, prints how many, keeps them until its stdin
@@ -179,9 +183,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::run()?;
             bench::run(quick, only.as_deref())
         }
-        Command::BenchWaypointAb { baseline, rounds, seconds, http2 } => {
+        Command::BenchWaypointAb { baseline, rounds, seconds, http2, rate } => {
             setup::run()?;
-            bench::waypoint_ab(&baseline, rounds, seconds, http2)
+            bench::waypoint_ab(&baseline, rounds, seconds, http2, rate)
         }
         Command::BenchHold { addr, count, limit_secs, hold_secs } => {
             bench::hold_main(addr, count, limit_secs, hold_secs)

@@ -548,7 +548,7 @@ pub fn markdown(s: &mut String, l7: &Value) {
 }
 
 /// `cargo xtask bench-waypoint-ab`: this build's waypoint (A) against another build (B), side
-/// by side on one bed, at the L7 benchmark's fixed rate. Rounds alternate which goes first;
+/// by side on one bed, at the L7 benchmark's fixed rate (or `rate`). Rounds alternate which goes first;
 /// the median ratio is what to read, since this machine's speed drifts by tens of percent
 /// over minutes while two runs a few seconds apart see the same machine.
 pub fn waypoint_ab(
@@ -556,6 +556,7 @@ pub fn waypoint_ab(
     rounds: usize,
     run_for: Duration,
     http2: bool,
+    rate: u32,
     work_dir: &std::path::Path,
 ) -> Result<()> {
     let bed = setup(work_dir, Some(baseline))?;
@@ -565,7 +566,7 @@ pub fn waypoint_ab(
     // One run through the waypoint `pid`: its CPU, write calls and context switches.
     let run = |url: &str, pid: u32| -> Result<Round> {
         let before = Counters::read(pid);
-        let summary = load_url(&bed.client, url, http2, RATE, 4, run_for)?;
+        let summary = load_url(&bed.client, url, http2, rate, 4, run_for)?;
         let after = Counters::read(pid);
         let requests = summary["total"].as_f64().unwrap_or(f64::NAN).max(1.0);
         Ok(Round {

@@ -322,27 +322,39 @@ fn build_release(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The L7 benchmark's fixed request rate.
+pub const L7_RATE: u32 = l7::RATE;
+
 /// `cargo xtask bench-waypoint-ab`: see [`l7::waypoint_ab`].
-pub fn waypoint_ab(baseline: &std::path::Path, rounds: usize, seconds: f64, http2: bool) -> Result<()> {
+pub fn waypoint_ab(
+    baseline: &std::path::Path,
+    rounds: usize,
+    seconds: f64,
+    http2: bool,
+    rate: u32,
+) -> Result<()> {
     anyhow::ensure!(rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!((1..=l7::RATE * 10).contains(&rate), "--rate takes 1 to {}, not {rate}", l7::RATE * 10);
     anyhow::ensure!((0.5..=120.0).contains(&seconds), "--seconds takes 0.5 to 120, not {seconds}");
     let baseline = std::fs::canonicalize(baseline)
         .with_context(|| format!("--baseline {}: no such waypoint binary", baseline.display()))?;
     warren_e2e::require_root();
     let root = workspace_root();
     build_release(&root)?;
+    // The L7 bed starts the haproxy relay pair too.
+    crate::setup::ensure_debian_packages(&["haproxy"])?;
     load::pin_to_cpu(0)?;
     let protocol = if http2 { "HTTP/2" } else { "HTTP/1.1" };
     println!(
-        "==> waypoint A/B: A = this build, B = {}; {rounds} rounds of {seconds} s each at {}/s over {protocol}, every process on CPU 0",
+        "==> waypoint A/B: A = this build, B = {}; {rounds} rounds of {seconds} s each at {rate}/s over {protocol}, every process on CPU 0",
         baseline.display(),
-        l7::RATE
     );
     l7::waypoint_ab(
         &baseline,
         rounds,
         Duration::from_secs_f64(seconds),
         http2,
+        rate,
         &root.join("target/bench/waypoint-ab"),
     )
 }
