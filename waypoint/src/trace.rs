@@ -47,9 +47,12 @@ fn random_hex(bytes: usize) -> String {
 /// the formatting machinery: they are on every request's path).
 pub(crate) fn push_hex(out: &mut String, value: u128, bytes: usize) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..2 * bytes).rev() {
-        out.push(char::from(DIGITS[((value >> (4 * shift)) & 0xf) as usize]));
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = DIGITS[((value >> (4 * (31 - i))) & 0xf) as usize];
     }
+    let bytes = bytes.min(16);
+    out.push_str(std::str::from_utf8(&hex[32 - 2 * bytes..]).expect("hex digits are ASCII"));
 }
 
 fn is_hex(s: &str, len: usize) -> bool {

@@ -39,22 +39,64 @@ where
         mut out: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
+        // Formatted into a plain `String` first, so that a line's hundred-odd small writes are
+        // appends rather than calls through `Writer`'s `dyn Write`; `out` gets one write.
+        LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                self.format_line(ctx, &mut line, event)?;
+                let written = out.write_str(&line);
+                if line.capacity() > MAX_KEPT_LINE {
+                    *line = String::new();
+                }
+                written
+            }
+            // Only if an event were formatted while another is (from a field's `Display`),
+            // which `tracing` prevents today by not re-entering a subscriber.
+            Err(_) => {
+                let mut line = String::new();
+                self.format_line(ctx, &mut line, event)?;
+                out.write_str(&line)
+            }
+        })
+    }
+}
+
+thread_local! {
+    /// The line being formatted on this thread.
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// A line buffer that grew past this (one huge line) is not kept for the next.
+const MAX_KEPT_LINE: usize = 64 * 1024;
+
+impl LineFormat {
+    fn format_line<S, N>(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        out: &mut String,
+        event: &Event<'_>,
+    ) -> fmt::Result
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
         let meta = event.metadata();
         // A `log` record's target and place are fields of one callsite per level.
         let log_target = if meta.target() == "log" { LogTarget::of(event) } else { None };
         let target = log_target.as_deref().unwrap_or(meta.target());
         if self.json {
             out.write_str("{\"timestamp\":\"")?;
-            write_timestamp(&mut out)?;
+            write_timestamp(out)?;
             write!(out, "\",\"level\":\"{}\"", meta.level())?;
-            event.record(&mut JsonFields { out: &mut out, result: Ok(()) });
+            event.record(&mut JsonFields { out, result: Ok(()) });
             out.write_str(",\"target\":")?;
-            write_json_str(&mut out, target)?;
+            write_json_str(out, target)?;
             if let Some(scope) = ctx.event_scope() {
                 out.write_str(",\"spans\":[")?;
                 for (i, span) in scope.from_root().enumerate() {
                     out.write_str(if i == 0 { "{\"name\":" } else { ",{\"name\":" })?;
-                    write_json_str(&mut out, span.name())?;
+                    write_json_str(out, span.name())?;
                     // The span's fields, recorded by `JsonFields` as an object.
                     let ext = span.extensions();
                     let fields = ext.get::<FormattedFields<N>>().map(|f| f.fields.as_str()).unwrap_or("");
@@ -69,7 +111,7 @@ where
             }
             out.write_str("}\n")
         } else {
-            write_timestamp(&mut out)?;
+            write_timestamp(out)?;
             let level = meta.level();
             if self.ansi {
                 write!(out, " {}{level:>5}\x1b[0m ", colour(level))?;
@@ -90,7 +132,7 @@ where
                 out.write_char(' ')?;
             }
             write!(out, "{target}:")?;
-            let mut fields = TextFields { out: &mut out, result: Ok(()) };
+            let mut fields = TextFields { out, result: Ok(()) };
             event.record(&mut fields);
             fields.result?;
             out.write_char('\n')
@@ -136,16 +178,17 @@ fn is_log_metadata(field: &Field) -> bool {
 
 /// Fields as `,"name":value` (strings and formatted values escaped, numbers and booleans
 /// bare).
-struct JsonFields<'a, 'w> {
-    out: &'a mut Writer<'w>,
+struct JsonFields<'a> {
+    out: &'a mut String,
     result: fmt::Result,
 }
 
-impl JsonFields<'_, '_> {
+impl JsonFields<'_> {
     fn key(&mut self, field: &Field) -> fmt::Result {
-        self.out.write_char(',')?;
+        self.out.push(',');
         write_json_str(self.out, field.name())?;
-        self.out.write_char(':')
+        self.out.push(':');
+        Ok(())
     }
 
     fn bare(&mut self, field: &Field, value: impl fmt::Display) {
@@ -155,7 +198,7 @@ impl JsonFields<'_, '_> {
     }
 }
 
-impl Visit for JsonFields<'_, '_> {
+impl Visit for JsonFields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.result.is_ok() && !is_log_metadata(field) {
             self.result = self.key(field).and_then(|()| write_json_str(self.out, value));
@@ -208,12 +251,12 @@ impl Visit for JsonFields<'_, '_> {
 
 /// Fields as ` message name=value`: the message and formatted (`%`/`?`) values bare, strings
 /// quoted (as `tracing_subscriber`'s text format does).
-struct TextFields<'a, 'w> {
-    out: &'a mut Writer<'w>,
+struct TextFields<'a> {
+    out: &'a mut String,
     result: fmt::Result,
 }
 
-impl Visit for TextFields<'_, '_> {
+impl Visit for TextFields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.record_debug(field, &value);
     }
@@ -409,6 +452,33 @@ mod tests {
 
     fn json_lines(text: &str) -> Vec<serde_json::Map<String, Value>> {
         text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap().as_object().unwrap().clone()).collect()
+    }
+
+    /// Logs an event of its own when it is formatted.
+    struct LogsWhenShown;
+
+    impl fmt::Display for LogsWhenShown {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            info!(inner = true, "logged while another line was formatted");
+            f.write_str("shown")
+        }
+    }
+
+    #[test]
+    fn an_event_logged_while_a_line_is_formatted_does_not_disturb_it() {
+        for json in [true, false] {
+            let out = Captured::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(out.clone())
+                .event_format(LineFormat { json, ansi: false })
+                .finish();
+            tracing::subscriber::with_default(subscriber, || info!(field = %LogsWhenShown, "outer"));
+            // (`tracing` does not re-enter a subscriber on the same thread: the inner event is
+            // dropped before it reaches the format.)
+            let text = out.text();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            assert!(text.contains("outer") && text.contains("shown"), "{text}");
+        }
     }
 
     #[test]
