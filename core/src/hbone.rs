@@ -16,6 +16,8 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode, header::HeaderName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::activity::{Activity, Direction};
+
 /// HBONE's port on every meshed pod.
 pub const PORT: u16 = 15008;
 
@@ -140,6 +142,8 @@ pub fn new_traceparent() -> String {
 pub struct H2Stream {
     send: SendStream<Bytes>,
     received: Received,
+    /// Told of every chunk the relays move, either way, when set.
+    activity: Option<Activity>,
 }
 
 /// The receiving half: bytes handed back by the caller, then what h2 delivers.
@@ -187,12 +191,20 @@ impl Received {
     }
 
     /// Passes everything received to `send` as DATA frames, then END_STREAM.
-    async fn forward_to(&mut self, send: &mut SendStream<Bytes>) -> io::Result<u64> {
+    async fn forward_to(
+        &mut self,
+        send: &mut SendStream<Bytes>,
+        activity: Option<(&Activity, Direction)>,
+    ) -> io::Result<u64> {
         let mut moved = 0u64;
         while let Some((data, release)) = self.next().await? {
-            moved += data.len() as u64;
+            let data_len = data.len();
+            moved += data_len as u64;
             send_all(send, data).await?;
             self.release(release);
+            if let Some((activity, direction)) = activity {
+                activity.moved(direction, data_len);
+            }
         }
         send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
         Ok(moved)
@@ -202,7 +214,13 @@ impl Received {
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         let received = Received { recv, replay: Bytes::new(), pending: Bytes::new(), done: false };
-        Self { send, received }
+        Self { send, received, activity: None }
+    }
+
+    /// Has the relays report every chunk they move, in either direction, to `activity` (for
+    /// an idle timeout).
+    pub fn watch_activity(&mut self, activity: Activity) {
+        self.activity = Some(activity);
     }
 
     /// Puts bytes already read (a protocol sniff's) back in front of what is still to come.
@@ -219,7 +237,8 @@ impl H2Stream {
     /// while the other direction runs on, as with `copy_bidirectional`.
     pub async fn relay_with_tcp(&mut self, tcp: &mut tokio::net::TcpStream) -> io::Result<(u64, u64)> {
         let (tcp_read, mut tcp_write) = tcp.split();
-        let Self { send, received } = self;
+        let Self { send, received, activity } = self;
+        let activity = activity.as_ref();
         let upstream = async {
             let mut moved = 0u64;
             loop {
@@ -235,6 +254,9 @@ impl H2Stream {
                     Ok(n) => {
                         moved += n as u64;
                         send_all(send, chunk.freeze()).await?;
+                        if let Some(activity) = activity {
+                            activity.moved(Direction::IntoStream, n);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
@@ -248,6 +270,9 @@ impl H2Stream {
                 tcp_write.write_all(&data).await?;
                 moved += data.len() as u64;
                 received.release(release);
+                if let Some(activity) = activity {
+                    activity.moved(Direction::OutOfStream, data.len());
+                }
             }
             tcp_write.shutdown().await?;
             Ok(moved)
@@ -257,9 +282,14 @@ impl H2Stream {
 
     /// Relays between two CONNECT streams (a waypoint's TCP passthrough) until both
     /// directions have ended, handing each received frame's buffer on as it is; returns
-    /// (bytes self → other, bytes other → self).
+    /// (bytes self → other, bytes other → self). Reports to this stream's activity, not
+    /// `other`'s.
     pub async fn relay_with_stream(&mut self, other: &mut H2Stream) -> io::Result<(u64, u64)> {
-        tokio::try_join!(self.received.forward_to(&mut other.send), other.received.forward_to(&mut self.send))
+        let activity = self.activity.as_ref();
+        tokio::try_join!(
+            self.received.forward_to(&mut other.send, activity.map(|a| (a, Direction::OutOfStream))),
+            other.received.forward_to(&mut self.send, activity.map(|a| (a, Direction::IntoStream)))
+        )
     }
 }
 

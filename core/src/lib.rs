@@ -4,6 +4,7 @@
 //! connections.
 
 pub mod accept;
+pub mod activity;
 pub mod ca;
 pub mod ca_protocol;
 pub mod certs;

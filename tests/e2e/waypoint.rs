@@ -464,17 +464,23 @@ fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
     assert_eq!(uo as u64, overflowed, "every overflow is flagged UO");
 }
 
-#[test]
-fn non_http_traffic_passes_through_the_waypoint_as_tcp() {
-    let mesh = Mesh::new(&[]);
+/// The canary routing, greeting/echo servers on both versions' TCP port, and a client
+/// connection to the service's port 90 through the waypoint that has had its greeting. The
+/// protocol is server-first: the waypoint sees no client bytes, waits out its sniffing window,
+/// then passes the stream through to an endpoint.
+fn tcp_through_the_waypoint(mesh: &Mesh) -> (Client, [Server; 2]) {
     mesh.apply(canary());
-    // A server-first protocol: the waypoint sees no client bytes, waits out its sniffing
-    // window, then passes the stream through to an endpoint.
-    let _tcp_v1 = Server::start(&mesh.v1, TCP_APP_PORT);
-    let _tcp_v2 = Server::start(&mesh.v2, TCP_APP_PORT);
+    let servers = [Server::start(&mesh.v1, TCP_APP_PORT), Server::start(&mesh.v2, TCP_APP_PORT)];
     let mut c =
         Client::connect(&mesh.client, SocketAddr::new(vip(), 90)).expect("connect through the waypoint");
     c.greeting().expect("the server's greeting came through");
+    (c, servers)
+}
+
+#[test]
+fn non_http_traffic_passes_through_the_waypoint_as_tcp() {
+    let mesh = Mesh::new(&[]);
+    let (mut c, _servers) = tcp_through_the_waypoint(&mesh);
     assert_eq!(c.echo("raw bytes").unwrap(), "raw bytes");
     drop(c);
     let passed = wait_until(Duration::from_secs(5), || {
@@ -916,4 +922,37 @@ fn idle_downstream_connections_are_closed_but_long_requests_are_not() {
     let after = idle_closed_after
         .unwrap_or_else(|| panic!("the idle connection was not closed:\n{}", mesh.waypoint.log()));
     assert!(after >= Duration::from_millis(700) && after < Duration::from_secs(5), "closed after {after:?}");
+}
+
+/// `--idle-timeout-secs` on TCP passthrough (Envoy's `tcp_proxy` `idle_timeout`): a stream
+/// that keeps moving bytes outlives the bound; once silent for it, both ends are closed and
+/// the access log says why, with the bytes that had moved.
+#[test]
+fn idle_tcp_passthrough_is_closed_but_a_busy_one_is_not() {
+    use std::io::Read;
+    let mesh = Mesh::with(Options { waypoint_args: &["--idle-timeout-secs", "1"], ..Default::default() });
+    let (mut c, _servers) = tcp_through_the_waypoint(&mesh);
+    // An exchange every 400 ms for 2.4 s: never a second without bytes.
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(400));
+        let ping = format!("ping {i}");
+        assert_eq!(c.echo(&ping).unwrap_or_default(), ping, "{}", mesh.waypoint.log());
+    }
+    // Then silence: the waypoint closes the stream about a second later.
+    let idle_from = Instant::now();
+    c.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = c.stream.read(&mut [0u8; 64]);
+    let after = idle_from.elapsed();
+    let closed = matches!(read, Ok(0))
+        || read.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+    assert!(closed, "{read:?} after {after:?}: not closed\n{}", mesh.waypoint.log());
+    assert!(after >= Duration::from_millis(700) && after < Duration::from_secs(5), "closed after {after:?}");
+    let logged = wait_until(Duration::from_secs(5), || {
+        mesh.waypoint.access_log().iter().any(|l| {
+            l["protocol"] == "TCP"
+                && l["error"].as_str().is_some_and(|e| e.contains("--idle-timeout-secs"))
+                && l["bytes_received"].as_u64().is_some_and(|n| n >= 6 * "ping 0\n".len() as u64)
+        })
+    });
+    assert!(logged, "no idle close with its byte counts logged:\n{}", mesh.waypoint.log());
 }

@@ -133,7 +133,8 @@ pub struct Config {
 
     /// A client's HTTP connection with no request in flight for this many seconds is closed
     /// (Envoy's `idle_timeout`, 1 h by default); a request counts until its response body has
-    /// been sent. 0: never.
+    /// been sent. A stream passed through as TCP is closed after as long with no byte either
+    /// way (Envoy's `tcp_proxy` `idle_timeout`). 0: never.
     #[arg(long, env = "WARREN_IDLE_TIMEOUT_SECS", default_value_t = 3600)]
     pub idle_timeout_secs: u64,
 

@@ -24,6 +24,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 use warren_core::{
     accept::{AcceptErrors, HandshakeSlot},
+    activity::Activity,
     hbone::{ConnectRequest, H2Stream},
     identity::SpiffeId,
 };
@@ -296,28 +297,55 @@ async fn passthrough(
     };
     let ip = endpoint.ip_like(client.ip()).expect("endpoints have addresses");
     let addr = SocketAddr::new(ip, service.target_port(target.port()).unwrap_or(target.port()));
-    let result = if endpoint.enrolled {
-        let mut request = ConnectRequest::new(addr);
-        request.forwarded_for = Some(client);
-        match state.clusters.hbone.connect(ip, &endpoint.identity(&state.config.trust_domain), &request).await
-        {
-            Ok(mut upstream) => io.relay_with_stream(&mut upstream).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
-    } else {
-        let timeout = state.clusters.hbone.connect_timeout;
-        match warren_core::connect::within(addr, timeout, TcpStream::connect(addr)).await {
-            Ok(mut upstream) => {
-                // (bytes from the client, bytes to the client), as the HBONE branch counts.
-                io.relay_with_tcp(&mut upstream).await.map(|(to, from)| (from, to)).map_err(|e| e.to_string())
+    let activity = Activity::new();
+    io.watch_activity(activity.clone());
+    let relay = async {
+        if endpoint.enrolled {
+            let mut request = ConnectRequest::new(addr);
+            request.forwarded_for = Some(client);
+            match state
+                .clusters
+                .hbone
+                .connect(ip, &endpoint.identity(&state.config.trust_domain), &request)
+                .await
+            {
+                Ok(mut upstream) => io.relay_with_stream(&mut upstream).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             }
-            Err(e) => Err(e.to_string()),
+        } else {
+            let timeout = state.clusters.hbone.connect_timeout;
+            match warren_core::connect::within(addr, timeout, TcpStream::connect(addr)).await {
+                Ok(mut upstream) => {
+                    // (bytes from the client, bytes to the client), as the HBONE branch counts.
+                    io.relay_with_tcp(&mut upstream)
+                        .await
+                        .map(|(to, from)| (from, to))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            }
         }
+    };
+    // No byte either way for the idle timeout: both sides are closed, as Envoy's `tcp_proxy`
+    // does after its `idle_timeout`.
+    let idle_timeout = state.config.idle_timeout();
+    let result = tokio::select! {
+        result = relay => result,
+        () = async {
+            match idle_timeout {
+                Some(limit) => activity.idle_for(limit).await,
+                None => std::future::pending().await,
+            }
+        } => Err(format!("no bytes for {}s: closed (--idle-timeout-secs)", state.config.idle_timeout_secs)),
     };
     let _ = io.shutdown().await;
     let (sent, received, error) = match result {
         Ok((from_client, to_client)) => (to_client, from_client, String::new()),
-        Err(e) => (0, 0, e),
+        // What had moved before the error or the idle timeout.
+        Err(e) => {
+            let (to_client, from_client) = activity.bytes();
+            (to_client, from_client, e)
+        }
     };
     info!(target: "access", protocol = "TCP", src = %client, src_identity = %peer_identity, service = host,
           upstream = endpoint.display_name(), bytes_sent = sent, bytes_received = received,
