@@ -8,7 +8,10 @@ use std::{
     collections::HashMap,
     io,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -31,11 +34,35 @@ pub struct Handshakes {
     limit: usize,
     pending: Mutex<HashMap<IpAddr, usize>>,
     refusals: Mutex<Throttle>,
+    /// Connections closed at accept since start.
+    refused: AtomicU64,
 }
+
+/// The Prometheus counter of [`Handshakes::refused`].
+pub const REFUSED_METRIC: &str = "warren_hbone_handshake_limit_refused_total";
 
 impl Handshakes {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit, pending: Mutex::default(), refusals: Mutex::default() })
+        Arc::new(Self {
+            limit,
+            pending: Mutex::default(),
+            refusals: Mutex::default(),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Connections closed at accept because their source had its most pending handshakes.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// [`Self::refused`] as a Prometheus counter, for a proxy's `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        format!(
+            "# HELP {REFUSED_METRIC} HBONE connections closed at accept: their source already had {} in their TLS and HTTP/2 handshakes.\n# TYPE {REFUSED_METRIC} counter\n{REFUSED_METRIC} {}\n",
+            self.limit,
+            self.refused()
+        )
     }
 
     /// A slot for one more connection from `source` until its handshakes end (the slot drops),
@@ -50,6 +77,7 @@ impl Handshakes {
                 return Ok(HandshakeSlot { handshakes: self.clone(), source });
             }
         }
+        self.refused.fetch_add(1, Ordering::Relaxed);
         let refused = self.refusals.lock().expect("poisoned").note(Instant::now());
         Err(refused.map(|n| {
             format!(
@@ -171,6 +199,9 @@ mod tests {
         drop(again);
         drop(_other);
         assert_eq!(handshakes.sources(), 0);
+        // Every refusal counted, reported or not.
+        assert_eq!(handshakes.refused(), 2);
+        assert!(handshakes.render_metrics().ends_with(&format!("\n{REFUSED_METRIC} 2\n")));
     }
 
     #[test]

@@ -585,6 +585,15 @@ fn one_source_cannot_fill_the_hbone_port_with_unfinished_handshakes() {
         "no word of the refused connections:\n{}",
         z.log()
     );
+    let metrics = z.get_at("127.0.0.1:15020".parse().unwrap(), "/metrics").expect("metrics");
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_hbone_handshake_limit_refused_total "))
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    assert!(
+        counted.is_some_and(|n| n >= closed_now),
+        "{closed_now} closed at once but {counted:?} counted:\n{metrics}"
+    );
     // Meanwhile another source's connection to the same pod is served.
     let mut c = Client::connect(&client, SocketAddr::new(server.ipv4, APP_PORT)).expect("connect");
     c.greeting().expect("greeting through HBONE while the flood is held");

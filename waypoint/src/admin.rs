@@ -66,7 +66,9 @@ fn route(
         (Endpoints::Admin | Endpoints::Readiness, "/healthz/ready") => {
             (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
         }
-        (Endpoints::Metrics, "/metrics" | "/stats/prometheus") => (StatusCode::OK, state.metrics.render()),
+        (Endpoints::Metrics, "/metrics" | "/stats/prometheus") => {
+            (StatusCode::OK, state.metrics.render() + &state.handshakes.render_metrics())
+        }
         (Endpoints::Admin, _) => (StatusCode::NOT_FOUND, "endpoints: /config_dump /healthz/ready\n".into()),
         (Endpoints::Metrics, _) => (StatusCode::NOT_FOUND, "endpoints: /metrics /stats/prometheus\n".into()),
         (Endpoints::Readiness, _) => (StatusCode::NOT_FOUND, "endpoints: /healthz/ready\n".into()),

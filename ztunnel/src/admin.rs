@@ -133,7 +133,7 @@ fn route(
             (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
         }
         (Endpoints::Metrics, "/metrics" | "/stats/prometheus") => {
-            (StatusCode::OK, state.proxy.metrics.render())
+            (StatusCode::OK, state.proxy.metrics.render() + &state.proxy.handshakes.render_metrics())
         }
         (Endpoints::Admin, _) => {
             (StatusCode::NOT_FOUND, "endpoints: /config_dump /capture /healthz/ready\n".into())
