@@ -25,6 +25,7 @@ use warren_core::{
 use crate::{
     authz::{self, RequestAttributes},
     deadline,
+    idle::Busy,
     metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
@@ -71,6 +72,7 @@ pub async fn handle(
     state: Arc<WaypointState>,
     down: Arc<Downstream>,
     req: Request<Incoming>,
+    busy: Busy,
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
     let started = Instant::now();
     let snapshot = state.snapshot();
@@ -146,14 +148,16 @@ pub async fn handle(
         "request"
     );
     // Response bytes are known when the body has been sent: counted on the way out.
-    Ok(response.map(|body| ResponseCounter { inner: body, series, bytes: 0 }.boxed_unsync()))
+    Ok(response.map(|body| ResponseCounter { inner: body, series, bytes: 0, _busy: busy }.boxed_unsync()))
 }
 
-/// Counts the response body's bytes and records them when the body is done (or dropped).
+/// Counts the response body's bytes and records them when the body is done (or dropped); till
+/// then the request counts as in flight on its downstream connection (`--idle-timeout-secs`).
 struct ResponseCounter {
     inner: ResponseBody,
     series: SeriesHandle,
     bytes: u64,
+    _busy: Busy,
 }
 
 impl hyper::body::Body for ResponseCounter {
@@ -734,9 +738,42 @@ fn spawn_mirror(
 mod tests {
     use super::*;
 
-    /// The size of the future an async fn of three arguments returns, without calling it.
-    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+    /// The size of the future an async fn of four arguments returns, without calling it.
+    fn future_size<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_response_body_keeps_its_request_in_flight_until_it_is_dropped() {
+        use crate::{
+            idle::IdleWatch,
+            metrics::{Metrics, RequestLabels},
+        };
+        const LIMIT: Duration = Duration::from_secs(60);
+        let metrics = Metrics::default();
+        let service = crate::metrics::tests::payment_service();
+        let labels = RequestLabels {
+            source: metrics.unknown_side(),
+            destination: metrics.unknown_side(),
+            service: metrics.service(&service),
+            request_protocol: "http",
+            response_code: 200,
+            response_flags: "-".into(),
+        };
+        let watch = IdleWatch::new();
+        let body = ResponseCounter {
+            inner: text_response(StatusCode::OK, "body").into_body(),
+            series: metrics.record(labels, 1.0, 0),
+            bytes: 0,
+            _busy: watch.busy(),
+        };
+        tokio::time::advance(2 * LIMIT).await;
+        let idle = tokio::time::timeout(LIMIT / 2, watch.idle_for(LIMIT)).await;
+        assert!(idle.is_err(), "idle while a response body was still being sent");
+        drop(body);
+        let started = tokio::time::Instant::now();
+        watch.idle_for(LIMIT).await;
+        assert_eq!(started.elapsed(), LIMIT);
     }
 
     #[test]

@@ -5,24 +5,18 @@
 //! the client goes away.
 //!
 //! A request counts as in flight from its arrival until its response body has been sent, so a
-//! long request or a slow stream of response bytes is never cut by this bound.
+//! long request or a slow stream of response bytes is never cut by this bound (the response
+//! body holds the request's [`Busy`] guard: `forward::ResponseCounter`).
 
 use std::{
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
-
-use crate::forward::ResponseBody;
 
 /// Tracks one downstream connection's requests in flight and since when it has had none.
 #[derive(Clone)]
@@ -73,36 +67,6 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its request in flight until the body ends or is dropped.
-pub fn hold(body: ResponseBody, busy: Busy) -> ResponseBody {
-    Held { body, _busy: busy }.boxed_unsync()
-}
-
-struct Held {
-    body: ResponseBody,
-    _busy: Busy,
-}
-
-impl Body for Held {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,19 +96,5 @@ mod tests {
         // Idle only a full period after the request ended, not before.
         assert!(started.elapsed() >= 4 * LIMIT, "{:?}", started.elapsed());
         assert!(started.elapsed() <= 5 * LIMIT, "{:?}", started.elapsed());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_held_body_keeps_its_request_in_flight_until_dropped() {
-        let watch = IdleWatch::new();
-        let body = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
-        let held = hold(body, watch.busy());
-        tokio::time::advance(2 * LIMIT).await;
-        let idle = tokio::time::timeout(LIMIT / 2, watch.idle_for(LIMIT)).await;
-        assert!(idle.is_err(), "idle while a response body was still being sent");
-        drop(held);
-        let started = Instant::now();
-        watch.idle_for(LIMIT).await;
-        assert_eq!(started.elapsed(), LIMIT);
     }
 }

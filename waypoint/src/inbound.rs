@@ -31,7 +31,7 @@ use warren_core::{
 
 use crate::{
     forward::{self, Downstream},
-    idle::{self, IdleWatch},
+    idle::IdleWatch,
     state::WaypointState,
     upstream::{ClusterKey, HashInput, Protocol},
 };
@@ -191,11 +191,7 @@ fn request_handler(
     Error = std::convert::Infallible,
     Future = impl Future<Output = Result<http::Response<forward::ResponseBody>, std::convert::Infallible>> + Send,
 > + Clone {
-    service_fn(move |req| {
-        let busy = watch.busy();
-        let handled = forward::handle(state.clone(), down.clone(), req);
-        async move { handled.await.map(|response| response.map(|body| idle::hold(body, busy))) }
-    })
+    service_fn(move |req| forward::handle(state.clone(), down.clone(), req, watch.busy()))
 }
 
 /// Serves a downstream connection until it ends, or — once it has had no request in flight

@@ -295,10 +295,11 @@ fn render_labels(l: &RequestLabels) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn payment_service() -> warren_core::model::Service {
+    /// A service with nothing but its name, for label tests.
+    pub(crate) fn payment_service() -> warren_core::model::Service {
         warren_core::model::Service {
             name: "payment".into(),
             namespace: "shop".into(),
