@@ -2,15 +2,11 @@
 //! directory) and streams to the proxies. Today ztunnel also reads it from a local file
 //! ([`NodeConfig`]) until the config stream exists.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::SpiffeId;
+use crate::{FastMap, identity::SpiffeId};
 
 /// A pod as the mesh sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,9 +97,9 @@ pub const WAYPOINT_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Workloads and services by IP, for resolving a connection's original destination.
 #[derive(Clone, Debug, Default)]
 pub struct WorkloadIndex {
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    by_uid: HashMap<String, Arc<Workload>>,
-    services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_ip: FastMap<IpAddr, Arc<Workload>>,
+    by_uid: FastMap<String, Arc<Workload>>,
+    services_by_vip: FastMap<IpAddr, Arc<Service>>,
 }
 
 impl WorkloadIndex {

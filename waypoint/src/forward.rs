@@ -5,26 +5,30 @@
 
 use std::{
     borrow::Cow,
+    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri::PathAndQuery,
+};
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use serde_json::json;
 use tracing::{info, warn};
 use warren_core::{
     identity::SpiffeId,
-    l7::{HeaderOperations, Retries, RouteDestination},
+    l7::{Retries, RouteDestination},
     model::{Service, Workload},
 };
 
 use crate::{
     authz::{self, RequestAttributes},
     deadline,
+    headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
     metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
     routing::{RequestFacts, rewrite_path},
@@ -47,18 +51,30 @@ pub struct Downstream {
     pub peer_identity: SpiffeId,
     /// The original client (`forwarded: for=`), else the HBONE peer.
     pub client: SocketAddr,
+    /// `client` as text, written once per stream for the access log.
+    pub client_text: Box<str>,
+    /// `client`'s address as a header value (`x-forwarded-for`), made once per stream.
+    pub client_ip: HeaderValue,
     pub protocol: Protocol,
 }
 
 /// What the access log and metrics say about a request, filled in on the way.
 struct Outcome {
     flags: Vec<&'static str>,
-    route: String,
+    /// The route that matched (its description).
+    route: Option<Arc<str>>,
     upstream: Option<Arc<Workload>>,
-    upstream_cluster: String,
+    /// The upstream cluster's name (Envoy's `outbound|port|subset|host`).
+    upstream_cluster: Option<Arc<str>>,
     attempts: u32,
     detail: String,
     request_bytes: u64,
+}
+
+impl Outcome {
+    fn route(&self) -> &str {
+        self.route.as_deref().unwrap_or("")
+    }
 }
 
 fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ResponseBody> {
@@ -77,12 +93,14 @@ pub async fn handle(
     let started = Instant::now();
     let snapshot = state.snapshot();
     let method = req.method().clone();
-    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    // Shared with the request (a count, not a copy), for the log line and the span.
+    let path_and_query = req.uri().path_and_query().cloned();
+    let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
     let mut outcome = Outcome {
         flags: Vec::new(),
-        route: String::new(),
+        route: None,
         upstream: None,
-        upstream_cluster: String::new(),
+        upstream_cluster: None,
         attempts: 0,
         detail: String::new(),
         request_bytes: 0,
@@ -122,33 +140,45 @@ pub async fn handle(
                 ("http.url", json!(path)),
                 ("http.status_code", json!(status)),
                 ("response_flags", json!(flags)),
-                ("upstream_cluster", json!(outcome.upstream_cluster)),
+                ("upstream_cluster", json!(outcome.upstream_cluster.as_deref().unwrap_or(""))),
                 ("istio.namespace", json!(down.service.namespace)),
-                ("peer.identity", json!(down.peer_identity.to_string())),
+                ("peer.identity", json!(down.peer_side.principal)),
             ],
             error: status >= 500,
         });
     }
     info!(
         target: "access",
-        method = %method,
+        method = method.as_str(),
         path,
-        protocol = ?down.protocol,
+        protocol = down.protocol.as_str(),
         status,
         response_flags = &*flags,
         duration_ms = elapsed.as_millis() as u64,
-        src = %down.client,
-        src_identity = %down.peer_identity,
+        src = &*down.client_text,
+        src_identity = down.peer_side.principal,
         service = down.service_labels.hostname,
-        route = outcome.route,
-        upstream_cluster = outcome.upstream_cluster,
-        upstream = outcome.upstream.as_ref().map(|w| w.display_name()).unwrap_or_default(),
+        route = outcome.route(),
+        upstream_cluster = outcome.upstream_cluster.as_deref().unwrap_or(""),
+        upstream = %WorkloadName(outcome.upstream.as_deref()),
         attempts = outcome.attempts,
         detail = outcome.detail,
         "request"
     );
     // Response bytes are known when the body has been sent: counted on the way out.
     Ok(response.map(|body| ResponseCounter { inner: body, series, bytes: 0, _busy: busy }.boxed_unsync()))
+}
+
+/// `namespace/name` of a workload, or nothing.
+struct WorkloadName<'a>(Option<&'a Workload>);
+
+impl std::fmt::Display for WorkloadName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(w) => write!(f, "{}/{}", w.namespace, w.name),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Counts the response body's bytes and records them when the body is done (or dropped); till
@@ -202,8 +232,7 @@ async fn process(
     out: &mut Outcome,
 ) -> Response<ResponseBody> {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
-    let query = parts.uri.query().map(str::to_string);
+    let (path, query) = (parts.uri.path(), parts.uri.query());
     let authority = parts
         .uri
         .authority()
@@ -216,7 +245,7 @@ async fn process(
         source_identity: Some(&down.peer_identity),
         source_ip: down.client.ip(),
         method: parts.method.as_str(),
-        path: &path,
+        path,
         host: &authority,
         port: down.port,
         headers: &parts.headers,
@@ -233,8 +262,8 @@ async fn process(
     let host = &down.service_labels.hostname;
     let facts = RequestFacts {
         method: parts.method.as_str(),
-        path: &path,
-        query: query.as_deref(),
+        path,
+        query,
         scheme: "http",
         authority: &authority,
         headers: &parts.headers,
@@ -252,7 +281,7 @@ async fn process(
         None => (None, None),
     };
     if let Some(r) = &route {
-        out.route = r.describe();
+        out.route = Some(r.description.clone());
     }
     let http_route = route.as_ref().map(|r| &r.route);
 
@@ -288,7 +317,7 @@ async fn process(
                 format!("{}/{}", new_prefix.trim_end_matches('/'), path[p.len()..].trim_start_matches('/'))
                     .replace("//", "/")
             }
-            _ => path.clone(),
+            _ => path.to_string(),
         };
         let host_only = authority.split(':').next().unwrap_or(&authority).to_string();
         let new_authority = match (&redirect.authority, redirect.port) {
@@ -314,7 +343,7 @@ async fn process(
             Some(d) => d,
             None => {
                 out.flags.push("NR");
-                out.detail = format!("{} has no destination", r.describe());
+                out.detail = format!("{} has no destination", r.description);
                 return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route destination\n");
             }
         },
@@ -330,23 +359,24 @@ async fn process(
     let d = &destination.destination;
     let Some(dest_service) = snapshot.services_by_host.get(&d.host).cloned() else {
         out.flags.push("NR");
-        out.detail = format!("{} routes to {}, which is not a known service", out.route, d.host);
-        warn!(route = out.route, host = d.host, "route to an unknown host: answering 503 NR");
+        out.detail = format!("{} routes to {}, which is not a known service", out.route(), d.host);
+        warn!(route = out.route(), host = d.host, "route to an unknown host: answering 503 NR");
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route: unknown destination host\n");
     };
     let rule = snapshot.destination_rules.get(&d.host);
     let subset_labels = match &d.subset {
         None => None,
         Some(name) => match rule.and_then(|r| r.subsets.iter().find(|s| &s.name == name)) {
-            Some(s) => Some(s.labels.clone()),
+            Some(s) => Some(&s.labels),
             None => {
                 out.flags.push("NR");
                 out.detail = format!(
                     "{} names subset {name:?} of {}, which no DestinationRule defines",
-                    out.route, d.host
+                    out.route(),
+                    d.host
                 );
                 warn!(
-                    route = out.route,
+                    route = out.route(),
                     host = d.host,
                     subset = name,
                     "route to an undefined subset: answering 503 NR"
@@ -355,19 +385,14 @@ async fn process(
             }
         },
     };
-    let endpoints: Vec<Arc<Workload>> = snapshot
-        .index
-        .endpoints(&dest_service)
-        .into_iter()
-        .filter(|w| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
-        .collect();
+    let endpoints = subset_endpoints(snapshot, &dest_service, subset_labels);
     let port = d.port.unwrap_or(down.port);
-    let key = ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port };
-    out.upstream_cluster = key.to_string();
+    let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
+    out.upstream_cluster = Some(cluster.name.clone());
     if endpoints.is_empty() {
         out.flags.push("UH");
-        out.detail = format!("{} has no endpoints ({})", key, out.route);
-        warn!(cluster = %key, route = out.route, "no healthy upstream: answering 503 UH");
+        out.detail = format!("{} has no endpoints ({})", cluster.name, out.route());
+        warn!(cluster = &*cluster.name, route = out.route(), "no healthy upstream: answering 503 UH");
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     }
     let target_port = dest_service.target_port(port).unwrap_or(port);
@@ -375,15 +400,21 @@ async fn process(
 
     // 6. The request upstream: path rewrite, authority, headers; the body buffered so that
     // retries and mirrors can send it again.
-    let new_path = route.and_then(|r| rewrite_path(r, matched, &path)).unwrap_or(path.clone());
-    let path_and_query = match &query {
-        Some(q) => format!("{new_path}?{q}"),
-        None => new_path,
-    };
-    let upstream_authority = http_route
-        .and_then(|r| r.rewrite.as_ref())
-        .and_then(|r| r.authority.clone())
-        .unwrap_or(authority.clone());
+    let path_and_query =
+        match (route.and_then(|r| rewrite_path(r, matched, path)), parts.uri.path_and_query()) {
+            // Not rewritten: the request's own, shared rather than copied and parsed again.
+            (None, Some(original)) => original.clone(),
+            (None, None) => PathAndQuery::from_static("/"),
+            (Some(new_path), _) => {
+                let text = match query {
+                    Some(q) => format!("{new_path}?{q}"),
+                    None => new_path,
+                };
+                PathAndQuery::try_from(text).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+            }
+        };
+    let upstream_authority =
+        http_route.and_then(|r| r.rewrite.as_ref()).and_then(|r| r.authority.clone()).unwrap_or(authority);
     // The routing decisions are made: the headers move into the upstream request.
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
@@ -391,8 +422,9 @@ async fn process(
         apply(&r.headers.request, &mut headers);
     }
     apply(&destination.headers.request, &mut headers);
-    add_forwarding(&mut headers, down.client);
-    trace.inject(&mut headers);
+    let mut values = WrittenValues::new();
+    add_forwarding(&mut headers, &down.client_ip, &mut values);
+    trace.inject(&mut headers, &mut values);
     let body = match Limited::new(body, state.config.max_request_body_bytes).collect().await {
         Ok(b) => {
             let bytes = b.to_bytes();
@@ -407,6 +439,7 @@ async fn process(
     let upstream_request = UpstreamRequest {
         method: parts.method.clone(),
         path_and_query,
+        host: values.value(&[upstream_authority.as_bytes()]),
         authority: upstream_authority,
         headers,
         body,
@@ -421,7 +454,6 @@ async fn process(
     }
 
     // 8. Attempts.
-    let cluster = state.clusters.get(&key);
     let pool = policy.connection_pool.as_ref();
     let in_flight = match cluster.admit(pool) {
         Ok(g) => g,
@@ -479,24 +511,31 @@ async fn process(
 /// A request ready to send (again): everything the attempts and mirrors need.
 struct UpstreamRequest {
     method: Method,
-    path_and_query: String,
+    path_and_query: PathAndQuery,
     authority: String,
+    /// `authority` as HTTP/1.1's `Host` header (made once, not per attempt).
+    host: Option<HeaderValue>,
     headers: HeaderMap,
     body: Bytes,
     protocol: Protocol,
 }
 
 impl UpstreamRequest {
-    fn build(&self, authority: &str) -> Request<Full<Bytes>> {
+    fn build(&self) -> Request<Full<Bytes>> {
+        self.build_for(&self.authority, self.host.clone())
+    }
+
+    /// The request as sent to `authority` (`host`: the same as a header).
+    fn build_for(&self, authority: &str, host: Option<HeaderValue>) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.headers_mut() = self.headers.clone();
         match self.protocol {
             Protocol::Http1 => {
                 *req.version_mut() = Version::HTTP_11;
-                *req.uri_mut() = self.path_and_query.parse().unwrap_or_else(|_| Uri::from_static("/"));
-                if let Ok(v) = HeaderValue::from_str(authority) {
-                    req.headers_mut().insert(header::HOST, v);
+                *req.uri_mut() = Uri::from(self.path_and_query.clone());
+                if let Some(host) = host {
+                    req.headers_mut().insert(header::HOST, host);
                 }
             }
             Protocol::Http2 => {
@@ -540,7 +579,6 @@ impl Attempts<'_> {
             };
             out.attempts += 1;
             out.upstream = Some(endpoint.clone());
-            tried.push(endpoint.uid.clone());
             let ip = endpoint.ip_like(self.down.client.ip()).expect("endpoints have addresses");
             let target = Target {
                 endpoint: &endpoint,
@@ -551,16 +589,10 @@ impl Attempts<'_> {
                 traceparent: self
                     .request
                     .headers
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
+                    .get(&warren_core::hbone::TRACEPARENT)
+                    .and_then(|v| v.to_str().ok()),
             };
-            let send = self.state.clusters.send(
-                self.cluster,
-                &target,
-                pool,
-                self.request.build(&self.request.authority),
-            );
+            let send = self.state.clusters.send(self.cluster, &target, pool, self.request.build());
             let result = deadline::within(per_try, send).await.unwrap_or(Err(UpstreamError::Timeout));
             let status = result.as_ref().map(|r| r.status().as_u16());
             self.cluster.record(&endpoint.uid, status, outlier, self.endpoints.len());
@@ -576,6 +608,8 @@ impl Attempts<'_> {
                 return result;
             };
             _retry_guard = Some(guard);
+            // Remembered only for a retry (most requests take one attempt and allocate none).
+            tried.push(endpoint.uid.clone());
             // Envoy's backoff: 25 ms base, doubling, jittered.
             let base = 25u64 << (out.attempts - 1).min(5);
             tokio::time::sleep(Duration::from_millis(fastrand::u64(base / 2..=base))).await;
@@ -607,62 +641,17 @@ fn roll(percentage: f64) -> bool {
     percentage >= 100.0 || fastrand::f64() * 100.0 < percentage
 }
 
-fn apply(ops: &HeaderOperations, headers: &mut HeaderMap) {
-    for name in &ops.remove {
-        headers.remove(name.as_str());
+/// The service's endpoints, only those carrying every label of the subset when there is one.
+fn subset_endpoints(
+    snapshot: &Snapshot,
+    service: &Service,
+    subset_labels: Option<&BTreeMap<String, String>>,
+) -> Vec<Arc<Workload>> {
+    let mut endpoints = snapshot.index.endpoints(service);
+    if let Some(labels) = subset_labels {
+        endpoints.retain(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
     }
-    for (name, value) in &ops.set {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-            headers.insert(n, v);
-        }
-    }
-    for (name, value) in &ops.add {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-            headers.append(n, v);
-        }
-    }
-}
-
-/// Headers that belong to one hop and must not be forwarded.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    const HOP_BY_HOP: [HeaderName; 7] = [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-        HeaderName::from_static("http2-settings"),
-    ];
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    // The body is re-sent whole; hyper sets the length it has.
-    headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::HOST);
-}
-
-/// `x-forwarded-for`, and an `x-request-id` when the client sent none, as Envoy adds them.
-fn add_forwarding(headers: &mut HeaderMap, client: SocketAddr) {
-    use std::fmt::Write as _;
-    const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-    const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-    let mut xff = String::with_capacity(64);
-    if let Some(existing) = headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        xff.push_str(existing);
-        xff.push_str(", ");
-    }
-    let _ = write!(xff, "{}", client.ip());
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(FORWARDED_FOR, v);
-    }
-    if !headers.contains_key(REQUEST_ID) {
-        let mut id = String::with_capacity(32);
-        crate::trace::push_hex(&mut id, fastrand::u128(..), 16);
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            headers.insert(REQUEST_ID, v);
-        }
-    }
+    endpoints
 }
 
 /// Sends a copy to the mirror's destination, authority suffixed `-shadow` as Envoy does; the
@@ -681,23 +670,11 @@ fn spawn_mirror(
         return;
     };
     let subset_labels = d.subset.as_ref().and_then(|name| {
-        snapshot
-            .destination_rules
-            .get(&d.host)?
-            .subsets
-            .iter()
-            .find(|s| &s.name == name)
-            .map(|s| s.labels.clone())
+        snapshot.destination_rules.get(&d.host)?.subsets.iter().find(|s| &s.name == name).map(|s| &s.labels)
     });
-    let endpoints: Vec<Arc<Workload>> = snapshot
-        .index
-        .endpoints(&service)
-        .into_iter()
-        .filter(|w| subset_labels.as_ref().is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
-        .collect();
+    let endpoints = subset_endpoints(snapshot, &service, subset_labels);
     let port = d.port.unwrap_or(port);
-    let key = ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port };
-    let cluster = state.clusters.get(&key);
+    let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
     let hash = HashInput { headers: &request.headers, source_ip: down.client.ip() };
     let Some(endpoint) = cluster.pick(&endpoints, None, None, &hash, &[]) else {
         return;
@@ -706,7 +683,7 @@ fn spawn_mirror(
     let addr = SocketAddr::new(ip, service.target_port(port).unwrap_or(port));
     let host_only = request.authority.split(':').next().unwrap_or(&request.authority);
     let shadow = format!("{host_only}-shadow");
-    let built = request.build(&shadow);
+    let built = request.build_for(&shadow, HeaderValue::from_str(&shadow).ok());
     let state = state.self_arc();
     let (client, protocol, trust_domain) = (down.client, request.protocol, state.config.trust_domain.clone());
     tokio::spawn(async move {
@@ -798,21 +775,5 @@ mod tests {
         assert!(!retriable(&Ok(200), &on(&["5xx"])));
         assert!(retriable(&Err(&UpstreamError::Connect("x".into())), &on(&["connect-failure"])));
         assert!(!retriable(&Err(&UpstreamError::Overflow), &on(&["5xx", "connect-failure"])));
-    }
-
-    #[test]
-    fn header_operations_remove_then_set_then_add() {
-        let mut h = HeaderMap::new();
-        h.insert("x-a", "1".parse().unwrap());
-        h.insert("x-b", "1".parse().unwrap());
-        let ops = HeaderOperations {
-            set: [("x-a".to_string(), "2".to_string())].into(),
-            add: [("x-c".to_string(), "3".to_string())].into(),
-            remove: vec!["x-b".into()],
-        };
-        apply(&ops, &mut h);
-        assert_eq!(h["x-a"], "2");
-        assert!(!h.contains_key("x-b"));
-        assert_eq!(h["x-c"], "3");
     }
 }

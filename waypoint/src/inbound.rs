@@ -157,6 +157,9 @@ async fn serve_stream(
             port: target.port(),
             peer_identity: peer_identity.clone(),
             client,
+            client_text: client.to_string().into(),
+            client_ip: http::HeaderValue::from_str(&client.ip().to_string())
+                .expect("an address is a valid header value"),
             protocol,
         })
     };
@@ -280,8 +283,7 @@ async fn passthrough(
     let started = Instant::now();
     let snapshot = state.snapshot();
     let host = service.hostname();
-    let key = ClusterKey { host: host.clone(), subset: None, port: target.port() };
-    let cluster = state.clusters.get(&key);
+    let cluster = state.clusters.get(ClusterKey { host: host.clone(), subset: None, port: target.port() });
     let endpoints = snapshot.index.endpoints(service);
     let policy =
         snapshot.destination_rules.get(&host).map(|r| r.policy_for(None, target.port())).unwrap_or_default();

@@ -8,6 +8,7 @@ mod config;
 mod deadline;
 mod forward;
 mod hbone;
+mod headers;
 mod idle;
 mod inbound;
 mod metrics;

@@ -5,13 +5,12 @@
 
 use std::{
     borrow::Cow,
-    collections::{HashMap, HashSet},
     fmt::Write as _,
     hash::{Hash, Hasher},
     sync::{Arc, Mutex, OnceLock},
 };
 
-use warren_core::{identity::SpiffeId, model::Workload};
+use warren_core::{FastMap, FastSet, identity::SpiffeId, model::Workload};
 
 /// Istio's default duration buckets (milliseconds).
 const BUCKETS_MS: [f64; 19] = [
@@ -98,7 +97,7 @@ impl<T> Hash for Interned<T> {
 }
 
 /// One value per content, for the life of the process (as the series that use them).
-struct Interner<T>(Mutex<HashSet<Arc<T>>>);
+struct Interner<T>(Mutex<FastSet<Arc<T>>>);
 
 impl<T> Default for Interner<T> {
     fn default() -> Self {
@@ -175,7 +174,7 @@ struct Series {
 
 #[derive(Default)]
 pub struct Metrics {
-    series: Mutex<HashMap<RequestLabels, Arc<Mutex<Series>>>>,
+    series: Mutex<FastMap<RequestLabels, Arc<Mutex<Series>>>>,
     sides: Interner<Side>,
     services: Interner<ServiceLabels>,
     unknown: OnceLock<Interned<Side>>,

@@ -2,11 +2,12 @@
 //! and which weighted destination it goes to. Pure functions over a compiled [`RouteTable`],
 //! unit-tested without sockets.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use http::HeaderMap;
 use regex::Regex;
 use warren_core::{
+    FastMap,
     l7::{HttpRoute, RequestMatch, RouteDestination, StringMatch, VirtualService},
     model::Workload,
 };
@@ -162,9 +163,9 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 /// One HTTP route with its matches compiled.
 #[derive(Debug)]
 pub struct CompiledRoute {
-    /// `VirtualService ns/name`, for logs and response flags' explanations.
-    pub source: Arc<str>,
-    pub index: usize,
+    /// `VirtualService ns/name route 1 ("canary")`, for logs and response flags' explanations
+    /// (written once here rather than per request).
+    pub description: Arc<str>,
     pub route: HttpRoute,
     pub matches: Vec<CompiledMatch>,
     pub uri_regex_rewrite: Option<(Regex, String)>,
@@ -172,14 +173,6 @@ pub struct CompiledRoute {
 }
 
 impl CompiledRoute {
-    /// `VirtualService ns/name route 1 ("canary")`.
-    pub fn describe(&self) -> String {
-        match &self.route.name {
-            Some(name) => format!("{} route {} ({name:?})", self.source, self.index),
-            None => format!("{} route {}", self.source, self.index),
-        }
-    }
-
     /// The first match that holds (an empty list matches everything).
     pub fn matching(&self, r: &RequestFacts<'_>) -> Option<Option<&CompiledMatch>> {
         if self.matches.is_empty() {
@@ -214,7 +207,7 @@ pub struct RouteError {
 /// Every service host's routes, in order.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    by_host: HashMap<String, Vec<Arc<CompiledRoute>>>,
+    by_host: FastMap<String, Vec<Arc<CompiledRoute>>>,
     pub errors: Vec<RouteError>,
 }
 
@@ -262,9 +255,12 @@ fn compile_route(source: Arc<str>, index: usize, route: &HttpRoute) -> Result<Co
         Some(r) => Some((Regex::new(&r.regex)?, envoy_to_regex_replacement(&r.rewrite))),
         None => None,
     };
+    let description = match &route.name {
+        Some(name) => format!("{source} route {index} ({name:?})"),
+        None => format!("{source} route {index}"),
+    };
     Ok(CompiledRoute {
-        source,
-        index,
+        description: description.into(),
         total_weight: route.route.iter().map(|d| u64::from(d.weight)).sum(),
         route: route.clone(),
         matches,
@@ -480,6 +476,6 @@ mod tests {
         assert!(table.errors[0].route.contains("VirtualService shop/payment route 0"), "{:?}", table.errors);
         let headers = HeaderMap::new();
         let (route, _) = table.select("payment.shop.svc.cluster.local", &facts("/", &headers)).unwrap();
-        assert_eq!(route.index, 1);
+        assert_eq!(&*route.description, "VirtualService shop/payment route 1");
     }
 }

@@ -2,7 +2,6 @@
 //! request sees one consistent version), the upstream clusters, the certificates, metrics.
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{
         Arc, Mutex, RwLock, Weak,
@@ -11,6 +10,7 @@ use std::{
 };
 
 use warren_core::{
+    FastMap,
     accept::{Handshakes, MAX_HANDSHAKES_PER_SOURCE},
     certs::CertManager,
     identity::SpiffeId,
@@ -32,17 +32,17 @@ pub struct Snapshot {
     pub config: NodeConfig,
     pub index: WorkloadIndex,
     pub routes: RouteTable,
-    pub services_by_host: HashMap<String, Arc<Service>>,
-    pub destination_rules: HashMap<String, DestinationRule>,
+    pub services_by_host: FastMap<String, Arc<Service>>,
+    pub destination_rules: FastMap<String, DestinationRule>,
     /// Each workload's metric labels, by UID, built on its first request under this version.
-    metric_sides: Mutex<HashMap<String, Interned<Side>>>,
+    metric_sides: Mutex<FastMap<String, Interned<Side>>>,
 }
 
 impl Snapshot {
     pub fn new(config: NodeConfig) -> Self {
         let routes = RouteTable::build(&config.routing.virtual_services);
         let services_by_host = config.services.iter().map(|s| (s.hostname(), Arc::new(s.clone()))).collect();
-        let mut destination_rules = HashMap::new();
+        let mut destination_rules = FastMap::default();
         // Istio uses the oldest DestinationRule for a host; the controller orders them.
         for rule in &config.routing.destination_rules {
             destination_rules.entry(rule.host.clone()).or_insert_with(|| rule.clone());

@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::headers::WrittenValues;
+
 // The trace headers as names (a `&str` name is parsed again on every lookup).
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
@@ -27,36 +29,92 @@ const B3_SINGLE: HeaderName = HeaderName::from_static("b3");
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
-    /// 32 lower-case hex digits.
-    pub trace_id: String,
-    /// The caller's span (16 hex digits), if the request carried one.
-    pub parent_span_id: Option<String>,
+    pub trace_id: TraceId,
+    /// The caller's span, if the request carried one.
+    pub parent_span_id: Option<SpanId>,
     /// The waypoint's own span for this request.
-    pub span_id: String,
+    pub span_id: SpanId,
     pub sampled: bool,
 }
 
-/// A random non-zero id of `bytes` bytes (8 or 16) as lower-case hex.
-fn random_hex(bytes: usize) -> String {
-    let mut hex = String::with_capacity(2 * bytes);
-    push_hex(&mut hex, fastrand::u128(1..), bytes);
-    hex
-}
+/// A trace id: 32 lower-case hex digits.
+pub type TraceId = HexId<32>;
+/// A span id: 16 lower-case hex digits.
+pub type SpanId = HexId<16>;
 
-/// The low `bytes` bytes of `value` as lower-case hex digits (a request's ids, built without
-/// the formatting machinery: they are on every request's path).
-pub(crate) fn push_hex(out: &mut String, value: u128, bytes: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = [0u8; 32];
-    for (i, digit) in hex.iter_mut().enumerate() {
-        *digit = DIGITS[((value >> (4 * (31 - i))) & 0xf) as usize];
+/// An id as `N` lower-case hex digits, not all zero, kept inline: ids are on every request's
+/// path, and as `String`s each one was an allocation, and another when copied into a header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HexId<const N: usize>([u8; N]);
+
+impl<const N: usize> HexId<N> {
+    /// A random id (never all zeros).
+    pub fn random() -> Self {
+        let value = if N > 16 { fastrand::u128(1..) } else { fastrand::u64(1..).into() };
+        let mut digits = [b'0'; N];
+        write_hex(&mut digits, value);
+        HexId(digits)
     }
-    let bytes = bytes.min(16);
-    out.push_str(std::str::from_utf8(&hex[32 - 2 * bytes..]).expect("hex digits are ASCII"));
+
+    /// `text` as an id if it is `N` hex digits and not all zeros (upper case is lowered).
+    fn parse(text: &str) -> Option<Self> {
+        let digits: [u8; N] = text.as_bytes().try_into().ok()?;
+        let valid = digits.iter().all(u8::is_ascii_hexdigit) && digits.iter().any(|&d| d != b'0');
+        valid.then(|| HexId(digits.map(|d| d.to_ascii_lowercase())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
+impl HexId<32> {
+    /// A 128-bit trace id, or a 64-bit one (B3 allows both) zero-padded on the left.
+    fn parse_trace(text: &str) -> Option<Self> {
+        if text.len() != 16 {
+            return Self::parse(text);
+        }
+        let low = HexId::<16>::parse(text)?;
+        let mut digits = [b'0'; 32];
+        digits[16..].copy_from_slice(&low.0);
+        Some(HexId(digits))
+    }
+}
+
+impl<const N: usize> std::ops::Deref for HexId<N> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<const N: usize> std::fmt::Display for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for HexId<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// The low `out.len() / 2` bytes of `value` as lower-case hex digits filling `out` (without
+/// the formatting machinery: ids are written on every request's path).
+fn write_hex(out: &mut [u8], value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let last = out.len().min(32);
+    for (i, digit) in out[..last].iter_mut().enumerate() {
+        *digit = DIGITS[((value >> (4 * (last - 1 - i))) & 0xf) as usize];
+    }
 }
 
 impl TraceContext {
@@ -64,46 +122,45 @@ impl TraceContext {
     /// `sampling_percent`. A caller's sampling decision is kept.
     pub fn from_headers(headers: &HeaderMap, sampling_percent: f64) -> Self {
         let get = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-        let new_span = random_hex(8);
+        let new_span = SpanId::random();
         if let Some(tp) = get(TRACEPARENT) {
-            let parts: Vec<&str> = tp.split('-').collect();
-            if parts.len() >= 4 && parts[0].len() == 2 && is_hex(parts[1], 32) && is_hex(parts[2], 16) {
-                let flags = u8::from_str_radix(parts[3], 16).unwrap_or(0);
+            let mut parts = tp.split('-');
+            let (version, trace, parent, flags) = (parts.next(), parts.next(), parts.next(), parts.next());
+            if let (Some(version), Some(trace), Some(parent), Some(flags)) = (version, trace, parent, flags)
+                && version.len() == 2
+                && let (Some(trace_id), Some(parent)) = (TraceId::parse(trace), SpanId::parse(parent))
+            {
+                let flags = u8::from_str_radix(flags, 16).unwrap_or(0);
                 return TraceContext {
-                    trace_id: parts[1].to_ascii_lowercase(),
-                    parent_span_id: Some(parts[2].to_ascii_lowercase()),
+                    trace_id,
+                    parent_span_id: Some(parent),
                     span_id: new_span,
                     sampled: flags & 1 == 1,
                 };
             }
         }
         let b3_sampled = |v: &str| matches!(v, "1" | "true" | "d");
-        if let Some(trace) = get(B3_TRACE_ID) {
-            let trace = if trace.len() == 16 { format!("{:0>32}", trace) } else { trace.to_string() };
-            if is_hex(&trace, 32) {
-                return TraceContext {
-                    trace_id: trace.to_ascii_lowercase(),
-                    parent_span_id: get(B3_SPAN_ID).filter(|s| is_hex(s, 16)).map(str::to_ascii_lowercase),
-                    span_id: new_span,
-                    sampled: get(B3_SAMPLED).map(b3_sampled).unwrap_or_else(|| roll(sampling_percent)),
-                };
-            }
+        if let Some(trace_id) = get(B3_TRACE_ID).and_then(TraceId::parse_trace) {
+            return TraceContext {
+                trace_id,
+                parent_span_id: get(B3_SPAN_ID).and_then(SpanId::parse),
+                span_id: new_span,
+                sampled: get(B3_SAMPLED).map(b3_sampled).unwrap_or_else(|| roll(sampling_percent)),
+            };
         }
         if let Some(b3) = get(B3_SINGLE) {
-            let parts: Vec<&str> = b3.split('-').collect();
-            let trace =
-                parts.first().map(|t| if t.len() == 16 { format!("{t:0>32}") } else { t.to_string() });
-            if let Some(trace) = trace.filter(|t| is_hex(t, 32)) {
+            let mut parts = b3.split('-');
+            if let Some(trace_id) = parts.next().and_then(TraceId::parse_trace) {
                 return TraceContext {
-                    trace_id: trace.to_ascii_lowercase(),
-                    parent_span_id: parts.get(1).filter(|s| is_hex(s, 16)).map(|s| s.to_ascii_lowercase()),
+                    trace_id,
+                    parent_span_id: parts.next().and_then(SpanId::parse),
                     span_id: new_span,
-                    sampled: parts.get(2).map(|s| b3_sampled(s)).unwrap_or_else(|| roll(sampling_percent)),
+                    sampled: parts.next().map(b3_sampled).unwrap_or_else(|| roll(sampling_percent)),
                 };
             }
         }
         TraceContext {
-            trace_id: random_hex(16),
+            trace_id: TraceId::random(),
             parent_span_id: None,
             span_id: new_span,
             sampled: roll(sampling_percent),
@@ -111,21 +168,18 @@ impl TraceContext {
     }
 
     /// Sets both header styles for the upstream request, the waypoint's span as the parent.
-    pub fn inject(&self, headers: &mut HeaderMap) {
-        let mut set = |name: HeaderName, value: &str| {
-            if let Ok(v) = HeaderValue::from_str(value) {
+    pub fn inject(&self, headers: &mut HeaderMap, values: &mut WrittenValues) {
+        let mut set = |name: HeaderName, parts: &[&[u8]]| {
+            if let Some(v) = values.value(parts) {
                 headers.insert(name, v);
             }
         };
-        let mut traceparent = String::with_capacity(55);
-        for part in ["00-", &self.trace_id, "-", &self.span_id, if self.sampled { "-01" } else { "-00" }] {
-            traceparent.push_str(part);
-        }
-        set(TRACEPARENT, &traceparent);
-        set(B3_TRACE_ID, &self.trace_id);
-        set(B3_SPAN_ID, &self.span_id);
+        let flags: &[u8] = if self.sampled { b"-01" } else { b"-00" };
+        set(TRACEPARENT, &[b"00-", &self.trace_id.0, b"-", &self.span_id.0, flags]);
+        set(B3_TRACE_ID, &[&self.trace_id.0]);
+        set(B3_SPAN_ID, &[&self.span_id.0]);
         if let Some(parent) = &self.parent_span_id {
-            set(B3_PARENT_SPAN_ID, parent);
+            set(B3_PARENT_SPAN_ID, &[&parent.0]);
         } else {
             headers.remove(B3_PARENT_SPAN_ID);
         }
@@ -172,8 +226,8 @@ pub fn otlp_json(service_name: &str, spans: &[Span]) -> Value {
                 })
                 .collect();
             let mut span = json!({
-                "traceId": s.context.trace_id,
-                "spanId": s.context.span_id,
+                "traceId": s.context.trace_id.as_str(),
+                "spanId": s.context.span_id.as_str(),
                 "name": s.name,
                 // SPAN_KIND_SERVER: the waypoint serves the caller's request.
                 "kind": 2,
@@ -183,7 +237,7 @@ pub fn otlp_json(service_name: &str, spans: &[Span]) -> Value {
                 "status": {"code": if s.error { 2 } else { 1 }},
             });
             if let Some(parent) = &s.context.parent_span_id {
-                span["parentSpanId"] = json!(parent);
+                span["parentSpanId"] = json!(parent.as_str());
             }
             span
         })
@@ -271,13 +325,22 @@ mod tests {
 
     #[test]
     fn ids_are_fixed_width_lower_case_hex() {
-        let mut out = String::new();
-        push_hex(&mut out, 0xab, 2);
-        assert_eq!(out, "00ab");
-        out.clear();
-        push_hex(&mut out, u128::MAX, 16);
-        assert_eq!(out, "f".repeat(32));
-        assert!(is_hex(&random_hex(8), 16) && is_hex(&random_hex(16), 32));
+        let mut digits = [0u8; 4];
+        write_hex(&mut digits, 0xab);
+        assert_eq!(&digits, b"00ab");
+        let mut digits = [0u8; 32];
+        write_hex(&mut digits, u128::MAX);
+        assert_eq!(digits, [b'f'; 32]);
+        // Random ids are valid ids: the right width, hex, not all zeros.
+        for _ in 0..100 {
+            assert!(
+                TraceId::parse(&TraceId::random()).is_some() && SpanId::parse(&SpanId::random()).is_some()
+            );
+        }
+        assert_eq!(SpanId::parse("B7AD6B7169203331").unwrap(), "b7ad6b7169203331");
+        for bad in ["0000000000000000", "b7ad6b716920333", "b7ad6b716920333g", "b7ad6b71692033310"] {
+            assert!(SpanId::parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]
@@ -289,7 +352,7 @@ mod tests {
         assert!(ctx.sampled);
         assert_ne!(ctx.span_id, "b7ad6b7169203331");
         let mut out = HeaderMap::new();
-        ctx.inject(&mut out);
+        ctx.inject(&mut out, &mut WrittenValues::new());
         assert_eq!(out["traceparent"], format!("00-0af7651916cd43dd8448eb211c80319c-{}-01", ctx.span_id));
         assert_eq!(out["x-b3-traceid"], "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(out["x-b3-parentspanid"], "b7ad6b7169203331");
@@ -310,7 +373,7 @@ mod tests {
         let single = headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]);
         assert_eq!(TraceContext::from_headers(&single, 0.0).trace_id, "80f198ee56343ba864fe8b2a57d3eff7");
         let fresh = TraceContext::from_headers(&HeaderMap::new(), 100.0);
-        assert!(is_hex(&fresh.trace_id, 32) && fresh.parent_span_id.is_none() && fresh.sampled);
+        assert!(TraceId::parse(&fresh.trace_id).is_some() && fresh.parent_span_id.is_none() && fresh.sampled);
         assert!(!TraceContext::from_headers(&HeaderMap::new(), 0.0).sampled);
         // A malformed traceparent is ignored, not trusted.
         let bad = headers(&[("traceparent", "00-zz-yy-01")]);

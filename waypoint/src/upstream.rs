@@ -4,7 +4,6 @@
 //! HBONE stream (or plain TCP to an endpoint outside the mesh).
 
 use std::{
-    collections::HashMap,
     hash::{Hash, Hasher},
     net::SocketAddr,
     pin::Pin,
@@ -27,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 use warren_core::{
+    FastMap,
     hbone::ConnectRequest,
     l7::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, SimpleLb},
     model::Workload,
@@ -62,6 +62,16 @@ impl UpstreamError {
 pub enum Protocol {
     Http1,
     Http2,
+}
+
+impl Protocol {
+    /// As the access log names it (the variant's name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "Http1",
+            Protocol::Http2 => "Http2",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -111,13 +121,15 @@ impl Drop for ConnectionSlot {
 
 pub struct Cluster {
     pub key: ClusterKey,
+    /// `key` as Envoy names clusters (written once, for every request's log line).
+    pub name: Arc<str>,
     rr: AtomicUsize,
-    endpoints: Mutex<HashMap<String, EndpointState>>,
+    endpoints: Mutex<FastMap<String, EndpointState>>,
     in_flight: AtomicUsize,
     retries_in_flight: AtomicUsize,
     connections: AtomicUsize,
     pending: AtomicUsize,
-    idle: Mutex<HashMap<(SocketAddr, Protocol), Vec<PooledConn>>>,
+    idle: Mutex<FastMap<(SocketAddr, Protocol), Vec<PooledConn>>>,
     released: tokio::sync::Notify,
 }
 
@@ -130,14 +142,15 @@ pub struct HashInput<'a> {
 impl Cluster {
     fn new(key: ClusterKey) -> Self {
         Self {
+            name: key.to_string().into(),
             key,
             rr: AtomicUsize::new(0),
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(FastMap::default()),
             in_flight: AtomicUsize::new(0),
             retries_in_flight: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(FastMap::default()),
             released: tokio::sync::Notify::new(),
         }
     }
@@ -236,7 +249,7 @@ impl Cluster {
         let now = Instant::now();
         let mut state = self.endpoints.lock().expect("poisoned");
         let ejected = state.values().filter(|s| s.ejected_until.is_some_and(|u| u > now)).count();
-        let entry = state.entry(endpoint.to_string()).or_default();
+        let entry = state_of(&mut state, endpoint);
         let (server_error, gateway_error) = match outcome {
             Ok(status) => (status >= 500, matches!(status, 502..=504)),
             Err(UpstreamError::Overflow) => return,
@@ -281,9 +294,18 @@ impl Cluster {
 
     fn mark_active(&self, endpoint: &str, delta: isize) {
         let mut state = self.endpoints.lock().expect("poisoned");
-        let entry = state.entry(endpoint.to_string()).or_default();
+        let entry = state_of(&mut state, endpoint);
         entry.active = entry.active.saturating_add_signed(delta);
     }
+}
+
+/// An endpoint's state, made on first use: its uid is copied into the map only then, not on
+/// every request's two updates.
+fn state_of<'a>(states: &'a mut FastMap<String, EndpointState>, endpoint: &str) -> &'a mut EndpointState {
+    if !states.contains_key(endpoint) {
+        states.insert(endpoint.to_string(), EndpointState::default());
+    }
+    states.get_mut(endpoint).expect("inserted above")
 }
 
 fn hash_value(key: &HashKey, input: &HashInput<'_>) -> String {
@@ -369,29 +391,28 @@ pub struct Target<'a> {
     pub trust_domain: &'a str,
     pub protocol: Protocol,
     pub forwarded_for: SocketAddr,
-    pub traceparent: Option<String>,
+    pub traceparent: Option<&'a str>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 pub struct Clusters {
-    map: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
+    map: Mutex<FastMap<ClusterKey, Arc<Cluster>>>,
     pub hbone: HboneClient,
 }
 
 impl Clusters {
     pub fn new(hbone: HboneClient) -> Self {
-        Self { map: Mutex::new(HashMap::new()), hbone }
+        Self { map: Mutex::new(FastMap::default()), hbone }
     }
 
-    pub fn get(&self, key: &ClusterKey) -> Arc<Cluster> {
-        self.map
-            .lock()
-            .expect("poisoned")
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(Cluster::new(key.clone())))
-            .clone()
+    pub fn get(&self, key: ClusterKey) -> Arc<Cluster> {
+        let mut map = self.map.lock().expect("poisoned");
+        if let Some(cluster) = map.get(&key) {
+            return cluster.clone();
+        }
+        map.entry(key).or_insert_with_key(|key| Arc::new(Cluster::new(key.clone()))).clone()
     }
 
     pub fn all(&self) -> Vec<Arc<Cluster>> {
@@ -486,7 +507,7 @@ impl Clusters {
             let expected = endpoint.identity(target.trust_domain);
             let mut request = ConnectRequest::new(target.addr);
             request.forwarded_for = Some(target.forwarded_for);
-            request.traceparent = target.traceparent.clone();
+            request.traceparent = target.traceparent.map(str::to_string);
             let stream = self
                 .hbone
                 .connect(target.addr.ip(), &expected, &request)

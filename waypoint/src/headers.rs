@@ -1,0 +1,156 @@
+//! What the waypoint does to a request's headers on the way upstream, and to a response's on
+//! the way back: route header operations, hop-by-hop headers stripped, and the forwarding
+//! headers Envoy adds.
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use warren_core::l7::HeaderOperations;
+
+/// The header values the waypoint writes into one request, all in one shared buffer. Made
+/// one by one, each was an allocation, and another the first time the header map was copied
+/// for an attempt (a freshly copied value is not yet shareable); from here they cost two
+/// allocations together and a count each per copy.
+pub struct WrittenValues(BytesMut);
+
+impl WrittenValues {
+    /// Room for the trace headers, a request id and a forwarded-for chain of a few hops.
+    pub fn new() -> Self {
+        WrittenValues(BytesMut::with_capacity(256))
+    }
+
+    /// A value made of `parts` in order (`None` if it is not a valid header value).
+    pub fn value(&mut self, parts: &[&[u8]]) -> Option<HeaderValue> {
+        for part in parts {
+            self.0.extend_from_slice(part);
+        }
+        HeaderValue::from_maybe_shared(self.0.split().freeze()).ok()
+    }
+}
+
+/// A route's header operations, in Envoy's order: remove, then set, then add.
+pub fn apply(ops: &HeaderOperations, headers: &mut HeaderMap) {
+    for name in &ops.remove {
+        headers.remove(name.as_str());
+    }
+    for (name, value) in &ops.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.insert(n, v);
+        }
+    }
+    for (name, value) in &ops.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            headers.append(n, v);
+        }
+    }
+}
+
+/// Headers that belong to one hop and must not be forwarded.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    const COUNT: usize = 9;
+    const STRIPPED: [HeaderName; COUNT] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+        HeaderName::from_static("http2-settings"),
+        // The body is re-sent whole; hyper sets the length it has.
+        header::CONTENT_LENGTH,
+        header::HOST,
+    ];
+    // A request carries one or two of these: found in one pass over its (few) header names
+    // rather than by hashing all nine names into the map.
+    let mut found: [Option<HeaderName>; COUNT] = Default::default();
+    for (slot, name) in found.iter_mut().zip(headers.keys().filter(|name| STRIPPED.contains(name))) {
+        *slot = Some(name.clone());
+    }
+    for name in found.into_iter().flatten() {
+        headers.remove(name);
+    }
+}
+
+/// `x-forwarded-for`, and an `x-request-id` when the client sent none, as Envoy adds them.
+pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, values: &mut WrittenValues) {
+    const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    let forwarded_for = match headers.get(FORWARDED_FOR) {
+        None => Some(client_ip.clone()),
+        Some(existing) => values.value(&[existing.as_bytes(), b", ", client_ip.as_bytes()]),
+    };
+    if let Some(v) = forwarded_for {
+        headers.insert(FORWARDED_FOR, v);
+    }
+    if !headers.contains_key(REQUEST_ID)
+        && let Some(v) = values.value(&[crate::trace::TraceId::random().as_bytes()])
+    {
+        headers.insert(REQUEST_ID, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_and_the_rest_kept() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("host", "a"),
+            ("connection", "keep-alive"),
+            ("connection", "te"),
+            ("x-kept", "1"),
+            ("keep-alive", "timeout=5"),
+            ("content-length", "0"),
+            ("te", "trailers"),
+            ("http2-settings", "x"),
+            ("proxy-connection", "close"),
+            ("upgrade", "h2c"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "2"),
+        ] {
+            h.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
+        assert_eq!(h.get_all("x-kept").iter().count(), 2);
+        let mut plain = HeaderMap::new();
+        plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn header_operations_remove_then_set_then_add() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "1".parse().unwrap());
+        h.insert("x-b", "1".parse().unwrap());
+        let ops = HeaderOperations {
+            set: [("x-a".to_string(), "2".to_string())].into(),
+            add: [("x-c".to_string(), "3".to_string())].into(),
+            remove: vec!["x-b".into()],
+        };
+        apply(&ops, &mut h);
+        assert_eq!(h["x-a"], "2");
+        assert!(!h.contains_key("x-b"));
+        assert_eq!(h["x-c"], "3");
+    }
+
+    #[test]
+    fn forwarding_headers_extend_what_the_client_sent() {
+        let client = HeaderValue::from_static("10.0.0.7");
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, &client, &mut WrittenValues::new());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.7");
+        let id = h["x-request-id"].to_str().unwrap();
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1, 10.0.0.2"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        let mut values = WrittenValues::new();
+        add_forwarding(&mut h, &client, &mut values);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.0.0.2, 10.0.0.7");
+        assert_eq!(h["x-request-id"], "abc", "the client's request id is kept");
+    }
+}
