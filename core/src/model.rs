@@ -34,10 +34,17 @@ fn default_service_account() -> String {
     "default".to_string()
 }
 
+/// `namespace/name`, how operators name a pod in messages.
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 impl Workload {
     /// `namespace/name`, how operators name a pod in messages.
     pub fn display_name(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        self.to_string()
     }
 
     /// The workload's SPIFFE identity: its ServiceAccount in `trust_domain`.

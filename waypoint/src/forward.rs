@@ -160,7 +160,7 @@ pub async fn handle(
         service = down.service_labels.hostname,
         route = outcome.route(),
         upstream_cluster = outcome.upstream_cluster.as_deref().unwrap_or(""),
-        upstream = %WorkloadName(outcome.upstream.as_deref()),
+        upstream = %OrNothing(outcome.upstream.as_deref()),
         attempts = outcome.attempts,
         detail = outcome.detail,
         "request"
@@ -169,13 +169,13 @@ pub async fn handle(
     Ok(response.map(|body| ResponseCounter { inner: body, series, bytes: 0, _busy: busy }.boxed_unsync()))
 }
 
-/// `namespace/name` of a workload, or nothing.
-struct WorkloadName<'a>(Option<&'a Workload>);
+/// The value shown if there is one, else nothing (a log field that may be empty).
+struct OrNothing<T>(Option<T>);
 
-impl std::fmt::Display for WorkloadName<'_> {
+impl<T: std::fmt::Display> std::fmt::Display for OrNothing<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(w) => write!(f, "{}/{}", w.namespace, w.name),
+        match &self.0 {
+            Some(value) => value.fmt(f),
             None => Ok(()),
         }
     }

@@ -361,7 +361,12 @@ fn next_to_escape(bytes: &[u8]) -> Option<usize> {
             return Some(n * 8 + hits.trailing_zeros() as usize / 8);
         }
     }
-    rest.iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\').map(|i| words.len() * 8 + i)
+    rest.iter().position(|&b| needs_escape(b)).map(|i| words.len() * 8 + i)
+}
+
+/// What JSON escapes (as serde_json does): `"`, `\` and control characters.
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
 }
 
 const LOW_SEVEN: u64 = 0x7f7f_7f7f_7f7f_7f7f;
@@ -395,8 +400,7 @@ fn write_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("decimal digits are ASCII"));
 }
 
 /// Writes `n` as exactly `width` decimal digits (zero-padded; `n` must fit).
@@ -617,15 +621,11 @@ mod tests {
         assert_eq!(out, serde_json::to_string(&long).unwrap());
     }
 
-    /// What JSON escapes, a byte at a time: the reference for the word-at-a-time search.
-    fn needs_escape(b: u8) -> bool {
-        b < 0x20 || b == b'"' || b == b'\\'
-    }
-
     #[test]
     fn the_word_at_a_time_search_finds_the_first_byte_to_escape_as_a_byte_loop_does() {
-        // Every byte value, alone in a run of plain bytes and behind an earlier escape, at
-        // every position of the first three words and the tail after them.
+        // Every byte value, alone in a run of plain bytes and followed by a quote, at every
+        // position of the first three words and the tail after them; `needs_escape` a byte at
+        // a time is the reference.
         for len in [1, 7, 8, 9, 16, 23, 24, 29] {
             for at in 0..len {
                 for b in 0..=u8::MAX {
