@@ -37,7 +37,7 @@ use crate::{
     upstream::{Cluster, ClusterKey, HashInput, Protocol, Target, UpstreamError},
 };
 
-pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, crate::upstream::BoxError>;
 
 /// The CONNECT stream a request arrived on.
 pub struct Downstream {
@@ -192,12 +192,12 @@ struct ResponseCounter {
 
 impl hyper::body::Body for ResponseCounter {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::upstream::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()

@@ -20,9 +20,9 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
-    client::conn::{http1, http2},
+    client::conn::http1,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 use warren_core::{
@@ -32,7 +32,14 @@ use warren_core::{
     model::Workload,
 };
 
-use crate::{deadline, hbone::HboneClient};
+use crate::{
+    deadline,
+    h2_client::{self, H2Body, H2Sender},
+    hbone::HboneClient,
+};
+
+/// A body error from either protocol's upstream client.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an upstream attempt failed, with Envoy's response flag.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -99,7 +106,7 @@ struct EndpointState {
 
 enum Sender {
     Http1(http1::SendRequest<Full<Bytes>>),
-    Http2(http2::SendRequest<Full<Bytes>>),
+    Http2(H2Sender),
 }
 
 struct PooledConn {
@@ -353,8 +360,13 @@ impl Drop for ActiveRequest {
 
 /// The upstream response body, holding the request's slots until it ends.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: ReceivedBody,
     _guards: (Option<InFlight>, ActiveRequest),
+}
+
+enum ReceivedBody {
+    Http1(Incoming),
+    Http2(H2Body),
 }
 
 impl UpstreamBody {
@@ -366,21 +378,30 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match &mut self.inner {
+            ReceivedBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ReceivedBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            ReceivedBody::Http1(b) => b.is_end_stream(),
+            ReceivedBody::Http2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            ReceivedBody::Http1(b) => b.size_hint(),
+            ReceivedBody::Http2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -431,11 +452,13 @@ impl Clusters {
         cluster.mark_active(&target.endpoint.uid, 1);
         let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
         conn.requests += 1;
-        let result = match &mut conn.sender {
-            Sender::Http1(s) => s.send_request(request).await,
-            Sender::Http2(s) => s.send_request(request).await,
+        let reset = |e: &dyn std::fmt::Display| UpstreamError::Reset(e.to_string());
+        let response = match &mut conn.sender {
+            Sender::Http1(s) => {
+                s.send_request(request).await.map_err(|e| reset(&e))?.map(ReceivedBody::Http1)
+            }
+            Sender::Http2(s) => s.send(request).await.map_err(|e| reset(&e))?.map(ReceivedBody::Http2),
         };
-        let response = result.map_err(|e| UpstreamError::Reset(e.to_string()))?;
         let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
         let fresh = conn.requests == 1;
         let reusable = max_per_conn == 0 || conn.requests < max_per_conn;
@@ -522,12 +545,12 @@ impl Clusters {
             let _ = tcp.set_nodelay(true);
             Box::new(tcp)
         };
-        let io = TokioIo::new(io);
         let addr = target.addr;
         match target.protocol {
             Protocol::Http1 => {
-                let (sender, conn) =
-                    http1::handshake(io).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+                let (sender, conn) = http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|e| UpstreamError::Connect(e.to_string()))?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(%addr, "upstream HTTP/1.1 connection ended: {e}");
@@ -536,14 +559,9 @@ impl Clusters {
                 Ok(Sender::Http1(sender))
             }
             Protocol::Http2 => {
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                let sender = h2_client::handshake(io, addr)
                     .await
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%addr, "upstream HTTP/2 connection ended: {e}");
-                    }
-                });
                 Ok(Sender::Http2(sender))
             }
         }
@@ -570,7 +588,8 @@ fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol)) -> Option<PooledCo
     });
     let position = list.iter().position(|c| match &c.sender {
         Sender::Http1(s) => s.is_ready(),
-        Sender::Http2(s) => s.is_ready(),
+        // Waiting for a free stream, when the server limits them, is `send`'s job.
+        Sender::Http2(_) => true,
     })?;
     if let Sender::Http2(s) = &list[position].sender {
         // HTTP/2 multiplexes: hand out a clone and keep the connection pooled.
