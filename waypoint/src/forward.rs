@@ -13,7 +13,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri::PathAndQuery,
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri,
+    uri::{Authority, PathAndQuery},
 };
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
@@ -440,6 +441,7 @@ async fn process(
         method: parts.method.clone(),
         path_and_query,
         host: values.value(&[upstream_authority.as_bytes()]),
+        uri_authority: uri_authority(down.protocol, &upstream_authority),
         authority: upstream_authority,
         headers,
         body,
@@ -515,18 +517,25 @@ struct UpstreamRequest {
     authority: String,
     /// `authority` as HTTP/1.1's `Host` header (made once, not per attempt).
     host: Option<HeaderValue>,
+    /// `authority` as HTTP/2's `:authority` (parsed once, not per attempt).
+    uri_authority: Option<Authority>,
     headers: HeaderMap,
     body: Bytes,
     protocol: Protocol,
 }
 
+/// HTTP/2's `:authority` for `authority`; HTTP/1.1 sends a `Host` header instead.
+fn uri_authority(protocol: Protocol, authority: &str) -> Option<Authority> {
+    (protocol == Protocol::Http2).then(|| Authority::try_from(authority).ok()).flatten()
+}
+
 impl UpstreamRequest {
     fn build(&self) -> Request<Full<Bytes>> {
-        self.build_for(&self.authority, self.host.clone())
+        self.build_for(self.uri_authority.clone(), self.host.clone())
     }
 
-    /// The request as sent to `authority` (`host`: the same as a header).
-    fn build_for(&self, authority: &str, host: Option<HeaderValue>) -> Request<Full<Bytes>> {
+    /// The request as sent to `authority` (`host`: the same as an HTTP/1.1 header).
+    fn build_for(&self, authority: Option<Authority>, host: Option<HeaderValue>) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.headers_mut() = self.headers.clone();
@@ -540,8 +549,13 @@ impl UpstreamRequest {
             }
             Protocol::Http2 => {
                 *req.version_mut() = Version::HTTP_2;
-                let uri = format!("http://{authority}{}", self.path_and_query);
-                *req.uri_mut() = uri.parse().unwrap_or_else(|_| Uri::from_static("/"));
+                let mut uri = uri::Parts::default();
+                uri.scheme = Some(uri::Scheme::HTTP);
+                uri.authority = authority;
+                uri.path_and_query = Some(self.path_and_query.clone());
+                // Without an authority (a rewrite to one that does not parse) the path goes alone.
+                *req.uri_mut() =
+                    Uri::from_parts(uri).unwrap_or_else(|_| Uri::from(self.path_and_query.clone()));
                 req.headers_mut().remove(header::HOST);
             }
         }
@@ -683,7 +697,8 @@ fn spawn_mirror(
     let addr = SocketAddr::new(ip, service.target_port(port).unwrap_or(port));
     let host_only = request.authority.split(':').next().unwrap_or(&request.authority);
     let shadow = format!("{host_only}-shadow");
-    let built = request.build_for(&shadow, HeaderValue::from_str(&shadow).ok());
+    let built =
+        request.build_for(uri_authority(request.protocol, &shadow), HeaderValue::from_str(&shadow).ok());
     let state = state.self_arc();
     let (client, protocol, trust_domain) = (down.client, request.protocol, state.config.trust_domain.clone());
     tokio::spawn(async move {
@@ -718,6 +733,35 @@ mod tests {
     /// The size of the future an async fn of four arguments returns, without calling it.
     fn future_size<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    fn upstream_request(protocol: Protocol, authority: &str) -> UpstreamRequest {
+        UpstreamRequest {
+            method: Method::POST,
+            path_and_query: PathAndQuery::from_static("/pay?amount=3"),
+            authority: authority.to_string(),
+            host: HeaderValue::from_str(authority).ok(),
+            uri_authority: uri_authority(protocol, authority),
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            protocol,
+        }
+    }
+
+    #[test]
+    fn http2_requests_carry_the_authority_in_the_uri_and_http1_ones_in_host() {
+        let h2 = upstream_request(Protocol::Http2, "payment.default:80").build();
+        assert_eq!(h2.uri().to_string(), "http://payment.default:80/pay?amount=3");
+        assert_eq!(h2.version(), Version::HTTP_2);
+        assert!(h2.headers().get(header::HOST).is_none());
+
+        let h1 = upstream_request(Protocol::Http1, "payment.default:80").build();
+        assert_eq!(h1.uri().to_string(), "/pay?amount=3");
+        assert_eq!(h1.headers()[header::HOST], "payment.default:80");
+
+        // An authority that does not parse (a bad rewrite) still leaves the path.
+        let bad = upstream_request(Protocol::Http2, "bad authority").build();
+        assert_eq!(bad.uri().to_string(), "/pay?amount=3");
     }
 
     #[tokio::test(start_paused = true)]
