@@ -339,8 +339,11 @@ fn canary_split_header_route_and_l7_policy_through_the_waypoint() {
 }
 
 /// One HTTP/2 (prior knowledge) connection from the client pod to payment, carrying POSTs of
-/// `sizes` bytes concurrently; returns each echo answer's status and JSON body.
-fn http2_posts(client: &Pod, sizes: &[usize]) -> Vec<(u16, serde_json::Value)> {
+/// `sizes` bytes concurrently, each with `headers`; returns each echo answer's status and JSON
+/// body.
+fn http2_posts(client: &Pod, sizes: &[usize], headers: &[(&str, &str)]) -> Vec<(u16, serde_json::Value)> {
+    let headers: Vec<(String, String)> =
+        headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let dst = SocketAddr::new(vip(), 80);
     let tcp =
         client.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))).unwrap();
@@ -352,9 +355,14 @@ fn http2_posts(client: &Pod, sizes: &[usize]) -> Vec<(u16, serde_json::Value)> {
         tokio::spawn(connection);
         let exchanges = sizes.iter().map(|&size| {
             let mut sender = sender.clone();
+            let headers = headers.clone();
             async move {
                 sender = sender.ready().await.unwrap();
-                let request = http::Request::post(format!("http://{HOST}/upload")).body(()).unwrap();
+                let mut request = http::Request::post(format!("http://{HOST}/upload"));
+                for (name, value) in &headers {
+                    request = request.header(name, value);
+                }
+                let request = request.body(()).unwrap();
                 let (response, mut stream) = sender.send_request(request, size == 0).unwrap();
                 if size > 0 {
                     // Larger than the peers' initial windows: only flow control gets it through.
@@ -392,7 +400,7 @@ fn http2_request_bodies_of_any_size_reach_the_upstream_whole() {
     // Empty, one byte, one frame, past the initial 64 KiB windows, and megabytes: all at once
     // on one downstream connection, so the waypoint's upstream streams share a connection too.
     let sizes = [0, 1, 16_384, 70_000, 1 << 20, 3 << 20];
-    let answers = http2_posts(&mesh.client, &sizes);
+    let answers = http2_posts(&mesh.client, &sizes, &[]);
     for (size, (status, echo)) in sizes.iter().zip(&answers) {
         assert_eq!(*status, 200, "POST of {size} bytes: {echo}\n{}", mesh.waypoint.log());
         assert_eq!(echo["bodyBytes"], *size as u64, "POST of {size} bytes arrived as {echo}");
@@ -400,6 +408,66 @@ fn http2_request_bodies_of_any_size_reach_the_upstream_whole() {
         assert_eq!(echo["method"], "POST", "{echo}");
         // As HTTP/1.1 upstreams get it, the length travels with the body.
         assert_eq!(echo["headers"]["content-length"], size.to_string(), "{echo}");
+    }
+}
+
+/// How many of `answers` each upstream connection carried, by the TCP peer the echo server saw
+/// (each upstream connection reaches it as a connection of its own from its ztunnel).
+fn requests_per_upstream_connection(answers: &[serde_json::Value]) -> BTreeMap<String, usize> {
+    let mut per_peer = BTreeMap::new();
+    for echo in answers {
+        let peer = echo["peer"].as_str().unwrap_or_else(|| panic!("no peer in {echo}"));
+        *per_peer.entry(peer.to_string()).or_insert(0) += 1;
+    }
+    per_peer
+}
+
+#[test]
+fn max_requests_per_connection_retires_upstream_connections_of_both_protocols() {
+    let mesh = Mesh::new(&[]);
+    let beta = [("x-beta-user", "true")];
+    let http1 = |mesh: &Mesh| -> Vec<serde_json::Value> {
+        (0..12)
+            .map(|_| {
+                let r = http(&mesh.client, SocketAddr::new(vip(), 80), "GET", "/", &beta);
+                assert_eq!(r.status, 200, "{r:?}");
+                serde_json::from_str(&r.body).unwrap()
+            })
+            .collect()
+    };
+    let http2 = |mesh: &Mesh| -> Vec<serde_json::Value> {
+        (0..12)
+            .map(|_| {
+                let (status, echo) = http2_posts(&mesh.client, &[0], &beta).remove(0);
+                assert_eq!(status, 200, "{echo}");
+                echo
+            })
+            .collect()
+    };
+
+    // Without a limit, one pooled connection to v2 carries every request of a protocol.
+    mesh.apply(canary());
+    for (protocol, answers) in [("HTTP/1.1", http1(&mesh)), ("HTTP/2", http2(&mesh))] {
+        let per_connection = requests_per_upstream_connection(&answers);
+        assert_eq!(
+            per_connection.len(),
+            1,
+            "{protocol} upstream connections were not reused: {per_connection:?}"
+        );
+    }
+
+    // maxRequestsPerConnection 2: twelve requests in sequence need six connections.
+    let mut routing = canary();
+    routing.destination_rules[0].traffic_policy.connection_pool =
+        Some(ConnectionPool { max_requests_per_connection: Some(2), ..Default::default() });
+    mesh.apply(routing);
+    for (protocol, answers) in [("HTTP/1.1", http1(&mesh)), ("HTTP/2", http2(&mesh))] {
+        let per_connection = requests_per_upstream_connection(&answers);
+        assert!(
+            per_connection.len() == 6 && per_connection.values().all(|&n| n == 2),
+            "{protocol}: requests per upstream connection under maxRequestsPerConnection 2: {per_connection:?}\n{}",
+            mesh.waypoint.log()
+        );
     }
 }
 

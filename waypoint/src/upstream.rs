@@ -111,7 +111,10 @@ enum Sender {
 
 struct PooledConn {
     sender: Sender,
+    /// Requests sent on the connection, this one included once it is sent.
     requests: u32,
+    /// A handle to an HTTP/2 connection that stays in the pool (counted when handed out).
+    shared: bool,
     /// Counts the connection against `maxConnections` while any handle to it lives.
     slot: Arc<ConnectionSlot>,
 }
@@ -448,10 +451,13 @@ impl Clusters {
         pool: Option<&ConnectionPool>,
         request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let mut conn = self.checkout(cluster, target, pool).await?;
+        let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
+        let mut conn = self.checkout(cluster, target, pool, max_per_conn).await?;
         cluster.mark_active(&target.endpoint.uid, 1);
         let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
-        conn.requests += 1;
+        if !conn.shared {
+            conn.requests += 1;
+        }
         let reset = |e: &dyn std::fmt::Display| UpstreamError::Reset(e.to_string());
         let response = match &mut conn.sender {
             Sender::Http1(s) => {
@@ -459,12 +465,10 @@ impl Clusters {
             }
             Sender::Http2(s) => s.send(request).await.map_err(|e| reset(&e))?.map(ReceivedBody::Http2),
         };
-        let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
-        let fresh = conn.requests == 1;
+        // An HTTP/1.1 connection returns after each exchange; a new HTTP/2 one joins the pool,
+        // which hands out shared handles to it (`take_ready`) until maxRequestsPerConnection.
         let reusable = max_per_conn == 0 || conn.requests < max_per_conn;
-        // HTTP/1.1 connections return after each exchange; an HTTP/2 one joins the pool once,
-        // when new, and stays while it lives.
-        if reusable && (matches!(conn.sender, Sender::Http1(_)) || fresh) {
+        if reusable && !conn.shared {
             let key = (target.addr, target.protocol);
             cluster.idle.lock().expect("poisoned").entry(key).or_default().push(conn);
         }
@@ -478,12 +482,13 @@ impl Clusters {
         cluster: &Arc<Cluster>,
         target: &Target<'_>,
         pool: Option<&ConnectionPool>,
+        max_per_conn: u32,
     ) -> Result<PooledConn, UpstreamError> {
         let max_conns = pool.and_then(|p| p.max_connections).map_or(usize::MAX, |m| m as usize);
         let max_pending = pool.and_then(|p| p.http1_max_pending_requests).map_or(usize::MAX, |m| m as usize);
         let mut pending: Option<PendingGuard> = None;
         loop {
-            if let Some(conn) = take_ready(cluster, (target.addr, target.protocol)) {
+            if let Some(conn) = take_ready(cluster, (target.addr, target.protocol), max_per_conn) {
                 return Ok(conn);
             }
             if cluster
@@ -505,7 +510,7 @@ impl Clusters {
                             connect_timeout.unwrap_or_default()
                         )))
                     })?;
-                return Ok(PooledConn { sender, requests: 0, slot });
+                return Ok(PooledConn { sender, requests: 0, shared: false, slot });
             }
             if pending.is_none() {
                 if cluster
@@ -577,29 +582,39 @@ impl Drop for PendingGuard {
 }
 
 /// An idle connection that can take a request now. HTTP/2 connections stay in the pool while
-/// in use (they multiplex); HTTP/1.1 ones are ready only between exchanges. Closed ones are
-/// dropped on the way.
-fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol)) -> Option<PooledConn> {
+/// in use (they multiplex) and hand out shared handles, each counted against
+/// `max_per_conn` (0: no limit), leaving the pool with the last one allowed; HTTP/1.1 ones are
+/// ready only between exchanges. Closed ones, and ones past the limit, are dropped on the way.
+fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol), max_per_conn: u32) -> Option<PooledConn> {
     let mut idle = cluster.idle.lock().expect("poisoned");
     let list = idle.get_mut(&key)?;
-    list.retain(|c| match &c.sender {
-        Sender::Http1(s) => !s.is_closed(),
-        Sender::Http2(s) => !s.is_closed(),
+    // Also dropped: connections that have carried as many requests as a new, lower limit allows.
+    list.retain(|c| {
+        let open = match &c.sender {
+            Sender::Http1(s) => !s.is_closed(),
+            Sender::Http2(s) => !s.is_closed(),
+        };
+        open && (max_per_conn == 0 || c.requests < max_per_conn)
     });
     let position = list.iter().position(|c| match &c.sender {
         Sender::Http1(s) => s.is_ready(),
         // Waiting for a free stream, when the server limits them, is `send`'s job.
         Sender::Http2(_) => true,
     })?;
-    if let Sender::Http2(s) = &list[position].sender {
-        // HTTP/2 multiplexes: hand out a clone and keep the connection pooled.
-        let c = &list[position];
-        return Some(PooledConn {
+    let pooled = &mut list[position];
+    if let Sender::Http2(s) = &pooled.sender {
+        pooled.requests += 1;
+        let handle = PooledConn {
             sender: Sender::Http2(s.clone()),
-            requests: c.requests,
-            slot: c.slot.clone(),
-        });
+            requests: pooled.requests,
+            shared: true,
+            slot: pooled.slot.clone(),
+        };
+        if max_per_conn != 0 && pooled.requests >= max_per_conn {
+            // Its streams finish on the handles out; the connection closes after the last.
+            list.swap_remove(position);
+        }
+        return Some(handle);
     }
-    let conn = list.swap_remove(position);
-    Some(conn)
+    Some(list.swap_remove(position))
 }
