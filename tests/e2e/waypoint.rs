@@ -409,6 +409,10 @@ fn http2_request_bodies_of_any_size_reach_the_upstream_whole() {
         // As HTTP/1.1 upstreams get it, the length travels with the body.
         assert_eq!(echo["headers"]["content-length"], size.to_string(), "{echo}");
     }
+    // gRPC's `te: trailers` is the one `te` forwarded; the other hop-by-hop headers stay behind.
+    let (status, echo) = http2_posts(&mesh.client, &[1], &[("te", "trailers")]).remove(0);
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["headers"]["te"], "trailers", "{echo}");
 }
 
 /// How many of `answers` each upstream connection carried, by the TCP peer the echo server saw

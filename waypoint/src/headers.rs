@@ -44,7 +44,9 @@ pub fn apply(ops: &HeaderOperations, headers: &mut HeaderMap) {
     }
 }
 
-/// Headers that belong to one hop and must not be forwarded.
+/// Headers that belong to one hop and must not be forwarded. `te: trailers` is the exception,
+/// as in Envoy: gRPC servers require it (and HTTP/2 allows no other `te`), so a `te` that
+/// lists `trailers` goes on as just that.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     const COUNT: usize = 9;
     const STRIPPED: [HeaderName; COUNT] = [
@@ -65,9 +67,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for (slot, name) in found.iter_mut().zip(headers.keys().filter(|name| STRIPPED.contains(name))) {
         *slot = Some(name.clone());
     }
+    let accepts_trailers = found.iter().flatten().any(|name| name == header::TE)
+        && headers.get_all(header::TE).iter().any(|v| lists_trailers(v.as_bytes()));
     for name in found.into_iter().flatten() {
         headers.remove(name);
     }
+    if accepts_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a `te` value (`trailers, deflate;q=0.5`) lists `trailers`.
+fn lists_trailers(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|item| {
+        let coding = item.split(|&b| b == b';').next().unwrap_or_default();
+        coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+    })
 }
 
 /// `x-forwarded-for`, and an `x-request-id` when the client sent none, as Envoy adds them.
@@ -102,7 +117,7 @@ mod tests {
             ("x-kept", "1"),
             ("keep-alive", "timeout=5"),
             ("content-length", "0"),
-            ("te", "trailers"),
+            ("te", "deflate"),
             ("http2-settings", "x"),
             ("proxy-connection", "close"),
             ("upgrade", "h2c"),
@@ -118,6 +133,24 @@ mod tests {
         plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn te_goes_on_as_trailers_only_when_the_client_accepts_trailers() {
+        let forwarded = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TE, HeaderValue::from_static(v));
+            }
+            strip_hop_by_hop(&mut h);
+            h.get_all(header::TE).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(forwarded(&["trailers"]), ["trailers"]);
+        assert_eq!(forwarded(&["deflate;q=0.5, Trailers"]), ["trailers"]);
+        assert_eq!(forwarded(&["gzip", " trailers ;q=1"]), ["trailers"]);
+        assert!(forwarded(&["gzip, deflate"]).is_empty());
+        assert!(forwarded(&["trailersx"]).is_empty());
+        assert!(forwarded(&[]).is_empty());
     }
 
     #[test]
