@@ -57,7 +57,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::UPGRADE,
         header::TE,
         HeaderName::from_static("http2-settings"),
-        // The body is re-sent whole; hyper sets the length it has.
+        // The body is re-sent whole; the upstream client sets the length it has.
         header::CONTENT_LENGTH,
         header::HOST,
     ];
@@ -69,8 +69,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     let accepts_trailers = found.iter().flatten().any(|name| name == header::TE)
         && headers.get_all(header::TE).iter().any(|v| lists_trailers(v.as_bytes()));
+    // The headers `connection` names belong to this hop too (RFC 9110, 7.6.1).
+    let connection: Vec<HeaderValue> = match found.iter().flatten().any(|name| name == header::CONNECTION) {
+        true => headers.get_all(header::CONNECTION).iter().cloned().collect(),
+        false => Vec::new(),
+    };
     for name in found.into_iter().flatten() {
         headers.remove(name);
+    }
+    for value in &connection {
+        for option in value.as_bytes().split(|&b| b == b',') {
+            // Names that are not header names (`close`) find nothing; `te` follows the rule above.
+            if let Ok(name) = std::str::from_utf8(option.trim_ascii())
+                && !name.eq_ignore_ascii_case("te")
+            {
+                headers.remove(name);
+            }
+        }
     }
     if accepts_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -129,6 +144,17 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
         assert_eq!(h.get_all("x-kept").iter().count(), 2);
+
+        // The headers `connection` names go too, whatever their case and spacing.
+        let mut named = HeaderMap::new();
+        named.append(header::CONNECTION, HeaderValue::from_static("close, X-Hop-Secret ,x-trace-hop"));
+        named.append(header::CONNECTION, HeaderValue::from_static("x-other-hop, bad name, te"));
+        for name in ["x-hop-secret", "x-trace-hop", "x-other-hop", "x-end-to-end"] {
+            named.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        named.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut named);
+        assert_eq!(named.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-end-to-end", "te"]);
         let mut plain = HeaderMap::new();
         plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         strip_hop_by_hop(&mut plain);
