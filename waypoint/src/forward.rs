@@ -647,6 +647,8 @@ fn retriable(outcome: &Result<u16, &UpstreamError>, retry_on: &[String]) -> bool
             has("connect-failure") || has("5xx") || has("gateway-error") || has("reset")
         }
         Err(UpstreamError::Reset(_)) => has("reset") || has("5xx"),
+        // Never processed upstream: Envoy's `refused-stream`, and what `reset` and `5xx` cover.
+        Err(UpstreamError::Refused(_)) => has("refused-stream") || has("reset") || has("5xx"),
         Err(UpstreamError::Timeout) => has("5xx") || has("gateway-error") || has("reset"),
     }
 }
@@ -819,5 +821,11 @@ mod tests {
         assert!(!retriable(&Ok(200), &on(&["5xx"])));
         assert!(retriable(&Err(&UpstreamError::Connect("x".into())), &on(&["connect-failure"])));
         assert!(!retriable(&Err(&UpstreamError::Overflow), &on(&["5xx", "connect-failure"])));
+        let refused = UpstreamError::Refused("REFUSED_STREAM".into());
+        assert!(retriable(&Err(&refused), &on(&["refused-stream"])));
+        assert!(retriable(&Err(&refused), &on(&["reset"])));
+        assert!(!retriable(&Err(&refused), &on(&["connect-failure", "gateway-error"])));
+        let reset = UpstreamError::Reset("connection reset".into());
+        assert!(!retriable(&Err(&reset), &on(&["refused-stream"])));
     }
 }

@@ -72,9 +72,16 @@ impl H2Sender {
     }
 
     /// Sends one request and waits for the response head; the body follows as [`H2Body`].
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<H2Body>, h2::Error> {
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<H2Body>, H2SendError> {
         // Waits while the server's SETTINGS_MAX_CONCURRENT_STREAMS are all in use.
-        let mut send = self.send.clone().ready().await?;
+        let mut send = match self.send.clone().ready().await {
+            Ok(send) => send,
+            Err(e) => {
+                // A GOAWAY or a closed connection: no new streams here, ever.
+                self.closed.store(true, Ordering::Release);
+                return Err(H2SendError::NotSent(Box::new(request), e));
+            }
+        };
         let (mut head, mut body) = request.into_parts();
         // A `Full` body is one frame (or none), ready at once.
         let data = match body.frame().await {
@@ -84,16 +91,44 @@ impl H2Sender {
         };
         set_content_length(&mut head.headers, &head.method, data.len());
         let end_of_stream = data.is_empty();
-        let (response, mut stream) = send.send_request(Request::from_parts(head, ()), end_of_stream)?;
+        let (response, mut stream) =
+            send.send_request(Request::from_parts(head, ()), end_of_stream).map_err(H2SendError::classify)?;
         if !end_of_stream {
             // The body is already in memory, so h2 may hold all of it and send as the
             // server's window opens: no capacity to reserve first.
-            stream.send_data(data, true)?;
+            stream.send_data(data, true).map_err(H2SendError::classify)?;
         }
-        let response = response.await?;
+        let response = response.await.map_err(H2SendError::classify)?;
         let (head, recv) = response.into_parts();
         let remaining = content_length(&head.headers);
         Ok(Response::from_parts(head, H2Body { recv, data_done: false, remaining }))
+    }
+}
+
+/// Why an upstream HTTP/2 exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H2SendError {
+    /// The connection takes no new streams (the server sent GOAWAY, or it closed) and the
+    /// request, handed back, was never sent: it may go on another connection.
+    #[error("the upstream HTTP/2 connection takes no new requests: {1}")]
+    NotSent(Box<Request<Full<Bytes>>>, h2::Error),
+    /// The server refused the stream unprocessed (REFUSED_STREAM, or a GOAWAY that names an
+    /// earlier last stream): safe to retry, under `retryOn: refused-stream`.
+    #[error("the upstream refused the request unprocessed: {0}")]
+    Refused(h2::Error),
+    #[error("{0}")]
+    Failed(h2::Error),
+}
+
+impl H2SendError {
+    fn classify(e: h2::Error) -> Self {
+        // A remote GOAWAY reaches a stream as an error only if its id is past the GOAWAY's last
+        // processed stream (streams it covers end normally or by their own reset or EOF).
+        if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
+            H2SendError::Refused(e)
+        } else {
+            H2SendError::Failed(e)
+        }
     }
 }
 
@@ -168,6 +203,74 @@ impl Body for H2Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn post(body: &'static str) -> Request<Full<Bytes>> {
+        Request::post("http://upstream.test/charge")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    /// An HTTP/2 server on the far end of an in-memory pipe, each accepted request given to
+    /// `answer`, and a client connected to it.
+    async fn connected(
+        answer: impl Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) + Send + 'static,
+        go_away_after_first: bool,
+    ) -> H2Sender {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            while let Some(Ok((request, respond))) = connection.accept().await {
+                answer(request, respond);
+                if go_away_after_first {
+                    connection.graceful_shutdown();
+                }
+            }
+        });
+        handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_the_connection_cannot_take_comes_back_unsent() {
+        let ok = |_request, mut respond: h2::server::SendResponse<Bytes>| {
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            stream.send_data(Bytes::from_static(b"paid"), true).unwrap();
+        };
+        let sender = connected(ok, true).await;
+        let first = sender.send(post("first")).await.unwrap();
+        assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "paid");
+        // The server's GOAWAY follows its answer; from then on every request is handed back
+        // whole, and the connection counts as closed (the pool drops it).
+        let mut handed_back = None;
+        for _ in 0..200 {
+            match sender.send(post("second")).await {
+                Err(H2SendError::NotSent(request, _)) => {
+                    handed_back = Some(request);
+                    break;
+                }
+                // Sent before the GOAWAY was read: the server still answers those.
+                _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        }
+        let request = handed_back.expect("a request after the GOAWAY must come back unsent");
+        assert_eq!(request.uri(), "http://upstream.test/charge");
+        assert_eq!(request.into_body().collect().await.unwrap().to_bytes(), "second");
+        assert!(sender.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_told_apart_from_other_resets() {
+        let refuse = |_request, mut respond: h2::server::SendResponse<Bytes>| {
+            respond.send_reset(h2::Reason::REFUSED_STREAM)
+        };
+        let sender = connected(refuse, false).await;
+        assert!(matches!(sender.send(post("x")).await, Err(H2SendError::Refused(_))));
+        let fail = |_request, mut respond: h2::server::SendResponse<Bytes>| {
+            respond.send_reset(h2::Reason::INTERNAL_ERROR)
+        };
+        let sender = connected(fail, false).await;
+        assert!(matches!(sender.send(post("x")).await, Err(H2SendError::Failed(_))));
+        assert!(!sender.is_closed());
+    }
 
     #[test]
     fn content_length_is_added_where_http1_would_send_one() {

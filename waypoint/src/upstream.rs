@@ -34,7 +34,7 @@ use warren_core::{
 
 use crate::{
     deadline,
-    h2_client::{self, H2Body, H2Sender},
+    h2_client::{self, H2Body, H2SendError, H2Sender},
     hbone::HboneClient,
 };
 
@@ -48,6 +48,9 @@ pub enum UpstreamError {
     Connect(String),
     #[error("upstream reset: {0}")]
     Reset(String),
+    /// The upstream declined the request without processing it (HTTP/2 REFUSED_STREAM).
+    #[error("upstream refused the stream: {0}")]
+    Refused(String),
     #[error("upstream request timeout")]
     Timeout,
     #[error("upstream overflow: the DestinationRule's connection pool is full")]
@@ -58,7 +61,7 @@ impl UpstreamError {
     pub fn flag(&self) -> &'static str {
         match self {
             UpstreamError::Connect(_) => "UF",
-            UpstreamError::Reset(_) => "UR",
+            UpstreamError::Reset(_) | UpstreamError::Refused(_) => "UR",
             UpstreamError::Timeout => "UT",
             UpstreamError::Overflow => "UO",
         }
@@ -449,21 +452,44 @@ impl Clusters {
         cluster: &Arc<Cluster>,
         target: &Target<'_>,
         pool: Option<&ConnectionPool>,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
-        let mut conn = self.checkout(cluster, target, pool, max_per_conn).await?;
-        cluster.mark_active(&target.endpoint.uid, 1);
-        let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
-        if !conn.shared {
-            conn.requests += 1;
-        }
-        let reset = |e: &dyn std::fmt::Display| UpstreamError::Reset(e.to_string());
-        let response = match &mut conn.sender {
-            Sender::Http1(s) => {
-                s.send_request(request).await.map_err(|e| reset(&e))?.map(ReceivedBody::Http1)
+        // A pooled connection can close, or get an HTTP/2 GOAWAY, between the pool's look at it
+        // and the request: then the client hands the request back unsent, and it goes once
+        // more on another connection instead of failing (Envoy, too, never fails a request
+        // for a connection it had not yet used for it).
+        let mut resent = false;
+        let (conn, response, active) = loop {
+            let mut conn = self.checkout(cluster, target, pool, max_per_conn).await?;
+            cluster.mark_active(&target.endpoint.uid, 1);
+            let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
+            if !conn.shared {
+                conn.requests += 1;
             }
-            Sender::Http2(s) => s.send(request).await.map_err(|e| reset(&e))?.map(ReceivedBody::Http2),
+            let reset = |e: &dyn std::fmt::Display| UpstreamError::Reset(e.to_string());
+            let response = match &mut conn.sender {
+                Sender::Http1(s) => match s.try_send_request(request).await {
+                    Ok(response) => response.map(ReceivedBody::Http1),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if !resent => {
+                            (request, resent) = (unsent, true);
+                            continue;
+                        }
+                        _ => return Err(reset(e.error())),
+                    },
+                },
+                Sender::Http2(s) => match s.send(request).await {
+                    Ok(response) => response.map(ReceivedBody::Http2),
+                    Err(H2SendError::NotSent(unsent, _)) if !resent => {
+                        (request, resent) = (*unsent, true);
+                        continue;
+                    }
+                    Err(H2SendError::Refused(e)) => return Err(UpstreamError::Refused(e.to_string())),
+                    Err(e) => return Err(reset(&e)),
+                },
+            };
+            break (conn, response, active);
         };
         // An HTTP/1.1 connection returns after each exchange; a new HTTP/2 one joins the pool,
         // which hands out shared handles to it (`take_ready`) until maxRequestsPerConnection.
