@@ -476,6 +476,46 @@ fn max_requests_per_connection_retires_upstream_connections_of_both_protocols() 
 }
 
 #[test]
+fn max_connections_leaves_no_endpoint_without_a_connection() {
+    // One connection for the whole service, round robin over v1 and v2: the connection kept
+    // idle for one endpoint must make way for the other's, request after request, in both
+    // protocols (else a request waits forever for a connection that never frees).
+    let mesh = Mesh::new(&[]);
+    let mut rule = subsets();
+    rule.traffic_policy = TrafficPolicy {
+        load_balancer: Some(LoadBalancer::Simple(SimpleLb::RoundRobin)),
+        connection_pool: Some(ConnectionPool { max_connections: Some(1), ..Default::default() }),
+        ..Default::default()
+    };
+    let whole_service = HttpRoute {
+        route: vec![RouteDestination {
+            destination: Destination { host: HOST.into(), subset: None, port: None },
+            weight: 100,
+            headers: Default::default(),
+        }],
+        // A stuck request fails the test in seconds rather than hanging it.
+        timeout_ms: Some(5_000),
+        ..Default::default()
+    };
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![whole_service])],
+        destination_rules: vec![rule],
+        authorizations: vec![],
+    });
+    let mut versions = BTreeMap::new();
+    for _ in 0..6 {
+        let r = http(&mesh.client, SocketAddr::new(vip(), 80), "GET", "/", &[]);
+        assert_eq!(r.status, 200, "{r:?}\n{}", mesh.waypoint.log());
+        *versions.entry(r.header("x-echo-version").unwrap_or("none").to_string()).or_insert(0) += 1;
+        let (status, echo) = http2_posts(&mesh.client, &[0], &[]).remove(0);
+        assert_eq!(status, 200, "{echo}\n{}", mesh.waypoint.log());
+        *versions.entry(echo["version"].as_str().unwrap_or("none").to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(versions.get("v1"), Some(&6), "{versions:?}");
+    assert_eq!(versions.get("v2"), Some(&6), "{versions:?}");
+}
+
+#[test]
 fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
     // v1 fails every other request, deterministically.
     let mesh = Mesh::new(&["--fail-fraction", "0.5"]);

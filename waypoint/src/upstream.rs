@@ -122,6 +122,15 @@ struct PooledConn {
     slot: Arc<ConnectionSlot>,
 }
 
+impl PooledConn {
+    fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+}
+
 /// Counts an open upstream connection against `tcp.maxConnections` until it is dropped.
 struct ConnectionSlot(Arc<Cluster>);
 
@@ -538,6 +547,9 @@ impl Clusters {
                     })?;
                 return Ok(PooledConn { sender, requests: 0, shared: false, slot });
             }
+            if release_idle_elsewhere(cluster, (target.addr, target.protocol)) {
+                continue;
+            }
             if pending.is_none() {
                 if cluster
                     .pending
@@ -607,6 +619,31 @@ impl Drop for PendingGuard {
     }
 }
 
+/// At `maxConnections`, frees a slot by closing a connection of this cluster that no request
+/// uses and that goes to another endpoint (or speaks the other protocol): else a request for an
+/// endpoint without a connection would wait forever behind idle ones to the others. (Envoy
+/// lets such an endpoint have one connection over the limit instead; this keeps the limit.)
+/// Connections found closed on the way are dropped too. True if a slot was freed.
+fn release_idle_elsewhere(cluster: &Cluster, key: (SocketAddr, Protocol)) -> bool {
+    let mut idle = cluster.idle.lock().expect("poisoned");
+    // Only the pool holds an unused connection's slot; an HTTP/2 one in use has handles out.
+    let unused = |c: &PooledConn| Arc::strong_count(&c.slot) == 1;
+    let mut freed = false;
+    for list in idle.values_mut() {
+        let before = list.len();
+        list.retain(|c| !(c.is_closed() && unused(c)));
+        freed |= list.len() < before;
+    }
+    if !freed
+        && let Some(list) = idle.iter_mut().find_map(|(k, list)| (*k != key).then_some(list))
+        && let Some(position) = list.iter().position(unused)
+    {
+        list.swap_remove(position);
+        freed = true;
+    }
+    freed
+}
+
 /// An idle connection that can take a request now. HTTP/2 connections stay in the pool while
 /// in use (they multiplex) and hand out shared handles, each counted against
 /// `max_per_conn` (0: no limit), leaving the pool with the last one allowed; HTTP/1.1 ones are
@@ -615,13 +652,7 @@ fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol), max_per_conn: u32)
     let mut idle = cluster.idle.lock().expect("poisoned");
     let list = idle.get_mut(&key)?;
     // Also dropped: connections that have carried as many requests as a new, lower limit allows.
-    list.retain(|c| {
-        let open = match &c.sender {
-            Sender::Http1(s) => !s.is_closed(),
-            Sender::Http2(s) => !s.is_closed(),
-        };
-        open && (max_per_conn == 0 || c.requests < max_per_conn)
-    });
+    list.retain(|c| !c.is_closed() && (max_per_conn == 0 || c.requests < max_per_conn));
     let position = list.iter().position(|c| match &c.sender {
         Sender::Http1(s) => s.is_ready(),
         // Waiting for a free stream, when the server limits them, is `send`'s job.
