@@ -127,7 +127,9 @@ impl WaypointState {
     }
 
     pub fn set_snapshot(&self, snapshot: Snapshot) {
-        *self.snapshot.write().expect("poisoned") = Arc::new(snapshot);
+        let snapshot = Arc::new(snapshot);
+        *self.snapshot.write().expect("poisoned") = snapshot.clone();
+        self.clusters.retire_idle(|ip| snapshot.index.by_ip(ip).is_some());
     }
 
     /// For work that outlives the request that started it (mirrors).

@@ -5,7 +5,7 @@
 
 use std::{
     hash::{Hash, Hasher},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -175,6 +175,13 @@ impl Cluster {
             idle: Mutex::new(FastMap::default()),
             released: tokio::sync::Notify::new(),
         }
+    }
+
+    fn retire_idle(&self, still_there: &impl Fn(IpAddr) -> bool) {
+        self.idle.lock().expect("poisoned").retain(|(addr, _), list| {
+            list.retain(|c| !c.is_closed() && still_there(addr.ip()));
+            !list.is_empty()
+        });
     }
 
     /// Admits one request against `http.http2MaxRequests`; the guard releases it.
@@ -455,6 +462,15 @@ impl Clusters {
         self.map.lock().expect("poisoned").values().cloned().collect()
     }
 
+    /// Drops pooled connections that are closed or go to an address no workload has any more
+    /// (a deleted pod's), as a new config arrives: endpoint churn then leaves no connections,
+    /// nor their slots under `maxConnections`, behind.
+    pub fn retire_idle(&self, still_there: impl Fn(IpAddr) -> bool) {
+        for cluster in self.all() {
+            cluster.retire_idle(&still_there);
+        }
+    }
+
     /// Sends one attempt to `target`, over a pooled connection or a new one.
     pub async fn send(
         &self,
@@ -674,4 +690,50 @@ fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol), max_per_conn: u32)
         return Some(handle);
     }
     Some(list.swap_remove(position))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pooled HTTP/1.1 connection to `addr` over an in-memory pipe, counted against the
+    /// cluster's connections; the pipe's far end comes back to close it with.
+    async fn pooled(cluster: &Arc<Cluster>, addr: &str) -> tokio::io::DuplexStream {
+        let (near, far) = tokio::io::duplex(1024);
+        let (sender, connection) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(near)).await.unwrap();
+        tokio::spawn(connection);
+        cluster.connections.fetch_add(1, Ordering::AcqRel);
+        let conn = PooledConn {
+            sender: Sender::Http1(sender),
+            requests: 1,
+            shared: false,
+            slot: Arc::new(ConnectionSlot(cluster.clone())),
+        };
+        let key = (addr.parse().unwrap(), Protocol::Http1);
+        cluster.idle.lock().unwrap().entry(key).or_default().push(conn);
+        far
+    }
+
+    #[tokio::test]
+    async fn a_new_config_retires_connections_to_addresses_gone_and_closed_ones() {
+        let key = ClusterKey { host: "payment.default.svc.cluster.local".into(), subset: None, port: 80 };
+        let cluster = Arc::new(Cluster::new(key));
+        let _kept = pooled(&cluster, "10.0.0.1:8080").await;
+        let _gone = pooled(&cluster, "10.0.0.2:8080").await;
+        let closed = pooled(&cluster, "10.0.0.3:8080").await;
+        drop(closed);
+        // Let the closed connection's task see the end of its pipe.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(cluster.connections.load(Ordering::Acquire), 3);
+
+        let gone: IpAddr = "10.0.0.2".parse().unwrap();
+        cluster.retire_idle(&|ip| ip != gone);
+        let idle = cluster.idle.lock().unwrap();
+        let left: Vec<String> = idle.keys().map(|(addr, _)| addr.to_string()).collect();
+        assert_eq!(left, ["10.0.0.1:8080"]);
+        // Their slots under maxConnections are free again.
+        assert_eq!(cluster.connections.load(Ordering::Acquire), 1);
+    }
 }
