@@ -1099,6 +1099,42 @@ fn idle_downstream_connections_are_closed_but_long_requests_are_not() {
     let after = idle_closed_after
         .unwrap_or_else(|| panic!("the idle connection was not closed:\n{}", mesh.waypoint.log()));
     assert!(after >= Duration::from_millis(700) && after < Duration::from_secs(5), "closed after {after:?}");
+
+    // HTTP/2 the same: the slow request holds its connection; idle, the waypoint sends GOAWAY
+    // and closes it about a second later while the client still holds it open.
+    let tcp = mesh
+        .client
+        .ns
+        .run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+        .unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (status, idle_closed_after) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = http::Request::get(format!("http://{HOST}/slow")).body(()).unwrap();
+        let (response, _) = sender.send_request(request, true).unwrap();
+        let response = response.await.unwrap();
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+        }
+        let idle_from = Instant::now();
+        // `sender` stays alive: the client alone would never close the connection.
+        let closed = tokio::time::timeout(Duration::from_secs(10), connection).await.is_ok();
+        drop(sender);
+        (status, closed.then(|| idle_from.elapsed()))
+    });
+    assert_eq!(status, 200, "{}", mesh.waypoint.log());
+    let after = idle_closed_after
+        .unwrap_or_else(|| panic!("the idle HTTP/2 connection was not closed:\n{}", mesh.waypoint.log()));
+    assert!(
+        after >= Duration::from_millis(700) && after < Duration::from_secs(5),
+        "HTTP/2 closed after {after:?}"
+    );
 }
 
 /// `--idle-timeout-secs` on TCP passthrough (Envoy's `tcp_proxy` `idle_timeout`): a stream
