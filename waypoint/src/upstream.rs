@@ -482,8 +482,8 @@ impl Clusters {
         let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
         // A pooled connection can close, or get an HTTP/2 GOAWAY, between the pool's look at it
         // and the request: then the client hands the request back unsent, and it goes once
-        // more on another connection instead of failing (Envoy, too, never fails a request
-        // for a connection it had not yet used for it).
+        // more on another connection instead of failing for an upstream it never reached
+        // (not an attempt: no retry budget spent).
         let mut resent = false;
         let (conn, response, active) = loop {
             let mut conn = self.checkout(cluster, target, pool, max_per_conn).await?;
@@ -650,14 +650,17 @@ fn release_idle_elsewhere(cluster: &Cluster, key: (SocketAddr, Protocol)) -> boo
         list.retain(|c| !(c.is_closed() && unused(c)));
         freed |= list.len() < before;
     }
-    if !freed
-        && let Some(list) = idle.iter_mut().find_map(|(k, list)| (*k != key).then_some(list))
-        && let Some(position) = list.iter().position(unused)
-    {
-        list.swap_remove(position);
-        freed = true;
+    if freed {
+        return true;
     }
-    freed
+    for (other, list) in idle.iter_mut().filter(|(other, _)| **other != key) {
+        if let Some(position) = list.iter().position(unused) {
+            debug!(cluster = %cluster.name, endpoint = %other.0, "maxConnections reached: closing an idle connection to make room");
+            list.swap_remove(position);
+            return true;
+        }
+    }
+    false
 }
 
 /// An idle connection that can take a request now. HTTP/2 connections stay in the pool while
@@ -714,14 +717,49 @@ mod tests {
         far
     }
 
-    #[tokio::test]
-    async fn a_new_config_retires_connections_to_addresses_gone_and_closed_ones() {
+    /// A cluster with a pooled connection to each of `addrs` (the pipes' far ends with them).
+    async fn cluster_with(addrs: &[&str]) -> (Arc<Cluster>, Vec<tokio::io::DuplexStream>) {
         let key = ClusterKey { host: "payment.default.svc.cluster.local".into(), subset: None, port: 80 };
         let cluster = Arc::new(Cluster::new(key));
-        let _kept = pooled(&cluster, "10.0.0.1:8080").await;
-        let _gone = pooled(&cluster, "10.0.0.2:8080").await;
-        let closed = pooled(&cluster, "10.0.0.3:8080").await;
-        drop(closed);
+        let mut far_ends = Vec::new();
+        for addr in addrs {
+            far_ends.push(pooled(&cluster, addr).await);
+        }
+        (cluster, far_ends)
+    }
+
+    /// The addresses the pool holds connections to, sorted.
+    fn pooled_addresses(cluster: &Cluster) -> Vec<String> {
+        let idle = cluster.idle.lock().unwrap();
+        let mut addrs: Vec<String> =
+            idle.iter().filter(|(_, l)| !l.is_empty()).map(|(k, _)| k.0.to_string()).collect();
+        addrs.sort();
+        addrs
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_an_unused_connection_elsewhere_makes_room() {
+        let (cluster, _far_ends) = cluster_with(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]).await;
+        let in_use: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        // A handle out (an HTTP/2 stream, say) keeps 10.0.0.2's connection from being closed.
+        let handle = cluster.idle.lock().unwrap()[&(in_use, Protocol::Http1)][0].slot.clone();
+        let own = ("10.0.0.1:8080".parse().unwrap(), Protocol::Http1);
+
+        assert!(release_idle_elsewhere(&cluster, own));
+        assert_eq!(cluster.connections.load(Ordering::Acquire), 2);
+        assert_eq!(pooled_addresses(&cluster), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        // Nothing more to close: the endpoint's own connection and the one in use stay.
+        assert!(!release_idle_elsewhere(&cluster, own));
+        drop(handle);
+        assert!(release_idle_elsewhere(&cluster, own));
+        assert_eq!(cluster.connections.load(Ordering::Acquire), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_config_retires_connections_to_addresses_gone_and_closed_ones() {
+        let (cluster, mut far_ends) =
+            cluster_with(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]).await;
+        drop(far_ends.pop());
         // Let the closed connection's task see the end of its pipe.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -730,9 +768,7 @@ mod tests {
 
         let gone: IpAddr = "10.0.0.2".parse().unwrap();
         cluster.retire_idle(&|ip| ip != gone);
-        let idle = cluster.idle.lock().unwrap();
-        let left: Vec<String> = idle.keys().map(|(addr, _)| addr.to_string()).collect();
-        assert_eq!(left, ["10.0.0.1:8080"]);
+        assert_eq!(pooled_addresses(&cluster), ["10.0.0.1:8080"]);
         // Their slots under maxConnections are free again.
         assert_eq!(cluster.connections.load(Ordering::Acquire), 1);
     }
