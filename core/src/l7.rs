@@ -469,6 +469,10 @@ pub struct ConnectionPool {
     /// `--connect-timeout-ms` bounds the TCP connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
+    /// `http.idleTimeout`: a pooled upstream connection unused this long is closed; 0: never.
+    /// Unset, Istio's default of one hour applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -476,6 +476,34 @@ fn max_requests_per_connection_retires_upstream_connections_of_both_protocols() 
 }
 
 #[test]
+fn upstream_connections_idle_past_the_rules_idle_timeout_are_closed() {
+    let mesh = Mesh::new(&[]);
+    let mut routing = canary();
+    routing.destination_rules[0].traffic_policy.connection_pool =
+        Some(ConnectionPool { idle_timeout_ms: Some(1_000), ..Default::default() });
+    mesh.apply(routing);
+    let beta = [("x-beta-user", "true")];
+    let http1 = || {
+        let r = http(&mesh.client, SocketAddr::new(vip(), 80), "GET", "/", &beta);
+        assert_eq!(r.status, 200, "{r:?}");
+        serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["peer"].to_string()
+    };
+    let http2 = || {
+        let (status, echo) = http2_posts(&mesh.client, &[0], &beta).remove(0);
+        assert_eq!(status, 200, "{echo}");
+        echo["peer"].to_string()
+    };
+    // Back to back, a request reuses the pooled connection; after 2.5 s unused (idleTimeout
+    // 1s, swept every second) it is gone and the next request opens another.
+    let (first_h1, first_h2) = (http1(), http2());
+    assert_eq!(http1(), first_h1, "HTTP/1.1 connection not reused while fresh");
+    assert_eq!(http2(), first_h2, "HTTP/2 connection not reused while fresh");
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_ne!(http1(), first_h1, "HTTP/1.1 connection outlived its idleTimeout");
+    assert_ne!(http2(), first_h2, "HTTP/2 connection outlived its idleTimeout");
+}
+
+#[test]
 fn max_connections_leaves_no_endpoint_without_a_connection() {
     // One connection for the whole service, round robin over v1 and v2: the connection kept
     // idle for one endpoint must make way for the other's, request after request, in both

@@ -83,6 +83,15 @@ async fn serve(config: Config) -> Result<()> {
     info!(identity = %state.identity, not_after = ?cert.not_after, "certificate issued");
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(crate::inbound::serve(hbone, state.clone(), drain_rx));
+    // Pooled upstream connections past their DestinationRule's idleTimeout close.
+    let pools = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            pools.clusters.close_idle();
+        }
+    });
     info!(name = config.name, namespace = config.namespace, hbone = %config.hbone_addr, admin = %config.admin_addr, metrics = %config.metrics_addr, "waypoint listening");
 
     let reloader = match (config.controller, &config.config_file) {

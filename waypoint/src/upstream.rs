@@ -120,6 +120,22 @@ struct PooledConn {
     shared: bool,
     /// Counts the connection against `maxConnections` while any handle to it lives.
     slot: Arc<ConnectionSlot>,
+    /// When it last went back to the pool (HTTP/1.1) or took a request (HTTP/2); tokio's
+    /// clock, which tests can advance.
+    last_used: tokio::time::Instant,
+    /// `connectionPool.http.idleTimeout` when it was pooled; none: never closed for idling.
+    idle_timeout: Option<Duration>,
+}
+
+/// Istio's `connectionPool.http.idleTimeout` when a rule sets none.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn idle_timeout(pool: Option<&ConnectionPool>) -> Option<Duration> {
+    match pool.and_then(|p| p.idle_timeout_ms) {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+    }
 }
 
 impl PooledConn {
@@ -175,6 +191,18 @@ impl Cluster {
             idle: Mutex::new(FastMap::default()),
             released: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Closes pooled connections unused for their idle timeout (an HTTP/2 one only once no
+    /// request holds it).
+    fn close_idle(&self, now: tokio::time::Instant) {
+        self.idle.lock().expect("poisoned").retain(|_, list| {
+            list.retain(|c| {
+                let expired = c.idle_timeout.is_some_and(|limit| now.duration_since(c.last_used) >= limit);
+                !(expired && Arc::strong_count(&c.slot) == 1)
+            });
+            !list.is_empty()
+        });
     }
 
     fn retire_idle(&self, still_there: &impl Fn(IpAddr) -> bool) {
@@ -471,6 +499,14 @@ impl Clusters {
         }
     }
 
+    /// Closes pooled connections past their idle timeout; run every second.
+    pub fn close_idle(&self) {
+        let now = tokio::time::Instant::now();
+        for cluster in self.all() {
+            cluster.close_idle(now);
+        }
+    }
+
     /// Sends one attempt to `target`, over a pooled connection or a new one.
     pub async fn send(
         &self,
@@ -485,7 +521,7 @@ impl Clusters {
         // more on another connection instead of failing for an upstream it never reached
         // (not an attempt: no retry budget spent).
         let mut resent = false;
-        let (conn, response, active) = loop {
+        let (mut conn, response, active) = loop {
             let mut conn = self.checkout(cluster, target, pool, max_per_conn).await?;
             cluster.mark_active(&target.endpoint.uid, 1);
             let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
@@ -520,6 +556,7 @@ impl Clusters {
         // which hands out shared handles to it (`take_ready`) until maxRequestsPerConnection.
         let reusable = max_per_conn == 0 || conn.requests < max_per_conn;
         if reusable && !conn.shared {
+            (conn.last_used, conn.idle_timeout) = (tokio::time::Instant::now(), idle_timeout(pool));
             let key = (target.addr, target.protocol);
             cluster.idle.lock().expect("poisoned").entry(key).or_default().push(conn);
         }
@@ -561,7 +598,14 @@ impl Clusters {
                             connect_timeout.unwrap_or_default()
                         )))
                     })?;
-                return Ok(PooledConn { sender, requests: 0, shared: false, slot });
+                return Ok(PooledConn {
+                    sender,
+                    requests: 0,
+                    shared: false,
+                    slot,
+                    last_used: tokio::time::Instant::now(),
+                    idle_timeout: idle_timeout(pool),
+                });
             }
             if release_idle_elsewhere(cluster, (target.addr, target.protocol)) {
                 continue;
@@ -680,11 +724,14 @@ fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol), max_per_conn: u32)
     let pooled = &mut list[position];
     if let Sender::Http2(s) = &pooled.sender {
         pooled.requests += 1;
+        pooled.last_used = tokio::time::Instant::now();
         let handle = PooledConn {
             sender: Sender::Http2(s.clone()),
             requests: pooled.requests,
             shared: true,
             slot: pooled.slot.clone(),
+            last_used: pooled.last_used,
+            idle_timeout: pooled.idle_timeout,
         };
         if max_per_conn != 0 && pooled.requests >= max_per_conn {
             // Its streams finish on the handles out; the connection closes after the last.
@@ -711,6 +758,8 @@ mod tests {
             requests: 1,
             shared: false,
             slot: Arc::new(ConnectionSlot(cluster.clone())),
+            last_used: tokio::time::Instant::now(),
+            idle_timeout: Some(Duration::from_secs(1)),
         };
         let key = (addr.parse().unwrap(), Protocol::Http1);
         cluster.idle.lock().unwrap().entry(key).or_default().push(conn);
@@ -752,6 +801,30 @@ mod tests {
         assert!(!release_idle_elsewhere(&cluster, own));
         drop(handle);
         assert!(release_idle_elsewhere(&cluster, own));
+        assert_eq!(cluster.connections.load(Ordering::Acquire), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_unused_for_their_idle_timeout_are_closed() {
+        let (cluster, _far_ends) = cluster_with(&["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]).await;
+        let key = |addr: &str| (addr.parse::<SocketAddr>().unwrap(), Protocol::Http1);
+        let handle = {
+            let mut idle = cluster.idle.lock().unwrap();
+            // 10.0.0.2's rule says 0s: never closed for idling.
+            idle.get_mut(&key("10.0.0.2:8080")).unwrap()[0].idle_timeout = None;
+            // 10.0.0.3's connection has a request out on it (an HTTP/2 stream, say).
+            idle[&key("10.0.0.3:8080")][0].slot.clone()
+        };
+        tokio::time::advance(Duration::from_millis(900)).await;
+        cluster.close_idle(tokio::time::Instant::now());
+        assert_eq!(pooled_addresses(&cluster).len(), 3, "closed before its timeout");
+
+        tokio::time::advance(Duration::from_millis(200)).await;
+        cluster.close_idle(tokio::time::Instant::now());
+        assert_eq!(pooled_addresses(&cluster), ["10.0.0.2:8080", "10.0.0.3:8080"]);
+        drop(handle);
+        cluster.close_idle(tokio::time::Instant::now());
+        assert_eq!(pooled_addresses(&cluster), ["10.0.0.2:8080"]);
         assert_eq!(cluster.connections.load(Ordering::Acquire), 1);
     }
 

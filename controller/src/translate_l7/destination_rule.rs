@@ -223,6 +223,14 @@ fn connection_pool(c: &objects::ConnectionPool, at: &str, r: &mut Report<'_>) ->
                 Ok(ms) => Some(ms),
             }
         }),
+        idle_timeout_ms: http.idle_timeout.as_deref().and_then(|text| match duration_ms(text) {
+            Ok(ms) => Some(ms),
+            Err(_) => {
+                let why = "is not a duration (such as 1h, 30s, or 0s for never); the default of 1h applies";
+                r.error(codes::INVALID_VALUE, format!("{at}.http.idleTimeout"), format!("{text:?} {why}"));
+                None
+            }
+        }),
     };
     (pool != ConnectionPool::default()).then_some(pool)
 }

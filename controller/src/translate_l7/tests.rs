@@ -747,7 +747,7 @@ spec:
     loadBalancer: {consistentHash: {httpHeaderName: X-User}}
     connectionPool:
       tcp: {maxConnections: 100, connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 0, maxRetries: 3}
+      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 0, maxRetries: 3, idleTimeout: 90s}
     outlierDetection: {consecutiveGatewayErrors: 7}
   subsets:
   - name: v1
@@ -771,7 +771,7 @@ destinationRules:
   host: payment.shop.svc.cluster.local
   trafficPolicy:
     loadBalancer: {consistentHash: {httpHeaderName: x-user}}
-    connectionPool: {maxConnections: 100, http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRetries: 3, connectTimeoutMs: 250}
+    connectionPool: {maxConnections: 100, http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRetries: 3, connectTimeoutMs: 250, idleTimeoutMs: 90000}
     outlierDetection:
       consecutive5xxErrors: 5
       consecutiveGatewayErrors: 7
@@ -861,7 +861,7 @@ spec:
   host: checkout
   trafficPolicy:
     loadBalancer: {simple: PASSTHROUGH}
-    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never}}
+    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never}, http: {idleTimeout: later}}
     outlierDetection: {interval: soon, maxEjectionPercent: 120}
     portLevelSettings: [{port: {number: 70000}}, {loadBalancer: {simple: RANDOM}}]
 ---
@@ -888,6 +888,7 @@ destinationRules:
                 "WA0206 DestinationRule shop/checkout spec.trafficPolicy.loadBalancer.simple",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.maxConnections",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+                "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.http.idleTimeout",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.interval",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.maxEjectionPercent",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.portLevelSettings[0].port.number",
