@@ -190,9 +190,10 @@ fn request_handler(
     watch: IdleWatch,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
-    Response = http::Response<forward::ResponseBody>,
+    Response = http::Response<forward::ResponseCounter>,
     Error = std::convert::Infallible,
-    Future = impl Future<Output = Result<http::Response<forward::ResponseBody>, std::convert::Infallible>> + Send,
+    Future = impl Future<Output = Result<http::Response<forward::ResponseCounter>, std::convert::Infallible>>
+             + Send,
 > + Clone {
     service_fn(move |req| forward::handle(state.clone(), down.clone(), req, watch.busy()))
 }
