@@ -72,10 +72,11 @@ impl H2Sender {
     }
 
     /// Sends one request and waits for the response head; the body follows as [`H2Body`].
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<H2Body>, H2SendError> {
+    /// Takes `&mut self`: the pool hands each request a clone of its own, used in place.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Response<H2Body>, H2SendError> {
         // Waits while the server's SETTINGS_MAX_CONCURRENT_STREAMS are all in use.
-        let mut send = match self.send.clone().ready().await {
-            Ok(send) => send,
+        match std::future::poll_fn(|cx| self.send.poll_ready(cx)).await {
+            Ok(()) => {}
             Err(e) => {
                 // A GOAWAY or a closed connection: no new streams here, ever.
                 self.closed.store(true, Ordering::Release);
@@ -91,8 +92,10 @@ impl H2Sender {
         };
         set_content_length(&mut head.headers, &head.method, data.len());
         let end_of_stream = data.is_empty();
-        let (response, mut stream) =
-            send.send_request(Request::from_parts(head, ()), end_of_stream).map_err(H2SendError::classify)?;
+        let (response, mut stream) = self
+            .send
+            .send_request(Request::from_parts(head, ()), end_of_stream)
+            .map_err(H2SendError::classify)?;
         if !end_of_stream {
             // The body is already in memory, so h2 may hold all of it and send as the
             // server's window opens: no capacity to reserve first.
@@ -235,7 +238,7 @@ mod tests {
             let mut stream = respond.send_response(Response::new(()), false).unwrap();
             stream.send_data(Bytes::from_static(b"paid"), true).unwrap();
         };
-        let sender = connected(ok, true).await;
+        let mut sender = connected(ok, true).await;
         let first = sender.send(post("first")).await.unwrap();
         assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "paid");
         // The server's GOAWAY follows its answer; from then on every request is handed back
@@ -262,12 +265,12 @@ mod tests {
         let refuse = |_request, mut respond: h2::server::SendResponse<Bytes>| {
             respond.send_reset(h2::Reason::REFUSED_STREAM)
         };
-        let sender = connected(refuse, false).await;
+        let mut sender = connected(refuse, false).await;
         assert!(matches!(sender.send(post("x")).await, Err(H2SendError::Refused(_))));
         let fail = |_request, mut respond: h2::server::SendResponse<Bytes>| {
             respond.send_reset(h2::Reason::INTERNAL_ERROR)
         };
-        let sender = connected(fail, false).await;
+        let mut sender = connected(fail, false).await;
         assert!(matches!(sender.send(post("x")).await, Err(H2SendError::Failed(_))));
         assert!(!sender.is_closed());
     }

@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1,
@@ -414,10 +414,8 @@ pub struct UpstreamBody {
     _guards: (Option<InFlight>, ActiveRequest),
 }
 
-enum ReceivedBody {
-    Http1(Incoming),
-    Http2(H2Body),
-}
+/// The response body as the protocol's client hands it over.
+type ReceivedBody = Either<Incoming, H2Body>;
 
 impl UpstreamBody {
     /// Keeps the request's `http2MaxRequests` slot until the body ends.
@@ -434,24 +432,15 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match &mut self.inner {
-            ReceivedBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            ReceivedBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            ReceivedBody::Http1(b) => b.is_end_stream(),
-            ReceivedBody::Http2(b) => b.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            ReceivedBody::Http1(b) => b.size_hint(),
-            ReceivedBody::Http2(b) => b.size_hint(),
-        }
+        self.inner.size_hint()
     }
 }
 
@@ -531,7 +520,7 @@ impl Clusters {
             let reset = |e: &dyn std::fmt::Display| UpstreamError::Reset(e.to_string());
             let response = match &mut conn.sender {
                 Sender::Http1(s) => match s.try_send_request(request).await {
-                    Ok(response) => response.map(ReceivedBody::Http1),
+                    Ok(response) => response.map(Either::Left),
                     Err(mut e) => match e.take_message() {
                         Some(unsent) if !resent => {
                             (request, resent) = (unsent, true);
@@ -541,7 +530,7 @@ impl Clusters {
                     },
                 },
                 Sender::Http2(s) => match s.send(request).await {
-                    Ok(response) => response.map(ReceivedBody::Http2),
+                    Ok(response) => response.map(Either::Right),
                     Err(H2SendError::NotSent(unsent, _)) if !resent => {
                         (request, resent) = (*unsent, true);
                         continue;
