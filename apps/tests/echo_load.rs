@@ -377,3 +377,56 @@ async fn calls_forward_trace_headers_and_stats_count_by_authority() {
     front.stop().await;
     back.stop().await;
 }
+
+/// One gRPC call over HTTP/2: the answer's status, headers, body and trailers.
+async fn grpc_call(addr: SocketAddr, headers: &[(&str, &str)]) -> (Response<Bytes>, Option<http::HeaderMap>) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let mut request = Request::post(format!("http://{addr}/echo.Echo/Call"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    // One empty, uncompressed message.
+    let request = request.body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))).unwrap();
+    let (parts, body) = sender.send_request(request).await.unwrap().into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (Response::from_parts(parts, collected.to_bytes()), trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_end_in_a_grpc_status() {
+    let echo = Echo::start(&["--fail-fraction", "0.5", "--version", "v3"]).await;
+    // Request 0 of the schedule succeeds: one length-prefixed JSON message, then trailers.
+    let (ok, trailers) = grpc_call(echo.addr, &[]).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(ok.headers()["content-type"], "application/grpc");
+    assert!(ok.headers().get("grpc-status").is_none(), "the status of a success comes in trailers");
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    let body = ok.body();
+    assert_eq!(body[0], 0, "not compressed");
+    assert_eq!(u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize, body.len() - 5);
+    let echoed: EchoBody = serde_json::from_slice(&body[5..]).unwrap();
+    assert_eq!((echoed.version.as_str(), echoed.path.as_str()), ("v3", "/echo.Echo/Call"));
+    // Request 1 fails: trailers-only, HTTP 200, UNAVAILABLE (the default --fail-grpc-status).
+    let (failed, trailers) = grpc_call(echo.addr, &[]).await;
+    assert_eq!(failed.status(), StatusCode::OK);
+    assert_eq!(failed.headers()["grpc-status"], "14");
+    assert!(failed.body().is_empty() && trailers.is_none(), "a trailers-only answer has no body");
+    // The header picks the status, over the schedule (request 2 would succeed).
+    let (asked, _) = grpc_call(echo.addr, &[("x-echo-grpc-status", "13")]).await;
+    assert_eq!(asked.headers()["grpc-status"], "13");
+    let (bad, _) = grpc_call(echo.addr, &[("x-echo-grpc-status", "17")]).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(bad.body()).contains("x-echo-grpc-status"));
+    echo.stop().await;
+}

@@ -9,13 +9,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, combinators::WithTrailers};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::FailFraction;
 
 /// Request header that picks the response status (200..=599).
 pub const STATUS_HEADER: &str = "x-echo-status";
+/// Request header that picks a gRPC request's status (0..=16; not 0: a trailers-only answer).
+pub const GRPC_STATUS_HEADER: &str = "x-echo-grpc-status";
+/// Highest gRPC status code (UNAUTHENTICATED).
+pub const MAX_GRPC_STATUS: u64 = 16;
 /// Request header that delays this response, in milliseconds (at most [`MAX_DELAY_MS`]).
 pub const DELAY_HEADER: &str = "x-echo-delay-ms";
 /// Request header naming a URL (`http://ip:port/path`) this server calls before answering,
@@ -98,12 +102,17 @@ pub struct Identity {
     pub version: HeaderValue,
 }
 
+/// An answer's body: the bytes, then trailers when it answers a gRPC call (`grpc-status: 0`).
+pub type ResponseBody = WithTrailers<Full<Bytes>, std::future::Ready<Option<Result<HeaderMap, Infallible>>>>;
+
 /// State shared by every connection of one server.
 #[derive(Debug)]
 pub struct Handler {
     pub identity: Identity,
     pub fail_fraction: FailFraction,
     pub fail_status: StatusCode,
+    /// What a failed gRPC call answers instead of `fail_status`.
+    pub fail_grpc_status: u8,
     pub delay: Duration,
     /// Requests counted for the failure schedule so far.
     pub counter: AtomicU64,
@@ -114,6 +123,7 @@ pub struct Handler {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Overrides {
     pub status: Option<StatusCode>,
+    pub grpc_status: Option<u8>,
     pub delay: Option<Duration>,
 }
 
@@ -132,7 +142,16 @@ impl Overrides {
                 return Err(format!("{DELAY_HEADER}: {ms} ms is more than the maximum {MAX_DELAY_MS}"));
             }
         };
-        Ok(Overrides { status, delay })
+        let grpc_status = match single_number(headers, GRPC_STATUS_HEADER)? {
+            None => None,
+            Some(code) if code <= MAX_GRPC_STATUS => Some(code as u8),
+            Some(code) => {
+                return Err(format!(
+                    "{GRPC_STATUS_HEADER}: {code} is not a gRPC status (0..={MAX_GRPC_STATUS})"
+                ));
+            }
+        };
+        Ok(Overrides { status, grpc_status, delay })
     }
 }
 
@@ -166,7 +185,7 @@ impl Handler {
         &self,
         req: Request<B>,
         peer: SocketAddr,
-    ) -> Result<Response<Full<Bytes>>, Infallible>
+    ) -> Result<Response<ResponseBody>, Infallible>
     where
         B: hyper::body::Body,
         B::Error: std::fmt::Display,
@@ -224,6 +243,10 @@ impl Handler {
             peer: peer.to_string(),
             call,
         };
+        if is_grpc(&parts.headers) {
+            let code = overrides.grpc_status.or(failed.then_some(self.fail_grpc_status)).unwrap_or(0);
+            return Ok(self.grpc(code, &echo));
+        }
         // 204 and 304 must not carry a body; the identity headers still tell who answered.
         let body = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Bytes::new()
@@ -235,12 +258,45 @@ impl Handler {
         Ok(self.respond(status, "application/json", body))
     }
 
-    fn text(&self, status: StatusCode, text: impl Into<String>) -> Response<Full<Bytes>> {
+    fn text(&self, status: StatusCode, text: impl Into<String>) -> Response<ResponseBody> {
         self.respond(status, "text/plain; charset=utf-8", Bytes::from(text.into()))
     }
 
-    fn respond(&self, status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(body));
+    fn respond(&self, status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ResponseBody> {
+        self.respond_with_trailers(status, content_type, body, None)
+    }
+
+    /// A gRPC answer, always HTTP 200: status 0 sends the echo as one length-prefixed message
+    /// and `grpc-status: 0` in trailers; any other is a trailers-only answer (the status in
+    /// the headers, no body), as a gRPC server fails a call.
+    fn grpc(&self, code: u8, echo: &EchoBody) -> Response<ResponseBody> {
+        if code != 0 {
+            let mut response = self.respond(StatusCode::OK, "application/grpc", Bytes::new());
+            response.headers_mut().insert("grpc-status", HeaderValue::from(u16::from(code)));
+            response
+                .headers_mut()
+                .insert("grpc-message", HeaderValue::from_static("warren-echo failed the call as asked"));
+            return response;
+        }
+        let json = serde_json::to_vec(echo).expect("the echo body always serializes");
+        let mut message = Vec::with_capacity(5 + json.len());
+        message.push(0); // not compressed
+        message.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        message.extend_from_slice(&json);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from(0u16));
+        self.respond_with_trailers(StatusCode::OK, "application/grpc", Bytes::from(message), Some(trailers))
+    }
+
+    fn respond_with_trailers(
+        &self,
+        status: StatusCode,
+        content_type: &'static str,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Response<ResponseBody> {
+        let body = Full::new(body).with_trailers(std::future::ready(trailers.map(Ok)));
+        let mut response = Response::new(body);
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -249,6 +305,13 @@ impl Handler {
         headers.insert("x-echo-version", self.identity.version.clone());
         response
     }
+}
+
+/// A gRPC call: `content-type: application/grpc` or `application/grpc+FORMAT`.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        ct.strip_prefix("application/grpc").is_some_and(|rest| rest.is_empty() || rest.starts_with('+'))
+    })
 }
 
 /// GET `url` (HTTP/1.1, `http://ip:port/path`), forwarding the trace headers of `incoming`.

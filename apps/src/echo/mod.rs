@@ -22,8 +22,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 pub use handler::{
-    CALL_HEADER, CallResult, DELAY_HEADER, EchoBody, HeaderValues, MAX_DELAY_MS, Overrides, STATS_PATH,
-    STATUS_HEADER, Stats, TRACE_HEADERS, parse_status, protocol_name,
+    CALL_HEADER, CallResult, DELAY_HEADER, EchoBody, GRPC_STATUS_HEADER, HeaderValues, MAX_DELAY_MS,
+    MAX_GRPC_STATUS, Overrides, ResponseBody, STATS_PATH, STATUS_HEADER, Stats, TRACE_HEADERS, parse_status,
+    protocol_name,
 };
 use handler::{Handler, Identity};
 pub use schedule::{FailFraction, FractionError};
@@ -70,6 +71,13 @@ pub struct Config {
     #[arg(long, value_name = "CODE", default_value_t = 503, value_parser = parse_status_flag)]
     pub fail_status: u16,
 
+    /// gRPC status (1..=16) of the gRPC calls (`content-type: application/grpc`) that
+    /// `--fail-fraction` fails, sent trailers-only (HTTP 200) as a gRPC server fails a call;
+    /// 14 is UNAVAILABLE.
+    #[arg(long, value_name = "CODE", default_value_t = 14,
+          value_parser = clap::value_parser!(u8).range(1..=MAX_GRPC_STATUS as i64))]
+    pub fail_grpc_status: u8,
+
     /// Delay in milliseconds before every answer (at most 60000); an `x-echo-delay-ms` request
     /// header replaces it for that request.
     #[arg(long, value_name = "MS", default_value_t = 0,
@@ -102,6 +110,7 @@ impl Config {
             },
             fail_fraction: self.fail_fraction,
             fail_status,
+            fail_grpc_status: self.fail_grpc_status,
             delay: Duration::from_millis(self.delay_ms),
             counter: AtomicU64::new(0),
             stats: Default::default(),
