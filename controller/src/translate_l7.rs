@@ -292,11 +292,8 @@ fn header_operations<'h>(
 /// Istio's retry policy for a route that says nothing about retries (its `DefaultPolicy`):
 /// the waypoint retries exactly what an Istio waypoint would.
 fn default_retries() -> Retries {
-    Retries { attempts: 2, per_try_timeout_ms: None, retry_on: DEFAULT_RETRY_ON.map(String::from).to_vec() }
+    Retries::istio_default()
 }
-
-const DEFAULT_RETRY_ON: [&str; 6] =
-    ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes", "503"];
 
 #[cfg(test)]
 mod tests;

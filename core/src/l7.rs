@@ -270,13 +270,47 @@ pub struct Retries {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout_ms: Option<u64>,
-    /// Istio/Envoy conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`,
-    /// `retriable-4xx`, `refused-stream`, `retriable-status-codes`, or bare status codes (the
-    /// codes `retriable-status-codes` retries). Istio's default policy, which the controller
+    /// Istio/Envoy conditions ([`RETRY_CONDITIONS`]: `5xx`, `gateway-error`,
+    /// `connect-failure`, `reset`, `retriable-4xx`, `refused-stream`, `retriable-status-codes`,
+    /// and gRPC's `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`,
+    /// `unavailable`), or bare status codes (the codes `retriable-status-codes` retries). Istio's default policy, which the controller
     /// fills when a route has no `retries`: 2 attempts on `connect-failure`, `refused-stream`,
     /// `unavailable`, `cancelled`, `retriable-status-codes`, `503`.
     #[serde(default)]
     pub retry_on: Vec<String>,
+}
+
+/// The `retryOn` conditions the waypoint evaluates (Envoy's names); a bare status code is
+/// retried under `retriable-status-codes`.
+pub const RETRY_CONDITIONS: [&str; 12] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// Istio's retry conditions for a route that names none (its `DefaultPolicy`).
+pub const ISTIO_DEFAULT_RETRY_ON: [&str; 6] =
+    ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes", "503"];
+
+impl Retries {
+    /// Istio's retry policy for a route that says nothing about retries, and for a service
+    /// that no route covers: 2 retries on [`ISTIO_DEFAULT_RETRY_ON`], no per-try timeout.
+    pub fn istio_default() -> Self {
+        Retries {
+            attempts: 2,
+            per_try_timeout_ms: None,
+            retry_on: ISTIO_DEFAULT_RETRY_ON.map(String::from).to_vec(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -341,9 +341,11 @@ fn canary_split_header_route_and_l7_policy_through_the_waypoint() {
 /// One HTTP/2 (prior knowledge) connection from the client pod to payment, carrying POSTs of
 /// `sizes` bytes concurrently, each with `headers`; returns each echo answer's status and JSON
 /// body.
-fn http2_posts(client: &Pod, sizes: &[usize], headers: &[(&str, &str)]) -> Vec<(u16, serde_json::Value)> {
-    let headers: Vec<(String, String)> =
-        headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+/// Runs `exchanges` with an HTTP/2 connection from `client` to the service's port 80.
+fn over_http2<T, F>(client: &Pod, exchanges: impl FnOnce(h2::client::SendRequest<bytes::Bytes>) -> F) -> T
+where
+    F: std::future::Future<Output = T>,
+{
     let dst = SocketAddr::new(vip(), 80);
     let tcp =
         client.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))).unwrap();
@@ -353,6 +355,14 @@ fn http2_posts(client: &Pod, sizes: &[usize], headers: &[(&str, &str)]) -> Vec<(
         let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
         let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(connection);
+        exchanges(sender).await
+    })
+}
+
+fn http2_posts(client: &Pod, sizes: &[usize], headers: &[(&str, &str)]) -> Vec<(u16, serde_json::Value)> {
+    let headers: Vec<(String, String)> =
+        headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    over_http2(client, |sender| async move {
         let exchanges = sizes.iter().map(|&size| {
             let mut sender = sender.clone();
             let headers = headers.clone();
@@ -391,6 +401,89 @@ fn http2_posts(client: &Pod, sizes: &[usize], headers: &[(&str, &str)]) -> Vec<(
         }
         answers
     })
+}
+
+/// What a gRPC call came back with: the HTTP status and the `grpc-status`, from the headers
+/// (a trailers-only answer) or the trailers.
+#[derive(Debug, PartialEq)]
+struct GrpcAnswer {
+    http_status: u16,
+    grpc_status: Option<String>,
+    trailers_only: bool,
+}
+
+/// `calls` gRPC calls from `client`, one after another on one HTTP/2 connection.
+fn grpc_calls(client: &Pod, calls: usize, headers: &[(&str, &str)]) -> Vec<GrpcAnswer> {
+    let headers: Vec<(String, String)> =
+        headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    over_http2(client, |sender| async move {
+        let mut answers = Vec::new();
+        for _ in 0..calls {
+            let call = async {
+                let mut sender = sender.clone().ready().await.unwrap();
+                let mut request = http::Request::post(format!("http://{HOST}/payment.Payment/Charge"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers");
+                for (name, value) in &headers {
+                    request = request.header(name, value);
+                }
+                let (response, mut stream) = sender.send_request(request.body(()).unwrap(), false).unwrap();
+                // One empty, uncompressed message.
+                stream.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+                let response = response.await.unwrap();
+                let http_status = response.status().as_u16();
+                let in_headers =
+                    response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+                let mut body = response.into_body();
+                while let Some(chunk) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+                }
+                let trailers = body.trailers().await.unwrap();
+                let in_trailers =
+                    trailers.and_then(|t| t.get("grpc-status").map(|v| v.to_str().unwrap().to_string()));
+                GrpcAnswer {
+                    http_status,
+                    trailers_only: in_headers.is_some(),
+                    grpc_status: in_headers.or(in_trailers),
+                }
+            };
+            answers.push(tokio::time::timeout(Duration::from_secs(20), call).await.unwrap());
+        }
+        answers
+    })
+}
+
+#[test]
+fn grpc_through_the_waypoint_with_istios_default_retries() {
+    // v1 fails every call, as a pod going away would: UNAVAILABLE to gRPC, 503 to HTTP. No
+    // VirtualService: the waypoint applies Istio's default retry policy (2 retries on
+    // connect-failure, refused-stream, unavailable, cancelled, 503) and the retry goes to v2.
+    let mesh = Mesh::new(&["--fail-fraction", "1"]);
+    mesh.apply(Routing::default());
+    let answers = grpc_calls(&mesh.client, 20, &[]);
+    let ok = GrpcAnswer { http_status: 200, grpc_status: Some("0".into()), trailers_only: false };
+    assert!(
+        answers.iter().all(|a| *a == ok),
+        "every call should end in grpc-status 0 in trailers: {answers:?}\n{}",
+        mesh.waypoint.log()
+    );
+    let retried =
+        |log: &[serde_json::Value]| log.iter().filter(|l| l["attempts"].as_u64().unwrap_or(1) > 1).count();
+    let grpc_retried = retried(&mesh.waypoint.access_log());
+    assert!(grpc_retried > 0, "v1 failed none of the calls?\n{}", mesh.waypoint.log());
+    assert!(echo_stats(&mesh.v1)["requests"].as_u64().unwrap() >= grpc_retried as u64);
+
+    // HTTP 503 is retried by default too.
+    let summary = load(&mesh.client, &url("/"), &["-n", "20", "-c", "1", "--http2"]);
+    assert_eq!(summary.successes, 20, "{summary:?}\n{}", mesh.waypoint.log());
+
+    // A status outside the default conditions reaches the client after one attempt.
+    let before = mesh.waypoint.access_log().len();
+    let internal = grpc_calls(&mesh.client, 4, &[("x-echo-grpc-status", "13")]);
+    let expected = GrpcAnswer { http_status: 200, grpc_status: Some("13".into()), trailers_only: true };
+    assert!(internal.iter().all(|a| *a == expected), "{internal:?}");
+    let log = mesh.waypoint.access_log();
+    assert_eq!(retried(&log[before..]), 0, "INTERNAL is not among Istio's default conditions");
 }
 
 #[test]
@@ -960,6 +1053,24 @@ fn seed_scenario_retries_timeouts_and_outlier_detection() {
             ..Default::default()
         },
         subsets: vec![],
+    });
+    // A ledger route without retries (Istio's `attempts: 0`), so that the client sees each
+    // failure the ejection counts: with no route at all, Istio's default policy would retry
+    // them on the good endpoint.
+    const LEDGER: &str = "ledger.default.svc.cluster.local";
+    routing.virtual_services.push(VirtualService {
+        name: "ledger".into(),
+        hosts: vec![LEDGER.into()],
+        http: vec![HttpRoute {
+            route: vec![RouteDestination {
+                destination: Destination { host: LEDGER.into(), subset: None, port: None },
+                weight: 100,
+                headers: Default::default(),
+            }],
+            retries: None,
+            ..Default::default()
+        }],
+        ..vs(vec![])
     });
     mesh.apply(routing);
 

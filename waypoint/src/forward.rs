@@ -22,7 +22,7 @@ use serde_json::json;
 use tracing::{info, warn};
 use warren_core::{
     identity::SpiffeId,
-    l7::{Retries, RouteDestination},
+    l7::RouteDestination,
     model::{Service, Workload},
 };
 
@@ -32,6 +32,7 @@ use crate::{
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
     metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
+    retry::{self, Attempt, RetryPolicy},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
     trace::{Span, TraceContext},
@@ -471,7 +472,8 @@ async fn process(
         }
     };
     let timeout = http_route.and_then(|r| r.timeout_ms).map(Duration::from_millis);
-    let retries = http_route.and_then(|r| r.retries.clone()).unwrap_or_default();
+    // A service that no route covers gets Istio's default policy, as its default route would.
+    let retries = route.as_ref().map_or(&*retry::ISTIO_DEFAULT, |r| &r.retries);
     let attempt = Attempts {
         state,
         cluster: &cluster,
@@ -480,7 +482,7 @@ async fn process(
         request: &upstream_request,
         down,
         target_port,
-        retries: &retries,
+        retries,
     };
     let result = deadline::within(timeout, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout));
     match result {
@@ -573,7 +575,7 @@ struct Attempts<'a> {
     request: &'a UpstreamRequest,
     down: &'a Downstream,
     target_port: u16,
-    retries: &'a Retries,
+    retries: &'a RetryPolicy,
 }
 
 impl Attempts<'_> {
@@ -582,7 +584,7 @@ impl Attempts<'_> {
     async fn run(&self, out: &mut Outcome) -> Result<Response<crate::upstream::UpstreamBody>, UpstreamError> {
         let pool = self.policy.connection_pool.as_ref();
         let outlier = self.policy.outlier_detection.as_ref();
-        let per_try = self.retries.per_try_timeout_ms.map(Duration::from_millis);
+        let per_try = self.retries.per_try_timeout;
         let hash = HashInput { headers: &self.request.headers, source_ip: self.down.client.ip() };
         let mut tried: Vec<String> = Vec::new();
         let mut _retry_guard = None;
@@ -610,9 +612,18 @@ impl Attempts<'_> {
             };
             let send = self.state.clusters.send(self.cluster, &target, pool, self.request.build());
             let result = deadline::within(per_try, send).await.unwrap_or(Err(UpstreamError::Timeout));
-            let status = result.as_ref().map(|r| r.status().as_u16());
+            let attempt = match &result {
+                Ok(response) => {
+                    Attempt::Response { status: response.status().as_u16(), headers: response.headers() }
+                }
+                Err(e) => Attempt::Failed(e),
+            };
+            let status = match attempt {
+                Attempt::Response { status, .. } => Ok(status),
+                Attempt::Failed(e) => Err(e),
+            };
             self.cluster.record(&endpoint.uid, status, outlier, self.endpoints.len());
-            let retriable = retriable(&status, &self.retries.retry_on);
+            let retriable = self.retries.retriable(&attempt);
             let budget_left = out.attempts <= self.retries.attempts;
             if !retriable || !budget_left {
                 if retriable && out.attempts > 1 {
@@ -630,28 +641,6 @@ impl Attempts<'_> {
             let base = 25u64 << (out.attempts - 1).min(5);
             tokio::time::sleep(Duration::from_millis(fastrand::u64(base / 2..=base))).await;
         }
-    }
-}
-
-/// Envoy's retry conditions for an attempt's outcome.
-fn retriable(outcome: &Result<u16, &UpstreamError>, retry_on: &[String]) -> bool {
-    let has = |c: &str| retry_on.iter().any(|r| r == c);
-    match outcome {
-        Ok(status) => {
-            let s = *status;
-            (has("5xx") && s >= 500)
-                || (has("gateway-error") && matches!(s, 502..=504))
-                || (has("retriable-4xx") && s == 409)
-                || retry_on.iter().any(|r| r.parse::<u16>() == Ok(s))
-        }
-        Err(UpstreamError::Overflow) => false,
-        Err(UpstreamError::Connect(_)) => {
-            has("connect-failure") || has("5xx") || has("gateway-error") || has("reset")
-        }
-        Err(UpstreamError::Reset(_)) => has("reset") || has("5xx"),
-        // Never processed upstream: Envoy's `refused-stream`, and what `reset` and `5xx` cover.
-        Err(UpstreamError::Refused(_)) => has("refused-stream") || has("reset") || has("5xx"),
-        Err(UpstreamError::Timeout) => has("5xx") || has("gateway-error") || has("reset"),
     }
 }
 
@@ -810,24 +799,5 @@ mod tests {
         // Here (unoptimised) it measured 13,112 bytes before and 4,016 after.
         let size = future_size(handle);
         assert!(size <= 6_000, "forward::handle's future is {size} bytes: box what made it grow");
-    }
-
-    #[test]
-    fn retry_conditions_follow_envoy() {
-        let on = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(retriable(&Ok(503), &on(&["5xx"])));
-        assert!(!retriable(&Ok(500), &on(&["gateway-error"])));
-        assert!(retriable(&Ok(504), &on(&["gateway-error"])));
-        assert!(retriable(&Ok(409), &on(&["retriable-4xx"])));
-        assert!(retriable(&Ok(418), &on(&["retriable-status-codes", "418"])));
-        assert!(!retriable(&Ok(200), &on(&["5xx"])));
-        assert!(retriable(&Err(&UpstreamError::Connect("x".into())), &on(&["connect-failure"])));
-        assert!(!retriable(&Err(&UpstreamError::Overflow), &on(&["5xx", "connect-failure"])));
-        let refused = UpstreamError::Refused("REFUSED_STREAM".into());
-        assert!(retriable(&Err(&refused), &on(&["refused-stream"])));
-        assert!(retriable(&Err(&refused), &on(&["reset"])));
-        assert!(!retriable(&Err(&refused), &on(&["connect-failure", "gateway-error"])));
-        let reset = UpstreamError::Reset("connection reset".into());
-        assert!(!retriable(&Err(&reset), &on(&["refused-stream"])));
     }
 }

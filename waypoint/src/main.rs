@@ -13,6 +13,7 @@ mod headers;
 mod idle;
 mod inbound;
 mod metrics;
+mod retry;
 mod routing;
 mod run;
 mod state;

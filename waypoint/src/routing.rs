@@ -12,6 +12,8 @@ use warren_core::{
     model::Workload,
 };
 
+use crate::retry::RetryPolicy;
+
 /// A string matcher ready to run (regexes compiled, anchored: Istio regexes match the whole
 /// value).
 #[derive(Clone, Debug)]
@@ -169,6 +171,8 @@ pub struct CompiledRoute {
     pub route: HttpRoute,
     pub matches: Vec<CompiledMatch>,
     pub uri_regex_rewrite: Option<(Regex, String)>,
+    /// `route.retries` compiled; none when the route has `attempts: 0`.
+    pub retries: RetryPolicy,
     total_weight: u64,
 }
 
@@ -265,6 +269,7 @@ fn compile_route(source: Arc<str>, index: usize, route: &HttpRoute) -> Result<Co
         route: route.clone(),
         matches,
         uri_regex_rewrite,
+        retries: route.retries.as_ref().map(RetryPolicy::compile).unwrap_or_default(),
     })
 }
 

@@ -363,6 +363,10 @@ spec:
   - timeout: 0s
     retries: {attempts: 4, retryOn: gateway-error}
     route: [{destination: {host: payment}}]
+  - retries: {attempts: 2, retryOn: "unavailable,deadline-exceeded,5xxx,envoy-ratelimited,999,resource-exhausted"}
+    route: [{destination: {host: payment}}]
+  - retries: {attempts: 2, retryOn: "5xxx"}
+    route: [{destination: {host: payment}}]
 "#,
             routing: r#"
 virtualServices:
@@ -379,10 +383,18 @@ virtualServices:
     retries: {attempts: 1, retryOn: [connect-failure, refused-stream, unavailable, cancelled, retriable-status-codes, "503"]}
   - route: [{destination: {host: payment.shop.svc.cluster.local}, weight: 100}]
     retries: {attempts: 4, retryOn: [gateway-error]}
+  - route: [{destination: {host: payment.shop.svc.cluster.local}, weight: 100}]
+    retries: {attempts: 2, retryOn: [unavailable, deadline-exceeded, resource-exhausted]}
+  - route: [{destination: {host: payment.shop.svc.cluster.local}, weight: 100}]
+    retries: {attempts: 2, retryOn: [connect-failure, refused-stream, unavailable, cancelled, retriable-status-codes, "503"]}
 "#,
             findings: &[
                 "WA0103 VirtualService shop/payment spec.http[2].retries.perTryTimeout",
                 "WA0103 VirtualService shop/payment spec.http[2].timeout",
+                "WA0103 VirtualService shop/payment spec.http[4].retries.retryOn",
+                "WA0206 VirtualService shop/payment spec.http[4].retries.retryOn",
+                "WA0103 VirtualService shop/payment spec.http[4].retries.retryOn",
+                "WA0103 VirtualService shop/payment spec.http[5].retries.retryOn",
             ],
         },
         Case {

@@ -8,8 +8,8 @@ use warren_core::l7::{
 };
 
 use super::{
-    DEFAULT_RETRY_ON, Mesh, Report, check_regex, default_retries, duration_ms, fqdn, header_operations,
-    namespace_of, optional_duration, percentage, port_number, regex_error,
+    Mesh, Report, check_regex, default_retries, duration_ms, fqdn, header_operations, namespace_of,
+    optional_duration, percentage, port_number, regex_error,
 };
 use crate::{
     findings::{Finding, codes},
@@ -408,8 +408,9 @@ fn retries(rt: Option<&objects::HttpRetry>, at: &str, r: &mut Report<'_>) -> Opt
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect();
+    retry_on.retain(|condition| known_retry_condition(condition, &format!("{at}.retryOn"), r));
     if retry_on.is_empty() {
-        retry_on = DEFAULT_RETRY_ON.map(String::from).to_vec();
+        retry_on = Retries::istio_default().retry_on;
     } else if retry_on.iter().any(|c| c.parse::<u16>().is_ok())
         && !retry_on.iter().any(|c| c == "retriable-status-codes")
     {
@@ -423,6 +424,36 @@ fn retries(rt: Option<&objects::HttpRetry>, at: &str, r: &mut Report<'_>) -> Opt
         r,
     );
     Some(Retries { attempts, per_try_timeout_ms, retry_on })
+}
+
+/// Envoy's conditions that the waypoint does not evaluate.
+const UNEVALUATED_RETRY_CONDITIONS: [&str; 4] =
+    ["reset-before-request", "envoy-ratelimited", "retriable-headers", "http3-post-connect-failure"];
+
+/// Whether the waypoint can evaluate `condition` (or a status code); reported when not, as a
+/// typo would otherwise silently retry nothing.
+fn known_retry_condition(condition: &str, at: &str, r: &mut Report<'_>) -> bool {
+    if l7::RETRY_CONDITIONS.contains(&condition) {
+        return true;
+    }
+    if let Ok(code) = condition.parse::<u16>() {
+        if (100..=599).contains(&code) {
+            return true;
+        }
+        r.error(codes::INVALID_VALUE, at, format!("{condition:?} is not an HTTP status code; dropped"));
+    } else if UNEVALUATED_RETRY_CONDITIONS.contains(&condition) {
+        r.warning(codes::UNSUPPORTED, at, format!("{condition:?} is not evaluated by waypoints; ignored"));
+    } else {
+        r.error(
+            codes::INVALID_VALUE,
+            at,
+            format!(
+                "{condition:?} is not a retry condition (known: {}, or a status code); dropped",
+                l7::RETRY_CONDITIONS.join(", ")
+            ),
+        );
+    }
+    false
 }
 
 fn fault(f: &objects::HttpFault, at: &str, r: &mut Report<'_>) -> Option<Fault> {
