@@ -287,7 +287,7 @@ fn the_example_manifests_do_what_the_demo_says() {
     for want in [
         "source_principal=\"spiffe://cluster.local/ns/production/sa/checkout-service\"",
         "destination_version=\"v2\"",
-        "response_code=\"403\",response_flags=\"RBAC\"",
+        "response_code=\"403\",grpc_response_status=\"\",response_flags=\"RBAC\"",
     ] {
         assert!(waypoint.contains(want), "waypoint metrics lack {want}");
     }

@@ -321,7 +321,7 @@ fn canary_split_header_route_and_l7_policy_through_the_waypoint() {
         "istio_requests_total{reporter=\"waypoint\"",
         "source_principal=\"spiffe://cluster.local/ns/default/sa/checkout\"",
         "destination_version=\"v2\"",
-        "response_code=\"403\",response_flags=\"RBAC\"",
+        "response_code=\"403\",grpc_response_status=\"\",response_flags=\"RBAC\"",
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
@@ -484,6 +484,45 @@ fn grpc_through_the_waypoint_with_istios_default_retries() {
     assert!(internal.iter().all(|a| *a == expected), "{internal:?}");
     let log = mesh.waypoint.access_log();
     assert_eq!(retried(&log[before..]), 0, "INTERNAL is not among Istio's default conditions");
+
+    // Istio's labels for gRPC: the protocol, and the status from the trailers of a streamed
+    // answer or the headers of a trailers-only one (the client saw none of v1's failures, but
+    // the metrics count answers to the client).
+    let m = mesh.waypoint.metrics();
+    let count = |status: &str| -> u64 {
+        let want =
+            format!("request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"{status}\"");
+        m.lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&want))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!((count("0"), count("13"), count("14")), (20, 4, 0), "{m}");
+    assert!(m.contains("request_protocol=\"http\",response_code=\"200\",grpc_response_status=\"\""), "{m}");
+
+    // What the waypoint answers itself is a gRPC error to a gRPC client, as Envoy's local
+    // replies: an injected abort (503) is UNAVAILABLE, no matching route (404) UNIMPLEMENTED.
+    let header_route = |name: &str, fault: Option<Fault>| HttpRoute {
+        matches: vec![RequestMatch {
+            headers: BTreeMap::from([(name.into(), StringMatch::Exact("yes".into()))]),
+            ..Default::default()
+        }],
+        route: vec![to("v2", 100)],
+        fault,
+        ..Default::default()
+    };
+    let abort = Fault { delay: None, abort: Some(FaultAbort { http_status: 503, percentage: 100.0 }) };
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![header_route("x-abort", Some(abort)), header_route("x-known", None)])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    });
+    let local =
+        |code: &str| GrpcAnswer { http_status: 200, grpc_status: Some(code.into()), trailers_only: true };
+    assert_eq!(grpc_calls(&mesh.client, 1, &[("x-abort", "yes")]), [local("14")]);
+    assert_eq!(grpc_calls(&mesh.client, 1, &[]), [local("12")]);
+    let ok = GrpcAnswer { http_status: 200, grpc_status: Some("0".into()), trailers_only: false };
+    assert_eq!(grpc_calls(&mesh.client, 1, &[("x-known", "yes")]), [ok]);
 }
 
 #[test]

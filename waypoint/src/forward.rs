@@ -31,7 +31,7 @@ use crate::{
     deadline,
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
-    metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
+    metrics::{Interned, RequestLabels, ServiceLabels, Side},
     retry::{self, Attempt, RetryPolicy},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
@@ -97,6 +97,7 @@ pub async fn handle(
     let started = Instant::now();
     let snapshot = state.snapshot();
     let method = req.method().clone();
+    let grpc = is_grpc(req.headers());
     // Shared with the request (a count, not a copy), for the log line and the span.
     let path_and_query = req.uri().path_and_query().cloned();
     let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
@@ -112,7 +113,13 @@ pub async fn handle(
     let source = snapshot.index.by_ip(down.client.ip()).cloned();
     let trace = TraceContext::from_headers(req.headers(), state.config.tracing_sampling);
     let span_start = std::time::SystemTime::now();
-    let response = process(&state, &snapshot, &down, source.as_deref(), req, &trace, &mut outcome).await;
+    let mut response = process(&state, &snapshot, &down, source.as_deref(), req, &trace, &mut outcome).await;
+    // An error the waypoint answers itself (an answer written here with a response flag other
+    // than an injected delay's; a directResponse or a redirect has none) is a gRPC error to a
+    // gRPC client, as Envoy's local replies are.
+    if grpc && matches!(response.body(), Either::Left(_)) && outcome.flags.iter().any(|f| *f != "DI") {
+        response = grpc_local_reply(response);
+    }
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let flags: Cow<'static, str> = match outcome.flags[..] {
@@ -127,11 +134,12 @@ pub async fn handle(
         source: source.as_deref().map_or_else(|| down.peer_side.clone(), side_of),
         destination: outcome.upstream.as_deref().map_or_else(|| state.metrics.unknown_side(), side_of),
         service: down.service_labels.clone(),
-        request_protocol: "http",
+        request_protocol: if grpc { "grpc" } else { "http" },
         response_code: status,
+        // A trailers-only answer's; a streamed one's comes in its trailers.
+        grpc_response_status: if grpc { grpc_status(response.headers()) } else { None },
         response_flags: flags.clone(),
     };
-    let series = state.metrics.record(labels, elapsed.as_secs_f64() * 1000.0, outcome.request_bytes);
     if let (true, Some(exporter)) = (trace.sampled, &state.exporter) {
         exporter.export(Span {
             context: trace.clone(),
@@ -169,8 +177,72 @@ pub async fn handle(
         detail = outcome.detail,
         "request"
     );
-    // Response bytes are known when the body has been sent: counted on the way out.
-    Ok(response.map(|body| ResponseCounter { inner: body, series, bytes: 0, _busy: busy }))
+    // Response bytes (and a gRPC call's status in trailers) are known when the body has been
+    // sent: the metrics are recorded then.
+    let record = PendingRecord {
+        metrics: state.metrics.clone(),
+        labels,
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        request_bytes: outcome.request_bytes,
+        grpc,
+    };
+    Ok(response.map(|body| ResponseCounter { inner: body, record: Some(record), bytes: 0, _busy: busy }))
+}
+
+/// A gRPC call: `content-type: application/grpc` or `application/grpc+FORMAT`.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .strip_prefix(b"application/grpc")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"+"))
+    })
+}
+
+/// `response` (written here, with its text body) as Envoy answers a gRPC call it fails itself:
+/// HTTP 200, trailers-only, the status mapped to a gRPC code (gRPC's HTTP-to-gRPC mapping,
+/// as Envoy has it), the text as `grpc-message`.
+fn grpc_local_reply(response: Response<ResponseBody>) -> Response<ResponseBody> {
+    let (parts, body) = response.into_parts();
+    let code: u8 = match parts.status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    };
+    let text = match body {
+        Either::Left(full) => full.into_inner().unwrap_or_default(),
+        Either::Right(_) => Bytes::new(),
+    };
+    let mut reply = Response::new(Either::Left(Full::new(Bytes::new())));
+    let headers = reply.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    let message = percent_encode(text.trim_ascii_end());
+    if let Ok(message) = HeaderValue::from_maybe_shared(message)
+        && !message.is_empty()
+    {
+        headers.insert("grpc-message", message);
+    }
+    reply
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(text: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(text.len());
+    for &b in text {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<u8> {
+    std::str::from_utf8(headers.get("grpc-status")?.as_bytes()).ok()?.parse().ok()
 }
 
 /// The value shown if there is one, else nothing (a log field that may be empty).
@@ -185,13 +257,25 @@ impl<T: std::fmt::Display> std::fmt::Display for OrNothing<T> {
     }
 }
 
-/// Counts the response body's bytes and records them when the body is done (or dropped); till
-/// then the request counts as in flight on its downstream connection (`--idle-timeout-secs`).
+/// Counts the response body's bytes and records the request's metrics when the body is done
+/// (or dropped); till then the request counts as in flight on its downstream connection
+/// (`--idle-timeout-secs`).
 pub struct ResponseCounter {
     inner: ResponseBody,
-    series: SeriesHandle,
+    /// Taken when recorded.
+    record: Option<PendingRecord>,
     bytes: u64,
     _busy: Busy,
+}
+
+/// A request's metrics, but for what its response body will tell.
+struct PendingRecord {
+    metrics: Arc<crate::metrics::Metrics>,
+    labels: RequestLabels,
+    duration_ms: f64,
+    request_bytes: u64,
+    /// Whether to look for `grpc-status` in the trailers.
+    grpc: bool,
 }
 
 impl hyper::body::Body for ResponseCounter {
@@ -203,10 +287,15 @@ impl hyper::body::Body for ResponseCounter {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes += data.len() as u64;
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes += data.len() as u64;
+            } else if let Some(trailers) = frame.trailers_ref()
+                && let Some(record) = self.record.as_mut().filter(|r| r.grpc)
+                && let Some(status) = grpc_status(trailers)
+            {
+                record.labels.grpc_response_status = Some(status);
+            }
         }
         polled
     }
@@ -222,7 +311,9 @@ impl hyper::body::Body for ResponseCounter {
 
 impl Drop for ResponseCounter {
     fn drop(&mut self) {
-        self.series.record_response_bytes(self.bytes);
+        if let Some(r) = self.record.take() {
+            r.metrics.record(r.labels, r.duration_ms, r.request_bytes, self.bytes);
+        }
     }
 }
 
@@ -757,27 +848,49 @@ mod tests {
         assert_eq!(bad.uri().to_string(), "/pay?amount=3");
     }
 
+    #[test]
+    fn a_grpc_calls_local_errors_are_grpc_errors() {
+        let reply = |status: StatusCode, text: &'static str| {
+            let r = grpc_local_reply(text_response(status, text));
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
+            assert!(hyper::body::Body::is_end_stream(r.body()), "trailers-only: no body");
+            let h = r.headers();
+            (h["grpc-status"].to_str().unwrap().to_string(), h.get("grpc-message").cloned())
+        };
+        let (code, message) = reply(StatusCode::FORBIDDEN, "RBAC: access denied");
+        assert_eq!((code.as_str(), message.unwrap().as_bytes()), ("7", &b"RBAC: access denied"[..]));
+        assert_eq!(reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream").0, "14");
+        assert_eq!(reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout").0, "14");
+        assert_eq!(reply(StatusCode::NOT_FOUND, "no route matched\n").1.unwrap(), "no route matched");
+        assert_eq!(reply(StatusCode::NOT_FOUND, "").0, "12");
+        assert!(reply(StatusCode::NOT_FOUND, "").1.is_none(), "no empty grpc-message");
+        assert_eq!(reply(StatusCode::PAYLOAD_TOO_LARGE, "too big").0, "2");
+        assert_eq!(&percent_encode("100% café".as_bytes())[..], b"100%25 caf%C3%A9");
+    }
+
+    #[test]
+    fn grpc_calls_are_told_by_their_content_type() {
+        let with = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(!with("application/grpc-web"));
+        assert!(!with("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_response_body_keeps_its_request_in_flight_until_it_is_dropped() {
-        use crate::{
-            idle::IdleWatch,
-            metrics::{Metrics, RequestLabels},
-        };
+        use crate::idle::IdleWatch;
         const LIMIT: Duration = Duration::from_secs(60);
-        let metrics = Metrics::default();
-        let service = crate::metrics::tests::payment_service();
-        let labels = RequestLabels {
-            source: metrics.unknown_side(),
-            destination: metrics.unknown_side(),
-            service: metrics.service(&service),
-            request_protocol: "http",
-            response_code: 200,
-            response_flags: "-".into(),
-        };
         let watch = IdleWatch::new();
         let body = ResponseCounter {
             inner: text_response(StatusCode::OK, "body").into_body(),
-            series: metrics.record(labels, 1.0, 0),
+            record: None,
             bytes: 0,
             _busy: watch.busy(),
         };

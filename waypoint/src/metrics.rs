@@ -1,7 +1,8 @@
 //! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`):
 //! `istio_requests_total` and `istio_request_duration_milliseconds` with the source and
-//! destination workload, namespace, principal, version, service, response code and flags, so
-//! the dashboards people already have work.
+//! destination workload, namespace, principal, version, service, protocol, response code,
+//! gRPC status and flags, so the dashboards people already have work. A request is recorded
+//! when its response body is done: a gRPC call's status may come in the trailers.
 
 use std::{
     borrow::Cow,
@@ -125,6 +126,8 @@ pub struct RequestLabels {
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     pub response_code: u16,
+    /// A gRPC call's `grpc-status` (from the response headers or trailers); none for HTTP.
+    pub grpc_response_status: Option<u8>,
     pub response_flags: Cow<'static, str>,
 }
 
@@ -180,27 +183,15 @@ pub struct Metrics {
     unknown: OnceLock<Interned<Side>>,
 }
 
-/// One series, for what is recorded later (the response size, once the body is sent) without
-/// looking the labels up again.
-pub struct SeriesHandle(Arc<Mutex<Series>>);
-
-impl SeriesHandle {
-    pub fn record_response_bytes(&self, bytes: u64) {
-        self.0.lock().expect("poisoned").response_bytes.observe(&BUCKETS_BYTES, bytes as f64);
-    }
-}
-
 impl Metrics {
-    /// One request, when its response headers are sent.
-    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64) -> SeriesHandle {
+    /// One request, when its response body is done (or dropped).
+    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
         let cell = self.series.lock().expect("poisoned").entry(labels).or_default().clone();
-        {
-            let mut s = cell.lock().expect("poisoned");
-            s.count += 1;
-            s.duration_ms.observe(&BUCKETS_MS, duration_ms);
-            s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
-        }
-        SeriesHandle(cell)
+        let mut s = cell.lock().expect("poisoned");
+        s.count += 1;
+        s.duration_ms.observe(&BUCKETS_MS, duration_ms);
+        s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
+        s.response_bytes.observe(&BUCKETS_BYTES, response_bytes as f64);
     }
 
     /// `side` as a label value (built once per workload and config version: see
@@ -268,7 +259,8 @@ fn escape(v: &str) -> String {
 }
 
 fn render_labels(l: &RequestLabels) -> String {
-    let pairs: [(&str, &str); 20] = [
+    let grpc_status = l.grpc_response_status.map(|c| c.to_string()).unwrap_or_default();
+    let pairs: [(&str, &str); 21] = [
         ("reporter", "waypoint"),
         ("source_workload", &l.source.workload),
         ("source_workload_namespace", &l.source.namespace),
@@ -287,6 +279,7 @@ fn render_labels(l: &RequestLabels) -> String {
         ("destination_service_namespace", &l.service.namespace),
         ("request_protocol", l.request_protocol),
         ("response_code", &l.response_code.to_string()),
+        ("grpc_response_status", &grpc_status),
         ("response_flags", &l.response_flags),
         ("connection_security_policy", "mutual_tls"),
     ];
@@ -319,22 +312,33 @@ pub(crate) mod tests {
             service: m.service(&service),
             request_protocol: "http",
             response_code: 200,
+            grpc_response_status: None,
             response_flags: "-".into(),
         };
-        m.record(labels.clone(), 3.0, 10);
-        m.record(labels, 700.0, 0).record_response_bytes(2048);
+        m.record(labels.clone(), 3.0, 10, 0);
+        m.record(labels.clone(), 700.0, 0, 2048);
+        m.record(
+            RequestLabels { request_protocol: "grpc", grpc_response_status: Some(14), ..labels },
+            1.0,
+            5,
+            0,
+        );
         let text = m.render();
         assert!(text.contains("istio_requests_total{reporter=\"waypoint\""), "{text}");
         assert!(text.contains("destination_version=\"v2\""));
         assert!(text.contains(
-            ",response_code=\"200\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 2"
-        ));
+            "request_protocol=\"http\",response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 2"
+        ), "{text}");
+        assert!(
+            text.contains("request_protocol=\"grpc\",response_code=\"200\",grpc_response_status=\"14\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("le=\"5\"} 1"), "{text}");
         assert!(text.contains("le=\"1000\"} 2"));
         assert!(text.contains("istio_request_bytes_bucket{reporter=\"waypoint\""), "{text}");
         assert!(text.contains("istio_response_bytes_bucket{reporter=\"waypoint\""), "{text}");
         assert!(text.contains("le=\"10000\"} 1"), "{text}");
-        assert_eq!(m.total(), 2);
+        assert_eq!(m.total(), 3);
     }
 
     #[test]
@@ -348,10 +352,11 @@ pub(crate) mod tests {
             service: m.service(&service),
             request_protocol: "http",
             response_code: 503,
+            grpc_response_status: None,
             response_flags: "UH".into(),
         };
-        m.record(labels(&m), 1.0, 0);
-        m.record(labels(&m), 1.0, 0);
+        m.record(labels(&m), 1.0, 0, 0);
+        m.record(labels(&m), 1.0, 0, 0);
         let text = m.render();
         assert_eq!(text.matches("istio_requests_total{").count(), 1, "{text}");
         assert!(text.contains("source_workload=\"checkout\""), "{text}");

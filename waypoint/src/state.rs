@@ -82,7 +82,7 @@ pub struct WaypointState {
     pub certs: Arc<CertManager>,
     snapshot: RwLock<Arc<Snapshot>>,
     pub clusters: Clusters,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub open_streams: AtomicUsize,
     /// HBONE connections still in their handshakes, per source.
@@ -112,7 +112,7 @@ impl WaypointState {
             certs,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             clusters,
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             ready: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
             handshakes: Handshakes::new(MAX_HANDSHAKES_PER_SOURCE),
