@@ -499,6 +499,7 @@ pub struct HttpSettings {
     pub http2_max_requests: Option<i64>,
     pub max_requests_per_connection: Option<i64>,
     pub max_retries: Option<i64>,
+    pub max_concurrent_streams: Option<i64>,
     /// A duration (`1h`, `30s`); `0s` keeps idle connections open.
     pub idle_timeout: Option<String>,
 }

@@ -498,6 +498,10 @@ pub struct ConnectionPool {
     /// `http.maxRetries`: retries in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// `http.maxConcurrentStreams`: streams one upstream HTTP/2 connection carries at once
+    /// (fewer if the server allows fewer); past it, another connection is opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
     /// `tcp.connectTimeout`: how long setting up a connection to an endpoint may take (for one
     /// in the mesh: TCP, mTLS and HTTP/2 to its ztunnel); unset, the waypoint's
     /// `--connect-timeout-ms` bounds the TCP connect.

@@ -608,6 +608,51 @@ fn max_requests_per_connection_retires_upstream_connections_of_both_protocols() 
 }
 
 #[test]
+fn http2_requests_past_a_stream_limit_open_more_upstream_connections() {
+    // v1 allows two streams per HTTP/2 connection. Eight slow requests at once, after one that
+    // leaves a pooled connection: that one takes two, and the rest go on new connections
+    // instead of queueing behind its streams (as Envoy does).
+    let mesh = Mesh::new(&["--http2-max-concurrent-streams", "2"]);
+    let to_v1 = || HttpRoute { route: vec![to("v1", 100)], ..Default::default() };
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![to_v1()])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    });
+    let (status, warm) = http2_posts(&mesh.client, &[0], &[]).remove(0);
+    assert_eq!(status, 200, "{warm}");
+    let answers = http2_posts(&mesh.client, &[0; 8], &[("x-echo-delay-ms", "700")]);
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}\n{}", mesh.waypoint.log());
+    let echoes: Vec<serde_json::Value> = answers.into_iter().map(|(_, echo)| echo).collect();
+    let per_connection = requests_per_upstream_connection(&echoes);
+    assert!(
+        per_connection.len() >= 4 && per_connection.values().all(|&n| n <= 2),
+        "requests per upstream connection with 2 streams each: {per_connection:?}\n{}",
+        mesh.waypoint.log()
+    );
+
+    // A DestinationRule's `maxConcurrentStreams` below the server's: one stream each.
+    let mut rule = subsets();
+    rule.subsets[0].traffic_policy = Some(TrafficPolicy {
+        connection_pool: Some(ConnectionPool { max_concurrent_streams: Some(1), ..Default::default() }),
+        ..Default::default()
+    });
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![to_v1()])],
+        destination_rules: vec![rule],
+        authorizations: vec![],
+    });
+    let answers = http2_posts(&mesh.client, &[0; 4], &[("x-echo-delay-ms", "700")]);
+    let echoes: Vec<serde_json::Value> = answers.into_iter().map(|(_, echo)| echo).collect();
+    let per_connection = requests_per_upstream_connection(&echoes);
+    assert!(
+        per_connection.len() == 4 && per_connection.values().all(|&n| n == 1),
+        "requests per upstream connection under maxConcurrentStreams 1: {per_connection:?}\n{}",
+        mesh.waypoint.log()
+    );
+}
+
+#[test]
 fn upstream_connections_idle_past_the_rules_idle_timeout_are_closed() {
     let mesh = Mesh::new(&[]);
     let mut routing = canary();

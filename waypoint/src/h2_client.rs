@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
 };
@@ -39,6 +39,18 @@ pub struct H2Sender {
     send: h2::client::SendRequest<Bytes>,
     /// Set when the connection task ends: the pool drops the connection then.
     closed: Arc<AtomicBool>,
+    /// Streams claimed on the connection ([`StreamClaim`]s alive).
+    streams: Arc<AtomicUsize>,
+}
+
+/// One stream of a connection, claimed from its hand-out by the pool until the response body
+/// ends (or the request fails): what tells the pool that a connection has room.
+pub struct StreamClaim(Arc<AtomicUsize>);
+
+impl Drop for StreamClaim {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Opens HTTP/2 on `io` and spawns the task that drives the connection.
@@ -63,12 +75,25 @@ where
         }
         flag.store(true, Ordering::Release);
     });
-    Ok(H2Sender { send, closed })
+    Ok(H2Sender { send, closed, streams: Arc::default() })
 }
 
 impl H2Sender {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether a request here would get a stream at once: fewer claimed than the server's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (assumed 100 until its SETTINGS arrive) and than
+    /// `limit` (a DestinationRule's `maxConcurrentStreams`).
+    pub fn has_free_stream(&self, limit: Option<u32>) -> bool {
+        let limit = limit.map_or(usize::MAX, |l| l as usize);
+        self.streams.load(Ordering::Acquire) < self.send.current_max_send_streams().min(limit)
+    }
+
+    pub fn claim_stream(&self) -> StreamClaim {
+        self.streams.fetch_add(1, Ordering::AcqRel);
+        StreamClaim(self.streams.clone())
     }
 
     /// Sends one request and waits for the response head; the body follows as [`H2Body`].
@@ -230,6 +255,40 @@ mod tests {
             }
         });
         handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_has_a_free_stream_while_fewer_are_claimed_than_the_server_allows() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut connection = h2::server::Builder::new()
+                .max_concurrent_streams(2)
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                respond.send_response(Response::new(()), true).unwrap();
+            }
+        });
+        let mut sender = handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap();
+        let claims: Vec<StreamClaim> = (0..3).map(|_| sender.claim_stream()).collect();
+        assert!(
+            sender.has_free_stream(None),
+            "before the server's SETTINGS, {INITIAL_MAX_SEND_STREAMS} are assumed"
+        );
+        drop(claims);
+        // One exchange: the server's SETTINGS have arrived by its answer.
+        let claim = sender.claim_stream();
+        sender.send(post("")).await.unwrap();
+        drop(claim);
+        let first = sender.claim_stream();
+        assert!(sender.has_free_stream(None));
+        let second = sender.clone().claim_stream();
+        assert!(!sender.has_free_stream(None), "two claimed of the server's two");
+        drop(first);
+        assert!(sender.has_free_stream(None), "a claim ends with its response body");
+        assert!(!sender.has_free_stream(Some(1)), "a lower limit of the rule's applies");
+        drop(second);
     }
 
     #[tokio::test]

@@ -34,7 +34,7 @@ use warren_core::{
 
 use crate::{
     deadline,
-    h2_client::{self, H2Body, H2SendError, H2Sender},
+    h2_client::{self, H2Body, H2SendError, H2Sender, StreamClaim},
     hbone::HboneClient,
 };
 
@@ -118,6 +118,8 @@ struct PooledConn {
     requests: u32,
     /// A handle to an HTTP/2 connection that stays in the pool (counted when handed out).
     shared: bool,
+    /// The HTTP/2 stream a request on this handle holds; none in the pool's own entry.
+    stream: Option<StreamClaim>,
     /// Counts the connection against `maxConnections` while any handle to it lives.
     slot: Arc<ConnectionSlot>,
     /// When it last went back to the pool (HTTP/1.1) or took a request (HTTP/2); tokio's
@@ -411,7 +413,9 @@ impl Drop for ActiveRequest {
 /// The upstream response body, holding the request's slots until it ends.
 pub struct UpstreamBody {
     inner: ReceivedBody,
-    _guards: (Option<InFlight>, ActiveRequest),
+    /// Dropped in this order: the HTTP/2 stream is free before `ActiveRequest` wakes the
+    /// requests waiting for one.
+    _guards: (Option<InFlight>, Option<StreamClaim>, ActiveRequest),
 }
 
 /// The response body as the protocol's client hands it over.
@@ -511,7 +515,7 @@ impl Clusters {
         // (not an attempt: no retry budget spent).
         let mut resent = false;
         let (mut conn, response, active) = loop {
-            let mut conn = self.checkout(cluster, target, pool, max_per_conn).await?;
+            let mut conn = self.checkout(cluster, target, pool).await?;
             cluster.mark_active(&target.endpoint.uid, 1);
             let active = ActiveRequest { cluster: cluster.clone(), endpoint: target.endpoint.uid.clone() };
             if !conn.shared {
@@ -543,13 +547,14 @@ impl Clusters {
         };
         // An HTTP/1.1 connection returns after each exchange; a new HTTP/2 one joins the pool,
         // which hands out shared handles to it (`take_ready`) until maxRequestsPerConnection.
+        let stream = conn.stream.take();
         let reusable = max_per_conn == 0 || conn.requests < max_per_conn;
         if reusable && !conn.shared {
             (conn.last_used, conn.idle_timeout) = (tokio::time::Instant::now(), idle_timeout(pool));
             let key = (target.addr, target.protocol);
             cluster.idle.lock().expect("poisoned").entry(key).or_default().push(conn);
         }
-        Ok(response.map(|inner| UpstreamBody { inner, _guards: (None, active) }))
+        Ok(response.map(|inner| UpstreamBody { inner, _guards: (None, stream, active) }))
     }
 
     /// A connection to the target: an idle ready one, a new one within `maxConnections`, or —
@@ -559,13 +564,12 @@ impl Clusters {
         cluster: &Arc<Cluster>,
         target: &Target<'_>,
         pool: Option<&ConnectionPool>,
-        max_per_conn: u32,
     ) -> Result<PooledConn, UpstreamError> {
         let max_conns = pool.and_then(|p| p.max_connections).map_or(usize::MAX, |m| m as usize);
         let max_pending = pool.and_then(|p| p.http1_max_pending_requests).map_or(usize::MAX, |m| m as usize);
         let mut pending: Option<PendingGuard> = None;
         loop {
-            if let Some(conn) = take_ready(cluster, (target.addr, target.protocol), max_per_conn) {
+            if let Some(conn) = take_ready(cluster, (target.addr, target.protocol), pool) {
                 return Ok(conn);
             }
             if cluster
@@ -587,10 +591,15 @@ impl Clusters {
                             connect_timeout.unwrap_or_default()
                         )))
                     })?;
+                let stream = match &sender {
+                    Sender::Http2(s) => Some(s.claim_stream()),
+                    Sender::Http1(_) => None,
+                };
                 return Ok(PooledConn {
                     sender,
                     requests: 0,
                     shared: false,
+                    stream,
                     slot,
                     last_used: tokio::time::Instant::now(),
                     idle_timeout: idle_timeout(pool),
@@ -700,15 +709,21 @@ fn release_idle_elsewhere(cluster: &Cluster, key: (SocketAddr, Protocol)) -> boo
 /// in use (they multiplex) and hand out shared handles, each counted against
 /// `max_per_conn` (0: no limit), leaving the pool with the last one allowed; HTTP/1.1 ones are
 /// ready only between exchanges. Closed ones, and ones past the limit, are dropped on the way.
-fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol), max_per_conn: u32) -> Option<PooledConn> {
+fn take_ready(
+    cluster: &Cluster,
+    key: (SocketAddr, Protocol),
+    pool: Option<&ConnectionPool>,
+) -> Option<PooledConn> {
+    let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
     let mut idle = cluster.idle.lock().expect("poisoned");
     let list = idle.get_mut(&key)?;
     // Also dropped: connections that have carried as many requests as a new, lower limit allows.
     list.retain(|c| !c.is_closed() && (max_per_conn == 0 || c.requests < max_per_conn));
     let position = list.iter().position(|c| match &c.sender {
         Sender::Http1(s) => s.is_ready(),
-        // Waiting for a free stream, when the server limits them, is `send`'s job.
-        Sender::Http2(_) => true,
+        // Past the server's SETTINGS_MAX_CONCURRENT_STREAMS, another connection is opened (as
+        // Envoy does) rather than waiting for a stream on this one.
+        Sender::Http2(s) => s.has_free_stream(pool.and_then(|p| p.max_concurrent_streams)),
     })?;
     let pooled = &mut list[position];
     if let Sender::Http2(s) = &pooled.sender {
@@ -718,6 +733,7 @@ fn take_ready(cluster: &Cluster, key: (SocketAddr, Protocol), max_per_conn: u32)
             sender: Sender::Http2(s.clone()),
             requests: pooled.requests,
             shared: true,
+            stream: Some(s.claim_stream()),
             slot: pooled.slot.clone(),
             last_used: pooled.last_used,
             idle_timeout: pooled.idle_timeout,
@@ -746,6 +762,7 @@ mod tests {
             sender: Sender::Http1(sender),
             requests: 1,
             shared: false,
+            stream: None,
             slot: Arc::new(ConnectionSlot(cluster.clone())),
             last_used: tokio::time::Instant::now(),
             idle_timeout: Some(Duration::from_secs(1)),

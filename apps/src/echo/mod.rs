@@ -78,6 +78,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u8).range(1..=MAX_GRPC_STATUS as i64))]
     pub fail_grpc_status: u8,
 
+    /// Streams one HTTP/2 client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// unset: hyper's default (200). A low limit shows whether a proxy opens more connections.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub http2_max_concurrent_streams: Option<u32>,
+
     /// Delay in milliseconds before every answer (at most 60000); an `x-echo-delay-ms` request
     /// header replaces it for that request.
     #[arg(long, value_name = "MS", default_value_t = 0,
@@ -130,6 +135,7 @@ fn host_name() -> String {
 pub struct Server {
     listeners: Vec<TcpListener>,
     handler: Arc<Handler>,
+    http2_max_concurrent_streams: Option<u32>,
 }
 
 /// Binds every `--listen` address. Separate from [`Server::run`] so a caller that asked for
@@ -140,7 +146,7 @@ pub async fn bind(config: &Config) -> Result<Server> {
     for addr in &config.listen {
         listeners.push(listen(*addr).with_context(|| format!("listening on {addr}"))?);
     }
-    Ok(Server { listeners, handler })
+    Ok(Server { listeners, handler, http2_max_concurrent_streams: config.http2_max_concurrent_streams })
 }
 
 /// Binds and serves until `shutdown` completes, then drains requests in flight (at most
@@ -183,7 +189,10 @@ impl Server {
         }
         drop(accepted);
 
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        if let Some(streams) = self.http2_max_concurrent_streams {
+            builder.http2().max_concurrent_streams(streams);
+        }
         let graceful = GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {

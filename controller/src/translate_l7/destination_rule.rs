@@ -208,6 +208,11 @@ fn connection_pool(c: &objects::ConnectionPool, at: &str, r: &mut Report<'_>) ->
             r,
         ),
         max_retries: limit(http.max_retries, format!("{at}.http.maxRetries"), r),
+        max_concurrent_streams: limit(
+            http.max_concurrent_streams,
+            format!("{at}.http.maxConcurrentStreams"),
+            r,
+        ),
         connect_timeout_ms: c.tcp.as_ref().and_then(|t| t.connect_timeout.as_deref()).and_then(|text| {
             match duration_ms(text) {
                 Ok(0) | Err(_) => {

@@ -759,7 +759,7 @@ spec:
     loadBalancer: {consistentHash: {httpHeaderName: X-User}}
     connectionPool:
       tcp: {maxConnections: 100, connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 0, maxRetries: 3, idleTimeout: 90s}
+      http: {http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRequestsPerConnection: 0, maxRetries: 3, idleTimeout: 90s, maxConcurrentStreams: 50}
     outlierDetection: {consecutiveGatewayErrors: 7}
   subsets:
   - name: v1
@@ -783,7 +783,7 @@ destinationRules:
   host: payment.shop.svc.cluster.local
   trafficPolicy:
     loadBalancer: {consistentHash: {httpHeaderName: x-user}}
-    connectionPool: {maxConnections: 100, http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRetries: 3, connectTimeoutMs: 250, idleTimeoutMs: 90000}
+    connectionPool: {maxConnections: 100, http1MaxPendingRequests: 10, http2MaxRequests: 1000, maxRetries: 3, maxConcurrentStreams: 50, connectTimeoutMs: 250, idleTimeoutMs: 90000}
     outlierDetection:
       consecutive5xxErrors: 5
       consecutiveGatewayErrors: 7
@@ -873,7 +873,7 @@ spec:
   host: checkout
   trafficPolicy:
     loadBalancer: {simple: PASSTHROUGH}
-    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never}, http: {idleTimeout: later}}
+    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never}, http: {idleTimeout: later, maxConcurrentStreams: -5}}
     outlierDetection: {interval: soon, maxEjectionPercent: 120}
     portLevelSettings: [{port: {number: 70000}}, {loadBalancer: {simple: RANDOM}}]
 ---
@@ -899,6 +899,7 @@ destinationRules:
             findings: &[
                 "WA0206 DestinationRule shop/checkout spec.trafficPolicy.loadBalancer.simple",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.maxConnections",
+                "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.connectTimeout",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.http.idleTimeout",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.outlierDetection.interval",
