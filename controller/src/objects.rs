@@ -373,7 +373,7 @@ pub struct FaultDelay {
 #[serde(rename_all = "camelCase")]
 pub struct FaultAbort {
     pub http_status: Option<i64>,
-    /// Not implemented by the waypoint: read to be reported.
+    /// A gRPC status by name (`UNAVAILABLE`).
     pub grpc_status: Option<String>,
     pub percentage: Option<Percent>,
 }

@@ -511,15 +511,26 @@ fn grpc_through_the_waypoint_with_istios_default_retries() {
         fault,
         ..Default::default()
     };
-    let abort = Fault { delay: None, abort: Some(FaultAbort { http_status: 503, percentage: 100.0 }) };
+    let abort = |http_status, grpc_status| Fault {
+        delay: None,
+        abort: Some(FaultAbort { http_status, grpc_status, percentage: 100.0 }),
+    };
     mesh.apply(Routing {
-        virtual_services: vec![vs(vec![header_route("x-abort", Some(abort)), header_route("x-known", None)])],
+        virtual_services: vec![vs(vec![
+            header_route("x-abort", Some(abort(503, None))),
+            // `grpcStatus: RESOURCE_EXHAUSTED`: the status itself; HTTP 200 to other requests.
+            header_route("x-grpc-abort", Some(abort(200, Some(8)))),
+            header_route("x-known", None),
+        ])],
         destination_rules: vec![subsets()],
         authorizations: vec![],
     });
     let local =
         |code: &str| GrpcAnswer { http_status: 200, grpc_status: Some(code.into()), trailers_only: true };
     assert_eq!(grpc_calls(&mesh.client, 1, &[("x-abort", "yes")]), [local("14")]);
+    assert_eq!(grpc_calls(&mesh.client, 1, &[("x-grpc-abort", "yes")]), [local("8")]);
+    let plain = http(&mesh.client, SocketAddr::new(vip(), 80), "GET", "/", &[("x-grpc-abort", "yes")]);
+    assert_eq!((plain.status, plain.body.as_str()), (200, "fault filter abort"));
     assert_eq!(grpc_calls(&mesh.client, 1, &[]), [local("12")]);
     let ok = GrpcAnswer { http_status: 200, grpc_status: Some("0".into()), trailers_only: false };
     assert_eq!(grpc_calls(&mesh.client, 1, &[("x-known", "yes")]), [ok]);
@@ -744,7 +755,7 @@ fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
             route: only("v2"),
             fault: Some(Fault {
                 delay: None,
-                abort: Some(FaultAbort { http_status: 418, percentage: 100.0 }),
+                abort: Some(FaultAbort { http_status: 418, grpc_status: None, percentage: 100.0 }),
             }),
             ..Default::default()
         },

@@ -73,6 +73,8 @@ struct Outcome {
     attempts: u32,
     detail: String,
     request_bytes: u64,
+    /// The gRPC status a fault abort names, for a gRPC call's answer.
+    abort_grpc_status: Option<u8>,
 }
 
 impl Outcome {
@@ -109,6 +111,7 @@ pub async fn handle(
         attempts: 0,
         detail: String::new(),
         request_bytes: 0,
+        abort_grpc_status: None,
     };
     let source = snapshot.index.by_ip(down.client.ip()).cloned();
     let trace = TraceContext::from_headers(req.headers(), state.config.tracing_sampling);
@@ -118,7 +121,7 @@ pub async fn handle(
     // than an injected delay's; a directResponse or a redirect has none) is a gRPC error to a
     // gRPC client, as Envoy's local replies are.
     if grpc && matches!(response.body(), Either::Left(_)) && outcome.flags.iter().any(|f| *f != "DI") {
-        response = grpc_local_reply(response);
+        response = grpc_local_reply(response, outcome.abort_grpc_status);
     }
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
@@ -199,18 +202,18 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// `response` (written here, with its text body) as Envoy answers a gRPC call it fails itself:
-/// HTTP 200, trailers-only, the status mapped to a gRPC code (gRPC's HTTP-to-gRPC mapping,
-/// as Envoy has it), the text as `grpc-message`.
-fn grpc_local_reply(response: Response<ResponseBody>) -> Response<ResponseBody> {
+/// HTTP 200, trailers-only, `code` or else the status mapped to a gRPC code (gRPC's
+/// HTTP-to-gRPC mapping, as Envoy has it), the text as `grpc-message`.
+fn grpc_local_reply(response: Response<ResponseBody>, code: Option<u8>) -> Response<ResponseBody> {
     let (parts, body) = response.into_parts();
-    let code: u8 = match parts.status.as_u16() {
+    let code = code.unwrap_or(match parts.status.as_u16() {
         400 => 13,             // INTERNAL
         401 => 16,             // UNAUTHENTICATED
         403 => 7,              // PERMISSION_DENIED
         404 => 12,             // UNIMPLEMENTED
         429 | 502..=504 => 14, // UNAVAILABLE
         _ => 2,                // UNKNOWN
-    };
+    });
     let text = match body {
         Either::Left(full) => full.into_inner().unwrap_or_default(),
         Either::Right(_) => Bytes::new(),
@@ -392,6 +395,7 @@ async fn process(
             && roll(abort.percentage)
         {
             out.flags.push("FI");
+            out.abort_grpc_status = abort.grpc_status;
             let status = StatusCode::from_u16(abort.http_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             return text_response(status, "fault filter abort");
         }
@@ -851,7 +855,7 @@ mod tests {
     #[test]
     fn a_grpc_calls_local_errors_are_grpc_errors() {
         let reply = |status: StatusCode, text: &'static str| {
-            let r = grpc_local_reply(text_response(status, text));
+            let r = grpc_local_reply(text_response(status, text), None);
             assert_eq!(r.status(), StatusCode::OK);
             assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
             assert!(hyper::body::Body::is_end_stream(r.body()), "trailers-only: no body");
@@ -866,6 +870,9 @@ mod tests {
         assert_eq!(reply(StatusCode::NOT_FOUND, "").0, "12");
         assert!(reply(StatusCode::NOT_FOUND, "").1.is_none(), "no empty grpc-message");
         assert_eq!(reply(StatusCode::PAYLOAD_TOO_LARGE, "too big").0, "2");
+        // A fault abort's own gRPC status goes as it is (its HTTP status is 200).
+        let aborted = grpc_local_reply(text_response(StatusCode::OK, "fault filter abort"), Some(8));
+        assert_eq!(aborted.headers()["grpc-status"], "8");
         assert_eq!(&percent_encode("100% café".as_bytes())[..], b"100%25 caf%C3%A9");
     }
 

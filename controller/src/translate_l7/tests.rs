@@ -423,6 +423,8 @@ spec:
     - destination: {host: ledger.bank}
       percentage: {value: 1}
     route: [{destination: {host: payment}}]
+  - fault: {abort: {grpcStatus: Unavailable}}
+    route: [{destination: {host: payment}}]
 "#,
             routing: r#"
 virtualServices:
@@ -441,13 +443,17 @@ virtualServices:
       response: {remove: [server]}
   - route: [{destination: {host: payment.shop.svc.cluster.local}, weight: 100}]
     retries: $RETRIES
+    fault:
+      abort: {httpStatus: 200, grpcStatus: 14, percentage: 100}
     mirrors:
     - {destination: {host: checkout.shop.svc.cluster.local, subset: v2}, percentage: 100}
     - {destination: {host: ledger.bank.svc.cluster.local}, percentage: 1}
+  - route: [{destination: {host: payment.shop.svc.cluster.local}, weight: 100}]
+    retries: $RETRIES
 "#,
             findings: &[
                 "WA0103 VirtualService shop/payment spec.http[1].fault.delay.percentage.value",
-                "WA0206 VirtualService shop/payment spec.http[1].fault.abort.grpcStatus",
+                "WA0103 VirtualService shop/payment spec.http[2].fault.abort.grpcStatus",
             ],
         },
     ]);

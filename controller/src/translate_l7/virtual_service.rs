@@ -478,16 +478,23 @@ fn fault(f: &objects::HttpFault, at: &str, r: &mut Report<'_>) -> Option<Fault> 
     });
     let abort = f.abort.as_ref().and_then(|a| {
         let here = format!("{at}.abort");
-        let http_status = match (a.http_status, &a.grpc_status) {
-            (Some(s @ 200..=599), _) => s as u16,
-            (None, Some(_)) => {
-                r.warning(
-                    codes::UNSUPPORTED,
-                    format!("{here}.grpcStatus"),
-                    "gRPC aborts are not supported (use httpStatus); the abort is dropped",
-                );
-                return None;
-            }
+        // As Envoy: an HTTP status wins; a gRPC status alone aborts with HTTP 200.
+        let (http_status, grpc_status) = match (a.http_status, &a.grpc_status) {
+            (Some(s @ 200..=599), _) => (s as u16, None),
+            (None, Some(name)) => match l7::GRPC_STATUS_NAMES.iter().position(|n| n == name) {
+                Some(code) => (200, Some(code as u8)),
+                None => {
+                    r.error(
+                        codes::INVALID_VALUE,
+                        format!("{here}.grpcStatus"),
+                        format!(
+                            "{name:?} is not a gRPC status (one of {}); the abort is dropped",
+                            l7::GRPC_STATUS_NAMES.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+            },
             (status, _) => {
                 let shown = status.map_or("missing".to_string(), |s| s.to_string());
                 r.error(
@@ -500,7 +507,7 @@ fn fault(f: &objects::HttpFault, at: &str, r: &mut Report<'_>) -> Option<Fault> 
         };
         let value = a.percentage.as_ref().and_then(|p| p.value);
         let percentage = percentage(value, &format!("{here}.percentage.value"), r, "the abort is")?;
-        Some(FaultAbort { http_status, percentage })
+        Some(FaultAbort { http_status, grpc_status, percentage })
     });
     (delay.is_some() || abort.is_some()).then_some(Fault { delay, abort })
 }
