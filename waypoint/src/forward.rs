@@ -5,7 +5,6 @@
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -462,29 +461,21 @@ async fn process(
         warn!(route = out.route(), host = d.host, "route to an unknown host: answering 503 NR");
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route: unknown destination host\n");
     };
-    let rule = snapshot.destination_rules.get(&d.host);
-    let subset_labels = match &d.subset {
-        None => None,
-        Some(name) => match rule.and_then(|r| r.subsets.iter().find(|s| &s.name == name)) {
-            Some(s) => Some(&s.labels),
-            None => {
-                out.flags.push("NR");
-                out.detail = format!(
-                    "{} names subset {name:?} of {}, which no DestinationRule defines",
-                    out.route(),
-                    d.host
-                );
-                warn!(
-                    route = out.route(),
-                    host = d.host,
-                    subset = name,
-                    "route to an undefined subset: answering 503 NR"
-                );
-                return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route: undefined subset\n");
-            }
-        },
+    // The service is known, so no endpoint list means a subset no DestinationRule defines.
+    let Some(endpoints) = snapshot.endpoints(&d.host, d.subset.as_deref()) else {
+        let name = d.subset.as_deref().unwrap_or_default();
+        out.flags.push("NR");
+        out.detail =
+            format!("{} names subset {name:?} of {}, which no DestinationRule defines", out.route(), d.host);
+        warn!(
+            route = out.route(),
+            host = d.host,
+            subset = name,
+            "route to an undefined subset: answering 503 NR"
+        );
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route: undefined subset\n");
     };
-    let endpoints = subset_endpoints(snapshot, &dest_service, subset_labels);
+    let rule = snapshot.destination_rules.get(&d.host);
     let port = d.port.unwrap_or(down.port);
     let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
     out.upstream_cluster = Some(cluster.name.clone());
@@ -743,19 +734,6 @@ fn roll(percentage: f64) -> bool {
     percentage >= 100.0 || fastrand::f64() * 100.0 < percentage
 }
 
-/// The service's endpoints, only those carrying every label of the subset when there is one.
-fn subset_endpoints(
-    snapshot: &Snapshot,
-    service: &Service,
-    subset_labels: Option<&BTreeMap<String, String>>,
-) -> Vec<Arc<Workload>> {
-    let mut endpoints = snapshot.index.endpoints(service);
-    if let Some(labels) = subset_labels {
-        endpoints.retain(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
-    }
-    endpoints
-}
-
 /// Sends a copy to the mirror's destination, authority suffixed `-shadow` as Envoy does; the
 /// main request never waits for it.
 fn spawn_mirror(
@@ -771,10 +749,8 @@ fn spawn_mirror(
         warn!(host = d.host, "mirror to an unknown host skipped");
         return;
     };
-    let subset_labels = d.subset.as_ref().and_then(|name| {
-        snapshot.destination_rules.get(&d.host)?.subsets.iter().find(|s| &s.name == name).map(|s| &s.labels)
-    });
-    let endpoints = subset_endpoints(snapshot, &service, subset_labels);
+    // A subset no DestinationRule defines: nothing to send to (the controller reports it).
+    let Some(endpoints) = snapshot.endpoints(&d.host, d.subset.as_deref()) else { return };
     let port = d.port.unwrap_or(port);
     let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
     let hash = HashInput { headers: &request.headers, source_ip: down.client.ip() };

@@ -34,26 +34,70 @@ pub struct Snapshot {
     pub routes: RouteTable,
     pub services_by_host: FastMap<String, Arc<Service>>,
     pub destination_rules: FastMap<String, DestinationRule>,
+    /// Every service's endpoints, and each subset's, by service host: found per request
+    /// instead of filtering the service's endpoints by labels every time.
+    endpoint_sets: FastMap<String, EndpointSets>,
     /// Each workload's metric labels, by UID, built on its first request under this version.
     metric_sides: Mutex<FastMap<String, Interned<Side>>>,
+}
+
+/// A destination's endpoints, listed once per config version.
+pub type Endpoints = Arc<[Arc<Workload>]>;
+
+/// One service's endpoints: all, and those of each subset of its DestinationRule (the
+/// endpoints carrying every label of the subset).
+struct EndpointSets {
+    all: Endpoints,
+    by_subset: FastMap<String, Endpoints>,
 }
 
 impl Snapshot {
     pub fn new(config: NodeConfig) -> Self {
         let routes = RouteTable::build(&config.routing.virtual_services);
-        let services_by_host = config.services.iter().map(|s| (s.hostname(), Arc::new(s.clone()))).collect();
+        let services_by_host: FastMap<String, Arc<Service>> =
+            config.services.iter().map(|s| (s.hostname(), Arc::new(s.clone()))).collect();
         let mut destination_rules = FastMap::default();
         // Istio uses the oldest DestinationRule for a host; the controller orders them.
         for rule in &config.routing.destination_rules {
             destination_rules.entry(rule.host.clone()).or_insert_with(|| rule.clone());
         }
+        let index = WorkloadIndex::new(&config);
+        let endpoint_sets = services_by_host
+            .iter()
+            .map(|(host, service)| {
+                let all = index.endpoints(service);
+                let subsets = destination_rules.get(host).map(|r: &DestinationRule| r.subsets.as_slice());
+                let by_subset = subsets
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|subset| {
+                        let carries = |w: &&Arc<Workload>| {
+                            subset.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                        };
+                        (subset.name.clone(), all.iter().filter(carries).cloned().collect())
+                    })
+                    .collect();
+                (host.clone(), EndpointSets { all: all.into(), by_subset })
+            })
+            .collect();
         Self {
-            index: WorkloadIndex::new(&config),
+            index,
             routes,
             services_by_host,
             destination_rules,
+            endpoint_sets,
             config,
             metric_sides: Mutex::default(),
+        }
+    }
+
+    /// The endpoints of service `host`, or of its `subset` (none if the DestinationRule does
+    /// not define it).
+    pub fn endpoints(&self, host: &str, subset: Option<&str>) -> Option<Endpoints> {
+        let sets = self.endpoint_sets.get(host)?;
+        match subset {
+            None => Some(sets.all.clone()),
+            Some(name) => sets.by_subset.get(name).cloned(),
         }
     }
 
@@ -135,5 +179,75 @@ impl WaypointState {
     /// For work that outlives the request that started it (mirrors).
     pub fn self_arc(&self) -> Arc<Self> {
         self.me.upgrade().expect("the state outlives its requests")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use warren_core::l7::{Routing, Subset};
+
+    use super::*;
+
+    fn pod(name: &str, version: &str, ip: Option<&str>) -> Workload {
+        Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: "payment".into(),
+            node: "node-1".into(),
+            ips: ip.map(|ip| ip.parse().unwrap()).into_iter().collect(),
+            enrolled: true,
+            labels: BTreeMap::from([("version".into(), version.into())]),
+        }
+    }
+
+    #[test]
+    fn endpoints_are_listed_once_per_service_and_subset() {
+        let subset = |name: &str, version: &str| Subset {
+            name: name.into(),
+            labels: BTreeMap::from([("version".into(), version.into())]),
+            traffic_policy: None,
+        };
+        let host = "payment.shop.svc.cluster.local";
+        let config = NodeConfig {
+            workloads: vec![
+                pod("a", "v1", Some("10.0.0.1")),
+                pod("b", "v2", Some("10.0.0.2")),
+                pod("c", "v1", Some("10.0.0.3")),
+                pod("pending", "v1", None),
+            ],
+            services: vec![Service {
+                name: "payment".into(),
+                namespace: "shop".into(),
+                vips: vec![],
+                ports: vec![],
+                endpoints: ["a", "b", "c", "pending"].map(String::from).to_vec(),
+                waypoint: None,
+            }],
+            routing: Routing {
+                destination_rules: vec![DestinationRule {
+                    name: "payment".into(),
+                    namespace: "shop".into(),
+                    host: host.into(),
+                    traffic_policy: Default::default(),
+                    subsets: vec![subset("v1", "v1"), subset("v2", "v2"), subset("v3", "v3")],
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let snapshot = Snapshot::new(config);
+        let names = |subset: Option<&str>| {
+            snapshot.endpoints(host, subset).map(|e| e.iter().map(|w| w.name.clone()).collect::<Vec<_>>())
+        };
+        // A pod without an address yet is no endpoint.
+        assert_eq!(names(None).unwrap(), ["a", "b", "c"]);
+        assert_eq!(names(Some("v1")).unwrap(), ["a", "c"]);
+        assert_eq!(names(Some("v2")).unwrap(), ["b"]);
+        assert!(names(Some("v3")).unwrap().is_empty(), "a subset that matches no pod has no endpoints");
+        assert_eq!(names(Some("v4")), None, "a subset the rule does not define");
+        assert!(snapshot.endpoints("ledger.shop.svc.cluster.local", None).is_none());
     }
 }
