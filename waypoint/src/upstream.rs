@@ -98,6 +98,21 @@ impl std::fmt::Display for ClusterKey {
     }
 }
 
+/// What the cluster knows of its endpoints, by UID.
+#[derive(Default)]
+struct EndpointStates {
+    by_uid: FastMap<String, EndpointState>,
+    /// When the last ejection now in force ends: till then some endpoint may be ejected; after
+    /// it none is, and a request skips looking at every endpoint's state.
+    ejections_end: Option<Instant>,
+}
+
+impl EndpointStates {
+    fn ejecting(&self, now: Instant) -> bool {
+        self.ejections_end.is_some_and(|end| end > now)
+    }
+}
+
 #[derive(Default)]
 struct EndpointState {
     active: usize,
@@ -164,7 +179,7 @@ pub struct Cluster {
     /// `key` as Envoy names clusters (written once, for every request's log line).
     pub name: Arc<str>,
     rr: AtomicUsize,
-    endpoints: Mutex<FastMap<String, EndpointState>>,
+    endpoints: Mutex<EndpointStates>,
     in_flight: AtomicUsize,
     retries_in_flight: AtomicUsize,
     connections: AtomicUsize,
@@ -185,7 +200,7 @@ impl Cluster {
             name: key.to_string().into(),
             key,
             rr: AtomicUsize::new(0),
-            endpoints: Mutex::new(FastMap::default()),
+            endpoints: Mutex::default(),
             in_flight: AtomicUsize::new(0),
             retries_in_flight: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -244,9 +259,16 @@ impl Cluster {
     ) -> Option<Arc<Workload>> {
         let now = Instant::now();
         let state = self.endpoints.lock().expect("poisoned");
+        // The common case: nothing ejected and no earlier try to avoid. The endpoints as they
+        // are, without a look at each one's state.
+        if !state.ejecting(now) && (avoid.is_empty() || endpoints.len() < 2) {
+            return self.choose(endpoints.len(), |i| &endpoints[i], lb, hash, &state);
+        }
         let healthy: Vec<&Arc<Workload>> = endpoints
             .iter()
-            .filter(|e| state.get(&e.uid).and_then(|s| s.ejected_until).is_none_or(|until| until <= now))
+            .filter(|e| {
+                state.by_uid.get(&e.uid).and_then(|s| s.ejected_until).is_none_or(|until| until <= now)
+            })
             .collect();
         let min_health = outlier.map_or(0, |o| o.min_health_percent) as usize;
         let mut candidates: Vec<&Arc<Workload>> =
@@ -262,27 +284,39 @@ impl Cluster {
                 candidates = fresh;
             }
         }
-        if candidates.is_empty() {
+        self.choose(candidates.len(), |i| candidates[i], lb, hash, &state)
+    }
+
+    /// One of `n` candidates (`at(i)`) by the load balancer.
+    fn choose<'e>(
+        &self,
+        n: usize,
+        at: impl Fn(usize) -> &'e Arc<Workload>,
+        lb: Option<&LoadBalancer>,
+        hash: &HashInput<'_>,
+        state: &EndpointStates,
+    ) -> Option<Arc<Workload>> {
+        if n == 0 {
             return None;
         }
-        let active = |e: &Workload| state.get(&e.uid).map_or(0, |s| s.active);
+        let active = |e: &Workload| state.by_uid.get(&e.uid).map_or(0, |s| s.active);
         let chosen = match lb {
             None | Some(LoadBalancer::Simple(SimpleLb::RoundRobin)) => {
-                candidates[self.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+                at(self.rr.fetch_add(1, Ordering::Relaxed) % n)
             }
-            Some(LoadBalancer::Simple(SimpleLb::Random)) => candidates[fastrand::usize(..candidates.len())],
+            Some(LoadBalancer::Simple(SimpleLb::Random)) => at(fastrand::usize(..n)),
             Some(LoadBalancer::Simple(SimpleLb::LeastRequest)) => {
                 // Envoy's power of two choices.
-                let a = candidates[fastrand::usize(..candidates.len())];
-                let b = candidates[fastrand::usize(..candidates.len())];
+                let a = at(fastrand::usize(..n));
+                let b = at(fastrand::usize(..n));
                 if active(b) < active(a) { b } else { a }
             }
             Some(LoadBalancer::ConsistentHash(key)) => {
                 let value = hash_value(key, hash);
                 // Rendezvous hashing: the endpoint with the highest hash of (value, endpoint)
                 // wins, so only the keys of a removed endpoint move.
-                *candidates
-                    .iter()
+                (0..n)
+                    .map(&at)
                     .max_by_key(|e| {
                         let mut h = std::collections::hash_map::DefaultHasher::new();
                         value.hash(&mut h);
@@ -307,8 +341,13 @@ impl Cluster {
         let Some(outlier) = outlier else { return };
         let now = Instant::now();
         let mut state = self.endpoints.lock().expect("poisoned");
-        let ejected = state.values().filter(|s| s.ejected_until.is_some_and(|u| u > now)).count();
-        let entry = state_of(&mut state, endpoint);
+        let ejected = if state.ejecting(now) {
+            state.by_uid.values().filter(|s| s.ejected_until.is_some_and(|u| u > now)).count()
+        } else {
+            0
+        };
+        let EndpointStates { by_uid, ejections_end } = &mut *state;
+        let entry = state_of(by_uid, endpoint);
         let (server_error, gateway_error) = match outcome {
             Ok(status) => (status >= 500, matches!(status, 502..=504)),
             Err(UpstreamError::Overflow) => return,
@@ -332,6 +371,7 @@ impl Cluster {
             entry.ejections += 1;
             let duration = Duration::from_millis(outlier.base_ejection_time_ms) * entry.ejections;
             entry.ejected_until = Some(now + duration);
+            *ejections_end = (*ejections_end).max(Some(now + duration));
             entry.consecutive_5xx = 0;
             entry.consecutive_gateway = 0;
             tracing::warn!(cluster = %self.key, endpoint, ejection_ms = duration.as_millis() as u64, times = entry.ejections, "outlier ejected");
@@ -343,6 +383,7 @@ impl Cluster {
         let now = Instant::now();
         let state = self.endpoints.lock().expect("poisoned");
         let mut out: Vec<String> = state
+            .by_uid
             .iter()
             .filter(|(_, s)| s.ejected_until.is_some_and(|u| u > now))
             .map(|(k, _)| k.clone())
@@ -353,7 +394,7 @@ impl Cluster {
 
     fn mark_active(&self, endpoint: &str, delta: isize) {
         let mut state = self.endpoints.lock().expect("poisoned");
-        let entry = state_of(&mut state, endpoint);
+        let entry = state_of(&mut state.by_uid, endpoint);
         entry.active = entry.active.saturating_add_signed(delta);
     }
 }
@@ -790,6 +831,50 @@ mod tests {
             idle.iter().filter(|(_, l)| !l.is_empty()).map(|(k, _)| k.0.to_string()).collect();
         addrs.sort();
         addrs
+    }
+
+    fn endpoint(uid: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            service_account: "payment".into(),
+            node: "node-1".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            enrolled: true,
+            labels: Default::default(),
+        })
+    }
+
+    #[test]
+    fn picks_skip_ejected_endpoints_until_their_ejection_ends() {
+        let key = ClusterKey { host: "payment.shop.svc.cluster.local".into(), subset: None, port: 80 };
+        let cluster = Cluster::new(key);
+        let endpoints: Vec<Arc<Workload>> = ["a", "b", "c"].map(endpoint).to_vec();
+        let hash = HashInput { headers: &http::HeaderMap::new(), source_ip: "10.0.0.9".parse().unwrap() };
+        let picks = |avoid: &[String]| -> std::collections::BTreeSet<String> {
+            (0..30).map(|_| cluster.pick(&endpoints, None, None, &hash, avoid).unwrap().uid.clone()).collect()
+        };
+        let all: std::collections::BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
+        assert_eq!(picks(&[]), all, "round robin reaches every endpoint");
+        let avoided = picks(&["a".to_string()]);
+        assert!(!avoided.contains("a") && avoided.len() == 2, "a retry avoids the endpoint tried: {avoided:?}");
+
+        let outlier = OutlierDetection {
+            consecutive_5xx_errors: Some(1),
+            consecutive_gateway_errors: None,
+            interval_ms: 1000,
+            base_ejection_time_ms: 100,
+            max_ejection_percent: 100,
+            min_health_percent: 0,
+        };
+        cluster.record("b", Ok(503), Some(&outlier), endpoints.len());
+        assert_eq!(cluster.ejected(), ["b"]);
+        let while_ejected = picks(&[]);
+        assert!(!while_ejected.contains("b") && while_ejected.len() == 2, "{while_ejected:?}");
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(cluster.ejected().is_empty());
+        assert_eq!(picks(&[]), all, "back once its ejection ended");
     }
 
     #[tokio::test]
