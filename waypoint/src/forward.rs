@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri,
     uri::{Authority, PathAndQuery},
 };
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -30,7 +30,7 @@ use crate::{
     deadline,
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
-    metrics::{Interned, RequestLabels, ServiceLabels, Side},
+    metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
     retry::{self, Attempt, RetryPolicy},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
@@ -179,16 +179,20 @@ pub async fn handle(
         detail = outcome.detail,
         "request"
     );
-    // Response bytes (and a gRPC call's status in trailers) are known when the body has been
-    // sent: the metrics are recorded then.
-    let record = PendingRecord {
-        metrics: state.metrics.clone(),
-        labels,
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
-        request_bytes: outcome.request_bytes,
-        grpc,
-    };
-    Ok(response.map(|body| ResponseCounter { inner: body, record: Some(record), bytes: 0, _busy: busy }))
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    let recording =
+        if grpc && labels.grpc_response_status.is_none() && matches!(response.body(), Either::Right(_)) {
+            // A gRPC answer streamed from upstream: its status comes in the trailers.
+            Recording::AtEnd(Box::new(PendingRecord {
+                metrics: state.metrics.clone(),
+                labels,
+                duration_ms,
+                request_bytes: outcome.request_bytes,
+            }))
+        } else {
+            Recording::Counted(state.metrics.record_request(labels, duration_ms, outcome.request_bytes))
+        };
+    Ok(response.map(|body| ResponseCounter { inner: body, recording, bytes: 0, _busy: busy }))
 }
 
 /// A gRPC call: `content-type: application/grpc` or `application/grpc+FORMAT`.
@@ -243,8 +247,11 @@ fn percent_encode(text: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-fn grpc_status(headers: &HeaderMap) -> Option<u8> {
-    std::str::from_utf8(headers.get("grpc-status")?.as_bytes()).ok()?.parse().ok()
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// A gRPC answer's status, from a trailers-only answer's headers or the trailers.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u8> {
+    std::str::from_utf8(headers.get(GRPC_STATUS)?.as_bytes()).ok()?.parse().ok()
 }
 
 /// The value shown if there is one, else nothing (a log field that may be empty).
@@ -259,15 +266,24 @@ impl<T: std::fmt::Display> std::fmt::Display for OrNothing<T> {
     }
 }
 
-/// Counts the response body's bytes and records the request's metrics when the body is done
-/// (or dropped); till then the request counts as in flight on its downstream connection
-/// (`--idle-timeout-secs`).
+/// Counts the response body's bytes and records them when the body is done (or dropped); till
+/// then the request counts as in flight on its downstream connection (`--idle-timeout-secs`).
 pub struct ResponseCounter {
     inner: ResponseBody,
-    /// Taken when recorded.
-    record: Option<PendingRecord>,
+    recording: Recording,
     bytes: u64,
     _busy: Busy,
+}
+
+/// Where a request stands in the metrics (small: hyper moves the body around).
+enum Recording {
+    /// Counted at the response head; the response size goes to its series at the end.
+    Counted(SeriesHandle),
+    /// A gRPC answer streamed from upstream, counted at the end with the status its trailers
+    /// carry.
+    AtEnd(Box<PendingRecord>),
+    /// Nothing (more) to record.
+    Done,
 }
 
 /// A request's metrics, but for what its response body will tell.
@@ -276,8 +292,6 @@ struct PendingRecord {
     labels: RequestLabels,
     duration_ms: f64,
     request_bytes: u64,
-    /// Whether to look for `grpc-status` in the trailers.
-    grpc: bool,
 }
 
 impl hyper::body::Body for ResponseCounter {
@@ -293,10 +307,9 @@ impl hyper::body::Body for ResponseCounter {
             if let Some(data) = frame.data_ref() {
                 self.bytes += data.len() as u64;
             } else if let Some(trailers) = frame.trailers_ref()
-                && let Some(record) = self.record.as_mut().filter(|r| r.grpc)
-                && let Some(status) = grpc_status(trailers)
+                && let Recording::AtEnd(record) = &mut self.recording
             {
-                record.labels.grpc_response_status = Some(status);
+                record.labels.grpc_response_status = grpc_status(trailers);
             }
         }
         polled
@@ -313,8 +326,10 @@ impl hyper::body::Body for ResponseCounter {
 
 impl Drop for ResponseCounter {
     fn drop(&mut self) {
-        if let Some(r) = self.record.take() {
-            r.metrics.record(r.labels, r.duration_ms, r.request_bytes, self.bytes);
+        match std::mem::replace(&mut self.recording, Recording::Done) {
+            Recording::Counted(series) => series.record_response_bytes(self.bytes),
+            Recording::AtEnd(r) => r.metrics.record(r.labels, r.duration_ms, r.request_bytes, self.bytes),
+            Recording::Done => {}
         }
     }
 }
@@ -569,6 +584,7 @@ async fn process(
         down,
         target_port,
         retries,
+        grpc: is_grpc(&upstream_request.headers),
     };
     let result = deadline::within(timeout, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout));
     match result {
@@ -662,6 +678,7 @@ struct Attempts<'a> {
     down: &'a Downstream,
     target_port: u16,
     retries: &'a RetryPolicy,
+    grpc: bool,
 }
 
 impl Attempts<'_> {
@@ -699,9 +716,11 @@ impl Attempts<'_> {
             let send = self.state.clusters.send(self.cluster, &target, pool, self.request.build());
             let result = deadline::within(per_try, send).await.unwrap_or(Err(UpstreamError::Timeout));
             let attempt = match &result {
-                Ok(response) => {
-                    Attempt::Response { status: response.status().as_u16(), headers: response.headers() }
-                }
+                Ok(response) => Attempt::Response {
+                    status: response.status().as_u16(),
+                    // Only a gRPC call's answer is read for one (no header lookup otherwise).
+                    grpc_status: if self.grpc { grpc_status(response.headers()) } else { None },
+                },
                 Err(e) => Attempt::Failed(e),
             };
             let status = match attempt {
@@ -873,7 +892,7 @@ mod tests {
         let watch = IdleWatch::new();
         let body = ResponseCounter {
             inner: text_response(StatusCode::OK, "body").into_body(),
-            record: None,
+            recording: Recording::Done,
             bytes: 0,
             _busy: watch.busy(),
         };

@@ -1,8 +1,7 @@
 //! Istio's HTTP metrics as a waypoint reports them (`reporter="waypoint"`):
 //! `istio_requests_total` and `istio_request_duration_milliseconds` with the source and
 //! destination workload, namespace, principal, version, service, protocol, response code,
-//! gRPC status and flags, so the dashboards people already have work. A request is recorded
-//! when its response body is done: a gRPC call's status may come in the trailers.
+//! gRPC status and flags, so the dashboards people already have work.
 
 use std::{
     borrow::Cow,
@@ -183,15 +182,38 @@ pub struct Metrics {
     unknown: OnceLock<Interned<Side>>,
 }
 
+/// One request's series, for its response size once the body has been sent (without looking
+/// the labels up again).
+pub struct SeriesHandle(Arc<Mutex<Series>>);
+
+impl SeriesHandle {
+    pub fn record_response_bytes(&self, bytes: u64) {
+        self.0.lock().expect("poisoned").response_bytes.observe(&BUCKETS_BYTES, bytes as f64);
+    }
+}
+
 impl Metrics {
-    /// One request, when its response body is done (or dropped).
-    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+    /// One request, at its response head; the response size follows through the handle.
+    pub fn record_request(
+        &self,
+        labels: RequestLabels,
+        duration_ms: f64,
+        request_bytes: u64,
+    ) -> SeriesHandle {
         let cell = self.series.lock().expect("poisoned").entry(labels).or_default().clone();
-        let mut s = cell.lock().expect("poisoned");
-        s.count += 1;
-        s.duration_ms.observe(&BUCKETS_MS, duration_ms);
-        s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
-        s.response_bytes.observe(&BUCKETS_BYTES, response_bytes as f64);
+        {
+            let mut s = cell.lock().expect("poisoned");
+            s.count += 1;
+            s.duration_ms.observe(&BUCKETS_MS, duration_ms);
+            s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
+        }
+        SeriesHandle(cell)
+    }
+
+    /// One request whose labels were complete only at the end of its response (a gRPC status
+    /// in trailers).
+    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.record_request(labels, duration_ms, request_bytes).record_response_bytes(response_bytes);
     }
 
     /// `side` as a label value (built once per workload and config version: see
@@ -316,7 +338,7 @@ pub(crate) mod tests {
             response_flags: "-".into(),
         };
         m.record(labels.clone(), 3.0, 10, 0);
-        m.record(labels.clone(), 700.0, 0, 2048);
+        m.record_request(labels.clone(), 700.0, 0).record_response_bytes(2048);
         m.record(
             RequestLabels { request_protocol: "grpc", grpc_response_status: Some(14), ..labels },
             1.0,

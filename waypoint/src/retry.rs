@@ -3,7 +3,6 @@
 
 use std::{sync::LazyLock, time::Duration};
 
-use http::HeaderMap;
 use warren_core::l7::Retries;
 
 use crate::upstream::UpstreamError;
@@ -38,11 +37,6 @@ impl Conditions {
     const INTERNAL: u16 = 1 << 9;
     const RESOURCE_EXHAUSTED: u16 = 1 << 10;
     const UNAVAILABLE: u16 = 1 << 11;
-    const GRPC: u16 = Self::CANCELLED
-        | Self::DEADLINE_EXCEEDED
-        | Self::INTERNAL
-        | Self::RESOURCE_EXHAUSTED
-        | Self::UNAVAILABLE;
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -79,7 +73,11 @@ pub static ISTIO_DEFAULT: LazyLock<RetryPolicy> =
 
 /// What an attempt came to, as far as retrying goes.
 pub enum Attempt<'a> {
-    Response { status: u16, headers: &'a HeaderMap },
+    /// `grpc_status`: a gRPC call's trailers-only status, if any.
+    Response {
+        status: u16,
+        grpc_status: Option<u8>,
+    },
     Failed(&'a UpstreamError),
 }
 
@@ -109,12 +107,12 @@ impl RetryPolicy {
         use Conditions as C;
         let on = self.on;
         match *attempt {
-            Attempt::Response { status, headers } => {
+            Attempt::Response { status, grpc_status } => {
                 (on.has(C::FIVE_XX) && status >= 500)
                     || (on.has(C::GATEWAY_ERROR) && matches!(status, 502..=504))
                     || (on.has(C::RETRIABLE_4XX) && status == 409)
                     || (on.has(C::RETRIABLE_STATUS_CODES) && self.codes.contains(&status))
-                    || (on.any(C::GRPC) && self.grpc_retriable(headers))
+                    || grpc_status.is_some_and(|code| self.grpc_retriable(code))
             }
             Attempt::Failed(UpstreamError::Overflow) => false,
             Attempt::Failed(UpstreamError::Connect(_)) => {
@@ -128,11 +126,8 @@ impl RetryPolicy {
         }
     }
 
-    fn grpc_retriable(&self, headers: &HeaderMap) -> bool {
+    fn grpc_retriable(&self, code: u8) -> bool {
         use Conditions as C;
-        let Some(code) = headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u8>().ok()) else {
-            return false;
-        };
         let bit = match code {
             1 => C::CANCELLED,
             4 => C::DEADLINE_EXCEEDED,
@@ -158,14 +153,11 @@ mod tests {
     }
 
     fn status(policy: &RetryPolicy, status: u16) -> bool {
-        policy.retriable(&Attempt::Response { status, headers: &HeaderMap::new() })
+        policy.retriable(&Attempt::Response { status, grpc_status: None })
     }
 
-    fn grpc(policy: &RetryPolicy, code: &str) -> bool {
-        let mut headers = HeaderMap::new();
-        headers.insert("content-type", "application/grpc".parse().unwrap());
-        headers.insert("grpc-status", code.parse().unwrap());
-        policy.retriable(&Attempt::Response { status: 200, headers: &headers })
+    fn grpc(policy: &RetryPolicy, code: u8) -> bool {
+        policy.retriable(&Attempt::Response { status: 200, grpc_status: Some(code) })
     }
 
     fn failed(policy: &RetryPolicy, e: UpstreamError) -> bool {
@@ -198,13 +190,13 @@ mod tests {
     }
 
     #[test]
-    fn grpc_conditions_read_a_trailers_only_status() {
+    fn grpc_conditions_follow_envoy() {
         let each = [
-            ("cancelled", "1"),
-            ("deadline-exceeded", "4"),
-            ("resource-exhausted", "8"),
-            ("internal", "13"),
-            ("unavailable", "14"),
+            ("cancelled", 1),
+            ("deadline-exceeded", 4),
+            ("resource-exhausted", 8),
+            ("internal", 13),
+            ("unavailable", 14),
         ];
         for (condition, code) in each {
             assert!(grpc(&policy(&[condition]), code), "{condition} should retry grpc-status {code}");
@@ -214,11 +206,10 @@ mod tests {
         }
         let all =
             policy(&["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"]);
-        assert!(!grpc(&all, "0"), "OK is never retried");
-        assert!(!grpc(&all, "2"), "UNKNOWN is not among the conditions");
-        assert!(!grpc(&all, "fourteen"));
+        assert!(!grpc(&all, 0), "OK is never retried");
+        assert!(!grpc(&all, 2), "UNKNOWN is not among the conditions");
         assert!(!status(&all, 200), "no grpc-status: nothing to retry");
-        assert!(!grpc(&policy(&["5xx"]), "14"), "HTTP conditions ignore gRPC statuses");
+        assert!(!grpc(&policy(&["5xx"]), 14), "HTTP conditions ignore gRPC statuses");
     }
 
     #[test]
@@ -231,9 +222,9 @@ mod tests {
         assert!(failed(default, UpstreamError::Refused("REFUSED_STREAM".into())));
         assert!(!failed(default, UpstreamError::Reset("x".into())));
         assert!(!failed(default, UpstreamError::Timeout));
-        assert!(grpc(default, "14"));
-        assert!(grpc(default, "1"));
-        assert!(!grpc(default, "13"));
+        assert!(grpc(default, 14));
+        assert!(grpc(default, 1));
+        assert!(!grpc(default, 13));
     }
 
     #[test]

@@ -858,7 +858,10 @@ mod tests {
         let all: std::collections::BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
         assert_eq!(picks(&[]), all, "round robin reaches every endpoint");
         let avoided = picks(&["a".to_string()]);
-        assert!(!avoided.contains("a") && avoided.len() == 2, "a retry avoids the endpoint tried: {avoided:?}");
+        assert!(
+            !avoided.contains("a") && avoided.len() == 2,
+            "a retry avoids the endpoint tried: {avoided:?}"
+        );
 
         let outlier = OutlierDetection {
             consecutive_5xx_errors: Some(1),
