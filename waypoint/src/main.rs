@@ -7,6 +7,7 @@ mod authz;
 mod config;
 mod deadline;
 mod forward;
+mod grpc;
 mod h2_client;
 mod hbone;
 mod headers;
