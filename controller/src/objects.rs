@@ -488,6 +488,12 @@ pub struct TcpSettings {
     pub max_connections: Option<i64>,
     /// A duration (`10s`, `500ms`).
     pub connect_timeout: Option<String>,
+    /// Not implemented by the waypoint: read to be reported.
+    pub tcp_keepalive: Option<serde_json::Value>,
+    /// Not implemented by the waypoint: read to be reported.
+    pub max_connection_duration: Option<serde_json::Value>,
+    /// Not implemented by the waypoint (it has `http.idleTimeout`): read to be reported.
+    pub idle_timeout: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -500,6 +506,8 @@ pub struct HttpSettings {
     pub max_requests_per_connection: Option<i64>,
     pub max_retries: Option<i64>,
     pub max_concurrent_streams: Option<i64>,
+    /// `UPGRADE` is not implemented (the waypoint speaks the client's protocol upstream).
+    pub h2_upgrade_policy: Option<String>,
     /// A duration (`1h`, `30s`); `0s` keeps idle connections open.
     pub idle_timeout: Option<String>,
 }

@@ -190,6 +190,7 @@ fn limit(value: Option<i64>, at: String, r: &mut Report<'_>) -> Option<u32> {
 
 fn connection_pool(c: &objects::ConnectionPool, at: &str, r: &mut Report<'_>) -> Option<ConnectionPool> {
     let http = c.http.clone().unwrap_or_default();
+    report_unimplemented(c, at, r);
     let pool = ConnectionPool {
         max_connections: limit(
             c.tcp.as_ref().and_then(|t| t.max_connections),
@@ -238,6 +239,34 @@ fn connection_pool(c: &objects::ConnectionPool, at: &str, r: &mut Report<'_>) ->
         }),
     };
     (pool != ConnectionPool::default()).then_some(pool)
+}
+
+/// Connection pool fields the waypoint does not act on: reported, so that none is lost without
+/// a word.
+fn report_unimplemented(c: &objects::ConnectionPool, at: &str, r: &mut Report<'_>) {
+    if let Some(tcp) = &c.tcp {
+        for (field, set) in [
+            ("tcpKeepalive", tcp.tcp_keepalive.is_some()),
+            ("maxConnectionDuration", tcp.max_connection_duration.is_some()),
+            ("idleTimeout", tcp.idle_timeout.is_some()),
+        ] {
+            if set {
+                r.warning(
+                    codes::UNSUPPORTED,
+                    format!("{at}.tcp.{field}"),
+                    "is not implemented by waypoints; ignored",
+                );
+            }
+        }
+    }
+    let upgrade = c.http.as_ref().and_then(|h| h.h2_upgrade_policy.as_deref());
+    if upgrade == Some("UPGRADE") {
+        r.warning(
+            codes::UNSUPPORTED,
+            format!("{at}.http.h2UpgradePolicy"),
+            "UPGRADE is not implemented: the waypoint speaks the client's protocol to upstreams; ignored",
+        );
+    }
 }
 
 /// Istio's defaults: ejection after 5 consecutive 5xx (0 disables it), gateway errors not

@@ -879,7 +879,7 @@ spec:
   host: checkout
   trafficPolicy:
     loadBalancer: {simple: PASSTHROUGH}
-    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never}, http: {idleTimeout: later, maxConcurrentStreams: -5}}
+    connectionPool: {tcp: {maxConnections: -1, connectTimeout: never, tcpKeepalive: {time: 7200s}, maxConnectionDuration: 1h}, http: {idleTimeout: later, maxConcurrentStreams: -5, h2UpgradePolicy: UPGRADE}}
     outlierDetection: {interval: soon, maxEjectionPercent: 120}
     portLevelSettings: [{port: {number: 70000}}, {loadBalancer: {simple: RANDOM}}]
 ---
@@ -904,6 +904,9 @@ destinationRules:
 "#,
             findings: &[
                 "WA0206 DestinationRule shop/checkout spec.trafficPolicy.loadBalancer.simple",
+                "WA0206 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+                "WA0206 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+                "WA0206 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.maxConnections",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.http.maxConcurrentStreams",
                 "WA0103 DestinationRule shop/checkout spec.trafficPolicy.connectionPool.tcp.connectTimeout",
