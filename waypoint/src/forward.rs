@@ -73,6 +73,8 @@ struct Outcome {
     attempts: u32,
     detail: String,
     request_bytes: u64,
+    /// Whether the request is a gRPC call (told once, from its content type).
+    grpc: bool,
     /// The gRPC status a fault abort names, for a gRPC call's answer.
     abort_grpc_status: Option<u8>,
 }
@@ -99,7 +101,6 @@ pub async fn handle(
     let started = Instant::now();
     let snapshot = state.snapshot();
     let method = req.method().clone();
-    let grpc = is_grpc(req.headers());
     // Shared with the request (a count, not a copy), for the log line and the span.
     let path_and_query = req.uri().path_and_query().cloned();
     let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
@@ -111,12 +112,14 @@ pub async fn handle(
         attempts: 0,
         detail: String::new(),
         request_bytes: 0,
+        grpc: is_grpc(req.headers()),
         abort_grpc_status: None,
     };
     let source = snapshot.index.by_ip(down.client.ip()).cloned();
     let trace = TraceContext::from_headers(req.headers(), state.config.tracing_sampling);
     let span_start = std::time::SystemTime::now();
     let mut response = process(&state, &snapshot, &down, source.as_deref(), req, &trace, &mut outcome).await;
+    let grpc = outcome.grpc;
     // An error the waypoint answers itself (an answer written here with a response flag other
     // than an injected delay's; a directResponse or a redirect has none) is a gRPC error to a
     // gRPC client, as Envoy's local replies are.
@@ -526,7 +529,7 @@ async fn process(
         down,
         target_port,
         retries,
-        grpc: is_grpc(&upstream_request.headers),
+        grpc: out.grpc,
     };
     let result = deadline::within(timeout, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout));
     match result {

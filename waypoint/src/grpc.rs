@@ -36,7 +36,7 @@ pub fn grpc_local_reply(response: Response<ResponseBody>, code: Option<u8>) -> R
     let mut reply = Response::new(Either::Left(Full::new(Bytes::new())));
     let headers = reply.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    headers.insert(GRPC_STATUS, HeaderValue::from(u16::from(code)));
     let message = percent_encode(text.trim_ascii_end());
     if let Ok(message) = HeaderValue::from_maybe_shared(message)
         && !message.is_empty()

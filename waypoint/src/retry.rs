@@ -38,10 +38,6 @@ impl Conditions {
     const RESOURCE_EXHAUSTED: u16 = 1 << 10;
     const UNAVAILABLE: u16 = 1 << 11;
 
-    fn has(self, bit: u16) -> bool {
-        self.0 & bit != 0
-    }
-
     fn any(self, bits: u16) -> bool {
         self.0 & bits != 0
     }
@@ -108,10 +104,10 @@ impl RetryPolicy {
         let on = self.on;
         match *attempt {
             Attempt::Response { status, grpc_status } => {
-                (on.has(C::FIVE_XX) && status >= 500)
-                    || (on.has(C::GATEWAY_ERROR) && matches!(status, 502..=504))
-                    || (on.has(C::RETRIABLE_4XX) && status == 409)
-                    || (on.has(C::RETRIABLE_STATUS_CODES) && self.codes.contains(&status))
+                (on.any(C::FIVE_XX) && status >= 500)
+                    || (on.any(C::GATEWAY_ERROR) && matches!(status, 502..=504))
+                    || (on.any(C::RETRIABLE_4XX) && status == 409)
+                    || (on.any(C::RETRIABLE_STATUS_CODES) && self.codes.contains(&status))
                     || grpc_status.is_some_and(|code| self.grpc_retriable(code))
             }
             Attempt::Failed(UpstreamError::Overflow) => false,
@@ -136,7 +132,7 @@ impl RetryPolicy {
             14 => C::UNAVAILABLE,
             _ => return false,
         };
-        self.on.has(bit)
+        self.on.any(bit)
     }
 }
 

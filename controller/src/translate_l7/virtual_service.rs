@@ -408,7 +408,8 @@ fn retries(rt: Option<&objects::HttpRetry>, at: &str, r: &mut Report<'_>) -> Opt
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect();
-    retry_on.retain(|condition| known_retry_condition(condition, &format!("{at}.retryOn"), r));
+    let field = format!("{at}.retryOn");
+    retry_on.retain(|condition| known_retry_condition(condition, &field, r));
     if retry_on.is_empty() {
         retry_on = Retries::istio_default().retry_on;
     } else if retry_on.iter().any(|c| c.parse::<u16>().is_ok())

@@ -42,7 +42,7 @@ pub(crate) fn url(path: &str) -> String {
 /// Two nodes: the client, a legacy client and payment v2 on node 0; payment v1 and the
 /// waypoint on node 1. `payment` uses the waypoint.
 pub(crate) struct Mesh {
-    pub(crate) _cluster: Cluster,
+    pub(crate) cluster: Cluster,
     _ca: MeshCa,
     pub(crate) client: Pod,
     pub(crate) legacy: Pod,
@@ -140,7 +140,7 @@ impl Mesh {
             apps.push(Echo::start(bad, APP_PORT, "bad", &["--fail-fraction", "1"]));
         }
         Mesh {
-            _cluster: cluster,
+            cluster,
             _ca: ca,
             client,
             legacy,

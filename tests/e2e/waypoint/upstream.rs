@@ -206,7 +206,7 @@ fn a_destination_rules_connect_timeout_bounds_the_upstream_dial() {
     });
     // Before any request: no connection to v2 is pooled yet.
     let v2 = mesh.v2.ipv4.to_string();
-    mesh._cluster.nodes[0].ns.ip(&[
+    mesh.cluster.nodes[0].ns.ip(&[
         "neigh",
         "replace",
         &v2,
