@@ -98,10 +98,11 @@ pub struct Config {
     #[arg(long, env = "WARREN_RELOAD_INTERVAL_MS", default_value_t = 500)]
     pub reload_interval_ms: u64,
 
-    /// Request bodies are buffered (so retries and mirrors can resend them) up to this size;
-    /// larger ones are answered 413.
-    #[arg(long, env = "WARREN_MAX_REQUEST_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
-    pub max_request_body_bytes: usize,
+    /// How much of a request body is kept so that a retry or a mirror can send it again. A
+    /// body streams upstream as it arrives either way; one longer than this is not retried and
+    /// not mirrored (Envoy's retry buffer).
+    #[arg(long, alias = "max-request-body-bytes", env = "WARREN_REQUEST_BUFFER_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub request_buffer_bytes: usize,
 
     /// How long to wait for a client's first bytes to tell HTTP/1.1, HTTP/2 and other TCP
     /// apart; a silent client (a server-first protocol) is passed through as TCP.

@@ -15,10 +15,10 @@ use http::{
     HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header, uri,
     uri::{Authority, PathAndQuery},
 };
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_core::{
     identity::SpiffeId,
     l7::RouteDestination,
@@ -27,6 +27,7 @@ use warren_core::{
 
 use crate::{
     authz::{self, RequestAttributes},
+    body::{self, Received, RequestBody, RequestSize, StreamedBody},
     deadline,
     grpc::{grpc_local_reply, grpc_status, is_grpc},
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
@@ -72,7 +73,7 @@ struct Outcome {
     upstream_cluster: Option<Arc<str>>,
     attempts: u32,
     detail: String,
-    request_bytes: u64,
+    request_size: RequestSize,
     /// Whether the request is a gRPC call (told once, from its content type).
     grpc: bool,
     /// The gRPC status a fault abort names, for a gRPC call's answer.
@@ -111,7 +112,7 @@ pub async fn handle(
         upstream_cluster: None,
         attempts: 0,
         detail: String::new(),
-        request_bytes: 0,
+        request_size: RequestSize::Known(0),
         grpc: is_grpc(req.headers()),
         abort_grpc_status: None,
     };
@@ -187,16 +188,12 @@ pub async fn handle(
     let recording =
         if grpc && labels.grpc_response_status.is_none() && matches!(response.body(), Either::Right(_)) {
             // A gRPC answer streamed from upstream: its status comes in the trailers.
-            Recording::AtEnd(Box::new(PendingRecord {
-                metrics: state.metrics.clone(),
-                labels,
-                duration_ms,
-                request_bytes: outcome.request_bytes,
-            }))
+            Recording::AtEnd(Box::new(PendingRecord { metrics: state.metrics.clone(), labels, duration_ms }))
         } else {
-            Recording::Counted(state.metrics.record_request(labels, duration_ms, outcome.request_bytes))
+            Recording::Counted(state.metrics.record_request(labels, duration_ms))
         };
-    Ok(response.map(|body| ResponseCounter { inner: body, recording, bytes: 0, _busy: busy }))
+    let request = outcome.request_size;
+    Ok(response.map(|body| ResponseCounter { inner: body, recording, request, bytes: 0, _busy: busy }))
 }
 
 /// The value shown if there is one, else nothing (a log field that may be empty).
@@ -216,6 +213,8 @@ impl<T: std::fmt::Display> std::fmt::Display for OrNothing<T> {
 pub struct ResponseCounter {
     inner: ResponseBody,
     recording: Recording,
+    /// The request's body size, recorded with the response's (a streamed one may still grow).
+    request: RequestSize,
     bytes: u64,
     _busy: Busy,
 }
@@ -236,7 +235,6 @@ struct PendingRecord {
     metrics: Arc<crate::metrics::Metrics>,
     labels: RequestLabels,
     duration_ms: f64,
-    request_bytes: u64,
 }
 
 impl hyper::body::Body for ResponseCounter {
@@ -272,8 +270,10 @@ impl hyper::body::Body for ResponseCounter {
 impl Drop for ResponseCounter {
     fn drop(&mut self) {
         match std::mem::replace(&mut self.recording, Recording::Done) {
-            Recording::Counted(series) => series.record_response_bytes(self.bytes),
-            Recording::AtEnd(r) => r.metrics.record(r.labels, r.duration_ms, r.request_bytes, self.bytes),
+            Recording::Counted(series) => series.record_sizes(self.request.bytes(), self.bytes),
+            Recording::AtEnd(r) => {
+                r.metrics.record(r.labels, r.duration_ms, self.request.bytes(), self.bytes)
+            }
             Recording::Done => {}
         }
     }
@@ -475,15 +475,19 @@ async fn process(
     let mut values = WrittenValues::new();
     add_forwarding(&mut headers, &down.client_ip, &mut values);
     trace.inject(&mut headers, &mut values);
-    let body = match Limited::new(body, state.config.max_request_body_bytes).collect().await {
-        Ok(b) => {
-            let bytes = b.to_bytes();
-            out.request_bytes = bytes.len() as u64;
-            bytes
+    let body = match body::receive(body, state.config.request_buffer_bytes).await {
+        Ok(Received::Whole(bytes)) => {
+            out.request_size = RequestSize::Known(bytes.len() as u64);
+            RequestSource::Whole(bytes)
+        }
+        Ok(Received::Streamed(streamed)) => {
+            out.request_size = streamed.size();
+            RequestSource::Streamed(streamed)
         }
         Err(e) => {
-            out.detail = format!("request body: {e}");
-            return text_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large or broken\n");
+            out.flags.push("DC");
+            out.detail = format!("the client's request body broke off: {e}");
+            return text_response(StatusCode::BAD_REQUEST, "request body broken\n");
         }
     };
     let upstream_request = UpstreamRequest {
@@ -546,6 +550,13 @@ async fn process(
                 out.flags.push(e.flag());
             }
             out.detail = e.to_string();
+            if let RequestSource::Streamed(streamed) = &upstream_request.body
+                && let Some(reason) = streamed.failure()
+            {
+                // The client broke off its own request: not the upstream's fault.
+                out.flags.push("DC");
+                out.detail = format!("the client's request body broke off: {reason} ({})", out.detail);
+            }
             let status = match e {
                 UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -571,8 +582,31 @@ struct UpstreamRequest {
     /// `authority` as HTTP/2's `:authority` (parsed once, not per attempt).
     uri_authority: Option<Authority>,
     headers: HeaderMap,
-    body: Bytes,
+    body: RequestSource,
     protocol: Protocol,
+}
+
+/// A request's body as its attempts and mirrors get it.
+enum RequestSource {
+    Whole(Bytes),
+    Streamed(StreamedBody),
+}
+
+impl RequestSource {
+    fn body(&self) -> RequestBody {
+        match self {
+            RequestSource::Whole(bytes) => RequestBody::whole(bytes.clone()),
+            RequestSource::Streamed(streamed) => RequestBody::Streamed(streamed.reader()),
+        }
+    }
+
+    /// Whether another attempt can send the body from its start.
+    fn replayable(&self) -> bool {
+        match self {
+            RequestSource::Whole(_) => true,
+            RequestSource::Streamed(streamed) => streamed.replayable(),
+        }
+    }
 }
 
 /// HTTP/2's `:authority` for `authority`; HTTP/1.1 sends a `Host` header instead.
@@ -581,13 +615,18 @@ fn uri_authority(protocol: Protocol, authority: &str) -> Option<Authority> {
 }
 
 impl UpstreamRequest {
-    fn build(&self) -> Request<Full<Bytes>> {
-        self.build_for(self.uri_authority.clone(), self.host.clone())
+    fn build(&self) -> Request<RequestBody> {
+        self.build_for(self.uri_authority.clone(), self.host.clone(), self.body.body())
     }
 
     /// The request as sent to `authority` (`host`: the same as an HTTP/1.1 header).
-    fn build_for(&self, authority: Option<Authority>, host: Option<HeaderValue>) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(self.body.clone()));
+    fn build_for(
+        &self,
+        authority: Option<Authority>,
+        host: Option<HeaderValue>,
+        body: RequestBody,
+    ) -> Request<RequestBody> {
+        let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.headers_mut() = self.headers.clone();
         match self.protocol {
@@ -674,7 +713,8 @@ impl Attempts<'_> {
             };
             self.cluster.record(&endpoint.uid, status, outlier, self.endpoints.len());
             let retriable = self.retries.retriable(&attempt);
-            let budget_left = out.attempts <= self.retries.attempts;
+            // A streamed body past the retry buffer cannot be sent again.
+            let budget_left = out.attempts <= self.retries.attempts && self.request.body.replayable();
             if !retriable || !budget_left {
                 if retriable && out.attempts > 1 {
                     out.flags.push("URX");
@@ -725,8 +765,15 @@ fn spawn_mirror(
     let addr = SocketAddr::new(ip, service.target_port(port).unwrap_or(port));
     let host_only = request.authority.split(':').next().unwrap_or(&request.authority);
     let shadow = format!("{host_only}-shadow");
-    let built =
-        request.build_for(uri_authority(request.protocol, &shadow), HeaderValue::from_str(&shadow).ok());
+    let (whole, streamed) = match &request.body {
+        RequestSource::Whole(bytes) => (bytes.clone(), None),
+        RequestSource::Streamed(streamed) => (Bytes::new(), Some(streamed.mirror())),
+    };
+    let built = request.build_for(
+        uri_authority(request.protocol, &shadow),
+        HeaderValue::from_str(&shadow).ok(),
+        RequestBody::whole(whole),
+    );
     let state = state.self_arc();
     let (client, protocol, trust_domain) = (down.client, request.protocol, state.config.trust_domain.clone());
     tokio::spawn(async move {
@@ -738,17 +785,28 @@ fn spawn_mirror(
             forwarded_for: client,
             traceparent: None,
         };
-        let sent = tokio::time::timeout(
-            Duration::from_secs(30),
-            state.clusters.send(&cluster, &target, None, built),
-        )
-        .await;
-        match sent {
-            Ok(Ok(response)) => {
+        let copy = async {
+            // A streamed body is copied once the client has sent all of it (the main request
+            // never waits for the mirror); one longer than the retry buffer is not copied.
+            let built = match streamed {
+                None => built,
+                Some(mirror) => match mirror.whole().await {
+                    Some(body) => built.map(|_| RequestBody::whole(body)),
+                    None => {
+                        debug!(cluster = %cluster.key, "mirror skipped: the request body was not kept whole");
+                        return None;
+                    }
+                },
+            };
+            Some(state.clusters.send(&cluster, &target, None, built).await)
+        };
+        match tokio::time::timeout(Duration::from_secs(30), copy).await {
+            Ok(Some(Ok(response))) => {
                 // Drain so the connection can be reused; the answer itself is discarded.
                 let _ = response.into_body().collect().await;
             }
-            Ok(Err(e)) => warn!(cluster = %cluster.key, "mirror request failed: {e}"),
+            Ok(Some(Err(e))) => warn!(cluster = %cluster.key, "mirror request failed: {e}"),
+            Ok(None) => {}
             Err(_) => warn!(cluster = %cluster.key, "mirror request timed out"),
         }
     });
@@ -771,7 +829,7 @@ mod tests {
             host: HeaderValue::from_str(authority).ok(),
             uri_authority: uri_authority(protocol, authority),
             headers: HeaderMap::new(),
-            body: Bytes::from_static(b"{}"),
+            body: RequestSource::Whole(Bytes::from_static(b"{}")),
             protocol,
         }
     }
@@ -800,6 +858,7 @@ mod tests {
         let body = ResponseCounter {
             inner: text_response(StatusCode::OK, "body").into_body(),
             recording: Recording::Done,
+            request: RequestSize::Known(0),
             bytes: 0,
             _busy: watch.busy(),
         };

@@ -18,10 +18,12 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
+
+use crate::body::RequestBody;
 
 /// Flow-control windows and buffers: hyper's client defaults, which this client replaced —
 /// larger than the protocol's 64 KiB so one stream can fill a fast link.
@@ -98,7 +100,7 @@ impl H2Sender {
 
     /// Sends one request and waits for the response head; the body follows as [`H2Body`].
     /// Takes `&mut self`: the pool hands each request a clone of its own, used in place.
-    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<Response<H2Body>, H2SendError> {
+    pub async fn send(&mut self, request: Request<RequestBody>) -> Result<Response<H2Body>, H2SendError> {
         // Waits while the server's SETTINGS_MAX_CONCURRENT_STREAMS are all in use.
         match std::future::poll_fn(|cx| self.send.poll_ready(cx)).await {
             Ok(()) => {}
@@ -108,29 +110,108 @@ impl H2Sender {
                 return Err(H2SendError::NotSent(Box::new(request), e));
             }
         };
-        let (mut head, mut body) = request.into_parts();
-        // A `Full` body is one frame (or none), ready at once.
-        let data = match body.frame().await {
-            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
-            Some(Err(never)) => match never {},
-            None => Bytes::new(),
+        let (mut head, body) = request.into_parts();
+        let (response, pump) = match body {
+            RequestBody::Whole(mut whole) => {
+                // A `Full` body is one frame (or none), ready at once.
+                let data = match whole.frame().await {
+                    Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+                    Some(Err(never)) => match never {},
+                    None => Bytes::new(),
+                };
+                set_content_length(&mut head.headers, &head.method, data.len());
+                let end_of_stream = data.is_empty();
+                let (response, mut stream) = self
+                    .send
+                    .send_request(Request::from_parts(head, ()), end_of_stream)
+                    .map_err(H2SendError::classify)?;
+                if !end_of_stream {
+                    // The body is already in memory, so h2 may hold all of it and send as the
+                    // server's window opens: no capacity to reserve first.
+                    stream.send_data(data, true).map_err(H2SendError::classify)?;
+                }
+                (response, None)
+            }
+            streamed @ RequestBody::Streamed(_) => {
+                let (response, stream) = self
+                    .send
+                    .send_request(Request::from_parts(head, ()), false)
+                    .map_err(H2SendError::classify)?;
+                // The body goes on while the response comes (a bidi-streaming call needs both).
+                (response, Some(Pump(tokio::spawn(pump(stream, streamed)))))
+            }
         };
-        set_content_length(&mut head.headers, &head.method, data.len());
-        let end_of_stream = data.is_empty();
-        let (response, mut stream) = self
-            .send
-            .send_request(Request::from_parts(head, ()), end_of_stream)
-            .map_err(H2SendError::classify)?;
-        if !end_of_stream {
-            // The body is already in memory, so h2 may hold all of it and send as the
-            // server's window opens: no capacity to reserve first.
-            stream.send_data(data, true).map_err(H2SendError::classify)?;
-        }
+        // Dropped with the attempt if it fails: the stream is reset, the client's body let go.
         let response = response.await.map_err(H2SendError::classify)?;
         let (head, recv) = response.into_parts();
         let remaining = content_length(&head.headers);
-        Ok(Response::from_parts(head, H2Body { recv, data_done: false, remaining }))
+        Ok(Response::from_parts(head, H2Body { recv, data_done: false, remaining, _pump: pump }))
     }
+}
+
+/// The task sending a streamed request body; aborted when its response body is dropped (the
+/// exchange is over, or abandoned for a retry), which resets what is left of the stream.
+struct Pump(tokio::task::JoinHandle<()>);
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends `body` on `stream` as the client sends it, no faster than the server's flow-control
+/// window opens (so a fast client is held back by its own window, not buffered here).
+async fn pump(mut stream: h2::SendStream<Bytes>, mut body: RequestBody) {
+    loop {
+        // Stops early if the server resets the stream: nothing more can go on it.
+        let next = std::future::poll_fn(|cx| {
+            if stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let frame = match next {
+            None => return,
+            Some(None) => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(e))) => {
+                debug!("request body ended early, resetting the upstream stream: {e}");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if send_within_window(&mut stream, data).await.is_err() {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn send_within_window(stream: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+    while !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            None => return Err(h2::Error::from(h2::Reason::STREAM_CLOSED)),
+        };
+        if granted > 0 {
+            stream.send_data(data.split_to(granted.min(data.len())), false)?;
+        }
+    }
+    Ok(())
 }
 
 /// Why an upstream HTTP/2 exchange failed.
@@ -139,7 +220,7 @@ pub enum H2SendError {
     /// The connection takes no new streams (the server sent GOAWAY, or it closed) and the
     /// request, handed back, was never sent: it may go on another connection.
     #[error("the upstream HTTP/2 connection takes no new requests: {1}")]
-    NotSent(Box<Request<Full<Bytes>>>, h2::Error),
+    NotSent(Box<Request<RequestBody>>, h2::Error),
     /// The server refused the stream unprocessed (REFUSED_STREAM, or a GOAWAY that names an
     /// earlier last stream): safe to retry, under `retryOn: refused-stream`.
     #[error("the upstream refused the request unprocessed: {0}")]
@@ -184,6 +265,8 @@ pub struct H2Body {
     data_done: bool,
     /// What `content-length` says is still to come, for the downstream `size_hint`.
     remaining: Option<u64>,
+    /// Sending the request's body, if it streams.
+    _pump: Option<Pump>,
 }
 
 impl Body for H2Body {
@@ -232,9 +315,9 @@ impl Body for H2Body {
 mod tests {
     use super::*;
 
-    fn post(body: &'static str) -> Request<Full<Bytes>> {
+    fn post(body: &'static str) -> Request<RequestBody> {
         Request::post("http://upstream.test/charge")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .body(RequestBody::whole(Bytes::from_static(body.as_bytes())))
             .unwrap()
     }
 
@@ -332,6 +415,48 @@ mod tests {
         let mut sender = connected(fail, false).await;
         assert!(matches!(sender.send(post("x")).await, Err(H2SendError::Failed(_))));
         assert!(!sender.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_goes_on_while_the_response_comes() {
+        // A bidi-streaming server: each request frame is answered at once with the same bytes.
+        let echo = |request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>| {
+            tokio::spawn(async move {
+                let mut out = respond.send_response(Response::new(()), false).unwrap();
+                let mut body = request.into_body();
+                while let Some(Ok(data)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    out.send_data(data, false).unwrap();
+                }
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                out.send_trailers(trailers).unwrap();
+            });
+        };
+        let mut sender = connected(echo, false).await;
+        let (feed, client_body) = crate::body::testing::fed();
+        let streamed = crate::body::testing::streamed(client_body, 1024).await;
+        let request = Request::post("http://upstream.test/echo.Echo/Stream")
+            .body(RequestBody::Streamed(streamed.reader()))
+            .unwrap();
+        let response = tokio::time::timeout(std::time::Duration::from_secs(5), sender.send(request))
+            .await
+            .expect("the response head comes before the request ends")
+            .unwrap();
+        let mut body = response.into_body();
+        for ping in ["one", "two", "three"] {
+            feed.send(Ok(Frame::data(Bytes::from_static(ping.as_bytes())))).unwrap();
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {ping} while the request streams"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(frame.into_data().unwrap(), ping);
+        }
+        drop(feed);
+        let end = body.frame().await.unwrap().unwrap();
+        assert_eq!(end.into_trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(streamed.size().bytes(), "onetwothree".len() as u64);
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub fn apply(ops: &HeaderOperations, headers: &mut HeaderMap) {
 /// as in Envoy: gRPC servers require it (and HTTP/2 allows no other `te`), so a `te` that
 /// lists `trailers` goes on as just that.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    const COUNT: usize = 9;
+    const COUNT: usize = 8;
     const STRIPPED: [HeaderName; COUNT] = [
         header::CONNECTION,
         HeaderName::from_static("keep-alive"),
@@ -57,12 +57,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::UPGRADE,
         header::TE,
         HeaderName::from_static("http2-settings"),
-        // The body is re-sent whole; the upstream client sets the length it has.
-        header::CONTENT_LENGTH,
         header::HOST,
     ];
     // A request carries one or two of these: found in one pass over its (few) header names
-    // rather than by hashing all nine names into the map.
+    // rather than by hashing all eight names into the map. `content-length` is not among
+    // them: the body goes on unchanged, whole or streamed, and its length with it.
     let mut found: [Option<HeaderName>; COUNT] = Default::default();
     for (slot, name) in found.iter_mut().zip(headers.keys().filter(|name| STRIPPED.contains(name))) {
         *slot = Some(name.clone());
@@ -131,7 +130,6 @@ mod tests {
             ("connection", "te"),
             ("x-kept", "1"),
             ("keep-alive", "timeout=5"),
-            ("content-length", "0"),
             ("te", "deflate"),
             ("http2-settings", "x"),
             ("proxy-connection", "close"),
@@ -157,8 +155,9 @@ mod tests {
         assert_eq!(named.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-end-to-end", "te"]);
         let mut plain = HeaderMap::new();
         plain.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         strip_hop_by_hop(&mut plain);
-        assert_eq!(plain.len(), 1);
+        assert_eq!(plain.len(), 2, "end-to-end headers, the body's length among them, stay");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod admin;
 mod authz;
+mod body;
 mod config;
 mod deadline;
 mod forward;

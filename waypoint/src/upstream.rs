@@ -17,7 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1,
@@ -33,6 +33,7 @@ use warren_core::{
 };
 
 use crate::{
+    body::RequestBody,
     deadline,
     h2_client::{self, H2Body, H2SendError, H2Sender, StreamClaim},
     hbone::HboneClient,
@@ -123,7 +124,7 @@ struct EndpointState {
 }
 
 enum Sender {
-    Http1(http1::SendRequest<Full<Bytes>>),
+    Http1(http1::SendRequest<RequestBody>),
     Http2(H2Sender),
 }
 
@@ -547,7 +548,7 @@ impl Clusters {
         cluster: &Arc<Cluster>,
         target: &Target<'_>,
         pool: Option<&ConnectionPool>,
-        mut request: Request<Full<Bytes>>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
         // A pooled connection can close, or get an HTTP/2 GOAWAY, between the pool's look at it
@@ -796,7 +797,7 @@ mod tests {
     /// cluster's connections; the pipe's far end comes back to close it with.
     async fn pooled(cluster: &Arc<Cluster>, addr: &str) -> tokio::io::DuplexStream {
         let (near, far) = tokio::io::duplex(1024);
-        let (sender, connection) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(near)).await.unwrap();
+        let (sender, connection) = http1::handshake::<_, RequestBody>(TokioIo::new(near)).await.unwrap();
         tokio::spawn(connection);
         cluster.connections.fetch_add(1, Ordering::AcqRel);
         let conn = PooledConn {

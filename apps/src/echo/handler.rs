@@ -9,10 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, combinators::WithTrailers};
+use http_body_util::{BodyExt, Either, Full, combinators::WithTrailers};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::FailFraction;
+use super::stream::{self, STREAM_METHOD_SUFFIX, StreamedAnswer};
 
 /// Request header that picks the response status (200..=599).
 pub const STATUS_HEADER: &str = "x-echo-status";
@@ -102,8 +103,10 @@ pub struct Identity {
     pub version: HeaderValue,
 }
 
-/// An answer's body: the bytes, then trailers when it answers a gRPC call (`grpc-status: 0`).
-pub type ResponseBody = WithTrailers<Full<Bytes>, std::future::Ready<Option<Result<HeaderMap, Infallible>>>>;
+/// An answer's body: the bytes, then trailers when it answers a gRPC call (`grpc-status: 0`);
+/// or a streaming call's messages as they are answered.
+pub type ResponseBody = Either<WholeAnswer, StreamedAnswer>;
+pub type WholeAnswer = WithTrailers<Full<Bytes>, std::future::Ready<Option<Result<HeaderMap, Infallible>>>>;
 
 /// State shared by every connection of one server.
 #[derive(Debug)]
@@ -187,8 +190,9 @@ impl Handler {
         peer: SocketAddr,
     ) -> Result<Response<ResponseBody>, Infallible>
     where
-        B: hyper::body::Body,
-        B::Error: std::fmt::Display,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: std::fmt::Display + Send,
     {
         // Probes must not shift the failure schedule, or tests could not count failures.
         if req.method() == Method::GET && req.uri().path() == "/healthz" {
@@ -212,6 +216,15 @@ impl Handler {
             let mut stats = self.stats.lock().expect("poisoned");
             stats.requests += 1;
             *stats.by_authority.entry(authority.clone().unwrap_or_default()).or_insert(0) += 1;
+        }
+        if is_grpc(&parts.headers) && parts.uri.path().ends_with(STREAM_METHOD_SUFFIX) {
+            let code = overrides.grpc_status.or(failed.then_some(self.fail_grpc_status)).unwrap_or(0);
+            if code != 0 {
+                return Ok(self.grpc_failure(code));
+            }
+            let mut response = self.respond(StatusCode::OK, "application/grpc", Bytes::new());
+            *response.body_mut() = Either::Right(stream::answer(body));
+            return Ok(response);
         }
         let body_bytes = match drain(body).await {
             Ok(n) => n,
@@ -271,12 +284,7 @@ impl Handler {
     /// the headers, no body), as a gRPC server fails a call.
     fn grpc(&self, code: u8, echo: &EchoBody) -> Response<ResponseBody> {
         if code != 0 {
-            let mut response = self.respond(StatusCode::OK, "application/grpc", Bytes::new());
-            response.headers_mut().insert("grpc-status", HeaderValue::from(u16::from(code)));
-            response
-                .headers_mut()
-                .insert("grpc-message", HeaderValue::from_static("warren-echo failed the call as asked"));
-            return response;
+            return self.grpc_failure(code);
         }
         let json = serde_json::to_vec(echo).expect("the echo body always serializes");
         let mut message = Vec::with_capacity(5 + json.len());
@@ -288,6 +296,16 @@ impl Handler {
         self.respond_with_trailers(StatusCode::OK, "application/grpc", Bytes::from(message), Some(trailers))
     }
 
+    /// A trailers-only failure: HTTP 200, the status in the headers, no body.
+    fn grpc_failure(&self, code: u8) -> Response<ResponseBody> {
+        let mut response = self.respond(StatusCode::OK, "application/grpc", Bytes::new());
+        response.headers_mut().insert("grpc-status", HeaderValue::from(u16::from(code)));
+        response
+            .headers_mut()
+            .insert("grpc-message", HeaderValue::from_static("warren-echo failed the call as asked"));
+        response
+    }
+
     fn respond_with_trailers(
         &self,
         status: StatusCode,
@@ -296,7 +314,7 @@ impl Handler {
         trailers: Option<HeaderMap>,
     ) -> Response<ResponseBody> {
         let body = Full::new(body).with_trailers(std::future::ready(trailers.map(Ok)));
-        let mut response = Response::new(body);
+        let mut response = Response::new(Either::Left(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

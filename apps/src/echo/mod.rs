@@ -3,6 +3,7 @@
 
 mod handler;
 mod schedule;
+mod stream;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -10,4 +10,5 @@ mod idle;
 mod mesh;
 mod routing;
 mod seed;
+mod streaming;
 mod upstream;

@@ -322,20 +322,11 @@ pub(crate) fn http2_posts(
                     // Larger than the peers' initial windows: only flow control gets it through.
                     stream.send_data(bytes::Bytes::from(vec![b'x'; size]), true).unwrap();
                 }
-                let response = match response.await {
-                    Ok(response) => response,
+                match response.await {
+                    Ok(response) => status_and_json(response).await,
                     // Status 0: no response; the assertion prints why, with the waypoint's log.
-                    Err(e) => return (0, serde_json::Value::String(e.to_string())),
-                };
-                let status = response.status().as_u16();
-                let mut body = response.into_body();
-                let mut json = Vec::new();
-                while let Some(chunk) = body.data().await {
-                    let chunk = chunk.unwrap();
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                    json.extend_from_slice(&chunk);
+                    Err(e) => (0, serde_json::Value::String(e.to_string())),
                 }
-                (status, serde_json::from_slice(&json).unwrap_or(serde_json::Value::Null))
             }
         });
         let exchanges: Vec<_> = exchanges.map(tokio::spawn).collect();
@@ -345,6 +336,19 @@ pub(crate) fn http2_posts(
         }
         answers
     })
+}
+
+/// An HTTP/2 answer's status and its body as JSON (null if it is not JSON).
+pub(crate) async fn status_and_json(response: http::Response<h2::RecvStream>) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut json = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        json.extend_from_slice(&chunk);
+    }
+    (status, serde_json::from_slice(&json).unwrap_or(serde_json::Value::Null))
 }
 
 /// How many of `answers` each upstream connection carried, by the TCP peer the echo server saw
