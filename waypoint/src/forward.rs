@@ -37,6 +37,7 @@ use crate::{
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
     trace::{Span, TraceContext},
+    upgrade,
     upstream::{Cluster, ClusterKey, HashInput, Protocol, Target, UpstreamError},
 };
 
@@ -288,7 +289,8 @@ async fn process(
     trace: &TraceContext,
     out: &mut Outcome,
 ) -> Response<ResponseBody> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let upgrade = upgrade::requested(down.protocol, &parts.headers, &mut parts.extensions);
     let (path, query) = (parts.uri.path(), parts.uri.query());
     let authority = parts
         .uri
@@ -468,6 +470,9 @@ async fn process(
     // The routing decisions are made: the headers move into the upstream request.
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    if let Some(upgrade) = &upgrade {
+        upgrade.restore(&mut headers);
+    }
     if let Some(r) = http_route {
         apply(&r.headers.request, &mut headers);
     }
@@ -539,6 +544,14 @@ async fn process(
     match result {
         Ok(mut response) => {
             response.body_mut().hold(in_flight);
+            if let Some(upgrade) = upgrade {
+                let relay = upgrade::Relay {
+                    client: down.client_text.clone(),
+                    service: down.service_labels.hostname.clone(),
+                    upstream: out.upstream.as_ref().map(|w| w.display_name()).unwrap_or_default(),
+                };
+                upgrade.relay_if_switched(&mut response, state, relay);
+            }
             if let Some(r) = http_route {
                 apply(&r.headers.response, response.headers_mut());
             }

@@ -6,17 +6,14 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::graceful::GracefulConnection,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -32,7 +29,7 @@ use warren_core::{
 use crate::{
     forward::{self, Downstream},
     idle::IdleWatch,
-    state::WaypointState,
+    state::{OpenStream, WaypointState},
     upstream::{ClusterKey, HashInput, Protocol},
 };
 
@@ -97,15 +94,6 @@ async fn serve_connection(
     }
 }
 
-/// Counts a CONNECT stream as open (for draining) while it lives.
-struct OpenStream(Arc<WaypointState>);
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 async fn serve_stream(
     request: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
@@ -140,8 +128,7 @@ async fn serve_stream(
     else {
         return;
     };
-    state.open_streams.fetch_add(1, Ordering::AcqRel);
-    let _open = OpenStream(state.clone());
+    let _open = OpenStream::new(state.clone());
     let mut stream = H2Stream::new(send, request.into_body());
     let client = connect.forwarded_for.unwrap_or(peer);
     let sniff_timeout = Duration::from_millis(state.config.sniff_timeout_ms);
@@ -170,13 +157,16 @@ async fn serve_stream(
             let svc = request_handler(state.clone(), down(Protocol::Http2), watch.clone());
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc);
-            serve_until_idle(conn, &watch, idle_timeout, client, "HTTP/2").await;
+            serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, client, "HTTP/2").await;
         }
         Sniffed::Http1 => {
             let watch = IdleWatch::new();
             let svc = request_handler(state.clone(), down(Protocol::Http1), watch.clone());
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            serve_until_idle(conn, &watch, idle_timeout, client, "HTTP/1.1").await;
+            // With upgrades: a WebSocket takes the connection over ([`crate::upgrade`]).
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, client, "HTTP/1.1").await;
         }
         Sniffed::Tcp => passthrough(stream, &state, &service, target, client, &peer_identity).await,
     }
@@ -198,16 +188,17 @@ fn request_handler(
     service_fn(move |req| forward::handle(state.clone(), down.clone(), req, watch.busy()))
 }
 
-/// Serves a downstream connection until it ends, or — once it has had no request in flight
-/// for `idle_timeout` — shuts it down gracefully.
+/// Serves a downstream connection until it ends (or is upgraded), or — once it has had no
+/// request in flight for `idle_timeout` — shuts it down gracefully.
 async fn serve_until_idle<C>(
     conn: C,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
     watch: &IdleWatch,
     idle_timeout: Option<Duration>,
     client: SocketAddr,
     protocol: &str,
 ) where
-    C: GracefulConnection<Error = hyper::Error>,
+    C: Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(conn);
     let idle = async {
@@ -220,7 +211,7 @@ async fn serve_until_idle<C>(
         ended = conn.as_mut() => ended,
         () = idle => {
             debug!(%client, "{protocol} downstream idle for {idle_timeout:?}: closing (--idle-timeout-secs)");
-            conn.as_mut().graceful_shutdown();
+            graceful_shutdown(conn.as_mut());
             conn.await
         }
     };

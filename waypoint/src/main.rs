@@ -20,6 +20,7 @@ mod routing;
 mod run;
 mod state;
 mod trace;
+mod upgrade;
 mod upstream;
 
 use std::process::ExitCode;

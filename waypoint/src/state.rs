@@ -5,7 +5,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicBool, AtomicUsize},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -117,6 +117,23 @@ impl Snapshot {
     pub fn served_service(&self, vip: IpAddr, namespace: &str, name: &str) -> Option<Arc<Service>> {
         let service = self.index.service_by_vip(vip)?;
         (service.namespace == namespace && service.waypoint.as_deref() == Some(name)).then(|| service.clone())
+    }
+}
+
+/// Counts a CONNECT stream (or a connection upgraded inside one) as open while it lives:
+/// draining waits for these.
+pub struct OpenStream(Arc<WaypointState>);
+
+impl OpenStream {
+    pub fn new(state: Arc<WaypointState>) -> Self {
+        state.open_streams.fetch_add(1, Ordering::AcqRel);
+        OpenStream(state)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

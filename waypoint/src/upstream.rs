@@ -695,7 +695,8 @@ impl Clusters {
                     .await
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // With upgrades: a WebSocket's 101 hands the connection to its relay.
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(%addr, "upstream HTTP/1.1 connection ended: {e}");
                     }
                 });

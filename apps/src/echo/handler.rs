@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::FailFraction;
 use super::stream::{self, STREAM_METHOD_SUFFIX, StreamedAnswer};
+use super::upgrade;
 
 /// Request header that picks the response status (200..=599).
 pub const STATUS_HEADER: &str = "x-echo-status";
@@ -208,6 +209,18 @@ impl Handler {
             Err(message) => return Ok(self.text(StatusCode::BAD_REQUEST, format!("{message}\n"))),
         };
         let failed = self.fail_fraction.fails(self.counter.fetch_add(1, Ordering::Relaxed));
+        let mut req = req;
+        if let Some(protocol) =
+            upgrade::requested(req.headers()).filter(|_| req.version() == Version::HTTP_11)
+        {
+            self.stats.lock().expect("poisoned").requests += 1;
+            upgrade::echo_after_switch(&mut req);
+            let mut response = self.respond(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
+            response.headers_mut().remove(CONTENT_TYPE);
+            response.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+            response.headers_mut().insert(http::header::UPGRADE, protocol);
+            return Ok(response);
+        }
 
         let (parts, body) = req.into_parts();
         let authority =

@@ -4,6 +4,7 @@
 mod handler;
 mod schedule;
 mod stream;
+mod upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -206,7 +207,7 @@ impl Server {
                         let handler = handler.clone();
                         async move { handler.handle(req, peer).await }
                     });
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {

@@ -11,4 +11,5 @@ mod mesh;
 mod routing;
 mod seed;
 mod streaming;
+mod upgrade;
 mod upstream;
