@@ -466,7 +466,6 @@ pub struct ConsistentHash {
     pub http_header_name: Option<String>,
     pub http_cookie: Option<HttpCookie>,
     pub use_source_ip: Option<bool>,
-    /// Not implemented: read to be reported.
     pub http_query_parameter_name: Option<String>,
 }
 
@@ -474,6 +473,9 @@ pub struct ConsistentHash {
 pub struct HttpCookie {
     #[serde(default)]
     pub name: String,
+    pub path: Option<String>,
+    /// A duration (`3600s`); `0s` asks for a session cookie.
+    pub ttl: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -495,12 +495,30 @@ pub enum SimpleLb {
     Random,
 }
 
+/// What a consistent-hash load balancer hashes. A request without the key (the header,
+/// cookie or query parameter absent) goes to a random endpoint, as in Envoy — but for a cookie
+/// with a `ttl`, which is made up and set on the response so the client's next requests stick.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum HashKey {
     HttpHeaderName(String),
-    HttpCookie(String),
+    HttpCookie(HashCookie),
     UseSourceIp,
+    HttpQueryParameterName(String),
+}
+
+/// Istio's `consistentHash.httpCookie`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HashCookie {
+    pub name: String,
+    /// The generated cookie's `Path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Set: a request without the cookie gets one, with this `Max-Age` (0: a session cookie).
+    /// Unset: none is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
 }
 
 /// Limits per destination (service or subset), enforced by the waypoint; overflow answers 503

@@ -30,6 +30,7 @@ use crate::{
     body::{self, Received, RequestBody, RequestSize, StreamedBody},
     deadline,
     grpc::{grpc_local_reply, grpc_status, is_grpc},
+    hashing::{self, HashInput},
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
     metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
@@ -38,7 +39,7 @@ use crate::{
     state::{Snapshot, WaypointState},
     trace::{Span, TraceContext},
     upgrade,
-    upstream::{Cluster, ClusterKey, HashInput, Protocol, Target, UpstreamError},
+    upstream::{Cluster, ClusterKey, Protocol, Target, UpstreamError},
 };
 
 /// A response's body: written here (`Left`), or streamed from the upstream (`Right`). An enum
@@ -527,6 +528,7 @@ async fn process(
         }
     };
     let timeout = http_route.and_then(|r| r.timeout_ms).map(Duration::from_millis);
+    let made_cookie = hashing::make_cookie(policy.load_balancer.as_ref(), &upstream_request.headers);
     // A service that no route covers gets Istio's default policy, as its default route would.
     let retries = route.as_ref().map_or(&*retry::ISTIO_DEFAULT, |r| &r.retries);
     let attempt = Attempts {
@@ -539,6 +541,7 @@ async fn process(
         target_port,
         retries,
         grpc: out.grpc,
+        made_cookie: made_cookie.as_ref(),
     };
     let result = deadline::within(timeout, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout));
     match result {
@@ -556,6 +559,9 @@ async fn process(
                 apply(&r.headers.response, response.headers_mut());
             }
             apply(&destination.headers.response, response.headers_mut());
+            if let Some(cookie) = made_cookie {
+                response.headers_mut().append(header::SET_COOKIE, cookie.set_cookie);
+            }
             response.map(Either::Right)
         }
         Err(e) => {
@@ -676,6 +682,8 @@ struct Attempts<'a> {
     target_port: u16,
     retries: &'a RetryPolicy,
     grpc: bool,
+    /// A sticky-session cookie made for this request, which had none.
+    made_cookie: Option<&'a hashing::MadeCookie>,
 }
 
 impl Attempts<'_> {
@@ -685,7 +693,12 @@ impl Attempts<'_> {
         let pool = self.policy.connection_pool.as_ref();
         let outlier = self.policy.outlier_detection.as_ref();
         let per_try = self.retries.per_try_timeout;
-        let hash = HashInput { headers: &self.request.headers, source_ip: self.down.client.ip() };
+        let hash = HashInput {
+            headers: &self.request.headers,
+            source_ip: self.down.client.ip(),
+            query: self.request.path_and_query.query(),
+            made_cookie: self.made_cookie.map(|c| c.value.as_str()),
+        };
         let mut tried: Vec<String> = Vec::new();
         let mut _retry_guard = None;
         loop {
@@ -770,7 +783,8 @@ fn spawn_mirror(
     let Some(endpoints) = snapshot.endpoints(&d.host, d.subset.as_deref()) else { return };
     let port = d.port.unwrap_or(port);
     let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
-    let hash = HashInput { headers: &request.headers, source_ip: down.client.ip() };
+    let hash =
+        HashInput { headers: &request.headers, source_ip: down.client.ip(), query: None, made_cookie: None };
     let Some(endpoint) = cluster.pick(&endpoints, None, None, &hash, &[]) else {
         return;
     };

@@ -28,9 +28,10 @@ use warren_core::{
 
 use crate::{
     forward::{self, Downstream},
+    hashing::HashInput,
     idle::IdleWatch,
     state::{OpenStream, WaypointState},
-    upstream::{ClusterKey, HashInput, Protocol},
+    upstream::{ClusterKey, Protocol},
 };
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -280,7 +281,7 @@ async fn passthrough(
     let policy =
         snapshot.destination_rules.get(&host).map(|r| r.policy_for(None, target.port())).unwrap_or_default();
     let headers = http::HeaderMap::new();
-    let hash = HashInput { headers: &headers, source_ip: client.ip() };
+    let hash = HashInput { headers: &headers, source_ip: client.ip(), query: None, made_cookie: None };
     let Some(endpoint) = cluster.pick(&endpoints, policy.load_balancer.as_ref(), None, &hash, &[]) else {
         info!(target: "access", protocol = "TCP", src = %client, service = host, response_flags = "UH", "no endpoint for TCP passthrough");
         return;

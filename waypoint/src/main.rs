@@ -10,6 +10,7 @@ mod deadline;
 mod forward;
 mod grpc;
 mod h2_client;
+mod hashing;
 mod hbone;
 mod headers;
 mod idle;

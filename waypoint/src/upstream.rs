@@ -28,7 +28,7 @@ use tracing::debug;
 use warren_core::{
     FastMap,
     hbone::ConnectRequest,
-    l7::{ConnectionPool, HashKey, LoadBalancer, OutlierDetection, SimpleLb},
+    l7::{ConnectionPool, LoadBalancer, OutlierDetection, SimpleLb},
     model::Workload,
 };
 
@@ -36,6 +36,7 @@ use crate::{
     body::RequestBody,
     deadline,
     h2_client::{self, H2Body, H2SendError, H2Sender, StreamClaim},
+    hashing::{HashInput, hash_value},
     hbone::HboneClient,
 };
 
@@ -189,12 +190,6 @@ pub struct Cluster {
     released: tokio::sync::Notify,
 }
 
-/// What the load balancer may hash on.
-pub struct HashInput<'a> {
-    pub headers: &'a http::HeaderMap,
-    pub source_ip: std::net::IpAddr,
-}
-
 impl Cluster {
     fn new(key: ClusterKey) -> Self {
         Self {
@@ -312,11 +307,10 @@ impl Cluster {
                 let b = at(fastrand::usize(..n));
                 if active(b) < active(a) { b } else { a }
             }
-            Some(LoadBalancer::ConsistentHash(key)) => {
-                let value = hash_value(key, hash);
+            Some(LoadBalancer::ConsistentHash(key)) => match hash_value(key, hash) {
                 // Rendezvous hashing: the endpoint with the highest hash of (value, endpoint)
                 // wins, so only the keys of a removed endpoint move.
-                (0..n)
+                Some(value) => (0..n)
                     .map(&at)
                     .max_by_key(|e| {
                         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -324,8 +318,10 @@ impl Cluster {
                         e.uid.hash(&mut h);
                         h.finish()
                     })
-                    .expect("not empty")
-            }
+                    .expect("not empty"),
+                // No key in the request: any endpoint, as Envoy picks one at random.
+                None => at(fastrand::usize(..n)),
+            },
         };
         Some(chosen.clone())
     }
@@ -407,18 +403,6 @@ fn state_of<'a>(states: &'a mut FastMap<String, EndpointState>, endpoint: &str) 
         states.insert(endpoint.to_string(), EndpointState::default());
     }
     states.get_mut(endpoint).expect("inserted above")
-}
-
-fn hash_value(key: &HashKey, input: &HashInput<'_>) -> String {
-    let header = |name: &str| input.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    match key {
-        HashKey::HttpHeaderName(name) => header(&name.to_ascii_lowercase()),
-        HashKey::HttpCookie(name) => header("cookie")
-            .split(';')
-            .find_map(|c| c.trim().strip_prefix(&format!("{name}=")).map(str::to_string))
-            .unwrap_or_default(),
-        HashKey::UseSourceIp => input.source_ip.to_string(),
-    }
 }
 
 /// Holds a request's slot against `http2MaxRequests` until the response body is done.
@@ -853,7 +837,13 @@ mod tests {
         let key = ClusterKey { host: "payment.shop.svc.cluster.local".into(), subset: None, port: 80 };
         let cluster = Cluster::new(key);
         let endpoints: Vec<Arc<Workload>> = ["a", "b", "c"].map(endpoint).to_vec();
-        let hash = HashInput { headers: &http::HeaderMap::new(), source_ip: "10.0.0.9".parse().unwrap() };
+        let headers = http::HeaderMap::new();
+        let hash = HashInput {
+            headers: &headers,
+            source_ip: "10.0.0.9".parse().unwrap(),
+            query: None,
+            made_cookie: None,
+        };
         let picks = |avoid: &[String]| -> std::collections::BTreeSet<String> {
             (0..30).map(|_| cluster.pick(&endpoints, None, None, &hash, avoid).unwrap().uid.clone()).collect()
         };
@@ -880,6 +870,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         assert!(cluster.ejected().is_empty());
         assert_eq!(picks(&[]), all, "back once its ejection ended");
+    }
+
+    #[test]
+    fn a_consistent_hash_sticks_by_its_key_and_spreads_requests_without_one() {
+        let key = ClusterKey { host: "payment.shop.svc.cluster.local".into(), subset: None, port: 80 };
+        let cluster = Cluster::new(key);
+        let endpoints: Vec<Arc<Workload>> = ["a", "b", "c", "d"].map(endpoint).to_vec();
+        let lb = LoadBalancer::ConsistentHash(warren_core::l7::HashKey::HttpHeaderName("x-user".into()));
+        let picks = |headers: &http::HeaderMap| -> std::collections::BTreeSet<String> {
+            let hash =
+                HashInput { headers, source_ip: "10.0.0.9".parse().unwrap(), query: None, made_cookie: None };
+            (0..40)
+                .map(|_| cluster.pick(&endpoints, Some(&lb), None, &hash, &[]).unwrap().uid.clone())
+                .collect()
+        };
+        let mut alice = http::HeaderMap::new();
+        alice.insert("x-user", http::HeaderValue::from_static("alice"));
+        assert_eq!(picks(&alice).len(), 1, "one user, one endpoint");
+        assert!(picks(&http::HeaderMap::new()).len() > 1, "no key: not all on one endpoint");
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
 //! Istio DestinationRule → subsets and traffic policy.
 
 use warren_core::l7::{
-    self, ConnectionPool, HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb, Subset,
-    TrafficPolicy,
+    self, ConnectionPool, HashCookie, HashKey, LoadBalancer, OutlierDetection, PortTrafficPolicy, SimpleLb,
+    Subset, TrafficPolicy,
 };
 
 use super::{Mesh, Report, duration_ms, fqdn, namespace_of, port_number};
@@ -141,16 +141,31 @@ fn load_balancer(lb: &objects::LoadBalancer, at: &str, r: &mut Report<'_>) -> Op
                 );
                 return None;
             }
-            HashKey::HttpCookie(cookie.name.clone())
+            let ttl_ms = match cookie.ttl.as_deref().map(duration_ms) {
+                None => None,
+                Some(Ok(ms)) => Some(ms),
+                Some(Err(e)) => {
+                    r.error(
+                        codes::INVALID_VALUE,
+                        format!("{at}.httpCookie.ttl"),
+                        format!("{e}; no cookie is generated for requests without one"),
+                    );
+                    None
+                }
+            };
+            HashKey::HttpCookie(HashCookie { name: cookie.name.clone(), path: cookie.path.clone(), ttl_ms })
         } else if hash.use_source_ip == Some(true) {
             HashKey::UseSourceIp
-        } else if hash.http_query_parameter_name.is_some() {
-            r.warning(
-                codes::UNSUPPORTED,
-                format!("{at}.httpQueryParameterName"),
-                "hashing on a query parameter is not supported; the load balancer setting is ignored",
-            );
-            return None;
+        } else if let Some(name) = &hash.http_query_parameter_name {
+            if name.is_empty() {
+                r.error(
+                    codes::INVALID_VALUE,
+                    format!("{at}.httpQueryParameterName"),
+                    "is empty; the load balancer setting is ignored",
+                );
+                return None;
+            }
+            HashKey::HttpQueryParameterName(name.clone())
         } else {
             r.error(codes::INVALID_VALUE, at, "names no hash key; the load balancer setting is ignored");
             return None;

@@ -805,7 +805,7 @@ destinationRules:
       outlierDetection: {intervalMs: 60000, baseEjectionTimeMs: 120000, maxEjectionPercent: 50, minHealthPercent: 20}
   - name: v2
     labels: {version: v2}
-    trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: session}}}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: session, ttlMs: 0}}}}
   - name: v3
     labels: {}
     trafficPolicy: {loadBalancer: {consistentHash: useSourceIp}}
@@ -813,6 +813,43 @@ destinationRules:
             findings: &[
                 "WA0103 DestinationRule shop/payment spec.subsets[3].name",
                 "WA0103 DestinationRule shop/payment spec.subsets[4].name",
+            ],
+        },
+        Case {
+            name: "consistent-hash keys: a cookie made with a path and ttl, a query parameter",
+            input: r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payment, namespace: shop}
+spec:
+  host: payment
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: session, path: /shop, ttl: 1h}}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpQueryParameterName: user}}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: session, ttl: soon}}}}
+"#,
+            routing: r#"
+destinationRules:
+- name: payment
+  namespace: shop
+  host: payment.shop.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: session, path: /shop, ttlMs: 3600000}}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpQueryParameterName: user}}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: session}}}}
+"#,
+            findings: &[
+                "WA0103 DestinationRule shop/payment spec.subsets[1].trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
             ],
         },
         Case {

@@ -10,10 +10,11 @@ pub(crate) use std::{
 
 pub(crate) use warren_core::{
     l7::{
-        ConnectionPool, Destination, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay, HashKey,
-        HeaderOperations, Headers, HttpRoute, L7Authorization, L7Rule, LoadBalancer, Mirror, Operation,
-        OutlierDetection, PolicyTarget, PortTrafficPolicy, Redirect, RequestMatch, Retries, Rewrite,
-        RouteDestination, Routing, SimpleLb, StringMatch, Subset, TrafficPolicy, VirtualService,
+        ConnectionPool, Destination, DestinationRule, DirectResponse, Fault, FaultAbort, FaultDelay,
+        HashCookie, HashKey, HeaderOperations, Headers, HttpRoute, L7Authorization, L7Rule, LoadBalancer,
+        Mirror, Operation, OutlierDetection, PolicyTarget, PortTrafficPolicy, Redirect, RequestMatch,
+        Retries, Rewrite, RouteDestination, Routing, SimpleLb, StringMatch, Subset, TrafficPolicy,
+        VirtualService,
     },
     model::{NodeConfig, Service, ServicePort, WAYPOINT_LABEL, Workload},
     policy::{Action, Source},

@@ -276,3 +276,40 @@ fn port_level_settings_apply_to_their_port_only() {
     let over_tcp = upstreams(&|l| l["protocol"] == "TCP");
     assert_eq!(over_tcp.len(), 1, "port 90 keeps the rule's source-IP hash: {over_tcp:?}");
 }
+
+/// DestinationRule `consistentHash.httpCookie` with a `ttl`: a client without the cookie is
+/// sent anywhere and given one; with it, every request reaches the same endpoint. Without the
+/// cookie (or a hashed header) requests spread rather than all hashing "" to one endpoint.
+#[test]
+fn sticky_sessions_by_a_cookie_the_waypoint_makes() {
+    let mesh = Mesh::new(&[]);
+    let mut rule = subsets();
+    rule.traffic_policy.load_balancer = Some(LoadBalancer::ConsistentHash(HashKey::HttpCookie(HashCookie {
+        name: "session".into(),
+        path: Some("/".into()),
+        ttl_ms: Some(3_600_000),
+    })));
+    mesh.apply(Routing { virtual_services: vec![], destination_rules: vec![rule], authorizations: vec![] });
+    let dst = SocketAddr::new(vip(), 80);
+
+    let fresh: Vec<_> = (0..20).map(|_| http(&mesh.client, dst, "GET", "/sticky", &[])).collect();
+    let mut versions = std::collections::BTreeSet::new();
+    for r in &fresh {
+        assert_eq!(r.status, 200, "{r:?}");
+        let set = r.header("set-cookie").unwrap_or_else(|| panic!("no cookie made: {r:?}"));
+        assert!(set.starts_with("session=") && set.ends_with("; Max-Age=3600; Path=/; HttpOnly"), "{set}");
+        versions.insert(r.header("x-echo-version").unwrap().to_string());
+    }
+    assert_eq!(versions.len(), 2, "clients without the cookie go to either version: {versions:?}");
+
+    for r in fresh.iter().take(4) {
+        let cookie = r.header("set-cookie").unwrap().split(';').next().unwrap().to_string();
+        let first = r.header("x-echo-version").unwrap();
+        for _ in 0..8 {
+            let again = http(&mesh.client, dst, "GET", "/sticky", &[("cookie", &cookie)]);
+            assert_eq!(again.status, 200, "{again:?}");
+            assert_eq!(again.header("x-echo-version"), Some(first), "{cookie} moved");
+            assert_eq!(again.header("set-cookie"), None, "a client with the cookie gets no new one");
+        }
+    }
+}
