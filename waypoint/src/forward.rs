@@ -543,10 +543,14 @@ async fn process(
         grpc: out.grpc,
         made_cookie: made_cookie.as_ref(),
     };
+    let ends_by = timeout.map(|t| tokio::time::Instant::now() + t);
     let result = deadline::within(timeout, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout));
     match result {
         Ok(mut response) => {
             response.body_mut().hold(in_flight);
+            if let Some(deadline) = ends_by {
+                response.body_mut().end_by(deadline);
+            }
             if let Some(upgrade) = upgrade {
                 let relay = upgrade::Relay {
                     client: down.client_text.clone(),

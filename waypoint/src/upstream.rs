@@ -439,6 +439,9 @@ impl Drop for ActiveRequest {
 /// The upstream response body, holding the request's slots until it ends.
 pub struct UpstreamBody {
     inner: ReceivedBody,
+    /// When the route's `timeout` passes: the body must have ended by then (boxed: most routes
+    /// have none).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Dropped in this order: the HTTP/2 stream is free before `ActiveRequest` wakes the
     /// requests waiting for one.
     _guards: (Option<InFlight>, Option<StreamClaim>, ActiveRequest),
@@ -452,6 +455,12 @@ impl UpstreamBody {
     pub fn hold(&mut self, in_flight: InFlight) {
         self._guards.0 = Some(in_flight);
     }
+
+    /// Fails the body if it has not ended by `deadline` (the route's `timeout`, which Envoy
+    /// counts to the end of the response): the client's stream is reset.
+    pub fn end_by(&mut self, deadline: tokio::time::Instant) {
+        self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+    }
 }
 
 impl Body for UpstreamBody {
@@ -462,7 +471,16 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending()
+            && let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Err(
+                "upstream request timeout: the route's timeout passed before the response ended".into(),
+            )));
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -580,7 +598,7 @@ impl Clusters {
             let key = (target.addr, target.protocol);
             cluster.idle.lock().expect("poisoned").entry(key).or_default().push(conn);
         }
-        Ok(response.map(|inner| UpstreamBody { inner, _guards: (None, stream, active) }))
+        Ok(response.map(|inner| UpstreamBody { inner, deadline: None, _guards: (None, stream, active) }))
     }
 
     /// A connection to the target: an idle ready one, a new one within `maxConnections`, or —

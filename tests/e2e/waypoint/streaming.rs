@@ -213,3 +213,44 @@ fn a_body_longer_than_the_retry_buffer_streams_through_without_retries() {
     let ok = answers.iter().filter(|(s, _)| *s == 200).count();
     assert!(ok > 0 && ok < answers.len(), "round robin sends some to each version: {answers:?}");
 }
+
+/// A route's `timeout` counts to the end of the response, as in Envoy: a stream still open when
+/// it passes is reset, though its answer began in time.
+#[test]
+fn a_routes_timeout_ends_a_stream_still_open() {
+    let mesh = Mesh::new(&[]);
+    let whole_service = RouteDestination {
+        destination: Destination { host: HOST.into(), subset: None, port: None },
+        weight: 100,
+        headers: Default::default(),
+    };
+    let route = HttpRoute { route: vec![whole_service], timeout_ms: Some(1500), ..Default::default() };
+    mesh.apply(Routing { virtual_services: vec![vs(vec![route])], ..Default::default() });
+    let outcome = over_http2(&mesh.client, |sender| async move {
+        let started = Instant::now();
+        let mut sender = sender.ready().await.unwrap();
+        let request = http::Request::post(format!("http://{HOST}/payment.Payment/Stream"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = sender.send_request(request, false).unwrap();
+        stream.send_data(message(b"in time"), false).unwrap();
+        let mut body = response.await.unwrap().into_body();
+        let mut pending = Vec::new();
+        assert_eq!(next_message(&mut body, &mut pending).await, message(b"in time"));
+        // The client keeps its side open and waits; the waypoint ends the stream at 1.5 s.
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            match body.data().await {
+                Some(Ok(more)) => format!("more data: {more:?}"),
+                Some(Err(e)) => format!("reset: {e}"),
+                None => format!("ended, trailers {:?}", body.trailers().await),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| "still open after 10 s".into());
+        (end, started.elapsed())
+    });
+    let (end, after) = outcome;
+    assert!(end.starts_with("reset"), "{end} after {after:?}\n{}", mesh.waypoint.log());
+    assert!(after >= Duration::from_millis(1400) && after < Duration::from_secs(5), "{after:?}");
+}
