@@ -1,7 +1,8 @@
 //! One HTTP request through the waypoint, top to bottom: L7 policy, route selection, fault
 //! injection, redirect / direct response, the destination and its subset, mirrors, then the
 //! upstream attempts (retries bounded by the route timeout), and the response's header
-//! operations. Every request ends in one access-log line and one metrics sample.
+//! operations. Every request ends in one access-log line, one metrics sample and (sampled) one
+//! span, written when its response has ended ([`crate::record`]).
 
 use std::{
     borrow::Cow,
@@ -17,8 +18,7 @@ use http::{
 };
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use warren_core::{
     identity::SpiffeId,
     l7::RouteDestination,
@@ -33,13 +33,14 @@ use crate::{
     hashing::{self, HashInput},
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
-    metrics::{Interned, RequestLabels, SeriesHandle, ServiceLabels, Side},
+    metrics::{Interned, RequestLabels, ServiceLabels, Side},
+    record::{RequestRecord, ResponseCounter},
     retry::{self, Attempt, RetryPolicy},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
-    trace::{Span, TraceContext},
+    trace::TraceContext,
     upgrade,
-    upstream::{Cluster, ClusterKey, Protocol, Target, UpstreamError},
+    upstream::{Cluster, Protocol, Target, UpstreamError},
 };
 
 /// A response's body: written here (`Left`), or streamed from the upstream (`Right`). An enum
@@ -63,6 +64,8 @@ pub struct Downstream {
     /// `client`'s address as a header value (`x-forwarded-for`), made once per stream.
     pub client_ip: HeaderValue,
     pub protocol: Protocol,
+    /// Where a request goes that no route covers: the service itself (made once per stream).
+    pub default_destination: RouteDestination,
 }
 
 /// What the access log and metrics say about a request, filled in on the way.
@@ -106,7 +109,6 @@ pub async fn handle(
     let method = req.method().clone();
     // Shared with the request (a count, not a copy), for the log line and the span.
     let path_and_query = req.uri().path_and_query().cloned();
-    let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
     let mut outcome = Outcome {
         flags: Vec::new(),
         route: None,
@@ -129,13 +131,7 @@ pub async fn handle(
     if grpc && matches!(response.body(), Either::Left(_)) && outcome.flags.iter().any(|f| *f != "DI") {
         response = grpc_local_reply(response, outcome.abort_grpc_status);
     }
-    let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    let flags: Cow<'static, str> = match outcome.flags[..] {
-        [] => "-".into(),
-        [one] => one.into(),
-        ref many => many.join(",").into(),
-    };
     let side_of = |w: &Workload| {
         snapshot.metric_side(w, || state.metrics.side(Side::of(w, &state.config.trust_domain)))
     };
@@ -147,138 +143,28 @@ pub async fn handle(
         response_code: status,
         // A trailers-only answer's; a streamed one's comes in its trailers.
         grpc_response_status: if grpc { grpc_status(response.headers()) } else { None },
-        response_flags: flags.clone(),
+        // Written when the response ends, which may add a flag.
+        response_flags: Cow::Borrowed("-"),
     };
-    if let (true, Some(exporter)) = (trace.sampled, &state.exporter) {
-        exporter.export(Span {
-            context: trace.clone(),
-            // Istio's span name: the service authority and a wildcard path.
-            name: format!("{}:{}/*", down.service_labels.hostname, down.port),
-            start: span_start,
-            end: std::time::SystemTime::now(),
-            attributes: vec![
-                ("http.method", json!(method.as_str())),
-                ("http.url", json!(path)),
-                ("http.status_code", json!(status)),
-                ("response_flags", json!(flags)),
-                ("upstream_cluster", json!(outcome.upstream_cluster.as_deref().unwrap_or(""))),
-                ("istio.namespace", json!(down.service.namespace)),
-                ("peer.identity", json!(down.peer_side.principal)),
-            ],
-            error: status >= 500,
-        });
-    }
-    info!(
-        target: "access",
-        method = method.as_str(),
-        path,
-        protocol = down.protocol.as_str(),
-        status,
-        response_flags = &*flags,
-        duration_ms = elapsed.as_millis() as u64,
-        src = &*down.client_text,
-        src_identity = down.peer_side.principal,
-        service = down.service_labels.hostname,
-        route = outcome.route(),
-        upstream_cluster = outcome.upstream_cluster.as_deref().unwrap_or(""),
-        upstream = %OrNothing(outcome.upstream.as_deref()),
-        attempts = outcome.attempts,
-        detail = outcome.detail,
-        "request"
-    );
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    let recording =
-        if grpc && labels.grpc_response_status.is_none() && matches!(response.body(), Either::Right(_)) {
-            // A gRPC answer streamed from upstream: its status comes in the trailers.
-            Recording::AtEnd(Box::new(PendingRecord { metrics: state.metrics.clone(), labels, duration_ms }))
-        } else {
-            Recording::Counted(state.metrics.record_request(labels, duration_ms))
-        };
-    let request = outcome.request_size;
-    Ok(response.map(|body| ResponseCounter { inner: body, recording, request, bytes: 0, _busy: busy }))
-}
-
-/// The value shown if there is one, else nothing (a log field that may be empty).
-struct OrNothing<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrNothing<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(value) => value.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Counts the response body's bytes and records them when the body is done (or dropped); till
-/// then the request counts as in flight on its downstream connection (`--idle-timeout-secs`).
-pub struct ResponseCounter {
-    inner: ResponseBody,
-    recording: Recording,
-    /// The request's body size, recorded with the response's (a streamed one may still grow).
-    request: RequestSize,
-    bytes: u64,
-    _busy: Busy,
-}
-
-/// Where a request stands in the metrics (small: hyper moves the body around).
-enum Recording {
-    /// Counted at the response head; the response size goes to its series at the end.
-    Counted(SeriesHandle),
-    /// A gRPC answer streamed from upstream, counted at the end with the status its trailers
-    /// carry.
-    AtEnd(Box<PendingRecord>),
-    /// Nothing (more) to record.
-    Done,
-}
-
-/// A request's metrics, but for what its response body will tell.
-struct PendingRecord {
-    metrics: Arc<crate::metrics::Metrics>,
-    labels: RequestLabels,
-    duration_ms: f64,
-}
-
-impl hyper::body::Body for ResponseCounter {
-    type Data = Bytes;
-    type Error = crate::upstream::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.bytes += data.len() as u64;
-            } else if let Some(trailers) = frame.trailers_ref()
-                && let Recording::AtEnd(record) = &mut self.recording
-            {
-                record.labels.grpc_response_status = grpc_status(trailers);
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for ResponseCounter {
-    fn drop(&mut self) {
-        match std::mem::replace(&mut self.recording, Recording::Done) {
-            Recording::Counted(series) => series.record_sizes(self.request.bytes(), self.bytes),
-            Recording::AtEnd(r) => {
-                r.metrics.record(r.labels, r.duration_ms, self.request.bytes(), self.bytes)
-            }
-            Recording::Done => {}
-        }
-    }
+    let record = Box::new(RequestRecord {
+        state: state.clone(),
+        down,
+        started,
+        span_start,
+        method,
+        path: path_and_query,
+        trace,
+        labels,
+        flags: outcome.flags,
+        route: outcome.route,
+        upstream_cluster: outcome.upstream_cluster,
+        upstream: outcome.upstream,
+        attempts: outcome.attempts,
+        detail: outcome.detail,
+        request: outcome.request_size,
+        grpc,
+    });
+    Ok(response.map(|body| ResponseCounter::new(body, record, busy)))
 }
 
 async fn process(
@@ -398,7 +284,6 @@ async fn process(
     }
 
     // 5. The destination: service, subset, endpoints.
-    let default_destination;
     let destination: &RouteDestination = match route.map(|r| &**r) {
         Some(r) => match r.pick(fastrand::f64()) {
             Some(d) => d,
@@ -408,14 +293,7 @@ async fn process(
                 return text_response(StatusCode::SERVICE_UNAVAILABLE, "no route destination\n");
             }
         },
-        None => {
-            default_destination = RouteDestination {
-                destination: warren_core::l7::Destination { host: host.clone(), subset: None, port: None },
-                weight: 100,
-                headers: Default::default(),
-            };
-            &default_destination
-        }
+        None => &down.default_destination,
     };
     let d = &destination.destination;
     let Some(dest_service) = snapshot.services_by_host.get(&d.host).cloned() else {
@@ -440,7 +318,7 @@ async fn process(
     };
     let rule = snapshot.destination_rules.get(&d.host);
     let port = d.port.unwrap_or(down.port);
-    let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
+    let cluster = state.clusters.get(&d.host, d.subset.as_deref(), port);
     out.upstream_cluster = Some(cluster.name.clone());
     if endpoints.is_empty() {
         out.flags.push("UH");
@@ -786,7 +664,7 @@ fn spawn_mirror(
     // A subset no DestinationRule defines: nothing to send to (the controller reports it).
     let Some(endpoints) = snapshot.endpoints(&d.host, d.subset.as_deref()) else { return };
     let port = d.port.unwrap_or(port);
-    let cluster = state.clusters.get(ClusterKey { host: d.host.clone(), subset: d.subset.clone(), port });
+    let cluster = state.clusters.get(&d.host, d.subset.as_deref(), port);
     let hash =
         HashInput { headers: &request.headers, source_ip: down.client.ip(), query: None, made_cookie: None };
     let Some(endpoint) = cluster.pick(&endpoints, None, None, &hash, &[]) else {
@@ -879,27 +757,6 @@ mod tests {
         // An authority that does not parse (a bad rewrite) still leaves the path.
         let bad = upstream_request(Protocol::Http2, "bad authority").build();
         assert_eq!(bad.uri().to_string(), "/pay?amount=3");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_response_body_keeps_its_request_in_flight_until_it_is_dropped() {
-        use crate::idle::IdleWatch;
-        const LIMIT: Duration = Duration::from_secs(60);
-        let watch = IdleWatch::new();
-        let body = ResponseCounter {
-            inner: text_response(StatusCode::OK, "body").into_body(),
-            recording: Recording::Done,
-            request: RequestSize::Known(0),
-            bytes: 0,
-            _busy: watch.busy(),
-        };
-        tokio::time::advance(2 * LIMIT).await;
-        let idle = tokio::time::timeout(LIMIT / 2, watch.idle_for(LIMIT)).await;
-        assert!(idle.is_err(), "idle while a response body was still being sent");
-        drop(body);
-        let started = tokio::time::Instant::now();
-        watch.idle_for(LIMIT).await;
-        assert_eq!(started.elapsed(), LIMIT);
     }
 
     #[test]

@@ -30,8 +30,9 @@ use crate::{
     forward::{self, Downstream},
     hashing::HashInput,
     idle::IdleWatch,
+    record,
     state::{OpenStream, WaypointState},
-    upstream::{ClusterKey, Protocol},
+    upstream::Protocol,
 };
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -149,6 +150,15 @@ async fn serve_stream(
             client_ip: http::HeaderValue::from_str(&client.ip().to_string())
                 .expect("an address is a valid header value"),
             protocol,
+            default_destination: warren_core::l7::RouteDestination {
+                destination: warren_core::l7::Destination {
+                    host: service_labels.hostname.clone(),
+                    subset: None,
+                    port: None,
+                },
+                weight: 100,
+                headers: Default::default(),
+            },
         })
     };
     let idle_timeout = state.config.idle_timeout();
@@ -181,9 +191,9 @@ fn request_handler(
     watch: IdleWatch,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
-    Response = http::Response<forward::ResponseCounter>,
+    Response = http::Response<record::ResponseCounter>,
     Error = std::convert::Infallible,
-    Future = impl Future<Output = Result<http::Response<forward::ResponseCounter>, std::convert::Infallible>>
+    Future = impl Future<Output = Result<http::Response<record::ResponseCounter>, std::convert::Infallible>>
              + Send,
 > + Clone {
     service_fn(move |req| forward::handle(state.clone(), down.clone(), req, watch.busy()))
@@ -276,7 +286,7 @@ async fn passthrough(
     let started = Instant::now();
     let snapshot = state.snapshot();
     let host = service.hostname();
-    let cluster = state.clusters.get(ClusterKey { host: host.clone(), subset: None, port: target.port() });
+    let cluster = state.clusters.get(&host, None, target.port());
     let endpoints = snapshot.index.endpoints(service);
     let policy =
         snapshot.destination_rules.get(&host).map(|r| r.policy_for(None, target.port())).unwrap_or_default();

@@ -16,6 +16,7 @@ mod headers;
 mod idle;
 mod inbound;
 mod metrics;
+mod record;
 mod retry;
 mod routing;
 mod run;

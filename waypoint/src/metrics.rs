@@ -182,35 +182,15 @@ pub struct Metrics {
     unknown: OnceLock<Interned<Side>>,
 }
 
-/// One request's series, for its response size once the body has been sent (without looking
-/// the labels up again).
-pub struct SeriesHandle(Arc<Mutex<Series>>);
-
-impl SeriesHandle {
-    pub fn record_sizes(&self, request_bytes: u64, response_bytes: u64) {
-        let mut s = self.0.lock().expect("poisoned");
+impl Metrics {
+    /// One request, once its response has ended.
+    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        let mut series = self.series.lock().expect("poisoned");
+        let mut s = series.entry(labels).or_default().lock().expect("poisoned");
+        s.count += 1;
+        s.duration_ms.observe(&BUCKETS_MS, duration_ms);
         s.request_bytes.observe(&BUCKETS_BYTES, request_bytes as f64);
         s.response_bytes.observe(&BUCKETS_BYTES, response_bytes as f64);
-    }
-}
-
-impl Metrics {
-    /// One request, at its response head; the body sizes follow through the handle once the
-    /// response has ended (a request body may stream on till then).
-    pub fn record_request(&self, labels: RequestLabels, duration_ms: f64) -> SeriesHandle {
-        let cell = self.series.lock().expect("poisoned").entry(labels).or_default().clone();
-        {
-            let mut s = cell.lock().expect("poisoned");
-            s.count += 1;
-            s.duration_ms.observe(&BUCKETS_MS, duration_ms);
-        }
-        SeriesHandle(cell)
-    }
-
-    /// One request whose labels were complete only at the end of its response (a gRPC status
-    /// in trailers).
-    pub fn record(&self, labels: RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
-        self.record_request(labels, duration_ms).record_sizes(request_bytes, response_bytes);
     }
 
     /// `side` as a label value (built once per workload and config version: see
@@ -335,7 +315,7 @@ pub(crate) mod tests {
             response_flags: "-".into(),
         };
         m.record(labels.clone(), 3.0, 10, 0);
-        m.record_request(labels.clone(), 700.0).record_sizes(0, 2048);
+        m.record(labels.clone(), 700.0, 0, 2048);
         m.record(
             RequestLabels { request_protocol: "grpc", grpc_response_status: Some(14), ..labels },
             1.0,

@@ -405,6 +405,11 @@ fn state_of<'a>(states: &'a mut FastMap<String, EndpointState>, endpoint: &str) 
     states.get_mut(endpoint).expect("inserted above")
 }
 
+/// The route's `timeout` passed while the response body was still coming.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout: the route's timeout passed before the response ended")]
+pub struct ResponseTimeout;
+
 /// Holds a request's slot against `http2MaxRequests` until the response body is done.
 pub struct InFlight(Arc<Cluster>);
 
@@ -476,9 +481,7 @@ impl Body for UpstreamBody {
             && let Some(deadline) = &mut self.deadline
             && deadline.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(Some(Err(
-                "upstream request timeout: the route's timeout passed before the response ended".into(),
-            )));
+            return Poll::Ready(Some(Err(Box::new(ResponseTimeout))));
         }
         polled
     }
@@ -506,7 +509,8 @@ trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 pub struct Clusters {
-    map: Mutex<FastMap<ClusterKey, Arc<Cluster>>>,
+    /// By host, then (subset, port): looked up with borrowed names, without building a key.
+    map: Mutex<FastMap<String, Vec<Arc<Cluster>>>>,
     pub hbone: HboneClient,
 }
 
@@ -515,16 +519,21 @@ impl Clusters {
         Self { map: Mutex::new(FastMap::default()), hbone }
     }
 
-    pub fn get(&self, key: ClusterKey) -> Arc<Cluster> {
+    /// The cluster of (`host`, `subset`, `port`), made on first use.
+    pub fn get(&self, host: &str, subset: Option<&str>, port: u16) -> Arc<Cluster> {
         let mut map = self.map.lock().expect("poisoned");
-        if let Some(cluster) = map.get(&key) {
+        let same = |c: &&Arc<Cluster>| c.key.port == port && c.key.subset.as_deref() == subset;
+        if let Some(cluster) = map.get(host).and_then(|list| list.iter().find(same)) {
             return cluster.clone();
         }
-        map.entry(key).or_insert_with_key(|key| Arc::new(Cluster::new(key.clone()))).clone()
+        let key = ClusterKey { host: host.to_string(), subset: subset.map(str::to_string), port };
+        let cluster = Arc::new(Cluster::new(key));
+        map.entry(host.to_string()).or_default().push(cluster.clone());
+        cluster
     }
 
     pub fn all(&self) -> Vec<Arc<Cluster>> {
-        self.map.lock().expect("poisoned").values().cloned().collect()
+        self.map.lock().expect("poisoned").values().flatten().cloned().collect()
     }
 
     /// Drops pooled connections that are closed or go to an address no workload has any more

@@ -69,9 +69,14 @@ fn a_bidi_streaming_call_gets_each_answer_before_it_sends_the_next() {
     let log = mesh.waypoint.access_log();
     let line = log.iter().find(|l| l["path"] == "/payment.Payment/Stream").expect("an access-log line");
     assert_eq!(line["status"], 200, "{line}");
+    // Written when the call ended: its status from the trailers, the bytes each way.
+    assert_eq!(line["grpc_status"], 0, "{line}");
+    assert_eq!(line["response_flags"], "-", "{line}");
     // Every request message counted, though the body streamed past the response head.
     let sent: usize = (0..MESSAGES).map(|i| message(format!("ping {i}").as_bytes()).len()).sum();
     let metrics = mesh.waypoint.metrics();
+    assert_eq!(line["bytes_received"], sent as u64, "{line}");
+    assert_eq!(line["bytes_sent"], sent as u64, "{line}");
     let grpc_sum = metrics
         .lines()
         .find(|l| l.starts_with("istio_request_bytes_sum") && l.contains("request_protocol=\"grpc\""))
@@ -253,4 +258,9 @@ fn a_routes_timeout_ends_a_stream_still_open() {
     let (end, after) = outcome;
     assert!(end.starts_with("reset"), "{end} after {after:?}\n{}", mesh.waypoint.log());
     assert!(after >= Duration::from_millis(1400) && after < Duration::from_secs(5), "{after:?}");
+    // The access log, written when the response ended, says how.
+    let log = mesh.waypoint.access_log();
+    let line = log.iter().find(|l| l["path"] == "/payment.Payment/Stream").expect("an access-log line");
+    assert_eq!(line["response_flags"], "UT", "{line}");
+    assert!(line["duration_ms"].as_u64().unwrap() >= 1400, "{line}");
 }
