@@ -181,6 +181,11 @@ fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
     assert_eq!(log["response_flags"], "NR");
     let detail = log["detail"].as_str().unwrap();
     assert!(detail.contains("VirtualService default/payment") && detail.contains("\"v9\""), "{detail}");
+    // HEAD: hyper reads no body of the answer, which is not the client leaving early (DC).
+    assert_eq!(http(&mesh.client, vip80, "HEAD", "/ghost", &[]).status, 503);
+    let log = mesh.waypoint.access_log();
+    let head = log.iter().find(|l| l["path"] == "/ghost" && l["method"] == "HEAD").expect("HEAD logged");
+    assert_eq!(head["response_flags"], "NR", "{head}");
 
     let direct = http(&mesh.client, vip80, "GET", "/direct", &[]);
     assert_eq!((direct.status, direct.body.as_str()), (200, "hello from the waypoint"));
