@@ -117,8 +117,11 @@ impl Drop for ResponseCounter {
     fn drop(&mut self) {
         let Some(mut record) = self.record.take() else { return };
         // The client went away before the end (hyper may stop at a last frame that says it is
-        // the end, without reading past it; it reads no body at all for a HEAD request).
-        if !(self.ended || self.inner.is_end_stream() || record.method == Method::HEAD) {
+        // the end, without reading past it; it reads no body at all for a HEAD request or an
+        // answer that has none).
+        let bodiless =
+            record.method == Method::HEAD || matches!(record.labels.response_code, 101 | 204 | 304);
+        if !(self.ended || self.inner.is_end_stream() || bodiless) {
             record.flags.push("DC");
             record.detail = join(&record.detail, "the client went away before the response ended");
         }

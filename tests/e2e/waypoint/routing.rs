@@ -119,6 +119,12 @@ fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
             ..Default::default()
         },
         HttpRoute {
+            matches: prefix("/nothing"),
+            // A 204 goes without its body: hyper never reads it, and no client left early.
+            direct_response: Some(DirectResponse { status: 204, body: Some("dropped".into()) }),
+            ..Default::default()
+        },
+        HttpRoute {
             matches: prefix("/old"),
             redirect: Some(Redirect { uri: Some("/new".into()), redirect_code: 301, ..Default::default() }),
             ..Default::default()
@@ -187,6 +193,10 @@ fn retries_timeouts_faults_rewrites_and_misconfigured_routes() {
     let head = log.iter().find(|l| l["path"] == "/ghost" && l["method"] == "HEAD").expect("HEAD logged");
     assert_eq!(head["response_flags"], "NR", "{head}");
 
+    assert_eq!(http(&mesh.client, vip80, "GET", "/nothing", &[]).status, 204);
+    let log = mesh.waypoint.access_log();
+    let nothing = log.iter().find(|l| l["path"] == "/nothing").expect("/nothing logged");
+    assert_eq!(nothing["response_flags"], "-", "{nothing}");
     let direct = http(&mesh.client, vip80, "GET", "/direct", &[]);
     assert_eq!((direct.status, direct.body.as_str()), (200, "hello from the waypoint"));
     let old = http(&mesh.client, vip80, "GET", "/old/page", &[]);
