@@ -162,7 +162,6 @@ pub async fn handle(
         attempts: outcome.attempts,
         detail: outcome.detail,
         request: outcome.request_size,
-        grpc,
     });
     Ok(response.map(|body| ResponseCounter::new(body, record, busy)))
 }

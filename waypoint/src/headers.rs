@@ -67,7 +67,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         *slot = Some(name.clone());
     }
     let accepts_trailers = found.iter().flatten().any(|name| name == header::TE)
-        && headers.get_all(header::TE).iter().any(|v| lists_trailers(v.as_bytes()));
+        && headers.get_all(header::TE).iter().any(|v| lists(v.as_bytes(), "trailers"));
     // The headers `connection` names belong to this hop too (RFC 9110, 7.6.1).
     let connection: Vec<HeaderValue> = match found.iter().flatten().any(|name| name == header::CONNECTION) {
         true => headers.get_all(header::CONNECTION).iter().cloned().collect(),
@@ -91,11 +91,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a `te` value (`trailers, deflate;q=0.5`) lists `trailers`.
-fn lists_trailers(value: &[u8]) -> bool {
+/// Whether a comma-separated header value (`trailers, deflate;q=0.5`, `keep-alive, Upgrade`)
+/// lists `token`, parameters aside, in any case.
+pub fn lists(value: &[u8], token: &str) -> bool {
     value.split(|&b| b == b',').any(|item| {
-        let coding = item.split(|&b| b == b';').next().unwrap_or_default();
-        coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        let name = item.split(|&b| b == b';').next().unwrap_or_default();
+        name.trim_ascii().eq_ignore_ascii_case(token.as_bytes())
     })
 }
 

@@ -50,7 +50,6 @@ pub struct RequestRecord {
     pub attempts: u32,
     pub detail: String,
     pub request: RequestSize,
-    pub grpc: bool,
 }
 
 /// The response body as the client gets it: counted, watched for its end, and recorded then.
@@ -84,7 +83,7 @@ impl Body for ResponseCounter {
                     self.bytes += data.len() as u64;
                 } else if let Some(trailers) = frame.trailers_ref()
                     && let Some(record) = &mut self.record
-                    && record.grpc
+                    && record.labels.request_protocol == "grpc"
                     && record.labels.grpc_response_status.is_none()
                 {
                     record.labels.grpc_response_status = grpc_status(trailers);

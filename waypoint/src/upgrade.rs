@@ -21,6 +21,7 @@ use tracing::info;
 use warren_core::activity::{Activity, Direction};
 
 use crate::{
+    headers::lists,
     state::{OpenStream, WaypointState},
     upstream::Protocol,
 };
@@ -46,13 +47,9 @@ pub fn requested(
         return None;
     }
     let value = headers.get(header::UPGRADE)?;
-    let websocket = value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(WEBSOCKET.as_bytes()));
-    let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes().split(|&b| b == b',').any(|option| option.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-    });
+    let websocket = lists(value.as_bytes(), WEBSOCKET);
+    let connection_upgrade =
+        headers.get_all(header::CONNECTION).iter().any(|v| lists(v.as_bytes(), "upgrade"));
     if !(websocket && connection_upgrade) {
         return None;
     }
