@@ -190,6 +190,7 @@ impl WaypointState {
     pub fn set_snapshot(&self, snapshot: Snapshot) {
         let snapshot = Arc::new(snapshot);
         *self.snapshot.write().expect("poisoned") = snapshot.clone();
+        self.clusters.forget_gone(|host| snapshot.services_by_host.contains_key(host));
         self.clusters.retire_idle(|ip| snapshot.index.by_ip(ip).is_some());
     }
 

@@ -532,6 +532,14 @@ impl Clusters {
         cluster
     }
 
+    /// Forgets the clusters of hosts that are no longer services, as a new config arrives:
+    /// churn over deleted services would otherwise grow the map for good. A request still
+    /// holding one finishes with it; its pooled connections close with its last holder, and the
+    /// host, should it come back, starts a cluster afresh.
+    pub fn forget_gone(&self, still_a_service: impl Fn(&str) -> bool) {
+        self.map.lock().expect("poisoned").retain(|host, _| still_a_service(host));
+    }
+
     pub fn all(&self) -> Vec<Arc<Cluster>> {
         self.map.lock().expect("poisoned").values().flatten().cloned().collect()
     }
@@ -835,6 +843,25 @@ mod tests {
             far_ends.push(pooled(&cluster, addr).await);
         }
         (cluster, far_ends)
+    }
+
+    #[tokio::test]
+    async fn the_clusters_of_a_deleted_service_are_forgotten() {
+        let me = "spiffe://cluster.local/ns/shop/sa/waypoint".parse().unwrap();
+        let clusters = Clusters::new(crate::hbone::HboneClient::new(
+            warren_core::certs::CertManager::new(None, None),
+            me,
+            Duration::from_secs(1),
+        ));
+        let (payment, ledger) = ("payment.shop.svc.cluster.local", "ledger.shop.svc.cluster.local");
+        let held = clusters.get(ledger, Some("v1"), 80);
+        clusters.get(ledger, None, 80);
+        let kept = clusters.get(payment, None, 80);
+        clusters.forget_gone(|host| host == payment);
+        let left: Vec<_> = clusters.all().iter().map(|c| c.key.host.clone()).collect();
+        assert_eq!(left, [payment], "only the service still there keeps its cluster");
+        assert!(Arc::ptr_eq(&kept, &clusters.get(payment, None, 80)), "and it is the same cluster");
+        assert!(!Arc::ptr_eq(&held, &clusters.get(ledger, Some("v1"), 80)), "a host back starts afresh");
     }
 
     /// The addresses the pool holds connections to, sorted.
