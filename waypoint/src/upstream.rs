@@ -186,7 +186,11 @@ pub struct Cluster {
     retries_in_flight: AtomicUsize,
     connections: AtomicUsize,
     pending: AtomicUsize,
+    /// Pooled connections hold their cluster (through their slot), so a cluster the map has
+    /// let go of must empty its pool itself and take no connection back.
     idle: Mutex<FastMap<(SocketAddr, Protocol), Vec<PooledConn>>>,
+    /// Set, under the `idle` lock, once the cluster's service is gone from the config.
+    forgotten: std::sync::atomic::AtomicBool,
     released: tokio::sync::Notify,
 }
 
@@ -202,8 +206,26 @@ impl Cluster {
             connections: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             idle: Mutex::new(FastMap::default()),
+            forgotten: std::sync::atomic::AtomicBool::new(false),
             released: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Puts a connection (back) in the pool, unless the cluster has been forgotten: then it
+    /// closes once its last request is done.
+    fn pool(&self, key: (SocketAddr, Protocol), conn: PooledConn) {
+        let mut idle = self.idle.lock().expect("poisoned");
+        if !self.forgotten.load(Ordering::Acquire) {
+            idle.entry(key).or_default().push(conn);
+        }
+    }
+
+    /// Empties the pool for good (its service is gone): the connections close once no
+    /// request uses them.
+    fn forget(&self) {
+        let mut idle = self.idle.lock().expect("poisoned");
+        self.forgotten.store(true, Ordering::Release);
+        idle.clear();
     }
 
     /// Closes pooled connections unused for their idle timeout (an HTTP/2 one only once no
@@ -533,11 +555,17 @@ impl Clusters {
     }
 
     /// Forgets the clusters of hosts that are no longer services, as a new config arrives:
-    /// churn over deleted services would otherwise grow the map for good. A request still
-    /// holding one finishes with it; its pooled connections close with its last holder, and the
-    /// host, should it come back, starts a cluster afresh.
+    /// churn over deleted services would otherwise grow the map for good. Their pooled
+    /// connections close; a request still holding one finishes with it, and the host, should
+    /// it come back, starts a cluster afresh.
     pub fn forget_gone(&self, still_a_service: impl Fn(&str) -> bool) {
-        self.map.lock().expect("poisoned").retain(|host, _| still_a_service(host));
+        self.map.lock().expect("poisoned").retain(|host, clusters| {
+            let keep = still_a_service(host);
+            if !keep {
+                clusters.iter().for_each(|c| c.forget());
+            }
+            keep
+        });
     }
 
     pub fn all(&self) -> Vec<Arc<Cluster>> {
@@ -612,8 +640,7 @@ impl Clusters {
         let reusable = max_per_conn == 0 || conn.requests < max_per_conn;
         if reusable && !conn.shared {
             (conn.last_used, conn.idle_timeout) = (tokio::time::Instant::now(), idle_timeout(pool));
-            let key = (target.addr, target.protocol);
-            cluster.idle.lock().expect("poisoned").entry(key).or_default().push(conn);
+            cluster.pool((target.addr, target.protocol), conn);
         }
         Ok(response.map(|inner| UpstreamBody { inner, deadline: None, _guards: (None, stream, active) }))
     }
@@ -816,6 +843,14 @@ mod tests {
     /// A pooled HTTP/1.1 connection to `addr` over an in-memory pipe, counted against the
     /// cluster's connections; the pipe's far end comes back to close it with.
     async fn pooled(cluster: &Arc<Cluster>, addr: &str) -> tokio::io::DuplexStream {
+        let (conn, far) = idle_conn(cluster).await;
+        let key = (addr.parse().unwrap(), Protocol::Http1);
+        cluster.idle.lock().unwrap().entry(key).or_default().push(conn);
+        far
+    }
+
+    /// An HTTP/1.1 connection of `cluster`'s over an in-memory pipe, not in its pool yet.
+    async fn idle_conn(cluster: &Arc<Cluster>) -> (PooledConn, tokio::io::DuplexStream) {
         let (near, far) = tokio::io::duplex(1024);
         let (sender, connection) = http1::handshake::<_, RequestBody>(TokioIo::new(near)).await.unwrap();
         tokio::spawn(connection);
@@ -829,9 +864,7 @@ mod tests {
             last_used: tokio::time::Instant::now(),
             idle_timeout: Some(Duration::from_secs(1)),
         };
-        let key = (addr.parse().unwrap(), Protocol::Http1);
-        cluster.idle.lock().unwrap().entry(key).or_default().push(conn);
-        far
+        (conn, far)
     }
 
     /// A cluster with a pooled connection to each of `addrs` (the pipes' far ends with them).
@@ -847,6 +880,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_clusters_of_a_deleted_service_are_forgotten() {
+        use tokio::io::AsyncReadExt;
         let me = "spiffe://cluster.local/ns/shop/sa/waypoint".parse().unwrap();
         let clusters = Clusters::new(crate::hbone::HboneClient::new(
             warren_core::certs::CertManager::new(None, None),
@@ -855,13 +889,27 @@ mod tests {
         ));
         let (payment, ledger) = ("payment.shop.svc.cluster.local", "ledger.shop.svc.cluster.local");
         let held = clusters.get(ledger, Some("v1"), 80);
-        clusters.get(ledger, None, 80);
+        let mut pooled_far_end = pooled(&clusters.get(ledger, None, 80), "10.0.0.9:80").await;
         let kept = clusters.get(payment, None, 80);
+        let mut kept_far_end = pooled(&kept, "10.0.0.8:80").await;
         clusters.forget_gone(|host| host == payment);
         let left: Vec<_> = clusters.all().iter().map(|c| c.key.host.clone()).collect();
         assert_eq!(left, [payment], "only the service still there keeps its cluster");
         assert!(Arc::ptr_eq(&kept, &clusters.get(payment, None, 80)), "and it is the same cluster");
         assert!(!Arc::ptr_eq(&held, &clusters.get(ledger, Some("v1"), 80)), "a host back starts afresh");
+        // The forgotten cluster's pooled connection is closed (it held its cluster, so it would
+        // have stayed open for good), and a connection handed back to it is not pooled.
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), pooled_far_end.read(&mut byte)).await;
+        assert_eq!(read.expect("closed").unwrap(), 0, "the forgotten pool's connection is closed");
+        let (conn, mut far_end) = idle_conn(&held).await;
+        held.pool(("10.0.0.7:80".parse().unwrap(), Protocol::Http1), conn);
+        let read = tokio::time::timeout(Duration::from_secs(5), far_end.read(&mut byte)).await;
+        assert_eq!(read.expect("closed").unwrap(), 0, "a forgotten cluster takes no connection back");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), kept_far_end.read(&mut byte)).await.is_err(),
+            "the kept cluster's connection stays open"
+        );
     }
 
     /// The addresses the pool holds connections to, sorted.
