@@ -9,7 +9,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -190,7 +190,7 @@ pub struct Cluster {
     /// let go of must empty its pool itself and take no connection back.
     idle: Mutex<FastMap<(SocketAddr, Protocol), Vec<PooledConn>>>,
     /// Set, under the `idle` lock, once the cluster's service is gone from the config.
-    forgotten: std::sync::atomic::AtomicBool,
+    forgotten: AtomicBool,
     released: tokio::sync::Notify,
 }
 
@@ -206,7 +206,7 @@ impl Cluster {
             connections: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             idle: Mutex::new(FastMap::default()),
-            forgotten: std::sync::atomic::AtomicBool::new(false),
+            forgotten: AtomicBool::new(false),
             released: tokio::sync::Notify::new(),
         }
     }
@@ -844,8 +844,7 @@ mod tests {
     /// cluster's connections; the pipe's far end comes back to close it with.
     async fn pooled(cluster: &Arc<Cluster>, addr: &str) -> tokio::io::DuplexStream {
         let (conn, far) = idle_conn(cluster).await;
-        let key = (addr.parse().unwrap(), Protocol::Http1);
-        cluster.idle.lock().unwrap().entry(key).or_default().push(conn);
+        cluster.pool((addr.parse().unwrap(), Protocol::Http1), conn);
         far
     }
 

@@ -440,6 +440,8 @@ fn lossy(value: &HeaderValue) -> String {
 
 #[cfg(test)]
 mod tests {
+    use hyper::body::Body as _;
+
     use super::*;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -492,8 +494,6 @@ mod tests {
         assert_eq!(json["b"], HeaderValues::One("2".into()));
         assert_eq!(serde_json::to_string(&json).unwrap(), r#"{"a":["1","3"],"b":"2"}"#);
     }
-
-    use hyper::body::Body as _;
 
     fn handler() -> Handler {
         Handler {
