@@ -25,6 +25,16 @@ impl WrittenValues {
         }
         HeaderValue::from_maybe_shared(self.0.split().freeze()).ok()
     }
+
+    /// A value no other request carries (a trace or request id), marked so that HTTP/2 sends
+    /// it as a literal instead of adding it to the connection's HPACK table. Added, each one
+    /// would be sent once, never referenced, and push out the entries that repeat on every
+    /// request (authority, user agent, content type), which then go out in full again.
+    pub fn unique_value(&mut self, parts: &[&[u8]]) -> Option<HeaderValue> {
+        let mut value = self.value(parts)?;
+        value.set_sensitive(true);
+        Some(value)
+    }
 }
 
 /// A route's header operations, in Envoy's order: remove, then set, then add.
@@ -112,7 +122,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, client_ip: &HeaderValue, values: 
         headers.insert(FORWARDED_FOR, v);
     }
     if !headers.contains_key(REQUEST_ID)
-        && let Some(v) = values.value(&[crate::trace::TraceId::random().as_bytes()])
+        && let Some(v) = values.unique_value(&[crate::trace::TraceId::random().as_bytes()])
     {
         headers.insert(REQUEST_ID, v);
     }
@@ -203,6 +213,9 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         let id = h["x-request-id"].to_str().unwrap();
         assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        // A new id each request: kept out of HPACK's table. The client's address repeats.
+        assert!(h["x-request-id"].is_sensitive());
+        assert!(!h["x-forwarded-for"].is_sensitive());
 
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.1, 10.0.0.2"));

@@ -170,7 +170,7 @@ impl TraceContext {
     /// Sets both header styles for the upstream request, the waypoint's span as the parent.
     pub fn inject(&self, headers: &mut HeaderMap, values: &mut WrittenValues) {
         let mut set = |name: HeaderName, parts: &[&[u8]]| {
-            if let Some(v) = values.value(parts) {
+            if let Some(v) = values.unique_value(parts) {
                 headers.insert(name, v);
             }
         };
@@ -357,6 +357,9 @@ mod tests {
         assert_eq!(out["x-b3-traceid"], "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(out["x-b3-parentspanid"], "b7ad6b7169203331");
         assert_eq!(out["x-b3-sampled"], "1");
+        for unique in ["traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid"] {
+            assert!(out[unique].is_sensitive(), "{unique} is sent as a literal, not added to HPACK's table");
+        }
     }
 
     #[test]
