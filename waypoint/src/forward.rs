@@ -34,7 +34,7 @@ use crate::{
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
     metrics::{Interned, RequestLabels, ServiceLabels, Side},
-    record::{RequestRecord, ResponseCounter},
+    record::{self, RequestRecord, ResponseCounter},
     retry::{self, Attempt, RetryPolicy},
     routing::{RequestFacts, rewrite_path},
     state::{Snapshot, WaypointState},
@@ -106,64 +106,124 @@ pub async fn handle(
 ) -> Result<Response<ResponseCounter>, std::convert::Infallible> {
     let started = Instant::now();
     let snapshot = state.snapshot();
-    let method = req.method().clone();
-    // Shared with the request (a count, not a copy), for the log line and the span.
-    let path_and_query = req.uri().path_and_query().cloned();
-    let mut outcome = Outcome {
-        flags: Vec::new(),
-        route: None,
-        upstream: None,
-        upstream_cluster: None,
-        attempts: 0,
-        detail: String::new(),
-        request_size: RequestSize::Known(0),
-        grpc: is_grpc(req.headers()),
-        abort_grpc_status: None,
-    };
     let source = snapshot.index.by_ip(down.client.ip()).cloned();
     let trace = TraceContext::from_headers(req.headers(), state.config.tracing_sampling);
-    let span_start = std::time::SystemTime::now();
-    let mut response = process(&state, &snapshot, &down, source.as_deref(), req, &trace, &mut outcome).await;
-    let grpc = outcome.grpc;
+    let mut unanswered = Unanswered(Some(Exchange {
+        started,
+        span_start: std::time::SystemTime::now(),
+        method: req.method().clone(),
+        // Shared with the request (a count, not a copy), for the log line and the span.
+        path: req.uri().path_and_query().cloned(),
+        outcome: Outcome {
+            flags: Vec::new(),
+            route: None,
+            upstream: None,
+            upstream_cluster: None,
+            attempts: 0,
+            detail: String::new(),
+            request_size: RequestSize::Known(0),
+            grpc: is_grpc(req.headers()),
+            abort_grpc_status: None,
+        },
+        state,
+        snapshot,
+        down,
+        source,
+        trace,
+    }));
+    let pending = unanswered.0.as_mut().expect("just made");
+    let mut response = process(
+        &pending.state,
+        &pending.snapshot,
+        &pending.down,
+        pending.source.as_deref(),
+        req,
+        &pending.trace,
+        &mut pending.outcome,
+    )
+    .await;
+    let exchange = unanswered.0.take().expect("answered once");
     // An error the waypoint answers itself (an answer written here with a response flag other
     // than an injected delay's; a directResponse or a redirect has none) is a gRPC error to a
     // gRPC client, as Envoy's local replies are.
-    if grpc && matches!(response.body(), Either::Left(_)) && outcome.flags.iter().any(|f| *f != "DI") {
-        response = grpc_local_reply(response, outcome.abort_grpc_status);
+    let grpc = exchange.outcome.grpc;
+    if grpc && matches!(response.body(), Either::Left(_)) && exchange.outcome.flags.iter().any(|f| *f != "DI")
+    {
+        response = grpc_local_reply(response, exchange.outcome.abort_grpc_status);
     }
     let status = response.status().as_u16();
-    let side_of = |w: &Workload| {
-        snapshot.metric_side(w, || state.metrics.side(Side::of(w, &state.config.trust_domain)))
-    };
-    let labels = RequestLabels {
-        source: source.as_deref().map_or_else(|| down.peer_side.clone(), side_of),
-        destination: outcome.upstream.as_deref().map_or_else(|| state.metrics.unknown_side(), side_of),
-        service: down.service_labels.clone(),
-        request_protocol: if grpc { "grpc" } else { "http" },
-        response_code: status,
-        // A trailers-only answer's; a streamed one's comes in its trailers.
-        grpc_response_status: if grpc { grpc_status(response.headers()) } else { None },
-        // Written when the response ends, which may add a flag.
-        response_flags: Cow::Borrowed("-"),
-    };
-    let record = Box::new(RequestRecord {
-        state: state.clone(),
-        down,
-        started,
-        span_start,
-        method,
-        path: path_and_query,
-        trace,
-        labels,
-        flags: outcome.flags,
-        route: outcome.route,
-        upstream_cluster: outcome.upstream_cluster,
-        upstream: outcome.upstream,
-        attempts: outcome.attempts,
-        detail: outcome.detail,
-        request: outcome.request_size,
-    });
+    // A trailers-only answer's; a streamed one's comes in its trailers.
+    let grpc_status = if grpc { grpc_status(response.headers()) } else { None };
+    let record = exchange.into_record(status, grpc_status);
     Ok(response.map(|body| ResponseCounter::new(body, record, busy)))
+}
+
+/// A request on its way, with what its record will say.
+struct Exchange {
+    state: Arc<WaypointState>,
+    snapshot: Arc<Snapshot>,
+    down: Arc<Downstream>,
+    /// The client, when it is a known workload.
+    source: Option<Arc<Workload>>,
+    started: Instant,
+    span_start: std::time::SystemTime,
+    method: Method,
+    path: Option<PathAndQuery>,
+    trace: TraceContext,
+    outcome: Outcome,
+}
+
+impl Exchange {
+    fn into_record(self, status: u16, grpc_status: Option<u8>) -> Box<RequestRecord> {
+        let Exchange { state, snapshot, down, source, started, span_start, method, path, trace, outcome } =
+            self;
+        let side_of = |w: &Workload| {
+            snapshot.metric_side(w, || state.metrics.side(Side::of(w, &state.config.trust_domain)))
+        };
+        let labels = RequestLabels {
+            source: source.as_deref().map_or_else(|| down.peer_side.clone(), side_of),
+            destination: outcome.upstream.as_deref().map_or_else(|| state.metrics.unknown_side(), side_of),
+            service: down.service_labels.clone(),
+            request_protocol: if outcome.grpc { "grpc" } else { "http" },
+            response_code: status,
+            grpc_response_status: grpc_status,
+            // Written when the response ends, which may add a flag.
+            response_flags: Cow::Borrowed("-"),
+        };
+        Box::new(RequestRecord {
+            state,
+            down,
+            started,
+            span_start,
+            method,
+            path,
+            trace,
+            labels,
+            flags: outcome.flags,
+            route: outcome.route,
+            upstream_cluster: outcome.upstream_cluster,
+            upstream: outcome.upstream,
+            attempts: outcome.attempts,
+            detail: outcome.detail,
+            request: outcome.request_size,
+        })
+    }
+}
+
+/// A request not yet answered. If the client goes away first (it resets its HTTP/2 stream,
+/// or closes its HTTP/1.1 connection), the request's future is dropped where it waits — its
+/// upstream attempt with it — and this records it then, as Envoy does: response code 0, flag
+/// `DC`. Otherwise such a request would be in no log line and no metric.
+struct Unanswered(Option<Exchange>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(mut exchange) = self.0.take() else { return };
+        let out = &mut exchange.outcome;
+        out.flags.push("DC");
+        out.detail = record::join(&out.detail, "the client went away before the response began");
+        exchange.into_record(0, None).finish(0);
+    }
 }
 
 async fn process(

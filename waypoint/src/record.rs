@@ -128,13 +128,14 @@ impl Drop for ResponseCounter {
     }
 }
 
-fn join(detail: &str, more: &str) -> String {
+/// `detail`, and `more` after it.
+pub fn join(detail: &str, more: &str) -> String {
     if detail.is_empty() { more.to_string() } else { format!("{detail}; {more}") }
 }
 
 impl RequestRecord {
     /// The metrics sample, the span and the access-log line, with `response_bytes` sent.
-    fn finish(self, response_bytes: u64) {
+    pub fn finish(self, response_bytes: u64) {
         let RequestRecord { state, down, mut labels, .. } = self;
         let elapsed = self.started.elapsed();
         labels.response_flags = match self.flags[..] {
