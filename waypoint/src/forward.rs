@@ -29,7 +29,7 @@ use crate::{
     authz::{self, RequestAttributes},
     body::{self, Received, RequestBody, RequestSize, StreamedBody},
     deadline,
-    grpc::{grpc_local_reply, grpc_status, is_grpc},
+    grpc::{grpc_local_reply, grpc_status, grpc_timeout, is_grpc},
     hashing::{self, HashInput},
     headers::{WrittenValues, add_forwarding, apply, strip_hop_by_hop},
     idle::Busy,
@@ -464,7 +464,13 @@ async fn process(
             );
         }
     };
-    let timeout = http_route.and_then(|r| r.timeout_ms).map(Duration::from_millis);
+    let route_timeout = http_route.and_then(|r| r.timeout_ms).map(Duration::from_millis);
+    // A gRPC call's own deadline bounds it as well, capped by the route's `timeout`: Istio
+    // sets Envoy's `max_grpc_timeout` to the route's timeout (none: no cap).
+    let timeout = match out.grpc.then(|| grpc_timeout(&upstream_request.headers)).flatten() {
+        Some(deadline) => Some(route_timeout.map_or(deadline, |route| route.min(deadline))),
+        None => route_timeout,
+    };
     let made_cookie = hashing::make_cookie(policy.load_balancer.as_ref(), &upstream_request.headers);
     // A service that no route covers gets Istio's default policy, as its default route would.
     let retries = route.as_ref().map_or(&*retry::ISTIO_DEFAULT, |r| &r.retries);

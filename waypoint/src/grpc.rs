@@ -1,6 +1,8 @@
 //! gRPC as the waypoint sees it: telling a gRPC call by its content type, reading its status,
 //! and answering one that the waypoint fails itself as Envoy does (trailers-only, HTTP 200).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
 use http_body_util::{Either, Full};
@@ -60,6 +62,28 @@ fn percent_encode(text: &[u8]) -> Bytes {
 }
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// A gRPC call's deadline from its `grpc-timeout` (1–8 digits and a unit: `H`ours, `M`inutes,
+/// `S`econds, `m`illi-, `u` micro-, `n` nanoseconds); none if absent or malformed, which
+/// Envoy treats alike.
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(GRPC_TIMEOUT)?.as_bytes();
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// A gRPC answer's status, from a trailers-only answer's headers or the trailers.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u8> {
@@ -100,6 +124,25 @@ mod tests {
         let aborted = grpc_local_reply(text_response(StatusCode::OK, "fault filter abort"), Some(8));
         assert_eq!(aborted.headers()["grpc-status"], "8");
         assert_eq!(&percent_encode("100% café".as_bytes())[..], b"100%25 caf%C3%A9");
+    }
+
+    #[test]
+    fn a_grpc_timeout_is_read_in_each_unit_and_a_malformed_one_ignored() {
+        let read = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(GRPC_TIMEOUT, HeaderValue::from_static(value));
+            grpc_timeout(&h)
+        };
+        assert_eq!(read("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(read("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(read("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(read("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(read("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(read("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "100", "100x", "123456789m", "-1S", "1.5S", " 1S"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -134,3 +134,42 @@ fn grpc_through_the_waypoint_with_istios_default_retries() {
     let ok = GrpcAnswer { http_status: 200, grpc_status: Some("0".into()), trailers_only: false };
     assert_eq!(grpc_calls(&mesh.client, 1, &[("x-known", "yes")]), [ok]);
 }
+
+/// A gRPC call's `grpc-timeout` bounds it as a route's `timeout` would, capped by the
+/// route's own: Istio sets Envoy's `max_grpc_timeout` to the route's timeout.
+#[test]
+fn a_grpc_calls_deadline_bounds_it_capped_by_the_routes_timeout() {
+    let mesh = Mesh::new(&[]);
+    mesh.apply(Routing::default());
+    let timed = |headers: &[(&str, &str)]| {
+        let started = Instant::now();
+        let answer = grpc_calls(&mesh.client, 1, headers).pop().unwrap();
+        (answer, started.elapsed())
+    };
+    let cut = GrpcAnswer { http_status: 200, grpc_status: Some("14".into()), trailers_only: true };
+    let ok = GrpcAnswer { http_status: 200, grpc_status: Some("0".into()), trailers_only: false };
+
+    // No route timeout: the call's deadline alone, 300 ms of the 2 s the server takes.
+    let (answer, took) = timed(&[("grpc-timeout", "300m"), ("x-echo-delay-ms", "2000")]);
+    assert_eq!(answer, cut, "{}", mesh.waypoint.log());
+    assert!(took < Duration::from_millis(1500), "cut after {took:?}");
+    let line = mesh.waypoint.access_log().pop().unwrap();
+    assert_eq!((line["status"].as_u64(), line["response_flags"].as_str()), (Some(200), Some("UT")), "{line}");
+    // A deadline the server meets changes nothing.
+    let (answer, _) = timed(&[("grpc-timeout", "5S"), ("x-echo-delay-ms", "300")]);
+    assert_eq!(answer, ok, "{}", mesh.waypoint.log());
+
+    // A route timeout shorter than the deadline caps it.
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![HttpRoute {
+            route: vec![to("v1", 100)],
+            timeout_ms: Some(500),
+            ..Default::default()
+        }])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    });
+    let (answer, took) = timed(&[("grpc-timeout", "10S"), ("x-echo-delay-ms", "2000")]);
+    assert_eq!(answer, cut, "{}", mesh.waypoint.log());
+    assert!(took < Duration::from_millis(1500), "cut after {took:?}");
+}
