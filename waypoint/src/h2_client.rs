@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
@@ -41,17 +41,26 @@ pub struct H2Sender {
     send: h2::client::SendRequest<Bytes>,
     /// Set when the connection task ends: the pool drops the connection then.
     closed: Arc<AtomicBool>,
-    /// Streams claimed on the connection ([`StreamClaim`]s alive).
-    streams: Arc<AtomicUsize>,
+    streams: Arc<Streams>,
+}
+
+/// The streams claimed on one connection ([`StreamClaim`]s alive), and since when none has
+/// been: a connection's idle time counts from the end of its last request, as Envoy counts it,
+/// not from that request's start.
+struct Streams {
+    claimed: AtomicUsize,
+    idle_since: Mutex<tokio::time::Instant>,
 }
 
 /// One stream of a connection, claimed from its hand-out by the pool until the response body
 /// ends (or the request fails): what tells the pool that a connection has room.
-pub struct StreamClaim(Arc<AtomicUsize>);
+pub struct StreamClaim(Arc<Streams>);
 
 impl Drop for StreamClaim {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.claimed.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().expect("poisoned") = tokio::time::Instant::now();
+        }
     }
 }
 
@@ -77,7 +86,9 @@ where
         }
         flag.store(true, Ordering::Release);
     });
-    Ok(H2Sender { send, closed, streams: Arc::default() })
+    let streams =
+        Streams { claimed: AtomicUsize::new(0), idle_since: Mutex::new(tokio::time::Instant::now()) };
+    Ok(H2Sender { send, closed, streams: Arc::new(streams) })
 }
 
 impl H2Sender {
@@ -90,12 +101,18 @@ impl H2Sender {
     /// `limit` (a DestinationRule's `maxConcurrentStreams`).
     pub fn has_free_stream(&self, limit: Option<u32>) -> bool {
         let limit = limit.map_or(usize::MAX, |l| l as usize);
-        self.streams.load(Ordering::Acquire) < self.send.current_max_send_streams().min(limit)
+        self.streams.claimed.load(Ordering::Acquire) < self.send.current_max_send_streams().min(limit)
     }
 
     pub fn claim_stream(&self) -> StreamClaim {
-        self.streams.fetch_add(1, Ordering::AcqRel);
+        self.streams.claimed.fetch_add(1, Ordering::AcqRel);
         StreamClaim(self.streams.clone())
+    }
+
+    /// Since when no stream has been claimed on the connection; none while one is.
+    pub fn idle_since(&self) -> Option<tokio::time::Instant> {
+        let idle_since = *self.streams.idle_since.lock().expect("poisoned");
+        (self.streams.claimed.load(Ordering::Acquire) == 0).then_some(idle_since)
     }
 
     /// Sends one request and waits for the response head; the body follows as [`H2Body`].

@@ -139,8 +139,8 @@ struct PooledConn {
     stream: Option<StreamClaim>,
     /// Counts the connection against `maxConnections` while any handle to it lives.
     slot: Arc<ConnectionSlot>,
-    /// When it last went back to the pool (HTTP/1.1) or took a request (HTTP/2); tokio's
-    /// clock, which tests can advance.
+    /// When it last went back to the pool (HTTP/1.1; an HTTP/2 one's sender knows when its
+    /// last stream ended); tokio's clock, which tests can advance.
     last_used: tokio::time::Instant,
     /// `connectionPool.http.idleTimeout` when it was pooled; none: never closed for idling.
     idle_timeout: Option<Duration>,
@@ -228,12 +228,18 @@ impl Cluster {
         idle.clear();
     }
 
-    /// Closes pooled connections unused for their idle timeout (an HTTP/2 one only once no
-    /// request holds it).
+    /// Closes pooled connections unused for their idle timeout: an HTTP/1.1 one counted from
+    /// its return to the pool, an HTTP/2 one from the end of its last stream.
     fn close_idle(&self, now: tokio::time::Instant) {
         self.idle.lock().expect("poisoned").retain(|_, list| {
             list.retain(|c| {
-                let expired = c.idle_timeout.is_some_and(|limit| now.duration_since(c.last_used) >= limit);
+                let unused_since = match &c.sender {
+                    Sender::Http1(_) => Some(c.last_used),
+                    Sender::Http2(s) => s.idle_since(),
+                };
+                let expired = unused_since
+                    .zip(c.idle_timeout)
+                    .is_some_and(|(since, limit)| now.saturating_duration_since(since) >= limit);
                 !(expired && Arc::strong_count(&c.slot) == 1)
             });
             !list.is_empty()
@@ -817,7 +823,6 @@ fn take_ready(
     let pooled = &mut list[position];
     if let Sender::Http2(s) = &pooled.sender {
         pooled.requests += 1;
-        pooled.last_used = tokio::time::Instant::now();
         let handle = PooledConn {
             sender: Sender::Http2(s.clone()),
             requests: pooled.requests,
@@ -853,17 +858,22 @@ mod tests {
         let (near, far) = tokio::io::duplex(1024);
         let (sender, connection) = http1::handshake::<_, RequestBody>(TokioIo::new(near)).await.unwrap();
         tokio::spawn(connection);
+        (connection_of(cluster, Sender::Http1(sender)), far)
+    }
+
+    /// `sender`'s connection as the pool holds it, counted against `cluster`'s connections;
+    /// idle for a second closes it.
+    fn connection_of(cluster: &Arc<Cluster>, sender: Sender) -> PooledConn {
         cluster.connections.fetch_add(1, Ordering::AcqRel);
-        let conn = PooledConn {
-            sender: Sender::Http1(sender),
+        PooledConn {
+            sender,
             requests: 1,
             shared: false,
             stream: None,
             slot: Arc::new(ConnectionSlot(cluster.clone())),
             last_used: tokio::time::Instant::now(),
             idle_timeout: Some(Duration::from_secs(1)),
-        };
-        (conn, far)
+        }
     }
 
     /// A cluster with a pooled connection to each of `addrs` (the pipes' far ends with them).
@@ -1032,6 +1042,32 @@ mod tests {
         cluster.close_idle(tokio::time::Instant::now());
         assert_eq!(pooled_addresses(&cluster), ["10.0.0.2:8080"]);
         assert_eq!(cluster.connections.load(Ordering::Acquire), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connections_idle_time_counts_from_the_end_of_its_last_stream() {
+        let key = ClusterKey { host: "payment.default.svc.cluster.local".into(), subset: None, port: 80 };
+        let cluster = Arc::new(Cluster::new(key));
+        let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(far).await.unwrap();
+            while let Some(Ok(_)) = connection.accept().await {}
+        });
+        let sender = h2_client::handshake(near, addr).await.unwrap();
+        cluster.pool((addr, Protocol::Http2), connection_of(&cluster, Sender::Http2(sender.clone())));
+        // A stream five times as long as the idle timeout: the connection is in use throughout.
+        let stream = sender.claim_stream();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        cluster.close_idle(tokio::time::Instant::now());
+        assert_eq!(pooled_addresses(&cluster), ["10.0.0.1:8080"], "closed while a stream was open");
+        drop(stream);
+        tokio::time::advance(Duration::from_millis(900)).await;
+        cluster.close_idle(tokio::time::Instant::now());
+        assert_eq!(pooled_addresses(&cluster), ["10.0.0.1:8080"], "closed 0.9 s after its last stream");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        cluster.close_idle(tokio::time::Instant::now());
+        assert!(pooled_addresses(&cluster).is_empty(), "idle for its timeout since its last stream");
     }
 
     #[tokio::test]
