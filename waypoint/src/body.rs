@@ -198,6 +198,8 @@ struct TeeState {
     frames: usize,
     bytes: u64,
     end: Option<End>,
+    /// When `end` came: where a route's timeouts start counting.
+    ended_at: Option<tokio::time::Instant>,
     /// Readers and the request's own handle: when none is left, the rest is not read.
     holders: usize,
     /// Mirrors waiting for the whole body.
@@ -232,6 +234,7 @@ impl Tee {
             kept_bytes,
             // Past the limit already: sent once, never again.
             keeping: kept_bytes <= limit,
+            ended_at: end.as_ref().map(|_| tokio::time::Instant::now()),
             end,
             holders: 0,
             mirrors: 0,
@@ -287,6 +290,7 @@ impl TeeState {
     /// told.
     fn finish(&mut self, end: End, finished: &tokio::sync::Notify) {
         self.end = Some(end);
+        self.ended_at = Some(tokio::time::Instant::now());
         self.source = None;
         self.wake_waiting();
         finished.notify_waiters();
@@ -328,6 +332,27 @@ impl StreamedBody {
             Some(End::Failed(reason)) => Some(reason.clone()),
             _ => None,
         }
+    }
+
+    /// When the client's body ended (or broke off), if it has.
+    pub fn ended_at(&self) -> Option<tokio::time::Instant> {
+        self.0.lock().ended_at
+    }
+
+    /// Completes when the client's body has ended, broken off or been abandoned.
+    pub fn ended(&self) -> crate::deadline::Start {
+        let tee = self.0.clone();
+        Box::pin(async move {
+            loop {
+                let finished = tee.finished.notified();
+                let mut finished = std::pin::pin!(finished);
+                finished.as_mut().enable();
+                if tee.lock().end.is_some() {
+                    return;
+                }
+                finished.await;
+            }
+        })
     }
 
     /// A mirror's claim on the whole body (which it does not read itself).

@@ -486,13 +486,21 @@ async fn process(
         grpc: out.grpc,
         made_cookie: made_cookie.as_ref(),
     };
-    let ends_by = timeout.map(|t| tokio::time::Instant::now() + t);
-    let result = deadline::within(timeout, attempt.run(out)).await.unwrap_or(Err(UpstreamError::Timeout));
+    // The timeout counts from the end of the client's request, as Envoy's does: a whole body
+    // is here, a streamed one may still be arriving (an upload, a client-streaming call).
+    let routed_at = tokio::time::Instant::now();
+    let run = deadline::within_after(timeout, upstream_request.body.end(), attempt.run(out));
+    let result = run.await.unwrap_or(Err(UpstreamError::Timeout));
     match result {
         Ok(mut response) => {
             response.body_mut().hold(in_flight);
-            if let Some(deadline) = ends_by {
-                response.body_mut().end_by(deadline);
+            // And it bounds the response to its end.
+            if let Some(limit) = timeout {
+                let timer = match upstream_request.body.ended_at(routed_at) {
+                    Some(ended_at) => deadline::Timer::until(ended_at + limit),
+                    None => deadline::Timer::after(timeout, upstream_request.body.end()),
+                };
+                response.body_mut().end_by(timer);
             }
             if let Some(upgrade) = upgrade {
                 let relay = upgrade::Relay {
@@ -563,6 +571,22 @@ impl RequestSource {
         match self {
             RequestSource::Whole(bytes) => RequestBody::whole(bytes.clone()),
             RequestSource::Streamed(streamed) => RequestBody::Streamed(streamed.reader()),
+        }
+    }
+
+    /// Completes when the client's body has ended; none if it had when the request was routed.
+    fn end(&self) -> Option<deadline::Start> {
+        match self {
+            RequestSource::Whole(_) => None,
+            RequestSource::Streamed(streamed) => Some(streamed.ended()),
+        }
+    }
+
+    /// When the client's body ended (`routed_at` for a whole one), if it has.
+    fn ended_at(&self, routed_at: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        match self {
+            RequestSource::Whole(_) => Some(routed_at),
+            RequestSource::Streamed(streamed) => streamed.ended_at(),
         }
     }
 
@@ -671,7 +695,9 @@ impl Attempts<'_> {
                     .and_then(|v| v.to_str().ok()),
             };
             let send = self.state.clusters.send(self.cluster, &target, pool, self.request.build());
-            let result = deadline::within(per_try, send).await.unwrap_or(Err(UpstreamError::Timeout));
+            // From the end of the client's request too (a retry's body has ended already).
+            let send = deadline::within_after(per_try, self.request.body.end(), send);
+            let result = send.await.unwrap_or(Err(UpstreamError::Timeout));
             let attempt = match &result {
                 Ok(response) => Attempt::Response {
                     status: response.status().as_u16(),

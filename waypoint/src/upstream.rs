@@ -34,7 +34,7 @@ use warren_core::{
 
 use crate::{
     body::RequestBody,
-    deadline,
+    deadline::{self, Timer},
     h2_client::{self, H2Body, H2SendError, H2Sender, StreamClaim},
     hashing::{HashInput, hash_value},
     hbone::HboneClient,
@@ -472,9 +472,8 @@ impl Drop for ActiveRequest {
 /// The upstream response body, holding the request's slots until it ends.
 pub struct UpstreamBody {
     inner: ReceivedBody,
-    /// When the route's `timeout` passes: the body must have ended by then (boxed: most routes
-    /// have none).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the route's `timeout` passes: the body must have ended by then.
+    deadline: Timer,
     /// Dropped in this order: the HTTP/2 stream is free before `ActiveRequest` wakes the
     /// requests waiting for one.
     _guards: (Option<InFlight>, Option<StreamClaim>, ActiveRequest),
@@ -489,10 +488,10 @@ impl UpstreamBody {
         self._guards.0 = Some(in_flight);
     }
 
-    /// Fails the body if it has not ended by `deadline` (the route's `timeout`, which Envoy
-    /// counts to the end of the response): the client's stream is reset.
-    pub fn end_by(&mut self, deadline: tokio::time::Instant) {
-        self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+    /// Fails the body if it has not ended when `timer` passes (the route's `timeout`, which
+    /// Envoy counts to the end of the response): the client's stream is reset.
+    pub fn end_by(&mut self, timer: Timer) {
+        self.deadline = timer;
     }
 }
 
@@ -505,10 +504,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(deadline) = &mut self.deadline
-            && deadline.as_mut().poll(cx).is_ready()
-        {
+        if polled.is_pending() && self.deadline.poll_expired(cx) {
             return Poll::Ready(Some(Err(Box::new(ResponseTimeout))));
         }
         polled
@@ -648,7 +644,11 @@ impl Clusters {
             (conn.last_used, conn.idle_timeout) = (tokio::time::Instant::now(), idle_timeout(pool));
             cluster.pool((target.addr, target.protocol), conn);
         }
-        Ok(response.map(|inner| UpstreamBody { inner, deadline: None, _guards: (None, stream, active) }))
+        Ok(response.map(|inner| UpstreamBody {
+            inner,
+            deadline: Timer::Off,
+            _guards: (None, stream, active),
+        }))
     }
 
     /// A connection to the target: an idle ready one, a new one within `maxConnections`, or —

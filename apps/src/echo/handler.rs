@@ -242,7 +242,8 @@ impl Handler {
                 return Ok(self.grpc_failure(code));
             }
             let mut response = self.respond(StatusCode::OK, "application/grpc", Bytes::new());
-            *response.body_mut() = Either::Right(stream::answer(body));
+            let hold = overrides.delay.unwrap_or(self.delay);
+            *response.body_mut() = Either::Right(stream::answer(body, hold));
             return Ok(response);
         }
         let body_bytes = match drain(body).await {

@@ -35,8 +35,9 @@ impl Body for StreamedAnswer {
     }
 }
 
-/// Starts answering `body`'s messages as they arrive; the answer ends once the request has.
-pub fn answer<B>(body: B) -> StreamedAnswer
+/// Starts answering `body`'s messages as they arrive; the answer ends `hold` after the
+/// request has (a server that takes a while to finish a call).
+pub fn answer<B>(body: B, hold: std::time::Duration) -> StreamedAnswer
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -68,6 +69,9 @@ where
                 }
             }
         };
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from(status.0));
         if let Some(message) = status.1 {

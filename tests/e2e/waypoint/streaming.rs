@@ -219,10 +219,11 @@ fn a_body_longer_than_the_retry_buffer_streams_through_without_retries() {
     assert!(ok > 0 && ok < answers.len(), "round robin sends some to each version: {answers:?}");
 }
 
-/// A route's `timeout` counts to the end of the response, as in Envoy: a stream still open when
-/// it passes is reset, though its answer began in time.
+/// A route's `timeout` counts as Envoy counts it: from the end of the client's request to the
+/// end of the response. A call whose client is still streaming is not cut, however long; one
+/// whose answer is still streaming when the timeout passes after the client's end is reset.
 #[test]
-fn a_routes_timeout_ends_a_stream_still_open() {
+fn a_routes_timeout_counts_from_the_requests_end_to_the_responses() {
     let mesh = Mesh::new(&[]);
     let whole_service = RouteDestination {
         destination: Destination { host: HOST.into(), subset: None, port: None },
@@ -231,36 +232,66 @@ fn a_routes_timeout_ends_a_stream_still_open() {
     };
     let route = HttpRoute { route: vec![whole_service], timeout_ms: Some(1500), ..Default::default() };
     mesh.apply(Routing { virtual_services: vec![vs(vec![route])], ..Default::default() });
-    let outcome = over_http2(&mesh.client, |sender| async move {
+    // `hold`: how long the server takes to end the call once the client has ended its side.
+    let stream_call =
+        |sender: h2::client::SendRequest<bytes::Bytes>, path: &'static str, hold: &'static str| async move {
+            let mut sender = sender.ready().await.unwrap();
+            let request = http::Request::post(format!("http://{HOST}/payment.Payment{path}"))
+                .header("content-type", "application/grpc")
+                .header("x-echo-delay-ms", hold)
+                .body(())
+                .unwrap();
+            let (response, stream) = sender.send_request(request, false).unwrap();
+            (response, stream)
+        };
+    let end_of = |mut body: h2::RecvStream| async move {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            match body.data().await {
+                Some(Ok(more)) => format!("more data: {more:?}"),
+                Some(Err(e)) => format!("reset: {e}"),
+                None => format!(
+                    "ended, grpc-status {:?}",
+                    body.trailers().await.ok().flatten().and_then(|t| t.get("grpc-status").cloned())
+                ),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| "still open after 10 s".into())
+    };
+
+    // The client streams for 2.5 s, past the 1.5 s: answered throughout, then ended normally.
+    let (streamed_end, streamed_for) = over_http2(&mesh.client, |sender| async move {
         let started = Instant::now();
-        let mut sender = sender.ready().await.unwrap();
-        let request = http::Request::post(format!("http://{HOST}/payment.Payment/Stream"))
-            .header("content-type", "application/grpc")
-            .body(())
-            .unwrap();
-        let (response, mut stream) = sender.send_request(request, false).unwrap();
+        let (response, mut stream) = stream_call(sender, "/Stream", "0").await;
         stream.send_data(message(b"in time"), false).unwrap();
         let mut body = response.await.unwrap().into_body();
         let mut pending = Vec::new();
         assert_eq!(next_message(&mut body, &mut pending).await, message(b"in time"));
-        // The client keeps its side open and waits; the waypoint ends the stream at 1.5 s.
-        let end = tokio::time::timeout(Duration::from_secs(10), async {
-            match body.data().await {
-                Some(Ok(more)) => format!("more data: {more:?}"),
-                Some(Err(e)) => format!("reset: {e}"),
-                None => format!("ended, trailers {:?}", body.trailers().await),
-            }
-        })
-        .await
-        .unwrap_or_else(|_| "still open after 10 s".into());
-        (end, started.elapsed())
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stream.send_data(message(b"still streaming"), true).unwrap();
+        assert_eq!(next_message(&mut body, &mut pending).await, message(b"still streaming"));
+        (end_of(body).await, started.elapsed())
     });
-    let (end, after) = outcome;
-    assert!(end.starts_with("reset"), "{end} after {after:?}\n{}", mesh.waypoint.log());
-    assert!(after >= Duration::from_millis(1400) && after < Duration::from_secs(5), "{after:?}");
+    assert!(streamed_end.contains("\"0\""), "{streamed_end} after {streamed_for:?}\n{}", mesh.waypoint.log());
+    assert!(streamed_for >= Duration::from_millis(2500), "{streamed_for:?}");
+
+    // The client ends its side at once; the server holds the call's end 3 s: cut at 1.5 s.
+    let (held_end, held_for) = over_http2(&mesh.client, |sender| async move {
+        let started = Instant::now();
+        let (response, mut stream) = stream_call(sender, "/Stream", "3000").await;
+        stream.send_data(message(b"in time"), true).unwrap();
+        let mut body = response.await.unwrap().into_body();
+        let mut pending = Vec::new();
+        assert_eq!(next_message(&mut body, &mut pending).await, message(b"in time"));
+        (end_of(body).await, started.elapsed())
+    });
+    assert!(held_end.starts_with("reset"), "{held_end} after {held_for:?}\n{}", mesh.waypoint.log());
+    assert!(held_for >= Duration::from_millis(1400) && held_for < Duration::from_secs(5), "{held_for:?}");
     // The access log, written when the response ended, says how.
     let log = mesh.waypoint.access_log();
-    let line = log.iter().find(|l| l["path"] == "/payment.Payment/Stream").expect("an access-log line");
-    assert_eq!(line["response_flags"], "UT", "{line}");
-    assert!(line["duration_ms"].as_u64().unwrap() >= 1400, "{line}");
+    let cut: Vec<_> = log.iter().filter(|l| l["path"] == "/payment.Payment/Stream").collect();
+    assert_eq!(cut.len(), 2, "{log:?}");
+    assert_eq!(cut[0]["response_flags"], "-", "{}", cut[0]);
+    assert_eq!(cut[1]["response_flags"], "UT", "{}", cut[1]);
+    assert!(cut[1]["duration_ms"].as_u64().unwrap() >= 1400, "{}", cut[1]);
 }
