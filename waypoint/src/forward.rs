@@ -498,7 +498,7 @@ async fn process(
             if let Some(limit) = timeout {
                 let timer = match upstream_request.body.ended_at(routed_at) {
                     Some(ended_at) => deadline::Timer::until(ended_at + limit),
-                    None => deadline::Timer::after(timeout, upstream_request.body.end()),
+                    None => deadline::Timer::after(Some(limit), upstream_request.body.end()),
                 };
                 response.body_mut().end_by(timer);
             }
@@ -574,7 +574,8 @@ impl RequestSource {
         }
     }
 
-    /// Completes when the client's body has ended; none if it had when the request was routed.
+    /// Completes when the client's body has ended; none for a whole body (all here when the
+    /// request was routed).
     fn end(&self) -> Option<deadline::Start> {
         match self {
             RequestSource::Whole(_) => None,
