@@ -101,6 +101,13 @@ impl Snapshot {
         }
     }
 
+    /// Whether this config still has `key`'s cluster: its host is a service and its subset,
+    /// if any, one that the host's DestinationRule defines.
+    pub fn has_cluster(&self, key: &crate::upstream::ClusterKey) -> bool {
+        let Some(sets) = self.endpoint_sets.get(&key.host) else { return false };
+        key.subset.as_deref().is_none_or(|subset| sets.by_subset.contains_key(subset))
+    }
+
     /// `workload`'s metric labels under this config version (its labels can change with the
     /// next): built by `make` the first time, then looked up.
     pub fn metric_side(&self, workload: &Workload, make: impl FnOnce() -> Interned<Side>) -> Interned<Side> {
@@ -190,7 +197,7 @@ impl WaypointState {
     pub fn set_snapshot(&self, snapshot: Snapshot) {
         let snapshot = Arc::new(snapshot);
         *self.snapshot.write().expect("poisoned") = snapshot.clone();
-        self.clusters.forget_gone(|host| snapshot.services_by_host.contains_key(host));
+        self.clusters.forget_gone(|key| snapshot.has_cluster(key));
         self.clusters.retire_idle(|ip| snapshot.index.by_ip(ip).is_some());
     }
 
@@ -267,5 +274,15 @@ mod tests {
         assert!(names(Some("v3")).unwrap().is_empty(), "a subset that matches no pod has no endpoints");
         assert_eq!(names(Some("v4")), None, "a subset the rule does not define");
         assert!(snapshot.endpoints("ledger.shop.svc.cluster.local", None).is_none());
+        // The clusters this config still has: the service's, and its rule's subsets'.
+        let key = |host: &str, subset: Option<&str>| crate::upstream::ClusterKey {
+            host: host.into(),
+            subset: subset.map(String::from),
+            port: 80,
+        };
+        assert!(snapshot.has_cluster(&key(host, None)));
+        assert!(snapshot.has_cluster(&key(host, Some("v3"))));
+        assert!(!snapshot.has_cluster(&key(host, Some("v4"))));
+        assert!(!snapshot.has_cluster(&key("ledger.shop.svc.cluster.local", None)));
     }
 }

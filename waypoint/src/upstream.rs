@@ -556,17 +556,20 @@ impl Clusters {
         cluster
     }
 
-    /// Forgets the clusters of hosts that are no longer services, as a new config arrives:
-    /// churn over deleted services would otherwise grow the map for good. Their pooled
-    /// connections close; a request still holding one finishes with it, and the host, should
-    /// it come back, starts a cluster afresh.
-    pub fn forget_gone(&self, still_a_service: impl Fn(&str) -> bool) {
-        self.map.lock().expect("poisoned").retain(|host, clusters| {
-            let keep = still_a_service(host);
-            if !keep {
-                clusters.iter().for_each(|c| c.forget());
-            }
-            keep
+    /// Forgets the clusters the config no longer has — a deleted service's, a subset its
+    /// DestinationRule no longer defines — as a new config arrives: churn would otherwise grow
+    /// the map for good. Their pooled connections close; a request still holding one
+    /// finishes with it, and a cluster that comes back starts afresh.
+    pub fn forget_gone(&self, still_there: impl Fn(&ClusterKey) -> bool) {
+        self.map.lock().expect("poisoned").retain(|_, clusters| {
+            clusters.retain(|c| {
+                let keep = still_there(&c.key);
+                if !keep {
+                    c.forget();
+                }
+                keep
+            });
+            !clusters.is_empty()
         });
     }
 
@@ -901,10 +904,16 @@ mod tests {
         let mut pooled_far_end = pooled(&clusters.get(ledger, None, 80), "10.0.0.9:80").await;
         let kept = clusters.get(payment, None, 80);
         let mut kept_far_end = pooled(&kept, "10.0.0.8:80").await;
-        clusters.forget_gone(|host| host == payment);
-        let left: Vec<_> = clusters.all().iter().map(|c| c.key.host.clone()).collect();
-        assert_eq!(left, [payment], "only the service still there keeps its cluster");
+        let canary = clusters.get(payment, Some("canary"), 80);
+        // ledger is deleted; payment stays, but its rule no longer defines `canary`.
+        clusters.forget_gone(|key| key.host == payment && key.subset.is_none());
+        let left: Vec<_> = clusters.all().iter().map(|c| c.key.to_string()).collect();
+        assert_eq!(left, [format!("outbound|80||{payment}")], "only what the config still has stays");
         assert!(Arc::ptr_eq(&kept, &clusters.get(payment, None, 80)), "and it is the same cluster");
+        assert!(
+            !Arc::ptr_eq(&canary, &clusters.get(payment, Some("canary"), 80)),
+            "a subset back starts afresh"
+        );
         assert!(!Arc::ptr_eq(&held, &clusters.get(ledger, Some("v1"), 80)), "a host back starts afresh");
         // The forgotten cluster's pooled connection is closed (it held its cluster, so it would
         // have stayed open for good), and a connection handed back to it is not pooled.
