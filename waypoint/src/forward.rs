@@ -488,14 +488,16 @@ async fn process(
     };
     // The timeout counts from the end of the client's request, as Envoy's does: a whole body
     // is here, a streamed one may still be arriving (an upload, a client-streaming call).
-    let routed_at = tokio::time::Instant::now();
-    let run = deadline::within_after(timeout, upstream_request.body.end(), attempt.run(out));
+    // (The clock is read, and a streamed body watched, only for a route that has one.)
+    let routed_at = timeout.map(|_| tokio::time::Instant::now());
+    let request_end = timeout.and_then(|_| upstream_request.body.end());
+    let run = deadline::within_after(timeout, request_end, attempt.run(out));
     let result = run.await.unwrap_or(Err(UpstreamError::Timeout));
     match result {
         Ok(mut response) => {
             response.body_mut().hold(in_flight);
             // And it bounds the response to its end.
-            if let Some(limit) = timeout {
+            if let (Some(limit), Some(routed_at)) = (timeout, routed_at) {
                 let timer = match upstream_request.body.ended_at(routed_at) {
                     Some(ended_at) => deadline::Timer::until(ended_at + limit),
                     None => deadline::Timer::after(Some(limit), upstream_request.body.end()),
@@ -697,7 +699,8 @@ impl Attempts<'_> {
             };
             let send = self.state.clusters.send(self.cluster, &target, pool, self.request.build());
             // From the end of the client's request too (a retry's body has ended already).
-            let send = deadline::within_after(per_try, self.request.body.end(), send);
+            let request_end = per_try.and_then(|_| self.request.body.end());
+            let send = deadline::within_after(per_try, request_end, send);
             let result = send.await.unwrap_or(Err(UpstreamError::Timeout));
             let attempt = match &result {
                 Ok(response) => Attempt::Response {

@@ -85,8 +85,9 @@ pub struct Config {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub http2_max_concurrent_streams: Option<u32>,
 
-    /// Delay in milliseconds before every answer (at most 60000); an `x-echo-delay-ms` request
-    /// header replaces it for that request.
+    /// Delay in milliseconds before every answer (at most 60000) — for a streaming call
+    /// (`…/Stream`), before its end; an `x-echo-delay-ms` request header replaces it for that
+    /// request.
     #[arg(long, value_name = "MS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=MAX_DELAY_MS))]
     pub delay_ms: u64,
