@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use hyper::service::service_fn;
+use hyper::service::{Service as _, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -166,6 +166,10 @@ async fn serve_stream(
         Sniffed::Http2 => {
             let watch = IdleWatch::new();
             let svc = request_handler(state.clone(), down(Protocol::Http2), watch.clone());
+            // hyper makes each HTTP/2 request a task, and tokio writes a task's whole future
+            // into it when spawned and again at each change of stage (finished, consumed): a
+            // boxed request future makes those writes a pointer's rather than its kilobytes.
+            let svc = service_fn(move |req| Box::pin(svc.call(req)));
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc);
             serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, client, "HTTP/2").await;
