@@ -430,3 +430,17 @@ async fn grpc_calls_end_in_a_grpc_status() {
     assert!(String::from_utf8_lossy(bad.body()).contains("x-echo-grpc-status"));
     echo.stop().await;
 }
+
+#[tokio::test]
+async fn stats_count_the_requests_waiting_out_a_delay_at_once() {
+    let echo = Echo::start(&[]).await;
+    let slow = || fetch(echo.addr, false, get(&echo.url("/slow"), &[("x-echo-delay-ms", "300")]));
+    let (a, b, c) = tokio::join!(slow(), slow(), slow());
+    assert!([a, b, c].iter().all(|r| r.status() == 200));
+    // A request without a delay is not counted as one.
+    fetch(echo.addr, false, get(&echo.url("/quick"), &[])).await;
+    let stats = fetch(echo.addr, false, get(&echo.url("/_echo/stats"), &[])).await;
+    let stats: warren_apps::echo::Stats = serde_json::from_slice(stats.body()).unwrap();
+    assert_eq!((stats.delayed_now, stats.delayed_max, stats.requests), (0, 3, 4), "{stats:?}");
+    echo.stop().await;
+}

@@ -171,6 +171,7 @@ async fn serve_stream(
             // boxed request future makes those writes a pointer's rather than its kilobytes.
             let svc = service_fn(move |req| Box::pin(svc.call(req)));
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(state.config.http2_max_concurrent_streams)
                 .serve_connection(TokioIo::new(stream), svc);
             serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, client, "HTTP/2").await;
         }

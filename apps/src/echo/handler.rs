@@ -86,6 +86,29 @@ pub struct Stats {
     pub requests: u64,
     /// By `:authority` / `Host` (mirrored copies arrive with a `-shadow` suffix).
     pub by_authority: BTreeMap<String, u64>,
+    /// Requests waiting out their delay now, and the most that ever were at once: how many a
+    /// proxy in front let through together.
+    pub delayed_now: u64,
+    pub delayed_max: u64,
+}
+
+/// A request waiting out its delay, counted in [`Stats`] until dropped (answered, or
+/// abandoned by its client).
+struct Delayed<'a>(&'a std::sync::Mutex<Stats>);
+
+impl<'a> Delayed<'a> {
+    fn start(stats: &'a std::sync::Mutex<Stats>) -> Self {
+        let mut s = stats.lock().expect("poisoned");
+        s.delayed_now += 1;
+        s.delayed_max = s.delayed_max.max(s.delayed_now);
+        Delayed(stats)
+    }
+}
+
+impl Drop for Delayed<'_> {
+    fn drop(&mut self) {
+        self.0.lock().expect("poisoned").delayed_now -= 1;
+    }
 }
 
 /// One header's value(s): a plain string when it appeared once, which is the common case.
@@ -255,6 +278,7 @@ impl Handler {
 
         let delay = overrides.delay.unwrap_or(self.delay);
         if !delay.is_zero() {
+            let _delayed = Delayed::start(&self.stats);
             tokio::time::sleep(delay).await;
         }
         let status = overrides.status.or(failed.then_some(self.fail_status)).unwrap_or(StatusCode::OK);

@@ -6,6 +6,7 @@
 //! One test binary; each module holds one concern, on the shared fixture of [`mesh`].
 
 mod client_gone;
+mod concurrency;
 mod grpc;
 mod idle;
 mod mesh;
