@@ -459,9 +459,23 @@ fn raise_open_file_limit() {
 }
 
 /// Mounts the BPF filesystem at `path` if something else is there (or nothing).
+///
+/// The look and the mount hold a lock on the parent directory: two ztunnels starting at once
+/// on a node without it (or two test clusters) would otherwise both mount, and the second
+/// mount hides the first, with whatever the first ztunnel already made there.
 fn ensure_bpffs(path: &Path) -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let lock = std::fs::File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        bail!(
+            "locking {} to mount the BPF filesystem: {}",
+            parent.display(),
+            std::io::Error::last_os_error()
+        );
+    }
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: c_path is a valid C string; statfs writes into `buf`.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
@@ -485,6 +499,45 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mounts of the filesystem at `path`, from this process's mount table.
+    fn mounts_at(path: &Path) -> usize {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let wanted = path.to_str().unwrap();
+        table.lines().filter(|line| line.split(' ').nth(4) == Some(wanted)).count()
+    }
+
+    #[test]
+    fn ztunnels_starting_at_once_mount_the_bpf_filesystem_once() {
+        // Needs root (mount); a user without it has nothing to race.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("warren-bpffs-race-{}", std::process::id()));
+        let path = dir.join("bpf");
+        std::fs::create_dir_all(&path).unwrap();
+        let starting = std::sync::Barrier::new(8);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        starting.wait();
+                        ensure_bpffs(&path).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            starts.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mounted = mounts_at(&path);
+        for _ in 0..mounted {
+            let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(mounted, 1, "eight ztunnels at once mounted the BPF filesystem {mounted} times");
+    }
 
     #[test]
     fn the_namespaces_are_scanned_afresh_only_when_something_may_have_changed() {
