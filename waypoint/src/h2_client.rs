@@ -33,7 +33,15 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Streams opened before the server's SETTINGS arrive (the minimum RFC 9113 recommends servers
 /// allow, so a new connection's first burst is not refused).
-const INITIAL_MAX_SEND_STREAMS: usize = 100;
+pub const INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// How long a new connection's pooling waits for the server's SETTINGS (a server that does
+/// not answer a PING is pooled after this, its stream limit then learned as it comes).
+const SETTINGS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves once a new connection's server SETTINGS are in force (or the connection ended,
+/// or [`SETTINGS_WAIT`] passed): from then on its stream limit is the server's, not the
+/// assumed [`INITIAL_MAX_SEND_STREAMS`].
+pub type SettingsKnown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// A handle to one upstream HTTP/2 connection; clones share it.
 #[derive(Clone)]
@@ -64,12 +72,13 @@ impl Drop for StreamClaim {
     }
 }
 
-/// Opens HTTP/2 on `io` and spawns the task that drives the connection.
-pub async fn handshake<T>(io: T, addr: SocketAddr) -> Result<H2Sender, h2::Error>
+/// Opens HTTP/2 on `io` and spawns the task that drives the connection; returns its handle
+/// and when its server's SETTINGS are known (see [`SettingsKnown`]).
+pub async fn handshake<T>(io: T, addr: SocketAddr) -> Result<(H2Sender, SettingsKnown), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (send, connection) = h2::client::Builder::new()
+    let (send, mut connection) = h2::client::Builder::new()
         .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -78,6 +87,9 @@ where
         .enable_push(false)
         .handshake(io)
         .await?;
+    // A server's first frame is its SETTINGS, and h2 applies a peer's SETTINGS before it reads
+    // the next frame: once a PING's answer is in, so is the server's stream limit.
+    let ping_pong = connection.ping_pong();
     let closed = Arc::new(AtomicBool::new(false));
     let flag = closed.clone();
     tokio::spawn(async move {
@@ -88,7 +100,12 @@ where
     });
     let streams =
         Streams { claimed: AtomicUsize::new(0), idle_since: Mutex::new(tokio::time::Instant::now()) };
-    Ok(H2Sender { send, closed, streams: Arc::new(streams) })
+    let settings_known = Box::pin(async move {
+        if let Some(mut ping_pong) = ping_pong {
+            let _ = tokio::time::timeout(SETTINGS_WAIT, ping_pong.ping(h2::Ping::opaque())).await;
+        }
+    });
+    Ok((H2Sender { send, closed, streams: Arc::new(streams) }, settings_known))
 }
 
 impl H2Sender {
@@ -354,7 +371,7 @@ mod tests {
                 }
             }
         });
-        handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap()
+        handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap().0
     }
 
     #[tokio::test]
@@ -370,14 +387,21 @@ mod tests {
                 respond.send_response(Response::new(()), true).unwrap();
             }
         });
-        let mut sender = handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap();
+        let (mut sender, settings_known) =
+            handshake(client_io, "127.0.0.1:1".parse().unwrap()).await.unwrap();
         let claims: Vec<StreamClaim> = (0..3).map(|_| sender.claim_stream()).collect();
         assert!(
             sender.has_free_stream(None),
             "before the server's SETTINGS, {INITIAL_MAX_SEND_STREAMS} are assumed"
         );
         drop(claims);
-        // One exchange: the server's SETTINGS have arrived by its answer.
+        settings_known.await;
+        let two: Vec<StreamClaim> = (0..2).map(|_| sender.claim_stream()).collect();
+        assert!(
+            !sender.has_free_stream(None),
+            "once its SETTINGS are known, the server's limit of two holds"
+        );
+        drop(two);
         let claim = sender.claim_stream();
         sender.send(post("")).await.unwrap();
         drop(claim);

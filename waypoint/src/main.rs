@@ -7,6 +7,7 @@ mod authz;
 mod body;
 mod config;
 mod deadline;
+mod dialing;
 mod forward;
 mod grpc;
 mod h2_client;

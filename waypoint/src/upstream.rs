@@ -35,7 +35,8 @@ use warren_core::{
 use crate::{
     body::RequestBody,
     deadline::{self, Timer},
-    h2_client::{self, H2Body, H2SendError, H2Sender, StreamClaim},
+    dialing::Dials,
+    h2_client::{self, H2Body, H2SendError, H2Sender, SettingsKnown, StreamClaim},
     hashing::{HashInput, hash_value},
     hbone::HboneClient,
 };
@@ -69,6 +70,9 @@ impl UpstreamError {
         }
     }
 }
+
+/// Where a pooled connection goes, and in which protocol.
+pub type DialKey = (SocketAddr, Protocol);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -192,6 +196,8 @@ pub struct Cluster {
     /// Set, under the `idle` lock, once the cluster's service is gone from the config.
     forgotten: AtomicBool,
     released: tokio::sync::Notify,
+    /// HTTP/2 connections being opened, which requests wait for rather than each opening one.
+    dials: Dials,
 }
 
 impl Cluster {
@@ -208,6 +214,7 @@ impl Cluster {
             idle: Mutex::new(FastMap::default()),
             forgotten: AtomicBool::new(false),
             released: tokio::sync::Notify::new(),
+            dials: Dials::default(),
         }
     }
 
@@ -654,55 +661,35 @@ impl Clusters {
         }))
     }
 
-    /// A connection to the target: an idle ready one, a new one within `maxConnections`, or —
-    /// when the pool is full — a wait among at most `http1MaxPendingRequests` others.
+    /// A connection to the target: an idle ready one, one being opened with a stream to spare
+    /// (HTTP/2), a new one within `maxConnections`, or — when the pool is full — a wait among
+    /// at most `http1MaxPendingRequests` others.
     async fn checkout(
         &self,
         cluster: &Arc<Cluster>,
         target: &Target<'_>,
         pool: Option<&ConnectionPool>,
     ) -> Result<PooledConn, UpstreamError> {
+        let key = (target.addr, target.protocol);
         let max_conns = pool.and_then(|p| p.max_connections).map_or(usize::MAX, |m| m as usize);
         let max_pending = pool.and_then(|p| p.http1_max_pending_requests).map_or(usize::MAX, |m| m as usize);
         let mut pending: Option<PendingGuard> = None;
         loop {
-            if let Some(conn) = take_ready(cluster, (target.addr, target.protocol), pool) {
+            if let Some(conn) = take_ready(cluster, key, pool) {
                 return Ok(conn);
+            }
+            if let Some(waiting) = cluster.dials.join(key) {
+                waiting.finished().await?;
+                continue;
             }
             if cluster
                 .connections
                 .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_conns).then_some(n + 1))
                 .is_ok()
             {
-                let slot = Arc::new(ConnectionSlot(cluster.clone()));
-                let connect_timeout = pool.and_then(|p| p.connect_timeout_ms);
-                // Boxed: dialing (TLS and HTTP handshakes) is rare next to requests on pooled
-                // connections, and its state is most of what a request's future would hold.
-                let dial = Box::pin(self.dial(target));
-                let sender = deadline::within(connect_timeout.map(Duration::from_millis), dial)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(UpstreamError::Connect(format!(
-                            "{}: no connection within {} ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
-                            target.addr,
-                            connect_timeout.unwrap_or_default()
-                        )))
-                    })?;
-                let stream = match &sender {
-                    Sender::Http2(s) => Some(s.claim_stream()),
-                    Sender::Http1(_) => None,
-                };
-                return Ok(PooledConn {
-                    sender,
-                    requests: 0,
-                    shared: false,
-                    stream,
-                    slot,
-                    last_used: tokio::time::Instant::now(),
-                    idle_timeout: idle_timeout(pool),
-                });
+                return self.open(cluster, target, pool).await;
             }
-            if release_idle_elsewhere(cluster, (target.addr, target.protocol)) {
+            if release_idle_elsewhere(cluster, key) {
                 continue;
             }
             if pending.is_none() {
@@ -722,7 +709,84 @@ impl Clusters {
         }
     }
 
-    async fn dial(&self, target: &Target<'_>) -> Result<Sender, UpstreamError> {
+    /// Opens a connection in a slot `checkout` has taken under `maxConnections`. A new
+    /// HTTP/2 connection is shared at once: requests that come meanwhile wait for it (up to
+    /// the streams it is assumed to have), and it joins the pool once its server's SETTINGS
+    /// are known, instead of after its first response.
+    async fn open(
+        &self,
+        cluster: &Arc<Cluster>,
+        target: &Target<'_>,
+        pool: Option<&ConnectionPool>,
+    ) -> Result<PooledConn, UpstreamError> {
+        let key = (target.addr, target.protocol);
+        let slot = Arc::new(ConnectionSlot(cluster.clone()));
+        let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
+        let stream_limit = pool.and_then(|p| p.max_concurrent_streams).map_or(usize::MAX, |l| l as usize);
+        let shared = target.protocol == Protocol::Http2 && max_per_conn != 1;
+        let room = if shared {
+            let streams = h2_client::INITIAL_MAX_SEND_STREAMS.min(stream_limit);
+            let requests = if max_per_conn == 0 { usize::MAX } else { max_per_conn as usize };
+            streams.min(requests).saturating_sub(1)
+        } else {
+            0
+        };
+        let opening = shared.then(|| cluster.dials.open(key, room));
+        let connect_timeout = pool.and_then(|p| p.connect_timeout_ms);
+        // Boxed: dialing (TLS and HTTP handshakes) is rare next to requests on pooled
+        // connections, and its state is most of what a request's future would hold.
+        let dial = Box::pin(self.dial(target));
+        let dialed = deadline::within(connect_timeout.map(Duration::from_millis), dial).await.unwrap_or_else(|_| {
+            Err(UpstreamError::Connect(format!(
+                "{}: no connection within {} ms (the DestinationRule's connectionPool.tcp.connectTimeout)",
+                target.addr,
+                connect_timeout.unwrap_or_default()
+            )))
+        });
+        let (sender, settings_known) = match dialed {
+            Ok(dialed) => dialed,
+            Err(e) => {
+                if let Some(opening) = opening {
+                    opening.failed(e.clone());
+                }
+                return Err(e);
+            }
+        };
+        let conn =
+            |sender: Sender, requests: u32, shared: bool, stream: Option<StreamClaim>, slot| PooledConn {
+                sender,
+                requests,
+                shared,
+                stream,
+                slot,
+                last_used: tokio::time::Instant::now(),
+                idle_timeout: idle_timeout(pool),
+            };
+        match (sender, opening, settings_known) {
+            (Sender::Http2(h2), Some(opening), Some(settings_known)) => {
+                // The pool's entry, with this first request counted, and this request's handle.
+                let entry = conn(Sender::Http2(h2.clone()), 1, false, None, slot.clone());
+                let handle = conn(Sender::Http2(h2.clone()), 1, true, Some(h2.claim_stream()), slot);
+                let cluster = cluster.clone();
+                tokio::spawn(async move {
+                    settings_known.await;
+                    cluster.pool(key, entry);
+                    opening.pooled();
+                });
+                Ok(handle)
+            }
+            (sender, _, _) => {
+                let stream = match &sender {
+                    Sender::Http2(s) => Some(s.claim_stream()),
+                    Sender::Http1(_) => None,
+                };
+                Ok(conn(sender, 0, false, stream, slot))
+            }
+        }
+    }
+
+    /// Opens a connection; a new HTTP/2 one comes with when its server's SETTINGS are known.
+    async fn dial(&self, target: &Target<'_>) -> Result<(Sender, Option<SettingsKnown>), UpstreamError> {
         let endpoint = target.endpoint;
         let io: Box<dyn Io> = if endpoint.enrolled {
             let expected = endpoint.identity(target.trust_domain);
@@ -755,13 +819,13 @@ impl Clusters {
                         debug!(%addr, "upstream HTTP/1.1 connection ended: {e}");
                     }
                 });
-                Ok(Sender::Http1(sender))
+                Ok((Sender::Http1(sender), None))
             }
             Protocol::Http2 => {
-                let sender = h2_client::handshake(io, addr)
+                let (sender, settings_known) = h2_client::handshake(io, addr)
                     .await
                     .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-                Ok(Sender::Http2(sender))
+                Ok((Sender::Http2(sender), Some(settings_known)))
             }
         }
     }
@@ -1063,7 +1127,7 @@ mod tests {
             let mut connection = h2::server::handshake(far).await.unwrap();
             while let Some(Ok(_)) = connection.accept().await {}
         });
-        let sender = h2_client::handshake(near, addr).await.unwrap();
+        let (sender, _) = h2_client::handshake(near, addr).await.unwrap();
         cluster.pool((addr, Protocol::Http2), connection_of(&cluster, Sender::Http2(sender.clone())));
         // A stream five times as long as the idle timeout: the connection is in use throughout.
         let stream = sender.claim_stream();

@@ -137,6 +137,32 @@ fn http2_requests_past_a_stream_limit_open_more_upstream_connections() {
 }
 
 #[test]
+fn a_burst_of_http2_requests_on_a_cold_pool_waits_for_the_connections_being_opened() {
+    // 250 slow requests at once, none pooled yet. Each used to open an upstream connection of
+    // its own (a new one joined the pool only after its first response); now requests wait
+    // for a connection being opened while it is assumed to have a stream for them (100 until
+    // the server's SETTINGS), as Envoy attaches pending streams to a connecting client.
+    let mesh = Mesh::new(&[]);
+    let to_v1 = HttpRoute { route: vec![to("v1", 100)], ..Default::default() };
+    mesh.apply(Routing {
+        virtual_services: vec![vs(vec![to_v1])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    });
+    let answers = http2_posts(&mesh.client, &[0; 250], &[("x-echo-delay-ms", "1000")]);
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}\n{}", mesh.waypoint.log());
+    let echoes: Vec<serde_json::Value> = answers.into_iter().map(|(_, echo)| echo).collect();
+    let per_connection = requests_per_upstream_connection(&echoes);
+    assert!(
+        per_connection.len() <= 3,
+        "250 requests at once opened {} upstream connections: {per_connection:?}",
+        per_connection.len()
+    );
+    let held = echo_stats(&mesh.v1)["delayedMax"].as_u64().unwrap();
+    assert!(held >= 250, "v1 held at most {held} of the 250 requests at once: some waited behind others");
+}
+
+#[test]
 fn upstream_connections_idle_past_the_rules_idle_timeout_are_closed() {
     let mesh = Mesh::new(&[]);
     let mut routing = canary();

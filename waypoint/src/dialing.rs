@@ -1,0 +1,191 @@
+//! Upstream HTTP/2 connections being opened, and the requests that wait for them.
+//!
+//! A request that finds no pooled HTTP/2 connection with a free stream used to open a
+//! connection of its own, and a new connection joined the pool only once its first response
+//! had come back: 2,000 slow requests at once on a cold pool opened ~1,800 upstream
+//! connections (an HBONE stream and an HTTP/2 connection each, ~16 KB apiece: 29 MB of the
+//! waypoint's heap, measured with heaptrack). Envoy attaches pending streams to a connecting
+//! client up to the streams it expects it to have; here a request likewise waits for a
+//! connection being opened while that one is expected to have a stream for it, and the
+//! connection joins the pool once the server's SETTINGS (its stream limit) are known.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::sync::watch;
+
+use crate::upstream::{DialKey, UpstreamError};
+
+/// The connections a cluster is opening (HTTP/2 only: an HTTP/1.1 connection carries one
+/// request at a time, so nothing could wait for it).
+#[derive(Default)]
+pub struct Dials(Arc<Mutex<Vec<Arc<Dial>>>>);
+
+struct Dial {
+    key: DialKey,
+    /// Requests besides its opener that it is expected to carry at once.
+    room: usize,
+    waiting: AtomicUsize,
+    outcome: watch::Sender<Outcome>,
+}
+
+#[derive(Clone, Debug)]
+enum Outcome {
+    Pending,
+    /// In the pool: the waiters look there again.
+    Pooled,
+    /// Its opener gave up (cancelled) or got a connection it does not share: the waiters look
+    /// again, and may open one themselves.
+    Abandoned,
+    /// The waiters fail as its opener did (Envoy fails the streams attached to a connecting
+    /// client with the connect failure).
+    Failed(UpstreamError),
+}
+
+impl Dials {
+    /// Registers a connection being opened to `key` that is expected to carry `room`
+    /// requests besides its opener's.
+    pub fn open(&self, key: DialKey, room: usize) -> Opening {
+        let (outcome, _) = watch::channel(Outcome::Pending);
+        let dial = Arc::new(Dial { key, room, waiting: AtomicUsize::new(0), outcome });
+        lock(&self.0).push(dial.clone());
+        Opening { list: self.0.clone(), dial }
+    }
+
+    /// Joins a connection being opened to `key` that has room for one more request.
+    pub fn join(&self, key: DialKey) -> Option<Waiting> {
+        let open = lock(&self.0);
+        let dial = open.iter().find(|d| {
+            d.key == key
+                && matches!(*d.outcome.borrow(), Outcome::Pending)
+                && d.waiting.load(Ordering::Acquire) < d.room
+        })?;
+        dial.waiting.fetch_add(1, Ordering::AcqRel);
+        Some(Waiting { outcome: dial.outcome.subscribe(), dial: dial.clone() })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The opener's side of a [`Dial`]: says how it ended. Dropped without a word (its request
+/// cancelled mid-dial), it tells the waiters to look again.
+pub struct Opening {
+    list: Arc<Mutex<Vec<Arc<Dial>>>>,
+    dial: Arc<Dial>,
+}
+
+impl Opening {
+    /// The connection is in the pool.
+    pub fn pooled(self) {
+        self.dial.outcome.send_replace(Outcome::Pooled);
+    }
+
+    /// The connection could not be opened: the waiters fail with `error`.
+    pub fn failed(self, error: UpstreamError) {
+        self.dial.outcome.send_replace(Outcome::Failed(error));
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        lock(&self.list).retain(|d| !Arc::ptr_eq(d, &self.dial));
+        self.dial.outcome.send_if_modified(|outcome| {
+            let pending = matches!(outcome, Outcome::Pending);
+            if pending {
+                *outcome = Outcome::Abandoned;
+            }
+            pending
+        });
+    }
+}
+
+/// A request's place among a [`Dial`]'s waiters; dropped, it leaves room for another.
+pub struct Waiting {
+    dial: Arc<Dial>,
+    outcome: watch::Receiver<Outcome>,
+}
+
+impl Waiting {
+    /// Waits for the connection: `Ok` when the pool is worth another look (the connection is
+    /// there, or its opener gave up), the opener's error when it failed.
+    pub async fn finished(mut self) -> Result<(), UpstreamError> {
+        // The sender lives in the dial this waiter holds, so the channel cannot close.
+        let outcome = self.outcome.wait_for(|o| !matches!(o, Outcome::Pending)).await.map(|o| o.clone());
+        match outcome {
+            Ok(Outcome::Failed(error)) => Err(error),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.dial.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::Protocol;
+
+    fn key(port: u16) -> DialKey {
+        (std::net::SocketAddr::from(([10, 0, 0, 1], port)), Protocol::Http2)
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_a_connection_being_opened_up_to_its_room() {
+        let dials = Dials::default();
+        let opening = dials.open(key(80), 2);
+        let first = dials.join(key(80)).expect("room for one");
+        let second = dials.join(key(80)).expect("room for two");
+        assert!(dials.join(key(80)).is_none(), "a third would be past its room");
+        assert!(dials.join(key(81)).is_none(), "another address has no connection being opened");
+        drop(second);
+        let second = dials.join(key(80)).expect("a waiter gone leaves room");
+
+        let waiters = tokio::spawn(async move { (first.finished().await, second.finished().await) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiters.is_finished(), "the waiters wait for the outcome");
+        opening.pooled();
+        let (first, second) = waiters.await.unwrap();
+        assert!(first.is_ok() && second.is_ok());
+        assert!(dials.join(key(80)).is_none(), "a connection opened is no longer joined");
+    }
+
+    #[tokio::test]
+    async fn a_failed_opening_fails_its_waiters_with_its_error() {
+        let dials = Dials::default();
+        let opening = dials.open(key(80), 5);
+        let waiting = dials.join(key(80)).unwrap();
+        opening.failed(UpstreamError::Connect("10.0.0.1:80: connection refused".into()));
+        match waiting.finished().await {
+            Err(UpstreamError::Connect(e)) => assert_eq!(e, "10.0.0.1:80: connection refused"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_opener_that_gives_up_sends_its_waiters_back_to_the_pool() {
+        let dials = Dials::default();
+        let opening = dials.open(key(80), 5);
+        let waiting = dials.join(key(80)).unwrap();
+        drop(opening);
+        assert!(waiting.finished().await.is_ok());
+        assert!(dials.join(key(80)).is_none());
+    }
+
+    #[test]
+    fn no_room_no_waiting() {
+        // maxConcurrentStreams 1: every request opens its own connection.
+        let dials = Dials::default();
+        let _opening = dials.open(key(80), 0);
+        assert!(dials.join(key(80)).is_none());
+    }
+}
