@@ -54,14 +54,18 @@ impl Dials {
         Opening { list: self.0.clone(), dial }
     }
 
-    /// Joins a connection being opened to `key` that has room for one more request.
-    pub fn join(&self, key: DialKey) -> Option<Waiting> {
+    /// Joins a connection being opened to `key` that has room for one more request, if
+    /// `admit` lets the request wait (it takes a slot under `http1MaxPendingRequests`).
+    pub fn join(&self, key: DialKey, admit: impl FnOnce() -> bool) -> Option<Waiting> {
         let open = lock(&self.0);
         let dial = open.iter().find(|d| {
             d.key == key
                 && matches!(*d.outcome.borrow(), Outcome::Pending)
                 && d.waiting.load(Ordering::Acquire) < d.room
         })?;
+        if !admit() {
+            return None;
+        }
         dial.waiting.fetch_add(1, Ordering::AcqRel);
         Some(Waiting { outcome: dial.outcome.subscribe(), dial: dial.clone() })
     }
@@ -143,12 +147,16 @@ mod tests {
     async fn requests_wait_for_a_connection_being_opened_up_to_its_room() {
         let dials = Dials::default();
         let opening = dials.open(key(80), 2);
-        let first = dials.join(key(80)).expect("room for one");
-        let second = dials.join(key(80)).expect("room for two");
-        assert!(dials.join(key(80)).is_none(), "a third would be past its room");
-        assert!(dials.join(key(81)).is_none(), "another address has no connection being opened");
+        let first = dials.join(key(80), || true).expect("room for one");
+        let second = dials.join(key(80), || true).expect("room for two");
+        assert!(dials.join(key(80), || true).is_none(), "a third would be past its room");
+        assert!(dials.join(key(81), || true).is_none(), "another address has no connection being opened");
         drop(second);
-        let second = dials.join(key(80)).expect("a waiter gone leaves room");
+        assert!(
+            dials.join(key(80), || false).is_none(),
+            "one not admitted (its pending slots full) does not wait"
+        );
+        let second = dials.join(key(80), || true).expect("a waiter gone leaves room");
 
         let waiters = tokio::spawn(async move { (first.finished().await, second.finished().await) });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -156,14 +164,14 @@ mod tests {
         opening.pooled();
         let (first, second) = waiters.await.unwrap();
         assert!(first.is_ok() && second.is_ok());
-        assert!(dials.join(key(80)).is_none(), "a connection opened is no longer joined");
+        assert!(dials.join(key(80), || true).is_none(), "a connection opened is no longer joined");
     }
 
     #[tokio::test]
     async fn a_failed_opening_fails_its_waiters_with_its_error() {
         let dials = Dials::default();
         let opening = dials.open(key(80), 5);
-        let waiting = dials.join(key(80)).unwrap();
+        let waiting = dials.join(key(80), || true).unwrap();
         opening.failed(UpstreamError::Connect("10.0.0.1:80: connection refused".into()));
         match waiting.finished().await {
             Err(UpstreamError::Connect(e)) => assert_eq!(e, "10.0.0.1:80: connection refused"),
@@ -175,10 +183,10 @@ mod tests {
     async fn an_opener_that_gives_up_sends_its_waiters_back_to_the_pool() {
         let dials = Dials::default();
         let opening = dials.open(key(80), 5);
-        let waiting = dials.join(key(80)).unwrap();
+        let waiting = dials.join(key(80), || true).unwrap();
         drop(opening);
         assert!(waiting.finished().await.is_ok());
-        assert!(dials.join(key(80)).is_none());
+        assert!(dials.join(key(80), || true).is_none());
     }
 
     #[test]
@@ -186,6 +194,6 @@ mod tests {
         // maxConcurrentStreams 1: every request opens its own connection.
         let dials = Dials::default();
         let _opening = dials.open(key(80), 0);
-        assert!(dials.join(key(80)).is_none());
+        assert!(dials.join(key(80), || true).is_none());
     }
 }

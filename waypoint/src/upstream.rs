@@ -673,12 +673,28 @@ impl Clusters {
         let key = (target.addr, target.protocol);
         let max_conns = pool.and_then(|p| p.max_connections).map_or(usize::MAX, |m| m as usize);
         let max_pending = pool.and_then(|p| p.http1_max_pending_requests).map_or(usize::MAX, |m| m as usize);
+        // Taken once, kept until the request has a connection: `http1MaxPendingRequests`
+        // bounds the requests waiting, for a pooled connection to free up or for one being
+        // opened (as Envoy counts a stream waiting for a connecting client as pending).
         let mut pending: Option<PendingGuard> = None;
+        let wait_pending = |pending: &mut Option<PendingGuard>| {
+            if pending.is_none() {
+                if cluster
+                    .pending
+                    .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_pending).then_some(n + 1))
+                    .is_err()
+                {
+                    return false;
+                }
+                *pending = Some(PendingGuard(cluster.clone()));
+            }
+            true
+        };
         loop {
             if let Some(conn) = take_ready(cluster, key, pool) {
                 return Ok(conn);
             }
-            if let Some(waiting) = cluster.dials.join(key) {
+            if let Some(waiting) = cluster.dials.join(key, || wait_pending(&mut pending)) {
                 waiting.finished().await?;
                 continue;
             }
@@ -687,20 +703,15 @@ impl Clusters {
                 .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_conns).then_some(n + 1))
                 .is_ok()
             {
+                // Opening one, it waits no more.
+                drop(pending);
                 return self.open(cluster, target, pool).await;
             }
             if release_idle_elsewhere(cluster, key) {
                 continue;
             }
-            if pending.is_none() {
-                if cluster
-                    .pending
-                    .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_pending).then_some(n + 1))
-                    .is_err()
-                {
-                    return Err(UpstreamError::Overflow);
-                }
-                pending = Some(PendingGuard(cluster.clone()));
+            if !wait_pending(&mut pending) {
+                return Err(UpstreamError::Overflow);
             }
             // Woken when a request ends or a connection closes; the timer covers a wake-up
             // that raced ahead of this waiter.
