@@ -143,7 +143,7 @@ pub struct Config {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` the waypoint announces). Envoy's default, which
     /// Istio's waypoints keep, is 2^31 - 1: a gRPC client holding more long-lived calls on one
     /// channel than a lower limit would see the rest wait behind them, not fail. Each request
-    /// in flight holds memory until it ends (~27 KB measured, docs/waypoint.md).
+    /// in flight holds memory until it ends (~9 KB measured, docs/waypoint.md).
     #[arg(long, env = "WARREN_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 2_147_483_647, value_parser = clap::value_parser!(u32).range(1..))]
     pub http2_max_concurrent_streams: u32,
 
