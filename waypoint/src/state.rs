@@ -10,7 +10,7 @@ use std::{
 };
 
 use warren_core::{
-    FastMap,
+    FastMap, FastSet,
     accept::{Handshakes, MAX_HANDSHAKES_PER_SOURCE},
     certs::CertManager,
     identity::SpiffeId,
@@ -37,6 +37,9 @@ pub struct Snapshot {
     /// Every service's endpoints, and each subset's, by service host: found per request
     /// instead of filtering the service's endpoints by labels every time.
     endpoint_sets: FastMap<String, EndpointSets>,
+    /// The ports a cluster can be for under this version: every service's, and every port a
+    /// route or mirror names (a destination without one takes the request's service port).
+    cluster_ports: FastSet<u16>,
     /// Each workload's metric labels, by UID, built on its first request under this version.
     metric_sides: Mutex<FastMap<String, Interned<Side>>>,
 }
@@ -80,9 +83,17 @@ impl Snapshot {
                 (host.clone(), EndpointSets { all: all.into(), by_subset })
             })
             .collect();
+        let service_ports = config.services.iter().flat_map(|s| s.ports.iter().map(|p| p.port));
+        let named_ports = config.routing.virtual_services.iter().flat_map(|vs| &vs.http).flat_map(|route| {
+            let routed = route.route.iter().map(|r| &r.destination);
+            let mirrored = route.mirrors.iter().map(|m| &m.destination);
+            routed.chain(mirrored).filter_map(|d| d.port)
+        });
+        let cluster_ports = service_ports.chain(named_ports).collect();
         Self {
             index,
             routes,
+            cluster_ports,
             services_by_host,
             destination_rules,
             endpoint_sets,
@@ -101,11 +112,13 @@ impl Snapshot {
         }
     }
 
-    /// Whether this config still has `key`'s cluster: its host is a service and its subset,
-    /// if any, one that the host's DestinationRule defines.
+    /// Whether this config still has `key`'s cluster: its host is a service, its subset, if
+    /// any, one that the host's DestinationRule defines, and its port one a service has or a
+    /// route names.
     pub fn has_cluster(&self, key: &crate::upstream::ClusterKey) -> bool {
         let Some(sets) = self.endpoint_sets.get(&key.host) else { return false };
-        key.subset.as_deref().is_none_or(|subset| sets.by_subset.contains_key(subset))
+        self.cluster_ports.contains(&key.port)
+            && key.subset.as_deref().is_none_or(|subset| sets.by_subset.contains_key(subset))
     }
 
     /// `workload`'s metric labels under this config version (its labels can change with the
@@ -211,7 +224,10 @@ impl WaypointState {
 mod tests {
     use std::collections::BTreeMap;
 
-    use warren_core::l7::{Routing, Subset};
+    use warren_core::{
+        l7::{Destination, HttpRoute, RouteDestination, Routing, Subset, VirtualService},
+        model::ServicePort,
+    };
 
     use super::*;
 
@@ -247,7 +263,7 @@ mod tests {
                 name: "payment".into(),
                 namespace: "shop".into(),
                 vips: vec![],
-                ports: vec![],
+                ports: vec![ServicePort { port: 80, target_port: 8080 }],
                 endpoints: ["a", "b", "c", "pending"].map(String::from).to_vec(),
                 waypoint: None,
             }],
@@ -258,6 +274,21 @@ mod tests {
                     host: host.into(),
                     traffic_policy: Default::default(),
                     subsets: vec![subset("v1", "v1"), subset("v2", "v2"), subset("v3", "v3")],
+                }],
+                // A route to a port the service does not list (the admin port, say).
+                virtual_services: vec![VirtualService {
+                    name: "payment".into(),
+                    namespace: "shop".into(),
+                    kind: Default::default(),
+                    hosts: vec![host.into()],
+                    http: vec![HttpRoute {
+                        route: vec![RouteDestination {
+                            destination: Destination { host: host.into(), subset: None, port: Some(9090) },
+                            weight: 100,
+                            headers: Default::default(),
+                        }],
+                        ..Default::default()
+                    }],
                 }],
                 ..Default::default()
             },
@@ -275,14 +306,16 @@ mod tests {
         assert_eq!(names(Some("v4")), None, "a subset the rule does not define");
         assert!(snapshot.endpoints("ledger.shop.svc.cluster.local", None).is_none());
         // The clusters this config still has: the service's, and its rule's subsets'.
-        let key = |host: &str, subset: Option<&str>| crate::upstream::ClusterKey {
+        let key = |host: &str, subset: Option<&str>, port| crate::upstream::ClusterKey {
             host: host.into(),
             subset: subset.map(String::from),
-            port: 80,
+            port,
         };
-        assert!(snapshot.has_cluster(&key(host, None)));
-        assert!(snapshot.has_cluster(&key(host, Some("v3"))));
-        assert!(!snapshot.has_cluster(&key(host, Some("v4"))));
-        assert!(!snapshot.has_cluster(&key("ledger.shop.svc.cluster.local", None)));
+        assert!(snapshot.has_cluster(&key(host, None, 80)));
+        assert!(snapshot.has_cluster(&key(host, Some("v3"), 80)));
+        assert!(!snapshot.has_cluster(&key(host, Some("v4"), 80)));
+        assert!(!snapshot.has_cluster(&key("ledger.shop.svc.cluster.local", None, 80)));
+        assert!(snapshot.has_cluster(&key(host, None, 9090)), "a port a route names");
+        assert!(!snapshot.has_cluster(&key(host, None, 7070)), "a port no service has and no route names");
     }
 }
