@@ -6,8 +6,9 @@
 //! connections (an HBONE stream and an HTTP/2 connection each, ~16 KB apiece: 29 MB of the
 //! waypoint's heap, measured with heaptrack). Envoy attaches pending streams to a connecting
 //! client up to the streams it expects it to have; here a request likewise waits for a
-//! connection being opened while that one is expected to have a stream for it, and the
-//! connection joins the pool once the server's SETTINGS (its stream limit) are known.
+//! connection being opened while that one is expected to have a stream for it. Once the
+//! server's SETTINGS (its stream limit) are known, the waiters are handed streams of the new
+//! connection first (as many as it has free), and then it joins the pool for the rest.
 
 use std::sync::{
     Arc, Mutex,
@@ -19,22 +20,31 @@ use tokio::sync::watch;
 use crate::upstream::{DialKey, UpstreamError};
 
 /// The connections a cluster is opening (HTTP/2 only: an HTTP/1.1 connection carries one
-/// request at a time, so nothing could wait for it).
-#[derive(Default)]
-pub struct Dials(Arc<Mutex<Vec<Arc<Dial>>>>);
+/// request at a time, so nothing could wait for it). `H` is what a waiter is handed: a
+/// stream of the new connection.
+pub struct Dials<H>(Arc<Mutex<Vec<Arc<Dial<H>>>>>);
 
-struct Dial {
+impl<H> Default for Dials<H> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+struct Dial<H> {
     key: DialKey,
     /// Requests besides its opener that it is expected to carry at once.
     room: usize,
     waiting: AtomicUsize,
+    /// Streams for the waiters, taken one each; any left over (a waiter gone meanwhile) are
+    /// released with the dial.
+    handed: Mutex<Vec<H>>,
     outcome: watch::Sender<Outcome>,
 }
 
 #[derive(Clone, Debug)]
 enum Outcome {
     Pending,
-    /// In the pool: the waiters look there again.
+    /// Open: each waiter takes a stream handed over, or (none left) looks in the pool again.
     Pooled,
     /// Its opener gave up (cancelled) or got a connection it does not share: the waiters look
     /// again, and may open one themselves.
@@ -44,19 +54,25 @@ enum Outcome {
     Failed(UpstreamError),
 }
 
-impl Dials {
+impl<H> Dials<H> {
     /// Registers a connection being opened to `key` that is expected to carry `room`
     /// requests besides its opener's.
-    pub fn open(&self, key: DialKey, room: usize) -> Opening {
+    pub fn open(&self, key: DialKey, room: usize) -> Opening<H> {
         let (outcome, _) = watch::channel(Outcome::Pending);
-        let dial = Arc::new(Dial { key, room, waiting: AtomicUsize::new(0), outcome });
+        let dial = Arc::new(Dial {
+            key,
+            room,
+            waiting: AtomicUsize::new(0),
+            handed: Mutex::new(Vec::new()),
+            outcome,
+        });
         lock(&self.0).push(dial.clone());
         Opening { list: self.0.clone(), dial }
     }
 
     /// Joins a connection being opened to `key` that has room for one more request, if
     /// `admit` lets the request wait (it takes a slot under `http1MaxPendingRequests`).
-    pub fn join(&self, key: DialKey, admit: impl FnOnce() -> bool) -> Option<Waiting> {
+    pub fn join(&self, key: DialKey, admit: impl FnOnce() -> bool) -> Option<Waiting<H>> {
         let open = lock(&self.0);
         let dial = open.iter().find(|d| {
             d.key == key
@@ -77,14 +93,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The opener's side of a [`Dial`]: says how it ended. Dropped without a word (its request
 /// cancelled mid-dial), it tells the waiters to look again.
-pub struct Opening {
-    list: Arc<Mutex<Vec<Arc<Dial>>>>,
-    dial: Arc<Dial>,
+pub struct Opening<H> {
+    list: Arc<Mutex<Vec<Arc<Dial<H>>>>>,
+    dial: Arc<Dial<H>>,
 }
 
-impl Opening {
-    /// The connection is in the pool.
-    pub fn pooled(self) {
+impl<H> Opening<H> {
+    /// How many requests wait for the connection now.
+    pub fn waiting(&self) -> usize {
+        self.dial.waiting.load(Ordering::Acquire)
+    }
+
+    /// The connection is open: `streams`, claimed before it joined the pool (so requests
+    /// arriving since could not take them first), go to the waiters, one each.
+    pub fn opened(self, streams: Vec<H>) {
+        *lock(&self.dial.handed) = streams;
         self.dial.outcome.send_replace(Outcome::Pooled);
     }
 
@@ -94,7 +117,7 @@ impl Opening {
     }
 }
 
-impl Drop for Opening {
+impl<H> Drop for Opening<H> {
     fn drop(&mut self) {
         lock(&self.list).retain(|d| !Arc::ptr_eq(d, &self.dial));
         self.dial.outcome.send_if_modified(|outcome| {
@@ -108,25 +131,26 @@ impl Drop for Opening {
 }
 
 /// A request's place among a [`Dial`]'s waiters; dropped, it leaves room for another.
-pub struct Waiting {
-    dial: Arc<Dial>,
+pub struct Waiting<H> {
+    dial: Arc<Dial<H>>,
     outcome: watch::Receiver<Outcome>,
 }
 
-impl Waiting {
-    /// Waits for the connection: `Ok` when the pool is worth another look (the connection is
-    /// there, or its opener gave up), the opener's error when it failed.
-    pub async fn finished(mut self) -> Result<(), UpstreamError> {
+impl<H> Waiting<H> {
+    /// Waits for the connection: a stream of it, or none when the pool is worth another look
+    /// (its streams ran out, or its opener gave up); the opener's error when it failed.
+    pub async fn finished(mut self) -> Result<Option<H>, UpstreamError> {
         // The sender lives in the dial this waiter holds, so the channel cannot close.
         let outcome = self.outcome.wait_for(|o| !matches!(o, Outcome::Pending)).await.map(|o| o.clone());
         match outcome {
             Ok(Outcome::Failed(error)) => Err(error),
-            _ => Ok(()),
+            Ok(Outcome::Pooled) => Ok(lock(&self.dial.handed).pop()),
+            _ => Ok(None),
         }
     }
 }
 
-impl Drop for Waiting {
+impl<H> Drop for Waiting<H> {
     fn drop(&mut self) {
         self.dial.waiting.fetch_sub(1, Ordering::AcqRel);
     }
@@ -145,7 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_wait_for_a_connection_being_opened_up_to_its_room() {
-        let dials = Dials::default();
+        let dials = Dials::<&str>::default();
         let opening = dials.open(key(80), 2);
         let first = dials.join(key(80), || true).expect("room for one");
         let second = dials.join(key(80), || true).expect("room for two");
@@ -161,15 +185,18 @@ mod tests {
         let waiters = tokio::spawn(async move { (first.finished().await, second.finished().await) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiters.is_finished(), "the waiters wait for the outcome");
-        opening.pooled();
+        assert_eq!(opening.waiting(), 2);
+        // The server allows one stream more: one waiter gets it, the other looks again.
+        opening.opened(vec!["stream"]);
         let (first, second) = waiters.await.unwrap();
-        assert!(first.is_ok() && second.is_ok());
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!([first, second].iter().flatten().count(), 1, "{first:?} {second:?}");
         assert!(dials.join(key(80), || true).is_none(), "a connection opened is no longer joined");
     }
 
     #[tokio::test]
     async fn a_failed_opening_fails_its_waiters_with_its_error() {
-        let dials = Dials::default();
+        let dials = Dials::<()>::default();
         let opening = dials.open(key(80), 5);
         let waiting = dials.join(key(80), || true).unwrap();
         opening.failed(UpstreamError::Connect("10.0.0.1:80: connection refused".into()));
@@ -181,18 +208,18 @@ mod tests {
 
     #[tokio::test]
     async fn an_opener_that_gives_up_sends_its_waiters_back_to_the_pool() {
-        let dials = Dials::default();
+        let dials = Dials::<()>::default();
         let opening = dials.open(key(80), 5);
         let waiting = dials.join(key(80), || true).unwrap();
         drop(opening);
-        assert!(waiting.finished().await.is_ok());
+        assert!(matches!(waiting.finished().await, Ok(None)));
         assert!(dials.join(key(80), || true).is_none());
     }
 
     #[test]
     fn no_room_no_waiting() {
         // maxConcurrentStreams 1: every request opens its own connection.
-        let dials = Dials::default();
+        let dials = Dials::<()>::default();
         let _opening = dials.open(key(80), 0);
         assert!(dials.join(key(80), || true).is_none());
     }

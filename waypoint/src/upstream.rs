@@ -35,7 +35,7 @@ use warren_core::{
 use crate::{
     body::RequestBody,
     deadline::{self, Timer},
-    dialing::Dials,
+    dialing::{Dials, Opening},
     h2_client::{self, H2Body, H2SendError, H2Sender, SettingsKnown, StreamClaim},
     hashing::{HashInput, hash_value},
     hbone::HboneClient,
@@ -150,6 +150,28 @@ struct PooledConn {
     idle_timeout: Option<Duration>,
 }
 
+impl PooledConn {
+    /// A handle to this HTTP/2 connection for one more request, holding a stream of it
+    /// (counted against `maxRequestsPerConnection`); none for HTTP/1.1.
+    fn share(&mut self) -> Option<PooledConn> {
+        let Sender::Http2(s) = &self.sender else { return None };
+        self.requests += 1;
+        Some(PooledConn {
+            sender: Sender::Http2(s.clone()),
+            requests: self.requests,
+            shared: true,
+            stream: Some(s.claim_stream()),
+            slot: self.slot.clone(),
+            last_used: self.last_used,
+            idle_timeout: self.idle_timeout,
+        })
+    }
+
+    fn has_free_stream(&self, limit: Option<u32>) -> bool {
+        matches!(&self.sender, Sender::Http2(s) if s.has_free_stream(limit))
+    }
+}
+
 /// Istio's `connectionPool.http.idleTimeout` when a rule sets none.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -197,7 +219,7 @@ pub struct Cluster {
     forgotten: AtomicBool,
     released: tokio::sync::Notify,
     /// HTTP/2 connections being opened, which requests wait for rather than each opening one.
-    dials: Dials,
+    dials: Dials<PooledConn>,
 }
 
 impl Cluster {
@@ -695,7 +717,9 @@ impl Clusters {
                 return Ok(conn);
             }
             if let Some(waiting) = cluster.dials.join(key, || wait_pending(&mut pending)) {
-                waiting.finished().await?;
+                if let Some(stream) = waiting.finished().await? {
+                    return Ok(stream);
+                }
                 continue;
             }
             if cluster
@@ -775,15 +799,18 @@ impl Clusters {
             };
         match (sender, opening, settings_known) {
             (Sender::Http2(h2), Some(opening), Some(settings_known)) => {
-                // The pool's entry, with this first request counted, and this request's handle.
-                let entry = conn(Sender::Http2(h2.clone()), 1, false, None, slot.clone());
-                let handle = conn(Sender::Http2(h2.clone()), 1, true, Some(h2.claim_stream()), slot);
-                let cluster = cluster.clone();
-                tokio::spawn(async move {
-                    settings_known.await;
-                    cluster.pool(key, entry);
-                    opening.pooled();
-                });
+                // The pool's entry, and this request's handle (its first request).
+                let mut entry = conn(Sender::Http2(h2), 0, false, None, slot);
+                let handle = entry.share().expect("an HTTP/2 connection");
+                let limits = (pool.and_then(|p| p.max_concurrent_streams), max_per_conn);
+                tokio::spawn(hand_out_then_pool(
+                    cluster.clone(),
+                    key,
+                    entry,
+                    opening,
+                    settings_known,
+                    limits,
+                ));
                 Ok(handle)
             }
             (sender, _, _) => {
@@ -840,6 +867,36 @@ impl Clusters {
             }
         }
     }
+}
+
+/// Once a new HTTP/2 connection's SETTINGS are known, claims a stream of it for each request
+/// waiting for it (as many as it has free under the server's and the rule's limits, and under
+/// `maxRequestsPerConnection`), pools it for the rest unless those used it up, and hands the
+/// claimed streams over.
+async fn hand_out_then_pool(
+    cluster: Arc<Cluster>,
+    key: DialKey,
+    mut entry: PooledConn,
+    opening: Opening<PooledConn>,
+    settings_known: SettingsKnown,
+    (stream_limit, max_per_conn): (Option<u32>, u32),
+) {
+    settings_known.await;
+    let mut streams = Vec::new();
+    while streams.len() < opening.waiting()
+        && entry.has_free_stream(stream_limit)
+        && (max_per_conn == 0 || entry.requests < max_per_conn)
+    {
+        streams.extend(entry.share());
+    }
+    // Pooled first: a request that joins while the streams are counted, and so gets none,
+    // finds the connection in the pool when it looks again.
+    if max_per_conn == 0 || entry.requests < max_per_conn {
+        cluster.pool(key, entry);
+    }
+    opening.opened(streams);
+    // Requests waiting at maxConnections may take its streams too.
+    cluster.released.notify_waiters();
 }
 
 struct PendingGuard(Arc<Cluster>);
@@ -899,17 +956,7 @@ fn take_ready(
         Sender::Http2(s) => s.has_free_stream(pool.and_then(|p| p.max_concurrent_streams)),
     })?;
     let pooled = &mut list[position];
-    if let Sender::Http2(s) = &pooled.sender {
-        pooled.requests += 1;
-        let handle = PooledConn {
-            sender: Sender::Http2(s.clone()),
-            requests: pooled.requests,
-            shared: true,
-            stream: Some(s.claim_stream()),
-            slot: pooled.slot.clone(),
-            last_used: pooled.last_used,
-            idle_timeout: pooled.idle_timeout,
-        };
+    if let Some(handle) = pooled.share() {
         if max_per_conn != 0 && pooled.requests >= max_per_conn {
             // Its streams finish on the handles out; the connection closes after the last.
             list.swap_remove(position);
