@@ -31,6 +31,15 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How many small DATA frames a connection may hold unread, in h2's accounting: a frame below
+/// 256 bytes costs 256 minus its length, about what h2 keeps per frame held. h2's default,
+/// half the connection window, admits ~11,000 frames of 25 bytes: a stream of small gRPC
+/// messages (one frame each) held for a client that reads late used that up within ~300 KB,
+/// and h2 then closed the upstream connection, and every call on it (GOAWAY
+/// ENHANCE_YOUR_CALM). This admits a whole stream window of frames from 25 bytes up (a
+/// message with 20 bytes of payload), or a whole connection window from 64 bytes up: at most
+/// ~20 MiB held for a connection, while a flood of tinier frames is still cut off.
+const DATA_FRAME_BUDGET: usize = 4 * CONNECTION_WINDOW as usize;
 /// Streams opened before the server's SETTINGS arrive (the minimum RFC 9113 recommends servers
 /// allow, so a new connection's first burst is not refused).
 pub const INITIAL_MAX_SEND_STREAMS: usize = 100;
@@ -84,6 +93,7 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
+        .data_frame_budget(DATA_FRAME_BUDGET)
         .enable_push(false)
         .handshake(io)
         .await?;

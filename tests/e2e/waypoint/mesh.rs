@@ -285,6 +285,18 @@ pub(crate) fn over_http2<T, F>(
 where
     F: std::future::Future<Output = T>,
 {
+    over_http2_with(client, h2::client::Builder::new(), exchanges)
+}
+
+/// [`over_http2`] with the client's HTTP/2 settings from `builder`.
+pub(crate) fn over_http2_with<T, F>(
+    client: &Pod,
+    builder: h2::client::Builder,
+    exchanges: impl FnOnce(h2::client::SendRequest<bytes::Bytes>) -> F,
+) -> T
+where
+    F: std::future::Future<Output = T>,
+{
     let dst = SocketAddr::new(vip(), 80);
     let tcp =
         client.ns.run(move || std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))).unwrap();
@@ -292,7 +304,7 @@ where
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-        let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+        let (sender, connection) = builder.handshake(tcp).await.unwrap();
         tokio::spawn(connection);
         exchanges(sender).await
     })

@@ -27,6 +27,19 @@ async fn next_message(body: &mut h2::RecvStream, pending: &mut Vec<u8>) -> Vec<u
     }
 }
 
+/// Starts a call of the echo's bidi-streaming gRPC method; the request body stays open.
+async fn open_stream_call(
+    sender: h2::client::SendRequest<bytes::Bytes>,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{HOST}/payment.Payment/Stream"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    sender.send_request(request, false).unwrap()
+}
+
 #[test]
 fn a_bidi_streaming_call_gets_each_answer_before_it_sends_the_next() {
     let mesh = Mesh::new(&[]);
@@ -34,13 +47,7 @@ fn a_bidi_streaming_call_gets_each_answer_before_it_sends_the_next() {
     const MESSAGES: usize = 5;
     let outcome = over_http2(&mesh.client, |sender| async move {
         let call = async {
-            let mut sender = sender.ready().await.unwrap();
-            let request = http::Request::post(format!("http://{HOST}/payment.Payment/Stream"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap();
-            let (response, mut stream) = sender.send_request(request, false).unwrap();
+            let (response, mut stream) = open_stream_call(sender).await;
             stream.send_data(message(b"ping 0"), false).unwrap();
             let response = response.await.map_err(|e| format!("no response head: {e}"))?;
             assert_eq!(response.status(), 200);
@@ -294,4 +301,50 @@ fn a_routes_timeout_counts_from_the_requests_end_to_the_responses() {
     assert_eq!(cut[0]["response_flags"], "-", "{}", cut[0]);
     assert_eq!(cut[1]["response_flags"], "UT", "{}", cut[1]);
     assert!(cut[1]["duration_ms"].as_u64().unwrap() >= 1400, "{}", cut[1]);
+}
+
+#[test]
+fn many_small_grpc_messages_behind_a_client_that_reads_late_all_arrive() {
+    // A streaming call whose server answers with many small messages, each its own DATA frame,
+    // faster than the client reads them: the waypoint holds the ones the client has no window
+    // for. h2 limits how many small frames a connection may buffer unread (a guard against
+    // floods); past it, it closes the connection (GOAWAY ENHANCE_YOUR_CALM), and with it every
+    // call on it. The waypoint's upstream connections allow what a window of small messages
+    // needs. The client here has h2's default window but not its guard, as clients on other
+    // HTTP/2 stacks (Go's, Java's) have none: with it, the client itself would close the
+    // connection over these frames, waypoint or not.
+    let mesh = Mesh::new(&[]);
+    mesh.apply(Routing::default());
+    const MESSAGES: usize = 60_000;
+    let payload = [b'x'; 20];
+    let mut client = h2::client::Builder::new();
+    client.data_frame_budget(usize::MAX / 2);
+    let outcome = over_http2_with(&mesh.client, client, |sender| async move {
+        let call = async {
+            let (response, mut stream) = open_stream_call(sender).await;
+            let all: Vec<u8> = (0..MESSAGES).flat_map(|_| message(&payload)).collect();
+            stream.send_data(all.into(), true).unwrap();
+            let response = response.await.map_err(|e| format!("no response head: {e}"))?;
+            assert_eq!(response.status(), 200);
+            // The client reads nothing for a while: the answers pile up along the way.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut body = response.into_body();
+            let mut received = 0;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.map_err(|e| format!("after {received} bytes: {e}"))?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                received += chunk.len();
+            }
+            let trailers = body.trailers().await.map_err(|e| e.to_string())?.expect("trailers end the call");
+            Ok::<_, String>((received, trailers.get("grpc-status").map(|v| v.to_str().unwrap().to_string())))
+        };
+        tokio::time::timeout(Duration::from_secs(60), call).await.unwrap_or_else(|_| Err("timed out".into()))
+    });
+    let expected = MESSAGES * message(&payload).len();
+    assert_eq!(
+        outcome,
+        Ok((expected, Some("0".to_string()))),
+        "{}",
+        mesh.waypoint.log().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
 }
