@@ -43,6 +43,7 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
         "routeErrors": snapshot.routes.errors,
         "clusters": clusters,
         "hboneConnections": state.clusters.hbone.open_connections(),
+        "hboneConnectionsOpened": state.clusters.hbone.connections_opened(),
         "openStreams": state.open_streams.load(Ordering::Relaxed),
         "certificates": state.certs.view(),
         "requests": state.metrics.total(),

@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -40,16 +43,38 @@ pub struct HboneClient {
     identity: SpiffeId,
     /// How long a TCP connect may take (`--connect-timeout-ms`), for every upstream dial.
     pub connect_timeout: std::time::Duration,
-    conns: Mutex<HashMap<(SocketAddr, SpiffeId), SendRequest<Bytes>>>,
+    conns: Mutex<HashMap<Key, SendRequest<Bytes>>>,
+    /// One dial per destination at a time, as ztunnel's pool does: the CONNECTs that find no
+    /// connection wait for the one being opened. Without it, a burst of upstream connections
+    /// to a node not yet connected (HTTP/1.1 requests at once on a cold waypoint) opened one
+    /// mTLS connection each, and past 128 at once ran into that ztunnel's bound on a source's
+    /// handshakes in progress.
+    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    opened: AtomicUsize,
 }
+
+/// A destination ztunnel's HBONE address and the identity it must present.
+type Key = (SocketAddr, SpiffeId);
 
 impl HboneClient {
     pub fn new(certs: Arc<CertManager>, identity: SpiffeId, connect_timeout: std::time::Duration) -> Self {
-        Self { certs, identity, connect_timeout, conns: Mutex::new(HashMap::new()) }
+        Self {
+            certs,
+            identity,
+            connect_timeout,
+            conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::default(),
+            opened: AtomicUsize::new(0),
+        }
     }
 
     pub fn open_connections(&self) -> usize {
         self.conns.lock().expect("poisoned").len()
+    }
+
+    /// HBONE connections opened since start.
+    pub fn connections_opened(&self) -> usize {
+        self.opened.load(Ordering::Relaxed)
     }
 
     /// A CONNECT stream to `request.target` through the ztunnel at `hbone_ip`, which must
@@ -62,20 +87,40 @@ impl HboneClient {
     ) -> Result<H2Stream, HboneError> {
         let addr = SocketAddr::new(hbone_ip, PORT);
         let key = (addr, expected.clone());
-        let cached = self.conns.lock().expect("poisoned").get(&key).cloned();
-        if let Some(send) = cached {
-            match open_stream(send, request, addr).await {
-                Ok(stream) => return Ok(stream),
-                // The peer closed the pooled connection since: dial afresh once.
-                Err(HboneError::H2 { .. }) => {
-                    self.conns.lock().expect("poisoned").remove(&key);
-                }
-                Err(e) => return Err(e),
-            }
+        if let Some(stream) = self.over_cached(&key, request).await? {
+            return Ok(stream);
         }
-        let send = self.dial(addr, expected).await?;
-        self.conns.lock().expect("poisoned").insert(key, send.clone());
+        let send = {
+            let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
+            let _dialing = lock.lock().await;
+            // Opened by the request this one waited behind?
+            let cached = self.conns.lock().expect("poisoned").get(&key).cloned();
+            match cached {
+                Some(send) => send,
+                None => {
+                    let send = self.dial(addr, expected).await?;
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                    self.conns.lock().expect("poisoned").insert(key, send.clone());
+                    send
+                }
+            }
+        };
         open_stream(send, request, addr).await
+    }
+
+    /// A CONNECT stream over the pooled connection to `key`, if there is one that works (one
+    /// the peer has closed since is dropped from the pool).
+    async fn over_cached(&self, key: &Key, request: &ConnectRequest) -> Result<Option<H2Stream>, HboneError> {
+        let Some(send) = self.conns.lock().expect("poisoned").get(key).cloned() else { return Ok(None) };
+        match open_stream(send, request, key.0).await {
+            Ok(stream) => Ok(Some(stream)),
+            // The peer closed the pooled connection since: dial afresh once.
+            Err(HboneError::H2 { .. }) => {
+                self.conns.lock().expect("poisoned").remove(key);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn dial(&self, addr: SocketAddr, expected: &SpiffeId) -> Result<SendRequest<Bytes>, HboneError> {

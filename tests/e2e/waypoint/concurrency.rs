@@ -6,16 +6,6 @@ use crate::mesh::*;
 
 const CALLS: usize = 250;
 
-/// Every request to v1: one server's count of the calls it holds is the count in flight.
-fn all_to_v1() -> Routing {
-    let route = HttpRoute { route: vec![to("v1", 100)], ..Default::default() };
-    Routing {
-        virtual_services: vec![vs(vec![route])],
-        destination_rules: vec![subsets()],
-        authorizations: vec![],
-    }
-}
-
 /// What a client sees when it starts [`CALLS`] requests at once on one HTTP/2 connection,
 /// each held 5 s by v1's echo server: the stream limit the waypoint announced and each
 /// answer's status. Then the most calls v1 held at once.

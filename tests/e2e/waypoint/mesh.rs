@@ -264,6 +264,16 @@ pub(crate) fn canary() -> Routing {
     }
 }
 
+/// Every request to v1: one server's count of the calls it holds is the count in flight.
+pub(crate) fn all_to_v1() -> Routing {
+    let route = HttpRoute { route: vec![to("v1", 100)], ..Default::default() };
+    Routing {
+        virtual_services: vec![vs(vec![route])],
+        destination_rules: vec![subsets()],
+        authorizations: vec![],
+    }
+}
+
 pub(crate) fn echo_stats(pod: &Pod) -> serde_json::Value {
     let r = warren_e2e::waypoint::http_in(
         &pod.ns.path(),

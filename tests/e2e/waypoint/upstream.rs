@@ -143,12 +143,7 @@ fn a_burst_of_http2_requests_on_a_cold_pool_waits_for_the_connections_being_open
     // for a connection being opened while it is assumed to have a stream for them (100 until
     // the server's SETTINGS), as Envoy attaches pending streams to a connecting client.
     let mesh = Mesh::new(&[]);
-    let to_v1 = HttpRoute { route: vec![to("v1", 100)], ..Default::default() };
-    mesh.apply(Routing {
-        virtual_services: vec![vs(vec![to_v1])],
-        destination_rules: vec![subsets()],
-        authorizations: vec![],
-    });
+    mesh.apply(all_to_v1());
     let answers = http2_posts(&mesh.client, &[0; 250], &[("x-echo-delay-ms", "1000")]);
     assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}\n{}", mesh.waypoint.log());
     let echoes: Vec<serde_json::Value> = answers.into_iter().map(|(_, echo)| echo).collect();
@@ -160,6 +155,25 @@ fn a_burst_of_http2_requests_on_a_cold_pool_waits_for_the_connections_being_open
     );
     let held = echo_stats(&mesh.v1)["delayedMax"].as_u64().unwrap();
     assert!(held >= 250, "v1 held at most {held} of the 250 requests at once: some waited behind others");
+}
+
+#[test]
+fn a_burst_of_http1_requests_on_a_cold_waypoint_shares_one_hbone_connection_per_node() {
+    // 150 slow HTTP/1.1 requests at once: 150 upstream connections (one request each, as
+    // HTTP/1.1 has it), all to v1's node. Each used to dial its own mTLS connection to that
+    // node's ztunnel; now the first dials and the rest open their CONNECT streams over it.
+    let mesh = Mesh::new(&[]);
+    mesh.apply(all_to_v1());
+    let summary = load(
+        &mesh.client,
+        &url("/burst"),
+        &["-n", "150", "-c", "150", "-H", "x-echo-delay-ms: 1000", "--timeout-ms", "20000"],
+    );
+    assert_eq!(summary.successes, 150, "{summary:?}\n{}", mesh.waypoint.log());
+    let held = echo_stats(&mesh.v1)["delayedMax"].as_u64().unwrap();
+    assert!(held >= 150, "v1 held at most {held} of the 150 requests at once");
+    let opened = mesh.waypoint.config_dump()["hboneConnectionsOpened"].as_u64().unwrap();
+    assert_eq!(opened, 1, "HBONE connections the waypoint opened to v1's node");
 }
 
 #[test]
