@@ -42,7 +42,7 @@ impl CertError {
     }
 }
 
-type SignFuture<'a> =
+pub type SignFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<CertificateDer<'static>>, CertError>> + Send + 'a>>;
 
 /// Where certificates come from. The controller's CA service will implement this over its

@@ -36,6 +36,9 @@ pub enum HboneError {
     Status(StatusCode),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// The dial this CONNECT waited behind failed; it fails alike rather than dial again.
+    #[error("{0}")]
+    DialFailed(String),
 }
 
 pub struct HboneClient {
@@ -49,12 +52,20 @@ pub struct HboneClient {
     /// to a node not yet connected (HTTP/1.1 requests at once on a cold waypoint) opened one
     /// mTLS connection each, and past 128 at once ran into that ztunnel's bound on a source's
     /// handshakes in progress.
-    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<LastDial>>>>,
     opened: AtomicUsize,
 }
 
 /// A destination ztunnel's HBONE address and the identity it must present.
 type Key = (SocketAddr, SpiffeId);
+
+/// When the last dial to a destination failed, and why: the CONNECTs that waited behind it
+/// fail with it, instead of each dialing an unreachable node in turn (one connect timeout
+/// after another).
+#[derive(Default)]
+struct LastDial {
+    failed: Option<(tokio::time::Instant, String)>,
+}
 
 impl HboneClient {
     pub fn new(certs: Arc<CertManager>, identity: SpiffeId, connect_timeout: std::time::Duration) -> Self {
@@ -91,18 +102,28 @@ impl HboneClient {
             return Ok(stream);
         }
         let send = {
+            let waiting_since = tokio::time::Instant::now();
             let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
-            let _dialing = lock.lock().await;
-            // Opened by the request this one waited behind?
+            let mut last = lock.lock().await;
+            // Opened, or failed, by the dial this one waited behind?
             let cached = self.conns.lock().expect("poisoned").get(&key).cloned();
-            match cached {
-                Some(send) => send,
-                None => {
-                    let send = self.dial(addr, expected).await?;
-                    self.opened.fetch_add(1, Ordering::Relaxed);
-                    self.conns.lock().expect("poisoned").insert(key, send.clone());
-                    send
+            match (cached, &last.failed) {
+                (Some(send), _) => send,
+                (None, Some((at, error))) if *at >= waiting_since => {
+                    return Err(HboneError::DialFailed(error.clone()));
                 }
+                (None, _) => match self.dial(addr, expected).await {
+                    Ok(send) => {
+                        last.failed = None;
+                        self.opened.fetch_add(1, Ordering::Relaxed);
+                        self.conns.lock().expect("poisoned").insert(key, send.clone());
+                        send
+                    }
+                    Err(e) => {
+                        last.failed = Some((tokio::time::Instant::now(), e.to_string()));
+                        return Err(e);
+                    }
+                },
             }
         };
         open_stream(send, request, addr).await
@@ -162,4 +183,62 @@ async fn open_stream(
         return Err(HboneError::Status(response.status()));
     }
     Ok(H2Stream::new(stream, response.into_body()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls_pki_types::CertificateSigningRequestDer;
+    use warren_core::certs::{CaClient, CertError, SignFuture};
+
+    use super::*;
+
+    /// A CA that takes a while to refuse: every dial fails, after a pause.
+    struct RefusingCa;
+
+    impl CaClient for RefusingCa {
+        fn sign(&self, _csr: CertificateSigningRequestDer<'static>, identity: SpiffeId) -> SignFuture<'_> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(CertError::Signing { identity, reason: "CA unavailable".into() })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connects_waiting_behind_a_failed_dial_fail_with_it_instead_of_dialing_in_turn() {
+        let me: SpiffeId = "spiffe://cluster.local/ns/shop/sa/waypoint".parse().unwrap();
+        let client = Arc::new(HboneClient::new(
+            CertManager::new(Some(Arc::new(RefusingCa)), None),
+            me,
+            Duration::from_secs(1),
+        ));
+        let peer: SpiffeId = "spiffe://cluster.local/ns/shop/sa/payment".parse().unwrap();
+        let started = tokio::time::Instant::now();
+        let connects: Vec<_> = (0..10)
+            .map(|_| {
+                let (client, peer) = (client.clone(), peer.clone());
+                tokio::spawn(async move {
+                    let request = ConnectRequest::new("10.0.0.1:8080".parse().unwrap());
+                    client.connect("127.0.0.1".parse().unwrap(), &peer, &request).await.err().unwrap()
+                })
+            })
+            .collect();
+        let mut errors = Vec::new();
+        for connect in connects {
+            errors.push(connect.await.unwrap());
+        }
+        let dialed = errors.iter().filter(|e| !matches!(e, HboneError::DialFailed(_))).count();
+        assert_eq!(dialed, 1, "one dial, the others failing with it: {errors:?}");
+        assert!(errors.iter().all(|e| e.to_string().contains("CA unavailable")), "{errors:?}");
+        // One 100 ms refusal, not ten in turn.
+        assert!(started.elapsed() < Duration::from_millis(500), "took {:?}", started.elapsed());
+
+        // A CONNECT that comes after the failure dials afresh.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let request = ConnectRequest::new("10.0.0.1:8080".parse().unwrap());
+        let again = client.connect("127.0.0.1".parse().unwrap(), &peer, &request).await.err().unwrap();
+        assert!(matches!(again, HboneError::Certs(_)), "{again:?}");
+    }
 }
