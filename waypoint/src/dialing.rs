@@ -45,9 +45,9 @@ struct Dial<H> {
 enum Outcome {
     Pending,
     /// Open: each waiter takes a stream handed over, or (none left) looks in the pool again.
-    Pooled,
-    /// Its opener gave up (cancelled) or got a connection it does not share: the waiters look
-    /// again, and may open one themselves.
+    Opened,
+    /// Its opener gave up (its request cancelled mid-dial): the waiters look again, and may
+    /// open one themselves.
     Abandoned,
     /// The waiters fail as its opener did (Envoy fails the streams attached to a connecting
     /// client with the connect failure).
@@ -57,7 +57,38 @@ enum Outcome {
 impl<H> Dials<H> {
     /// Registers a connection being opened to `key` that is expected to carry `room`
     /// requests besides its opener's.
+    #[cfg(test)]
     pub fn open(&self, key: DialKey, room: usize) -> Opening<H> {
+        match self.join_or_open(key, room, || false, || true) {
+            Some(Turn::Open(opening)) => opening,
+            _ => unreachable!("not admitted to wait, granted a slot: it opens"),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn join(&self, key: DialKey, admit: impl FnOnce() -> bool) -> Option<Waiting<H>> {
+        Self::join_locked(&lock(&self.0), key, admit)
+    }
+
+    /// Joins a connection being opened to `key` that has room for one more request, if
+    /// `admit` lets the request wait (it takes a slot under `http1MaxPendingRequests`); else
+    /// registers a new one, expected to carry `room` requests besides its opener's, if
+    /// `take_slot` grants it a slot under `maxConnections`. Under one lock, so that requests
+    /// arriving together, finding nothing to join, do not each open a connection.
+    pub fn join_or_open(
+        &self,
+        key: DialKey,
+        room: usize,
+        admit: impl FnOnce() -> bool,
+        take_slot: impl FnOnce() -> bool,
+    ) -> Option<Turn<H>> {
+        let mut open = lock(&self.0);
+        if let Some(waiting) = Self::join_locked(&open, key, admit) {
+            return Some(Turn::Wait(waiting));
+        }
+        if !take_slot() {
+            return None;
+        }
         let (outcome, _) = watch::channel(Outcome::Pending);
         let dial = Arc::new(Dial {
             key,
@@ -66,14 +97,11 @@ impl<H> Dials<H> {
             handed: Mutex::new(Vec::new()),
             outcome,
         });
-        lock(&self.0).push(dial.clone());
-        Opening { list: self.0.clone(), dial }
+        open.push(dial.clone());
+        Some(Turn::Open(Opening { list: self.0.clone(), dial }))
     }
 
-    /// Joins a connection being opened to `key` that has room for one more request, if
-    /// `admit` lets the request wait (it takes a slot under `http1MaxPendingRequests`).
-    pub fn join(&self, key: DialKey, admit: impl FnOnce() -> bool) -> Option<Waiting<H>> {
-        let open = lock(&self.0);
+    fn join_locked(open: &[Arc<Dial<H>>], key: DialKey, admit: impl FnOnce() -> bool) -> Option<Waiting<H>> {
         let dial = open.iter().find(|d| {
             d.key == key
                 && matches!(*d.outcome.borrow(), Outcome::Pending)
@@ -85,6 +113,13 @@ impl<H> Dials<H> {
         dial.waiting.fetch_add(1, Ordering::AcqRel);
         Some(Waiting { outcome: dial.outcome.subscribe(), dial: dial.clone() })
     }
+}
+
+/// What [`Dials::join_or_open`] gave a request: a place among a connection's waiters, or the
+/// connection to open.
+pub enum Turn<H> {
+    Wait(Waiting<H>),
+    Open(Opening<H>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,7 +143,7 @@ impl<H> Opening<H> {
     /// arriving since could not take them first), go to the waiters, one each.
     pub fn opened(self, streams: Vec<H>) {
         *lock(&self.dial.handed) = streams;
-        self.dial.outcome.send_replace(Outcome::Pooled);
+        self.dial.outcome.send_replace(Outcome::Opened);
     }
 
     /// The connection could not be opened: the waiters fail with `error`.
@@ -144,7 +179,7 @@ impl<H> Waiting<H> {
         let outcome = self.outcome.wait_for(|o| !matches!(o, Outcome::Pending)).await.map(|o| o.clone());
         match outcome {
             Ok(Outcome::Failed(error)) => Err(error),
-            Ok(Outcome::Pooled) => Ok(lock(&self.dial.handed).pop()),
+            Ok(Outcome::Opened) => Ok(lock(&self.dial.handed).pop()),
             _ => Ok(None),
         }
     }
@@ -214,6 +249,27 @@ mod tests {
         drop(opening);
         assert!(matches!(waiting.finished().await, Ok(None)));
         assert!(dials.join(key(80), || true).is_none());
+    }
+
+    #[test]
+    fn of_requests_arriving_together_one_opens_and_the_next_waits_for_it() {
+        let dials = Dials::<()>::default();
+        let first = dials.join_or_open(key(80), 1, || true, || true);
+        assert!(matches!(first, Some(Turn::Open(_))));
+        let slot_asked = std::cell::Cell::new(false);
+        let second = dials.join_or_open(
+            key(80),
+            1,
+            || true,
+            || {
+                slot_asked.set(true);
+                true
+            },
+        );
+        assert!(matches!(second, Some(Turn::Wait(_))) && !slot_asked.get(), "it waits, taking no slot");
+        // Past its room the third opens another, if a slot is free; else it gets neither.
+        assert!(dials.join_or_open(key(80), 1, || true, || false).is_none());
+        assert!(matches!(dials.join_or_open(key(80), 1, || true, || true), Some(Turn::Open(_))));
     }
 
     #[test]

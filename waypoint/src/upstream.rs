@@ -35,7 +35,7 @@ use warren_core::{
 use crate::{
     body::RequestBody,
     deadline::{self, Timer},
-    dialing::{Dials, Opening},
+    dialing::{Dials, Opening, Turn},
     h2_client::{self, H2Body, H2SendError, H2Sender, SettingsKnown, StreamClaim},
     hashing::{HashInput, hash_value},
     hbone::HboneClient,
@@ -712,24 +712,39 @@ impl Clusters {
             }
             true
         };
+        let take_slot = || {
+            cluster
+                .connections
+                .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_conns).then_some(n + 1))
+                .is_ok()
+        };
+        let room = shared_room(target.protocol, pool);
         loop {
             if let Some(conn) = take_ready(cluster, key, pool) {
                 return Ok(conn);
             }
-            if let Some(waiting) = cluster.dials.join(key, || wait_pending(&mut pending)) {
+            // A connection being opened to wait for, or one to open (registered for others to
+            // wait for if it will be shared).
+            let (waiting, opening) = match room {
+                Some(room) => {
+                    match cluster.dials.join_or_open(key, room, || wait_pending(&mut pending), take_slot) {
+                        Some(Turn::Wait(waiting)) => (Some(waiting), None),
+                        Some(Turn::Open(opening)) => (None, Some(Some(opening))),
+                        None => (None, None),
+                    }
+                }
+                None => (None, take_slot().then_some(None)),
+            };
+            if let Some(waiting) = waiting {
                 if let Some(stream) = waiting.finished().await? {
                     return Ok(stream);
                 }
                 continue;
             }
-            if cluster
-                .connections
-                .try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_conns).then_some(n + 1))
-                .is_ok()
-            {
+            if let Some(opening) = opening {
                 // Opening one, it waits no more.
                 drop(pending);
-                return self.open(cluster, target, pool).await;
+                return self.open(cluster, target, pool, opening).await;
             }
             if release_idle_elsewhere(cluster, key) {
                 continue;
@@ -753,20 +768,12 @@ impl Clusters {
         cluster: &Arc<Cluster>,
         target: &Target<'_>,
         pool: Option<&ConnectionPool>,
+        opening: Option<Opening<PooledConn>>,
     ) -> Result<PooledConn, UpstreamError> {
         let key = (target.addr, target.protocol);
         let slot = Arc::new(ConnectionSlot(cluster.clone()));
         let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
-        let stream_limit = pool.and_then(|p| p.max_concurrent_streams).map_or(usize::MAX, |l| l as usize);
-        let shared = target.protocol == Protocol::Http2 && max_per_conn != 1;
-        let room = if shared {
-            let streams = h2_client::INITIAL_MAX_SEND_STREAMS.min(stream_limit);
-            let requests = if max_per_conn == 0 { usize::MAX } else { max_per_conn as usize };
-            streams.min(requests).saturating_sub(1)
-        } else {
-            0
-        };
-        let opening = shared.then(|| cluster.dials.open(key, room));
+        let stream_limit = pool.and_then(|p| p.max_concurrent_streams);
         let connect_timeout = pool.and_then(|p| p.connect_timeout_ms);
         // Boxed: dialing (TLS and HTTP handshakes) is rare next to requests on pooled
         // connections, and its state is most of what a request's future would hold.
@@ -802,7 +809,7 @@ impl Clusters {
                 // The pool's entry, and this request's handle (its first request).
                 let mut entry = conn(Sender::Http2(h2), 0, false, None, slot);
                 let handle = entry.share().expect("an HTTP/2 connection");
-                let limits = (pool.and_then(|p| p.max_concurrent_streams), max_per_conn);
+                let limits = (stream_limit, max_per_conn);
                 tokio::spawn(hand_out_then_pool(
                     cluster.clone(),
                     key,
@@ -867,6 +874,20 @@ impl Clusters {
             }
         }
     }
+}
+
+/// How many requests besides its opener a new connection of `protocol` is expected to carry
+/// at once — the streams assumed before the server's SETTINGS, within the rule's
+/// `maxConcurrentStreams` and `maxRequestsPerConnection` — or none if it is not shared
+/// (HTTP/1.1, or one request per connection).
+fn shared_room(protocol: Protocol, pool: Option<&ConnectionPool>) -> Option<usize> {
+    let max_per_conn = pool.and_then(|p| p.max_requests_per_connection).unwrap_or(0);
+    if protocol != Protocol::Http2 || max_per_conn == 1 {
+        return None;
+    }
+    let streams = pool.and_then(|p| p.max_concurrent_streams).map_or(usize::MAX, |l| l as usize);
+    let requests = if max_per_conn == 0 { usize::MAX } else { max_per_conn as usize };
+    Some(h2_client::INITIAL_MAX_SEND_STREAMS.min(streams).min(requests).saturating_sub(1))
 }
 
 /// Once a new HTTP/2 connection's SETTINGS are known, claims a stream of it for each request
