@@ -10,6 +10,7 @@ pub mod ca_protocol;
 pub mod certs;
 pub mod config_stream;
 pub mod connect;
+pub mod dial_gate;
 pub mod endpoints;
 pub mod hbone;
 pub mod identity;

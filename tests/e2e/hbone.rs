@@ -729,20 +729,7 @@ fn a_peer_node_that_drops_everything_fails_the_connection_after_the_connect_time
     require_root();
     let mesh = two_nodes(&["--connect-timeout-ms", "1000"], &[]);
     let (a, b, z0) = (&mesh.a, &mesh.b, &mesh.z0);
-    // Node 1's underlay address now resolves to a MAC no one has: node 0's frames to it are
-    // dropped without a word, SYNs included. (Before any connection, so none is pooled.)
-    let node1 = mesh.cluster.underlay_ips[1].to_string();
-    mesh.cluster.nodes[0].ns.ip(&[
-        "neigh",
-        "replace",
-        &node1,
-        "lladdr",
-        "02:00:5e:00:00:99",
-        "dev",
-        "uplink",
-        "nud",
-        "permanent",
-    ]);
+    black_hole_node_1(&mesh);
     let mut c = Client::connect(a, SocketAddr::new(b.ipv4, APP_PORT)).expect("captured by ztunnel");
     let failed = c.greeting().expect_err("reached a pod on a node that drops everything");
     // The client's own read timeout (5 s) would be WouldBlock/TimedOut.
@@ -755,4 +742,51 @@ fn a_peer_node_that_drops_everything_fails_the_connection_after_the_connect_time
         outbound.iter().any(|l| l["error"].as_str().is_some_and(|e| e.contains("within 1s"))),
         "{outbound:#?}"
     );
+}
+
+/// Node 1's underlay address now resolves to a MAC no one has: node 0's frames to it are
+/// dropped without a word, SYNs included. (Before any connection, so none is pooled.)
+fn black_hole_node_1(mesh: &TwoNodes) {
+    let node1 = mesh.cluster.underlay_ips[1].to_string();
+    mesh.cluster.nodes[0].ns.ip(&[
+        "neigh",
+        "replace",
+        &node1,
+        "lladdr",
+        "02:00:5e:00:00:99",
+        "dev",
+        "uplink",
+        "nud",
+        "permanent",
+    ]);
+}
+
+/// Eight connections at once to a pod on a node that drops everything: they wait behind one
+/// HBONE dial and fail with it, after one connect timeout together. Before, each dialed the
+/// dead node in turn when the one before had failed: the last waited eight timeouts, and
+/// the pool counted eight failed dials.
+#[test]
+fn connections_waiting_behind_a_failed_hbone_dial_fail_with_it() {
+    require_root();
+    let mesh = two_nodes(&["--connect-timeout-ms", "1000"], &[]);
+    let (a, b, z0) = (&mesh.a, &mesh.b, &mesh.z0);
+    black_hole_node_1(&mesh);
+    let dst = SocketAddr::new(b.ipv4, APP_PORT);
+    let mut clients: Vec<Client> =
+        (0..8).map(|_| Client::connect(a, dst).expect("captured by ztunnel")).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let failed = c.greeting().expect_err("reached a pod on a node that drops everything");
+        assert!(
+            matches!(failed.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof),
+            "connection {i}: {failed:?}: not ended with the dial it waited behind\n{}",
+            z0.log()
+        );
+    }
+    let pool = &z0.capture()["hbonePool"];
+    assert_eq!(pool["dialsFailed"], 1, "{pool}");
+    assert_eq!(pool["opened"], 0, "{pool}");
+    let outbound = z0.access_log("outbound");
+    let failed =
+        outbound.iter().filter(|l| l["error"].as_str().is_some_and(|e| e.contains("within 1s"))).count();
+    assert_eq!(failed, 8, "every connection's access line names the timeout: {outbound:#?}");
 }

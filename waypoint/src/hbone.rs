@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 use warren_core::{
     certs::CertManager,
+    dial_gate::DialGate,
     hbone::{ConnectRequest, H2Stream, PORT},
     identity::SpiffeId,
 };
@@ -51,21 +52,13 @@ pub struct HboneClient {
     /// connection wait for the one being opened. Without it, a burst of upstream connections
     /// to a node not yet connected (HTTP/1.1 requests at once on a cold waypoint) opened one
     /// mTLS connection each, and past 128 at once ran into that ztunnel's bound on a source's
-    /// handshakes in progress.
-    dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<LastDial>>>>,
+    /// handshakes in progress. CONNECTs that waited behind a failed dial fail with it.
+    dialing: DialGate<Key>,
     opened: AtomicUsize,
 }
 
 /// A destination ztunnel's HBONE address and the identity it must present.
 type Key = (SocketAddr, SpiffeId);
-
-/// When the last dial to a destination failed, and why: the CONNECTs that waited behind it
-/// fail with it, instead of each dialing an unreachable node in turn (one connect timeout
-/// after another).
-#[derive(Default)]
-struct LastDial {
-    failed: Option<(tokio::time::Instant, String)>,
-}
 
 impl HboneClient {
     pub fn new(certs: Arc<CertManager>, identity: SpiffeId, connect_timeout: std::time::Duration) -> Self {
@@ -74,7 +67,7 @@ impl HboneClient {
             identity,
             connect_timeout,
             conns: Mutex::new(HashMap::new()),
-            dialing: Mutex::default(),
+            dialing: DialGate::default(),
             opened: AtomicUsize::new(0),
         }
     }
@@ -102,28 +95,20 @@ impl HboneClient {
             return Ok(stream);
         }
         let send = {
-            let waiting_since = tokio::time::Instant::now();
-            let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
-            let mut last = lock.lock().await;
+            let mut turn = self.dialing.turn(&key).await;
             // Opened, or failed, by the dial this one waited behind?
             let cached = self.conns.lock().expect("poisoned").get(&key).cloned();
-            match (cached, &last.failed) {
+            match (cached, turn.failed_while_waiting()) {
                 (Some(send), _) => send,
-                (None, Some((at, error))) if *at >= waiting_since => {
-                    return Err(HboneError::DialFailed(error.clone()));
+                (None, Some(error)) => return Err(HboneError::DialFailed(error.to_owned())),
+                (None, None) => {
+                    let dialed = self.dial(addr, expected).await;
+                    turn.record(dialed.as_ref().err());
+                    let send = dialed?;
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                    self.conns.lock().expect("poisoned").insert(key, send.clone());
+                    send
                 }
-                (None, _) => match self.dial(addr, expected).await {
-                    Ok(send) => {
-                        last.failed = None;
-                        self.opened.fetch_add(1, Ordering::Relaxed);
-                        self.conns.lock().expect("poisoned").insert(key, send.clone());
-                        send
-                    }
-                    Err(e) => {
-                        last.failed = Some((tokio::time::Instant::now(), e.to_string()));
-                        return Err(e);
-                    }
-                },
             }
         };
         open_stream(send, request, addr).await

@@ -51,6 +51,7 @@ impl AdminState {
                 "open": self.proxy.pool.open_connections(),
                 "activeStreams": self.proxy.pool.active_streams(),
                 "opened": self.proxy.pool.connections_opened.load(Ordering::Relaxed),
+                "dialsFailed": self.proxy.pool.dials_failed.load(Ordering::Relaxed),
             },
         })
     }

@@ -24,6 +24,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 use warren_core::{
     accept::HandshakeSlot,
+    dial_gate::DialGate,
     hbone::{self, ConnectRequest, H2Stream},
     identity::SpiffeId,
 };
@@ -48,6 +49,9 @@ pub enum HboneError {
     Status(StatusCode),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// The dial this connection waited behind failed; it fails alike rather than dial again.
+    #[error("{0}")]
+    DialFailed(String),
 }
 
 /// What a pooled connection is for: the same source and destination identities, the same
@@ -81,8 +85,13 @@ pub struct Pool {
     max_streams: usize,
     idle_timeout: Duration,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
-    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// One dial per key at a time; connections that waited behind a failed dial fail with it
+    /// (a dead node costs them one connect timeout together, not one each in turn).
+    dialing: DialGate<PoolKey>,
     pub connections_opened: AtomicUsize,
+    /// Dials that failed (connect, mTLS, HTTP/2 handshake); the connections that waited
+    /// behind one and failed with it are not counted again.
+    pub dials_failed: AtomicUsize,
 }
 
 impl Pool {
@@ -91,8 +100,9 @@ impl Pool {
             max_streams: max_streams.max(1),
             idle_timeout,
             conns: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashMap::new()),
+            dialing: DialGate::default(),
             connections_opened: AtomicUsize::new(0),
+            dials_failed: AtomicUsize::new(0),
         });
         tokio::spawn(Self::release_idle(Arc::downgrade(&pool)));
         pool
@@ -128,17 +138,24 @@ impl Pool {
     }
 
     /// A connection with a free stream slot: an existing one, or a new one. Only one dial per
-    /// key is in flight; others wait for it.
+    /// key is in flight; others wait for it, and fail with it if it fails.
     async fn checkout(&self, key: &PoolKey, pod: &PodContext) -> Result<Arc<PooledConn>, HboneError> {
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
         }
-        let lock = self.dialing.lock().expect("poisoned").entry(key.clone()).or_default().clone();
-        let _dialing = lock.lock().await;
+        let mut turn = self.dialing.turn(key).await;
         if let Some(c) = self.try_reserve(key) {
             return Ok(c);
         }
-        let conn = Arc::new(dial(key, pod).await?);
+        if let Some(error) = turn.failed_while_waiting() {
+            return Err(HboneError::DialFailed(error.to_owned()));
+        }
+        let dialed = dial(key, pod).await;
+        turn.record(dialed.as_ref().err());
+        if dialed.is_err() {
+            self.dials_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let conn = Arc::new(dialed?);
         conn.active.store(1, Ordering::Release);
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         self.conns.lock().expect("poisoned").entry(key.clone()).or_default().push(conn.clone());
