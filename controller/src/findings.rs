@@ -78,6 +78,12 @@ pub mod codes {
     /// An HTTPRoute backend or mirror in another namespace that no ReferenceGrant there allows:
     /// refused.
     pub const REFERENCE_NOT_PERMITTED: &str = "WA0209";
+    /// A Service (or its namespace) names a waypoint that has no Gateway: kept, so ztunnel
+    /// refuses its connections rather than let them past the waypoint's policy.
+    pub const WAYPOINT_NOT_FOUND: &str = "WA0210";
+    /// A Service names a waypoint whose Gateway does not admit it (`istio.io/waypoint-for`,
+    /// or `allowedRoutes` for another namespace): not used, as in Istio.
+    pub const WAYPOINT_REFUSED: &str = "WA0211";
 }
 
 pub fn error(

@@ -15,6 +15,7 @@ mod source;
 mod stream;
 mod translate;
 mod translate_l7;
+mod waypoint_binding;
 
 use std::{
     path::PathBuf,

@@ -532,10 +532,8 @@ pub mod gateway_api {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use serde::Deserialize;
 
-    /// The class waypoints are deployed with (Istio's).
-    pub const WAYPOINT_CLASS: &str = "istio-waypoint";
-
-    /// A Gateway: only its class, to tell a waypoint from an ingress gateway.
+    /// A Gateway: its class, to tell a waypoint from an ingress gateway, and its listeners'
+    /// `allowedRoutes`, which say from which namespaces Services may use it as their waypoint.
     #[derive(Clone, Debug, Deserialize)]
     pub struct Gateway {
         pub metadata: ObjectMeta,
@@ -548,6 +546,33 @@ pub mod gateway_api {
     pub struct GatewaySpec {
         #[serde(default)]
         pub gateway_class_name: String,
+        #[serde(default)]
+        pub listeners: Vec<Listener>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Listener {
+        #[serde(default)]
+        pub name: String,
+        #[serde(default)]
+        pub port: i64,
+        #[serde(default)]
+        pub protocol: String,
+        pub allowed_routes: Option<AllowedRoutes>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct AllowedRoutes {
+        pub namespaces: Option<RouteNamespaces>,
+    }
+
+    /// `from`: `Same` (the default), `All` or `Selector` (namespaces whose labels `selector`
+    /// matches).
+    #[derive(Clone, Debug, Default, Deserialize)]
+    pub struct RouteNamespaces {
+        pub from: Option<String>,
+        pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
     }
 
     /// A ReferenceGrant (v1beta1): lets objects of the `from` kinds in the `from` namespaces

@@ -22,10 +22,10 @@ use crate::{
         AuthorizationPolicy, AuthorizationRule, PeerAuthentication as K8sPeerAuthentication, Snapshot,
         object_name,
     },
+    waypoint_binding::Waypoints,
 };
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
-pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 
 /// The whole mesh's config, and what was wrong on the way.
 pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
@@ -34,8 +34,9 @@ pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
         snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, &**n))).collect();
     let workloads: Vec<Workload> = snapshot.pods.iter().map(|p| workload(p, &namespaces)).collect();
     let members = PodIndex::new(&snapshot.pods, &workloads);
+    let waypoints = Waypoints::new(&snapshot.gateways, &namespaces);
     let services: Vec<Service> =
-        snapshot.services.iter().filter_map(|s| service(s, &members, &namespaces, &mut findings)).collect();
+        snapshot.services.iter().filter_map(|s| service(s, &members, &waypoints, &mut findings)).collect();
     let peer_authentications = snapshot
         .peer_authentications
         .iter()
@@ -151,7 +152,7 @@ impl<'a> PodIndex<'a> {
 fn service(
     svc: &K8sService,
     index: &PodIndex,
-    namespaces: &BTreeMap<&str, &Namespace>,
+    waypoints: &Waypoints,
     findings: &mut Vec<Finding>,
 ) -> Option<Service> {
     let spec = svc.spec.as_ref()?;
@@ -195,11 +196,9 @@ fn service(
             )),
         }
     }
-    let ns_waypoint = namespaces
-        .get(namespace.as_str())
-        .and_then(|n| n.metadata.labels.as_ref()?.get(USE_WAYPOINT).cloned());
-    let waypoint =
-        labels_of(&svc.metadata).get(USE_WAYPOINT).cloned().or(ns_waypoint).filter(|w| w != "none");
+    let waypoint = waypoints.bind(&svc.metadata, &namespace, &object, findings);
+    let waypoint_namespace =
+        waypoint.as_ref().filter(|w| w.namespace != namespace).map(|w| w.namespace.clone());
     let mut endpoints: Vec<String> = members.iter().map(|(_, w)| w.uid.clone()).collect();
     endpoints.sort();
     Some(Service {
@@ -208,7 +207,8 @@ fn service(
         vips,
         ports,
         endpoints,
-        waypoint,
+        waypoint_namespace,
+        waypoint: waypoint.map(|w| w.name),
     })
 }
 

@@ -955,6 +955,7 @@ mod tests {
                 ports: vec![ServicePort { port: 80, target_port: 8080 }],
                 endpoints: vec!["a".into()],
                 waypoint: None,
+                waypoint_namespace: None,
             }],
             ..Default::default()
         }

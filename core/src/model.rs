@@ -74,10 +74,14 @@ pub struct Service {
     /// UIDs of the ready workloads behind it (the controller resolves selector and readiness).
     #[serde(default)]
     pub endpoints: Vec<String>,
-    /// The waypoint that handles its traffic (`istio.io/use-waypoint`), by name in the
-    /// service's namespace.
+    /// The waypoint that handles its traffic (`istio.io/use-waypoint`): the name of its
+    /// Gateway, in [`Service::waypoint_namespace`].
     #[serde(default)]
     pub waypoint: Option<String>,
+    /// The waypoint's namespace when it is not the service's own
+    /// (`istio.io/use-waypoint-namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint_namespace: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +100,17 @@ impl Service {
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.ports.iter().find(|p| p.port == port).map(|p| p.target_port)
     }
+
+    /// The waypoint that handles its traffic, as (namespace, Gateway name).
+    pub fn waypoint_ref(&self) -> Option<(&str, &str)> {
+        let name = self.waypoint.as_deref()?;
+        Some((self.waypoint_namespace.as_deref().unwrap_or(&self.namespace), name))
+    }
+
+    /// Whether the waypoint `namespace`/`name` handles its traffic.
+    pub fn is_served_by(&self, namespace: &str, name: &str) -> bool {
+        self.waypoint_ref() == Some((namespace, name))
+    }
 }
 
 /// Label that names the waypoint (Gateway) a workload belongs to.
@@ -107,6 +122,9 @@ pub struct WorkloadIndex {
     by_ip: FastMap<IpAddr, Arc<Workload>>,
     by_uid: FastMap<String, Arc<Workload>>,
     services_by_vip: FastMap<IpAddr, Arc<Service>>,
+    /// Waypoint workloads (with an address) by (namespace, Gateway name), sorted by uid: a
+    /// connection to a service behind a waypoint picks one without a scan of every workload.
+    waypoints: FastMap<(String, String), Vec<Arc<Workload>>>,
 }
 
 impl WorkloadIndex {
@@ -117,7 +135,15 @@ impl WorkloadIndex {
             for ip in &w.ips {
                 index.by_ip.insert(*ip, w.clone());
             }
+            if let Some(gateway) = w.labels.get(WAYPOINT_LABEL)
+                && !w.ips.is_empty()
+            {
+                index.waypoints.entry((w.namespace.clone(), gateway.clone())).or_default().push(w.clone());
+            }
             index.by_uid.insert(w.uid.clone(), w);
+        }
+        for workloads in index.waypoints.values_mut() {
+            workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
         }
         for s in &config.services {
             let s = Arc::new(s.clone());
@@ -152,18 +178,10 @@ impl WorkloadIndex {
     }
 
     /// The workloads of the waypoint named `name` in `namespace`.
-    pub fn waypoint(&self, namespace: &str, name: &str) -> Vec<Arc<Workload>> {
-        let mut found: Vec<Arc<Workload>> = self
-            .by_uid
-            .values()
-            .filter(|w| {
-                w.namespace == namespace && w.labels.get(WAYPOINT_LABEL).map(String::as_str) == Some(name)
-            })
-            .filter(|w| !w.ips.is_empty())
-            .cloned()
-            .collect();
-        found.sort_by(|a, b| a.uid.cmp(&b.uid));
-        found
+    pub fn waypoint(&self, namespace: &str, name: &str) -> &[Arc<Workload>] {
+        // Keyed by owned strings: the lookup builds the key (two short copies) rather than
+        // scanning every workload of the node's config.
+        self.waypoints.get(&(namespace.to_owned(), name.to_owned())).map_or(&[], Vec::as_slice)
     }
 }
 

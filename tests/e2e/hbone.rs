@@ -661,6 +661,7 @@ fn a_service_vip_spreads_connections_over_endpoints_on_both_nodes() {
         ports: vec![ServicePort { port: 80, target_port: APP_PORT }],
         endpoints: vec![e0.name.clone(), e1.name.clone()],
         waypoint: None,
+        waypoint_namespace: None,
     };
     let config = NodeConfig { workloads: workloads.clone(), services: vec![service], ..Default::default() };
     let z0 = Ztunnel::start_with(&cluster.nodes[0], &workloads, &ca, &[]);

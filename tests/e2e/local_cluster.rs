@@ -292,3 +292,64 @@ fn the_example_manifests_do_what_the_demo_says() {
         assert!(waypoint.contains(want), "waypoint metrics lack {want}");
     }
 }
+
+/// A Service uses a waypoint of another namespace (`istio.io/use-waypoint-namespace`) when that
+/// waypoint's Gateway admits its namespace (`allowedRoutes`); a Service of a namespace it does
+/// not admit is not bound to it and reaches its pods directly, as in Istio.
+#[test]
+fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_it() {
+    let gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+        metadata: {name: shared, namespace: infra}\n\
+        spec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n\
+        \x20   allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {team: payments}}}}\n";
+    let namespaces = "apiVersion: v1\nkind: Namespace\nmetadata: {name: infra}\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, team: payments}}\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata: {name: games, labels: {istio.io/dataplane-mode: ambient}}\n";
+    let uses_shared = "labels: {istio.io/use-waypoint: shared, istio.io/use-waypoint-namespace: infra}";
+    let services = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: shop, {uses_shared}}}\n\
+         spec: {{selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: games, {uses_shared}}}\n\
+         spec: {{selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
+    );
+    let games_pod = pod("echo-v1", 2, "v1")
+        .replace("namespace: shop", "namespace: games")
+        .replace("echo-v1,", "games-v1,");
+    let cluster = LocalCluster::up(
+        &format!("x{}", std::process::id() % 100_000),
+        &[
+            ("ns.yaml", namespaces),
+            ("gateway.yaml", gateway),
+            ("svc.yaml", &services),
+            ("v1.yaml", &pod("echo-v1", 2, "v1")),
+            ("games.yaml", &games_pod),
+            ("c.yaml", &client("client")),
+        ],
+    );
+    let waypoint_netns = Path::new("/var/run/netns")
+        .join(cluster.pod("shared-0").expect("the waypoint pod of infra/shared")["netns"].as_str().unwrap());
+    let requests_to = |service: &str| -> u64 {
+        let metrics = http_in(&waypoint_netns, "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics", &[])
+            .unwrap()
+            .body;
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("destination_service=\"{service}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    for (service, through_waypoint) in [("shop/echo", 10), ("games/echo", 0)] {
+        let url = format!("http://{}/", cluster.vip(service));
+        let seen = versions_seen(&cluster, "client", &url, 10);
+        assert_eq!(seen["v1"], 10, "{service}: {seen}");
+        let (ns, name) = service.split_once('/').unwrap();
+        assert_eq!(
+            requests_to(&format!("{name}.{ns}.svc.cluster.local")),
+            through_waypoint,
+            "{service}: requests through infra/shared"
+        );
+    }
+}

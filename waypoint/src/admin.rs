@@ -24,9 +24,7 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
         .config
         .services
         .iter()
-        .filter(|s| {
-            s.namespace == state.config.namespace && s.waypoint.as_deref() == Some(&state.config.name)
-        })
+        .filter(|s| s.is_served_by(&state.config.namespace, &state.config.name))
         .map(|s| s.hostname())
         .collect();
     let clusters: Vec<_> = state

@@ -129,6 +129,7 @@ mod tests {
             ports: vec![],
             endpoints: vec![],
             waypoint: Some("waypoint".into()),
+            waypoint_namespace: None,
         }
     }
 

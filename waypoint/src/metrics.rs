@@ -298,6 +298,7 @@ pub(crate) mod tests {
             ports: vec![],
             endpoints: vec![],
             waypoint: None,
+            waypoint_namespace: None,
         }
     }
 

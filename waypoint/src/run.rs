@@ -175,10 +175,7 @@ async fn reload_loop(state: Arc<WaypointState>, path: std::path::PathBuf) {
                     .config
                     .services
                     .iter()
-                    .filter(|s| {
-                        s.namespace == state.config.namespace
-                            && s.waypoint.as_deref() == Some(&state.config.name)
-                    })
+                    .filter(|s| s.is_served_by(&state.config.namespace, &state.config.name))
                     .count();
                 info!(
                     services = served,

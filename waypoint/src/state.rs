@@ -136,7 +136,7 @@ impl Snapshot {
     /// The service behind `vip` if this waypoint (`namespace`/`name`) serves it.
     pub fn served_service(&self, vip: IpAddr, namespace: &str, name: &str) -> Option<Arc<Service>> {
         let service = self.index.service_by_vip(vip)?;
-        (service.namespace == namespace && service.waypoint.as_deref() == Some(name)).then(|| service.clone())
+        service.is_served_by(namespace, name).then(|| service.clone())
     }
 }
 
@@ -266,6 +266,7 @@ mod tests {
                 ports: vec![ServicePort { port: 80, target_port: 8080 }],
                 endpoints: ["a", "b", "c", "pending"].map(String::from).to_vec(),
                 waypoint: None,
+                waypoint_namespace: None,
             }],
             routing: Routing {
                 destination_rules: vec![DestinationRule {

@@ -44,10 +44,10 @@ impl RoundRobin {
 pub fn resolve(index: &WorkloadIndex, original_dst: SocketAddr, rr: &RoundRobin) -> Route {
     let ip = original_dst.ip().to_canonical();
     if let Some(service) = index.service_by_vip(ip) {
-        if let Some(waypoint) = &service.waypoint {
+        if let Some((namespace, waypoint)) = service.waypoint_ref() {
             // The waypoint sees the VIP:port the client asked for.
-            let waypoints = index.waypoint(&service.namespace, waypoint);
-            return match rr.pick(&format!("waypoint/{}/{waypoint}", service.namespace), &waypoints) {
+            let waypoints = index.waypoint(namespace, waypoint);
+            return match rr.pick(&format!("waypoint/{namespace}/{waypoint}"), waypoints) {
                 Some(w) => Route::Hbone {
                     authority: SocketAddr::new(ip, original_dst.port()),
                     hbone_ip: w.ip_like(ip).expect("filtered to workloads with IPs"),
@@ -112,6 +112,7 @@ mod tests {
             ports: vec![ServicePort { port: 80, target_port: 8080 }],
             endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
             waypoint: waypoint.map(str::to_string),
+            waypoint_namespace: None,
         }
     }
 

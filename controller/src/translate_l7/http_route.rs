@@ -20,7 +20,8 @@ use super::{
 };
 use crate::{
     findings::{Finding, codes},
-    objects::gateway_api::{self, BackendRef, Filter, HeaderModifier, ObjectRef, WAYPOINT_CLASS},
+    objects::gateway_api::{self, BackendRef, Filter, HeaderModifier, ObjectRef},
+    waypoint_binding::WAYPOINT_CLASSES,
 };
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
@@ -107,7 +108,10 @@ fn parent(
     match (group, kind) {
         ("" | "core", "Service") => {}
         (GATEWAY_GROUP, "Gateway") => {
-            let message = if mesh.gateway_class(parent_namespace, &p.name) == Some(WAYPOINT_CLASS) {
+            let message = if mesh
+                .gateway_class(parent_namespace, &p.name)
+                .is_some_and(|c| WAYPOINT_CLASSES.contains(&c))
+            {
                 "is a waypoint: attach mesh routes to the Services it serves (parentRefs of kind Service); this parent is ignored"
             } else {
                 "is not a waypoint (an ingress Gateway): Warren routes mesh traffic only; this parent is ignored"

@@ -5,8 +5,18 @@ use super::*;
 use crate::{analyze::analyze, source::read_documents, translate::translate};
 
 /// Services the cases route to: `shop` uses the waypoint `waypoint` (namespace label), `legacy`
-/// opts out; `bank/ledger` has its own.
+/// opts out; `bank/ledger` has its own. Both waypoints have their Gateways.
 const SERVICES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec: {gatewayClassName: istio-waypoint}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: bank-waypoint, namespace: bank}
+spec: {gatewayClassName: istio-waypoint}
+---
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop, labels: {istio.io/use-waypoint: waypoint}}
@@ -659,12 +669,8 @@ virtualServices:
         },
         Case {
             name: "gateway parents are not mesh routes; a consumer route narrows to its clients",
+            // (shop/waypoint, the Gateway of the first parent, is among SERVICES.)
             input: r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: shop}
-spec: {gatewayClassName: istio-waypoint}
----
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: to-waypoint, namespace: shop}

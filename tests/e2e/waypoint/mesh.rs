@@ -190,6 +190,7 @@ pub(crate) fn service(endpoints: &[&Pod]) -> Service {
         ],
         endpoints: endpoints.iter().map(|p| p.name.clone()).collect(),
         waypoint: Some("waypoint".into()),
+        waypoint_namespace: None,
     }
 }
 
@@ -201,6 +202,7 @@ pub(crate) fn ledger(endpoints: &[&Pod]) -> Service {
         ports: vec![ServicePort { port: 80, target_port: APP_PORT }],
         endpoints: endpoints.iter().map(|p| p.name.clone()).collect(),
         waypoint: Some("waypoint".into()),
+        waypoint_namespace: None,
     }
 }
 

@@ -156,6 +156,7 @@ fn setup(settings_dir: PathBuf) -> Result<Bed> {
             .collect(),
         endpoints: vec![server.name.clone()],
         waypoint: Some("waypoint".into()),
+        waypoint_namespace: None,
     };
     let config = |on: bool| NodeConfig {
         workloads: vec![

@@ -140,6 +140,7 @@ fn setup(work_dir: &std::path::Path, baseline: Option<&std::path::Path>) -> Resu
         ports: vec![ServicePort { port: 80, target_port: APP_PORT }],
         endpoints: vec![server.name.clone()],
         waypoint: waypoint.map(str::to_string),
+        waypoint_namespace: None,
     };
     let mut services =
         vec![service("plain", Path::Mesh, None), service("routed", Path::Waypoint, Some("waypoint"))];
