@@ -22,7 +22,7 @@ use crate::{
         AuthorizationPolicy, AuthorizationRule, PeerAuthentication as K8sPeerAuthentication, Snapshot,
         object_name,
     },
-    waypoint_binding::Waypoints,
+    waypoint_binding::{self, Waypoints},
 };
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -33,6 +33,13 @@ pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
     let namespaces: BTreeMap<&str, &Namespace> =
         snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, &**n))).collect();
     let workloads: Vec<Workload> = snapshot.pods.iter().map(|p| workload(p, &namespaces)).collect();
+    for pod in &snapshot.pods {
+        waypoint_binding::check_pod(
+            &pod.metadata,
+            &format!("Pod {}", object_name(&pod.metadata)),
+            &mut findings,
+        );
+    }
     let members = PodIndex::new(&snapshot.pods, &workloads);
     let waypoints = Waypoints::new(&snapshot.gateways, &namespaces);
     let services: Vec<Service> =

@@ -136,6 +136,25 @@ impl<'a> Waypoints<'a> {
     }
 }
 
+/// A Pod's own `istio.io/use-waypoint` asks for Istio's workload waypoints (traffic addressed
+/// to the pod's IP, as a headless Service's clients send it), which Warren does not implement:
+/// said, rather than silently sending that traffic past the waypoint's policy.
+pub fn check_pod(meta: &ObjectMeta, object: &str, findings: &mut Vec<Finding>) {
+    let labels = labels(Some(meta));
+    if let Some(name) = labels.get(USE_WAYPOINT).filter(|n| *n != "none") {
+        findings.push(warning(
+            codes::UNSUPPORTED,
+            object.to_owned(),
+            Some(format!("metadata.labels[{USE_WAYPOINT}]")),
+            format!(
+                "waypoints for traffic addressed to a pod's own IP are not supported: connections to this \
+                 pod's IP reach it directly, not through waypoint {name}; connections to its Services' \
+                 addresses follow their waypoint (label the Service, or its Namespace, instead)"
+            ),
+        ));
+    }
+}
+
 fn labels(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
     meta.and_then(|m| m.labels.clone()).unwrap_or_default()
 }
@@ -356,6 +375,22 @@ spec:
             "{}",
             findings[0].message
         );
+    }
+
+    #[test]
+    fn a_pod_asking_for_a_workload_waypoint_is_told_it_is_not_supported() {
+        let mut findings = Vec::new();
+        let meta = |labels: &[(&str, &str)]| ObjectMeta {
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        };
+        check_pod(&meta(&[(USE_WAYPOINT, "none")]), "Pod shop/a", &mut findings);
+        check_pod(&meta(&[("app", "db")]), "Pod shop/b", &mut findings);
+        assert!(findings.is_empty());
+        check_pod(&meta(&[(USE_WAYPOINT, "db-waypoint")]), "Pod shop/db-0", &mut findings);
+        assert_eq!(findings.len(), 1);
+        assert_eq!((findings[0].code, findings[0].object.as_str()), (codes::UNSUPPORTED, "Pod shop/db-0"));
+        assert!(findings[0].message.contains("not through waypoint db-waypoint"), "{}", findings[0].message);
     }
 
     #[test]
