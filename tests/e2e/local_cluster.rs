@@ -310,6 +310,8 @@ fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_
         "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: shop, {uses_shared}}}\n\
          spec: {{selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: games, {uses_shared}}}\n\
+         spec: {{selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: orphan, namespace: shop, labels: {{istio.io/use-waypoint: gone}}}}\n\
          spec: {{selector: {{app: echo}}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
     );
     let games_pod = pod("echo-v1", 2, "v1")
@@ -352,4 +354,16 @@ fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_
             "{service}: requests through infra/shared"
         );
     }
+    // A waypoint with no Gateway: refused (not sent past the policy it would enforce), and
+    // node-1's ztunnel says which waypoint is missing.
+    let url = format!("http://{}/", cluster.vip("shop/orphan"));
+    let refused = versions_seen(&cluster, "client", &url, 1);
+    assert!(refused.as_object().is_none_or(|v| v.is_empty()), "answered without its waypoint: {refused}");
+    let log_path = cluster.state()["nodes"][0]["ztunnelLog"].as_str().unwrap().to_string();
+    let said = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains("service orphan.shop.svc.cluster.local uses waypoint shop/gone, which has no pod")
+    });
+    assert!(said, "{}", std::fs::read_to_string(&log_path).unwrap());
 }

@@ -241,8 +241,16 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
         }
         Route::NoEndpoints { service } => {
             stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
+            let error = match service.waypoint_ref() {
+                Some((namespace, name)) => format!(
+                    "service {} uses waypoint {namespace}/{name}, which has no pod with an address \
+                     (no Gateway {namespace}/{name}, or its pods are not running)",
+                    service.hostname()
+                ),
+                None => format!("service {} has no ready endpoints", service.hostname()),
+            };
             info!(target: "access", direction = "outbound", pod = pod.pod, src = %peer, dst = %original_dst,
-                  error = %format!("service {} has no ready endpoints", service.hostname()), "connection failed");
+                  error = %error, "connection failed");
             reset(&stream);
         }
     }
