@@ -86,7 +86,8 @@ fn the_rendered_chart_passes_server_side_dry_run() {
         "--set",
         "ca.clusterIP=10.96.200.12",
         "--set",
-        "waypoints[0].name=waypoint,waypoints[0].namespace=production,waypoints[0].createGateway=true",
+        "waypoints[0].name=waypoint,waypoints[0].namespace=production,waypoints[0].createGateway=true,\
+         waypoints[0].allowedRoutes.namespaces.from=All",
         "--set",
         "controller.replicas=2",
     ];
@@ -102,6 +103,12 @@ fn the_rendered_chart_passes_server_side_dry_run() {
         .filter(|v| !v.is_null())
         .collect();
     assert!(!default.contains("warren-node-tokens"), "the chart still renders the node tokens");
+    let gateway = objects.iter().find(|o| o["kind"] == "Gateway").expect("the waypoint's Gateway");
+    assert_eq!(
+        gateway["spec"]["listeners"][0]["allowedRoutes"],
+        serde_json::json!({"namespaces": {"from": "All"}}),
+        "{gateway}"
+    );
     let secrets: Vec<&str> = objects
         .iter()
         .filter(|o| o["kind"] == "Secret")
