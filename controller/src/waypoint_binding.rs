@@ -28,8 +28,7 @@ use crate::{
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
-/// Gateway classes whose Gateways are waypoints: Istio's, and Warren's own name.
-pub const WAYPOINT_CLASSES: [&str; 2] = ["istio-waypoint", "warren-waypoint"];
+pub use warren_core::model::WAYPOINT_CLASSES;
 
 /// A Service's waypoint: its Gateway's namespace and name.
 #[derive(Debug, PartialEq, Eq)]

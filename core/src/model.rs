@@ -116,6 +116,9 @@ impl Service {
 /// Label that names the waypoint (Gateway) a workload belongs to.
 pub const WAYPOINT_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
+/// Gateway classes whose Gateways are waypoints: Istio's, and Warren's own name.
+pub const WAYPOINT_CLASSES: [&str; 2] = ["istio-waypoint", "warren-waypoint"];
+
 /// Workloads and services by IP, for resolving a connection's original destination.
 #[derive(Clone, Debug, Default)]
 pub struct WorkloadIndex {

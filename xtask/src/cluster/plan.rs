@@ -12,8 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-/// Gateway classes whose Gateways are waypoints (Istio's, and Warren's own name).
-pub const WAYPOINT_CLASSES: [&str; 2] = ["istio-waypoint", "warren-waypoint"];
+pub use warren_core::model::WAYPOINT_CLASSES;
 const WAYPOINT_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 const DEFAULT_PORT: u16 = 8080;
 
