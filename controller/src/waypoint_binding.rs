@@ -116,20 +116,18 @@ impl<'a> Waypoints<'a> {
             ));
             return None;
         }
-        if binding.namespace != namespace {
-            let namespace_labels = labels(self.namespaces.get(namespace).map(|n| &n.metadata));
-            if let Err(why) = admits(gateway, namespace, &namespace_labels) {
-                findings.push(error(
-                    codes::WAYPOINT_REFUSED,
-                    object.to_owned(),
-                    Some(label),
-                    format!(
-                        "names waypoint {waypoint} in another namespace, which does not admit Services of \
-                         namespace {namespace}: {why}; this Service's traffic goes straight to its endpoints"
-                    ),
-                ));
-                return None;
-            }
+        let namespace_labels = labels(self.namespaces.get(namespace).map(|n| &n.metadata));
+        if let Err(why) = admits(gateway, &binding.namespace, namespace, &namespace_labels) {
+            findings.push(error(
+                codes::WAYPOINT_REFUSED,
+                object.to_owned(),
+                Some(label),
+                format!(
+                    "names waypoint {waypoint}, which does not admit Services of namespace {namespace}: \
+                     {why}; this Service's traffic goes straight to its endpoints"
+                ),
+            ));
+            return None;
         }
         Some(binding)
     }
@@ -161,20 +159,24 @@ fn labels(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
 /// Whether the Gateway's HBONE listener (port 15008) lets Services of `namespace` use it.
 fn admits(
     gateway: &Gateway,
+    gateway_namespace: &str,
     namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Result<(), String> {
     let listener: Option<&Listener> =
         gateway.spec.listeners.iter().find(|l| l.protocol == "HBONE" && l.port == 15008);
-    let Some(listener) = listener else {
-        return Err("it has no HBONE listener on port 15008, so only its own namespace may use it".into());
-    };
-    let field = format!("spec.listeners[{}].allowedRoutes.namespaces", listener.name);
-    let from = listener.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref());
+    // Without an HBONE listener, or without allowedRoutes on it: `Same`.
+    let field = listener.map(|l| format!("spec.listeners[{}].allowedRoutes.namespaces", l.name));
+    let from = listener.and_then(|l| l.allowed_routes.as_ref()?.namespaces.as_ref());
     match from.and_then(|n| n.from.as_deref()).unwrap_or("Same") {
         "All" => Ok(()),
-        "Same" => Err(format!("its {field}.from is Same (the default)")),
+        "Same" if namespace == gateway_namespace => Ok(()),
+        "Same" => Err(match field {
+            Some(field) => format!("its {field}.from is Same (the default)"),
+            None => "it has no HBONE listener on port 15008, so only its own namespace may use it".into(),
+        }),
         "Selector" => {
+            let field = field.unwrap_or_default();
             let selector = from.and_then(|n| n.selector.as_ref()).cloned().unwrap_or_default();
             match selects(&selector, namespace_labels) {
                 Ok(true) => Ok(()),
@@ -184,7 +186,10 @@ fn admits(
                 Err(bad) => Err(format!("its {field}.selector is invalid ({bad}), so it matches nothing")),
             }
         }
-        other => Err(format!("its {field}.from is {other:?}, which is none of All, Same or Selector")),
+        other => Err(format!(
+            "its {}.from is {other:?}, which is none of All, Same or Selector",
+            field.unwrap_or_default()
+        )),
     }
 }
 
@@ -329,6 +334,8 @@ spec:
             ),
             service("same", "other", "istio.io/use-waypoint: local, istio.io/use-waypoint-namespace: infra"),
             service("pods", "shop", "istio.io/use-waypoint: pods-only"),
+            // Its own namespace is admitted by the selector alone, as in Istio.
+            service("own", "infra", "istio.io/use-waypoint: shared"),
         ]
         .concat();
         let (bound, findings) = bind_all(&yaml);
@@ -355,7 +362,9 @@ spec:
         );
         assert!(about("Service other/same").message.contains("from is Same (the default)"));
         assert!(about("Service shop/pods").message.contains("for \"workload\" traffic"));
-        assert_eq!(findings.len(), 3, "{findings:#?}");
+        assert_eq!(bound["infra/own"], None);
+        assert!(about("Service infra/own").message.contains("does not match namespace infra's labels"));
+        assert_eq!(findings.len(), 4, "{findings:#?}");
     }
 
     #[test]
