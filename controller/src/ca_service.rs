@@ -324,6 +324,7 @@ mod tests {
             ips: vec![],
             enrolled: true,
             labels: Default::default(),
+            waypoint: None,
         };
         let config = NodeConfig {
             workloads: vec![pod("node-1", "checkout"), pod("node-2", "payment")],
@@ -441,6 +442,7 @@ mod tests {
             ips: vec![],
             enrolled: true,
             labels: Default::default(),
+            waypoint: None,
         };
         let config = NodeConfig { workloads: vec![checkout], ..Default::default() };
         let id = |ns: &str, sa: &str| {

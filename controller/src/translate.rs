@@ -22,7 +22,7 @@ use crate::{
         AuthorizationPolicy, AuthorizationRule, PeerAuthentication as K8sPeerAuthentication, Snapshot,
         object_name,
     },
-    waypoint_binding::{self, Waypoints},
+    waypoint_binding::{Traffic, Waypoints},
 };
 
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -32,16 +32,10 @@ pub fn translate(snapshot: &Snapshot) -> (NodeConfig, Vec<Finding>) {
     let mut findings = Vec::new();
     let namespaces: BTreeMap<&str, &Namespace> =
         snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, &**n))).collect();
-    let workloads: Vec<Workload> = snapshot.pods.iter().map(|p| workload(p, &namespaces)).collect();
-    for pod in &snapshot.pods {
-        waypoint_binding::check_pod(
-            &pod.metadata,
-            &format!("Pod {}", object_name(&pod.metadata)),
-            &mut findings,
-        );
-    }
-    let members = PodIndex::new(&snapshot.pods, &workloads);
     let waypoints = Waypoints::new(&snapshot.gateways, &namespaces);
+    let workloads: Vec<Workload> =
+        snapshot.pods.iter().map(|p| workload(p, &namespaces, &waypoints, &mut findings)).collect();
+    let members = PodIndex::new(&snapshot.pods, &workloads);
     let services: Vec<Service> =
         snapshot.services.iter().filter_map(|s| service(s, &members, &waypoints, &mut findings)).collect();
     let peer_authentications = snapshot
@@ -87,10 +81,17 @@ fn ready(pod: &Pod) -> bool {
     ready.is_none_or(|c| c.status == "True")
 }
 
-fn workload(pod: &Pod, namespaces: &BTreeMap<&str, &Namespace>) -> Workload {
+fn workload(
+    pod: &Pod,
+    namespaces: &BTreeMap<&str, &Namespace>,
+    waypoints: &Waypoints,
+    findings: &mut Vec<Finding>,
+) -> Workload {
     let meta = &pod.metadata;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
     let name = meta.name.clone().unwrap_or_default();
+    let waypoint =
+        waypoints.bind(meta, &namespace, &format!("Pod {namespace}/{name}"), Traffic::Workload, findings);
     let status = pod.status.as_ref();
     let mut ips: Vec<std::net::IpAddr> = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -113,6 +114,7 @@ fn workload(pod: &Pod, namespaces: &BTreeMap<&str, &Namespace>) -> Workload {
         ips,
         labels: labels_of(meta),
         namespace,
+        waypoint,
     }
 }
 
@@ -203,7 +205,7 @@ fn service(
             )),
         }
     }
-    let waypoint = waypoints.bind(&svc.metadata, &namespace, &object, findings);
+    let waypoint = waypoints.bind(&svc.metadata, &namespace, &object, Traffic::Service, findings);
     let waypoint_namespace =
         waypoint.as_ref().filter(|w| w.namespace != namespace).map(|w| w.namespace.clone());
     let mut endpoints: Vec<String> = members.iter().map(|(_, w)| w.uid.clone()).collect();

@@ -20,6 +20,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 
+use warren_core::model::{WAYPOINT_LABEL, WaypointRef};
+
 use crate::{
     findings::{Finding, codes, error, warning},
     objects::gateway_api::{Gateway, Listener},
@@ -29,13 +31,6 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 pub use warren_core::model::WAYPOINT_CLASSES;
-
-/// A Service's waypoint: its Gateway's namespace and name.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Binding {
-    pub namespace: String,
-    pub name: String,
-}
 
 /// The waypoint Gateways of a snapshot, and the namespaces' labels, for binding Services.
 pub struct Waypoints<'a> {
@@ -59,22 +54,27 @@ impl<'a> Waypoints<'a> {
         Waypoints { gateways, namespaces }
     }
 
-    /// The waypoint of the Service `meta` (in `namespace`), if it has one it may use.
-    /// `object` names the Service in findings.
+    /// The waypoint of the object `meta` (in `namespace`) for `traffic` addressed to it, if it
+    /// has one it may use. `object` names it in findings.
     pub fn bind(
         &self,
         meta: &ObjectMeta,
         namespace: &str,
         object: &str,
+        traffic: Traffic,
         findings: &mut Vec<Finding>,
-    ) -> Option<Binding> {
+    ) -> Option<WaypointRef> {
+        // A waypoint's own pods never go through a waypoint.
+        if traffic == Traffic::Workload && labels(Some(meta)).contains_key(WAYPOINT_LABEL) {
+            return None;
+        }
         let own = labels(Some(meta));
         let ns_labels = labels(self.namespaces.get(namespace).map(|n| &n.metadata));
         // Which object's labels decide, and the field to name in findings.
-        let (chosen, field) = if own.contains_key(USE_WAYPOINT) {
-            (own, "metadata.labels")
+        let (chosen, field, inherited) = if own.contains_key(USE_WAYPOINT) {
+            (own, "metadata.labels", false)
         } else if ns_labels.contains_key(USE_WAYPOINT) {
-            (ns_labels, "the Namespace's metadata.labels")
+            (ns_labels, "the Namespace's metadata.labels", true)
         } else {
             return None;
         };
@@ -82,49 +82,64 @@ impl<'a> Waypoints<'a> {
         if name == "none" {
             return None;
         }
-        let binding = Binding {
+        let binding = WaypointRef {
             namespace: chosen.get(USE_WAYPOINT_NAMESPACE).cloned().unwrap_or_else(|| namespace.to_owned()),
             name: name.clone(),
         };
+        // A namespace's waypoint is for its Services unless its Gateway says otherwise: its
+        // pods use it only when it takes workload traffic, and nothing is said when it does not.
+        let quiet = inherited && traffic == Traffic::Workload;
         let label = format!("{field}[{USE_WAYPOINT}]");
         let waypoint = format!("{}/{}", binding.namespace, binding.name);
+        let (refused_to, goes) = match traffic {
+            Traffic::Service => {
+                ("connections to this Service", "this Service's traffic goes straight to its endpoints")
+            }
+            Traffic::Workload => {
+                ("connections to this pod's IP", "traffic to this pod's IP goes to it directly")
+            }
+        };
         let Some(gateway) = self.gateways.get(&(binding.namespace.as_str(), binding.name.as_str())) else {
+            if quiet {
+                return None;
+            }
             findings.push(warning(
                 codes::WAYPOINT_NOT_FOUND,
                 object.to_owned(),
                 Some(label),
                 format!(
                     "names waypoint {waypoint}, but there is no Gateway {waypoint} of class istio-waypoint: \
-                     connections to this Service are refused until that waypoint runs (create the Gateway, \
-                     or set the label to none)"
+                     {refused_to} are refused until that waypoint runs (create the Gateway, or set the label \
+                     to none)"
                 ),
             ));
             return Some(binding);
         };
-        let traffic =
+        let for_traffic =
             labels(Some(&gateway.metadata)).get(WAYPOINT_FOR).cloned().unwrap_or_else(|| "service".into());
-        if !matches!(traffic.as_str(), "service" | "all") {
-            findings.push(error(
-                codes::WAYPOINT_REFUSED,
-                object.to_owned(),
-                Some(label),
-                format!(
-                    "names waypoint {waypoint}, whose Gateway is for {traffic:?} traffic ({WAYPOINT_FOR}), not a \
-                     Service's: this Service's traffic goes straight to its endpoints (label the Gateway \
-                     {WAYPOINT_FOR}: service or all)"
-                ),
-            ));
+        if !(for_traffic == "all" || for_traffic == traffic.label_value()) {
+            if !quiet {
+                findings.push(error(
+                    codes::WAYPOINT_REFUSED,
+                    object.to_owned(),
+                    Some(label),
+                    format!(
+                        "names waypoint {waypoint}, whose Gateway is for {for_traffic:?} traffic ({WAYPOINT_FOR}), \
+                         not {:?}: {goes} (label the Gateway {WAYPOINT_FOR}: {} or all)",
+                        traffic.label_value(),
+                        traffic.label_value()
+                    ),
+                ));
+            }
             return None;
         }
-        let namespace_labels = labels(self.namespaces.get(namespace).map(|n| &n.metadata));
-        if let Err(why) = admits(gateway, &binding.namespace, namespace, &namespace_labels) {
+        if let Err(why) = admits(gateway, &binding.namespace, namespace, &ns_labels_of(self, namespace)) {
             findings.push(error(
                 codes::WAYPOINT_REFUSED,
                 object.to_owned(),
                 Some(label),
                 format!(
-                    "names waypoint {waypoint}, which does not admit Services of namespace {namespace}: \
-                     {why}; this Service's traffic goes straight to its endpoints"
+                    "names waypoint {waypoint}, which does not admit namespace {namespace}: {why}; {goes}"
                 ),
             ));
             return None;
@@ -133,23 +148,25 @@ impl<'a> Waypoints<'a> {
     }
 }
 
-/// A Pod's own `istio.io/use-waypoint` asks for Istio's workload waypoints (traffic addressed
-/// to the pod's IP, as a headless Service's clients send it), which Warren does not implement:
-/// said, rather than silently sending that traffic past the waypoint's policy.
-pub fn check_pod(meta: &ObjectMeta, object: &str, findings: &mut Vec<Finding>) {
-    let labels = labels(Some(meta));
-    if let Some(name) = labels.get(USE_WAYPOINT).filter(|n| *n != "none") {
-        findings.push(warning(
-            codes::UNSUPPORTED,
-            object.to_owned(),
-            Some(format!("metadata.labels[{USE_WAYPOINT}]")),
-            format!(
-                "waypoints for traffic addressed to a pod's own IP are not supported: connections to this \
-                 pod's IP reach it directly, not through waypoint {name}; connections to its Services' \
-                 addresses follow their waypoint (label the Service, or its Namespace, instead)"
-            ),
-        ));
+/// What kind of traffic a binding is for: to a Service's addresses, or to a pod's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    Service,
+    Workload,
+}
+
+impl Traffic {
+    /// Its `istio.io/waypoint-for` value.
+    fn label_value(self) -> &'static str {
+        match self {
+            Traffic::Service => "service",
+            Traffic::Workload => "workload",
+        }
     }
+}
+
+fn ns_labels_of(waypoints: &Waypoints<'_>, namespace: &str) -> BTreeMap<String, String> {
+    labels(waypoints.namespaces.get(namespace).map(|n| &n.metadata))
 }
 
 fn labels(meta: Option<&ObjectMeta>) -> BTreeMap<String, String> {
@@ -234,7 +251,13 @@ mod tests {
             .map(|s| {
                 let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
                 let name = format!("{ns}/{}", s.metadata.name.as_deref().unwrap_or(""));
-                let b = waypoints.bind(&s.metadata, &ns, &format!("Service {name}"), &mut findings);
+                let b = waypoints.bind(
+                    &s.metadata,
+                    &ns,
+                    &format!("Service {name}"),
+                    Traffic::Service,
+                    &mut findings,
+                );
                 (name, b.map(|b| format!("{}/{}", b.namespace, b.name)))
             })
             .collect();
@@ -386,19 +409,54 @@ spec:
     }
 
     #[test]
-    fn a_pod_asking_for_a_workload_waypoint_is_told_it_is_not_supported() {
+    fn pods_use_waypoints_for_workload_traffic_by_their_own_label_or_a_namespace_waypoint_for_it() {
+        let yaml = [
+            GATEWAYS.to_string(),
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {name: db-waypoint, namespace: data, labels: {istio.io/waypoint-for: all}}\n\
+             spec: {gatewayClassName: istio-waypoint}\n"
+                .to_string(),
+            namespace("data", "istio.io/use-waypoint: db-waypoint"),
+            namespace("shop", "istio.io/use-waypoint: waypoint"),
+        ]
+        .concat();
+        let mut snapshot = Snapshot::default();
+        let mut parse = Vec::new();
+        read_documents("fixture", &yaml, &mut snapshot, &mut parse);
+        assert!(parse.is_empty(), "{parse:?}");
+        let namespaces: BTreeMap<&str, &Namespace> =
+            snapshot.namespaces.iter().filter_map(|n| Some((n.metadata.name.as_deref()?, &**n))).collect();
+        let waypoints = Waypoints::new(&snapshot.gateways, &namespaces);
         let mut findings = Vec::new();
-        let meta = |labels: &[(&str, &str)]| ObjectMeta {
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            ..Default::default()
+        let bind = |namespace: &str, labels: &[(&str, &str)], findings: &mut Vec<Finding>| {
+            let meta = ObjectMeta {
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            };
+            waypoints
+                .bind(&meta, namespace, "Pod x", Traffic::Workload, findings)
+                .map(|w| format!("{}/{}", w.namespace, w.name))
         };
-        check_pod(&meta(&[(USE_WAYPOINT, "none")]), "Pod shop/a", &mut findings);
-        check_pod(&meta(&[("app", "db")]), "Pod shop/b", &mut findings);
-        assert!(findings.is_empty());
-        check_pod(&meta(&[(USE_WAYPOINT, "db-waypoint")]), "Pod shop/db-0", &mut findings);
+        // The namespace's waypoint takes all traffic: its pods use it.
+        assert_eq!(bind("data", &[], &mut findings).as_deref(), Some("data/db-waypoint"));
+        // A waypoint's own pods never do.
+        assert_eq!(bind("data", &[(WAYPOINT_LABEL, "db-waypoint")], &mut findings), None);
+        // A namespace waypoint for services only (the default): not for its pods, quietly.
+        assert_eq!(bind("shop", &[], &mut findings), None);
+        assert!(findings.is_empty(), "{findings:#?}");
+        // A pod's own label naming a waypoint for services only: refused, and said.
+        assert_eq!(bind("shop", &[(USE_WAYPOINT, "waypoint")], &mut findings), None);
         assert_eq!(findings.len(), 1);
-        assert_eq!((findings[0].code, findings[0].object.as_str()), (codes::UNSUPPORTED, "Pod shop/db-0"));
-        assert!(findings[0].message.contains("not through waypoint db-waypoint"), "{}", findings[0].message);
+        assert_eq!(findings[0].code, codes::WAYPOINT_REFUSED);
+        assert!(findings[0].message.contains("not \"workload\""), "{}", findings[0].message);
+        assert!(findings[0].message.contains("traffic to this pod's IP goes to it directly"));
+        // Its own label naming a waypoint that takes workload traffic (in another namespace,
+        // where the Gateway does not admit it: refused).
+        assert_eq!(
+            bind("shop", &[(USE_WAYPOINT, "db-waypoint"), (USE_WAYPOINT_NAMESPACE, "data")], &mut findings),
+            None
+        );
+        assert!(findings[1].message.contains("does not admit namespace shop"), "{}", findings[1].message);
     }
 
     #[test]

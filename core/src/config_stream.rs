@@ -942,6 +942,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             enrolled: true,
             labels: Default::default(),
+            waypoint: None,
         }
     }
 

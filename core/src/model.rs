@@ -28,6 +28,18 @@ pub struct Workload {
     pub enrolled: bool,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The waypoint for traffic addressed to this pod's own IPs (Istio's workload waypoints:
+    /// the pod's `istio.io/use-waypoint`, to a Gateway for `workload` or `all` traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+}
+
+/// A waypoint, by its Gateway's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaypointRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 fn default_service_account() -> String {
@@ -241,6 +253,7 @@ mod tests {
             ips: vec![],
             enrolled,
             labels: Default::default(),
+            waypoint: None,
         };
         let config = NodeConfig {
             workloads: vec![w("a", "n1", true), w("b", "n1", false), w("c", "n2", true)],

@@ -352,6 +352,7 @@ mod tests {
             ips: vec!["10.0.0.9".parse().unwrap()],
             enrolled: true,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            waypoint: None,
         }
     }
 

@@ -101,6 +101,17 @@ fn versions_seen(cluster: &LocalCluster, from: &str, url: &str, requests: u32) -
     summary["versions"].clone()
 }
 
+/// `istio_requests_total` for `service` on the waypoint in `netns`, summed over its series.
+fn requests_through(netns: &Path, service: &str) -> u64 {
+    let metrics = http_in(netns, "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics", &[]).unwrap().body;
+    let label = format!("destination_service=\"{service}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Everything a cluster named `name` with supervisor `pid` could leave behind.
 fn leftovers(name: &str, pid_marker: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -330,19 +341,7 @@ fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_
     );
     let waypoint_netns = Path::new("/var/run/netns")
         .join(cluster.pod("shared-0").expect("the waypoint pod of infra/shared")["netns"].as_str().unwrap());
-    let requests_to = |service: &str| -> u64 {
-        let metrics = http_in(&waypoint_netns, "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics", &[])
-            .unwrap()
-            .body;
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("istio_requests_total{")
-                    && l.contains(&format!("destination_service=\"{service}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let requests_to = |service: &str| requests_through(&waypoint_netns, service);
     for (service, through_waypoint) in [("shop/echo", 10), ("games/echo", 0)] {
         let url = format!("http://{}/", cluster.vip(service));
         let seen = versions_seen(&cluster, "client", &url, 10);
@@ -366,4 +365,60 @@ fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_
             .contains("service orphan.shop.svc.cluster.local uses waypoint shop/gone, which has no pod")
     });
     assert!(said, "{}", std::fs::read_to_string(&log_path).unwrap());
+}
+
+/// Istio's workload waypoints: a pod labelled `istio.io/use-waypoint` with a Gateway for
+/// `workload` traffic has the traffic to its own IP (as a headless Service's clients send it),
+/// and through a Service without a waypoint of its own, go through that waypoint, whose L7
+/// policy then applies; the pods without the label are reached directly.
+#[test]
+fn traffic_to_a_pods_own_ip_goes_through_its_workload_waypoint() {
+    let manifests = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+        metadata: {name: pod-waypoint, namespace: shop, labels: {istio.io/waypoint-for: workload}}\n\
+        spec: {gatewayClassName: istio-waypoint}\n---\n\
+        apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: no-admin, namespace: shop}\n\
+        spec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: pod-waypoint}]\n\
+        \x20 action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n";
+    let through = pod("echo-v1", 2, "v1")
+        .replace("labels: {app: echo,", "labels: {istio.io/use-waypoint: pod-waypoint, app: echo,");
+    let cluster = LocalCluster::up(
+        &format!("w{}", std::process::id() % 100_000),
+        &[
+            ("ns.yaml", NAMESPACE),
+            ("svc.yaml", SERVICE),
+            ("waypoint.yaml", manifests),
+            ("v1.yaml", &through),
+            ("v2.yaml", &pod("echo-v2", 2, "v2")),
+            ("c.yaml", &client("client")),
+        ],
+    );
+    let netns =
+        |pod: &str| Path::new("/var/run/netns").join(cluster.pod(pod).unwrap()["netns"].as_str().unwrap());
+    let pod_ip = |pod: &str| cluster.pod(pod).unwrap()["ipv4"].as_str().unwrap().to_string();
+    let through_waypoint =
+        || requests_through(&netns("pod-waypoint-0"), "echo-v1.pod.shop.svc.cluster.local");
+    let dump =
+        http_in(&netns("pod-waypoint-0"), "127.0.0.1:15000".parse().unwrap(), "GET", "/config_dump", &[])
+            .unwrap()
+            .body;
+    let dump: Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["servedPods"], serde_json::json!(["shop/echo-v1"]), "{}", dump["servedPods"]);
+    // To the labelled pod's own IP: through the waypoint, whose policy applies.
+    let v1 = format!("{}:8080", pod_ip("echo-v1")).parse().unwrap();
+    let ok = http_in(&netns("client"), v1, "GET", "/", &[]).unwrap();
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let denied = http_in(&netns("client"), v1, "GET", "/admin", &[]).unwrap();
+    assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied"));
+    assert_eq!(through_waypoint(), 2);
+    // The other pod: directly (its /admin is not the waypoint's to refuse).
+    let v2 = format!("{}:8080", pod_ip("echo-v2")).parse().unwrap();
+    assert_eq!(http_in(&netns("client"), v2, "GET", "/admin", &[]).unwrap().status, 200);
+    // Through the Service (no waypoint of its own), ten connections that ztunnel spreads over
+    // both pods in turn: the labelled pod's five go through its waypoint too.
+    let vip = format!("{}:80", cluster.vip("shop/echo")).parse().unwrap();
+    for _ in 0..10 {
+        assert_eq!(http_in(&netns("client"), vip, "GET", "/", &[]).unwrap().status, 200);
+    }
+    assert_eq!(through_waypoint(), 7);
 }

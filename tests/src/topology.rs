@@ -31,6 +31,7 @@ impl Pod {
             ips: vec![self.ipv4, self.ipv6],
             enrolled,
             labels: Default::default(),
+            waypoint: None,
         }
     }
 }

@@ -27,6 +27,16 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
         .filter(|s| s.is_served_by(&state.config.namespace, &state.config.name))
         .map(|s| s.hostname())
         .collect();
+    let me = (state.config.namespace.as_str(), state.config.name.as_str());
+    let served_pods: Vec<String> = snapshot
+        .config
+        .workloads
+        .iter()
+        .filter(|w| {
+            w.enrolled && w.waypoint.as_ref().is_some_and(|r| (r.namespace.as_str(), r.name.as_str()) == me)
+        })
+        .map(|w| w.to_string())
+        .collect();
     let clusters: Vec<_> = state
         .clusters
         .all()
@@ -37,6 +47,7 @@ fn config_dump(state: &WaypointState) -> serde_json::Value {
         "config": state.config,
         "identity": state.identity.to_string(),
         "servedServices": served,
+        "servedPods": served_pods,
         "routing": snapshot.config.routing,
         "routeErrors": snapshot.routes.errors,
         "clusters": clusters,

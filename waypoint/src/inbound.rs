@@ -116,12 +116,13 @@ async fn serve_stream(
     let Some(service) = snapshot.served_service(target.ip(), &state.config.namespace, &state.config.name)
     else {
         let reason = format!(
-            "{target} is not the address of a service that uses waypoint {}/{}",
+            "{target} is not the address of a service or pod that uses waypoint {}/{}",
             state.config.namespace, state.config.name
         );
         return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
     };
-    if service.target_port(target.port()).is_none() {
+    // A pod's own service (a workload waypoint's) takes any port.
+    if !service.ports.is_empty() && service.target_port(target.port()).is_none() {
         let reason = format!("service {} has no port {}", service.hostname(), target.port());
         return refuse(&mut respond, StatusCode::BAD_REQUEST, &reason);
     }

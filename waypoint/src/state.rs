@@ -42,6 +42,28 @@ pub struct Snapshot {
     cluster_ports: FastSet<u16>,
     /// Each workload's metric labels, by UID, built on its first request under this version.
     metric_sides: Mutex<FastMap<String, Interned<Side>>>,
+    /// Pods with a waypoint for traffic to their own IPs (Istio's workload waypoints), each as
+    /// a service of its own, by pod IP: see [`workload_service`].
+    workload_services: FastMap<IpAddr, Arc<Service>>,
+}
+
+/// A pod with a workload waypoint as a service whose one endpoint is the pod, so that its
+/// traffic takes the request path every service's does: L7 policy on the waypoint, the
+/// pod as the one destination (no route can name it), metrics and traces. Its name,
+/// `<pod>.pod`, cannot be a Service's (a Service's name has no dot), so its host
+/// `<pod>.pod.<namespace>.svc.cluster.local` meets no route, DestinationRule or policy meant
+/// for a Service. It has no ports: traffic keeps the port it was sent to.
+fn workload_service(workload: &Workload) -> Option<Service> {
+    let waypoint = workload.waypoint.as_ref()?;
+    Some(Service {
+        name: format!("{}.pod", workload.name),
+        namespace: workload.namespace.clone(),
+        vips: workload.ips.clone(),
+        ports: Vec::new(),
+        endpoints: vec![workload.uid.clone()],
+        waypoint: Some(waypoint.name.clone()),
+        waypoint_namespace: Some(waypoint.namespace.clone()),
+    })
 }
 
 /// A destination's endpoints, listed once per config version.
@@ -57,8 +79,16 @@ struct EndpointSets {
 impl Snapshot {
     pub fn new(config: NodeConfig) -> Self {
         let routes = RouteTable::build(&config.routing.virtual_services);
-        let services_by_host: FastMap<String, Arc<Service>> =
+        let mut services_by_host: FastMap<String, Arc<Service>> =
             config.services.iter().map(|s| (s.hostname(), Arc::new(s.clone()))).collect();
+        let mut workload_services = FastMap::default();
+        for service in config.workloads.iter().filter(|w| w.enrolled).filter_map(workload_service) {
+            let service = Arc::new(service);
+            for ip in &service.vips {
+                workload_services.insert(*ip, service.clone());
+            }
+            services_by_host.insert(service.hostname(), service);
+        }
         let mut destination_rules = FastMap::default();
         // Istio uses the oldest DestinationRule for a host; the controller orders them.
         for rule in &config.routing.destination_rules {
@@ -99,6 +129,7 @@ impl Snapshot {
             endpoint_sets,
             config,
             metric_sides: Mutex::default(),
+            workload_services,
         }
     }
 
@@ -117,8 +148,10 @@ impl Snapshot {
     /// route names.
     pub fn has_cluster(&self, key: &crate::upstream::ClusterKey) -> bool {
         let Some(sets) = self.endpoint_sets.get(&key.host) else { return false };
-        self.cluster_ports.contains(&key.port)
-            && key.subset.as_deref().is_none_or(|subset| sets.by_subset.contains_key(subset))
+        // A pod's own service (a workload waypoint's) has no ports: any port is its.
+        let port_known = self.cluster_ports.contains(&key.port)
+            || self.services_by_host.get(&key.host).is_some_and(|s| s.ports.is_empty());
+        port_known && key.subset.as_deref().is_none_or(|subset| sets.by_subset.contains_key(subset))
     }
 
     /// `workload`'s metric labels under this config version (its labels can change with the
@@ -133,9 +166,11 @@ impl Snapshot {
         side
     }
 
-    /// The service behind `vip` if this waypoint (`namespace`/`name`) serves it.
+    /// The service behind `vip` if this waypoint (`namespace`/`name`) serves it: a Service's
+    /// VIP, or a pod's IP whose workload waypoint it is (the pod's own service, see
+    /// [`workload_service`]).
     pub fn served_service(&self, vip: IpAddr, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        let service = self.index.service_by_vip(vip)?;
+        let service = self.index.service_by_vip(vip).or_else(|| self.workload_services.get(&vip))?;
         service.is_served_by(namespace, name).then(|| service.clone())
     }
 }
@@ -241,7 +276,24 @@ mod tests {
             ips: ip.map(|ip| ip.parse().unwrap()).into_iter().collect(),
             enrolled: true,
             labels: BTreeMap::from([("version".into(), version.into())]),
+            waypoint: None,
         }
+    }
+
+    #[test]
+    fn a_pod_with_a_workload_waypoint_is_a_service_of_its_own_on_any_port() {
+        let mut db = pod("db-0", "v1", Some("10.0.0.7"));
+        db.waypoint = Some(warren_core::model::WaypointRef { namespace: "infra".into(), name: "wp".into() });
+        let other = pod("web", "v1", Some("10.0.0.8"));
+        let snapshot = Snapshot::new(NodeConfig { workloads: vec![db, other], ..Default::default() });
+        let ip = "10.0.0.7".parse().unwrap();
+        let service = snapshot.served_service(ip, "infra", "wp").expect("served as the pod's waypoint");
+        assert_eq!(service.hostname(), "db-0.pod.shop.svc.cluster.local");
+        assert_eq!(snapshot.endpoints(&service.hostname(), None).unwrap()[0].uid, "db-0");
+        assert!(snapshot.served_service(ip, "shop", "wp").is_none(), "another waypoint's");
+        assert!(snapshot.served_service("10.0.0.8".parse().unwrap(), "infra", "wp").is_none());
+        let key = |port| crate::upstream::ClusterKey { host: service.hostname(), subset: None, port };
+        assert!(snapshot.has_cluster(&key(5432)) && snapshot.has_cluster(&key(8080)));
     }
 
     #[test]

@@ -1092,6 +1092,7 @@ mod tests {
             ips: vec!["10.0.0.1".parse().unwrap()],
             enrolled: true,
             labels: Default::default(),
+            waypoint: None,
         })
     }
 

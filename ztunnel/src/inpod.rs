@@ -521,6 +521,7 @@ mod tests {
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             enrolled: true,
             labels: Default::default(),
+            waypoint: None,
         }
     }
 

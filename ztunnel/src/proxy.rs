@@ -239,16 +239,8 @@ async fn outbound(stream: TcpStream, peer: SocketAddr, pod: &PodContext) {
             let src = SocketAddr::new(pod.workload.ip_like(dst.ip()).unwrap_or(peer.ip()), peer.port());
             relay_until(stream, dst, pod, "outbound", src, None, Some(labels)).await
         }
-        Route::NoEndpoints { service } => {
+        Route::Refused { reason: error, .. } => {
             stats.upstream_connect_failures.fetch_add(1, Ordering::Relaxed);
-            let error = match service.waypoint_ref() {
-                Some((namespace, name)) => format!(
-                    "service {} uses waypoint {namespace}/{name}, which has no pod with an address \
-                     (no Gateway {namespace}/{name}, or its pods are not running)",
-                    service.hostname()
-                ),
-                None => format!("service {} has no ready endpoints", service.hostname()),
-            };
             info!(target: "access", direction = "outbound", pod = pod.pod, src = %peer, dst = %original_dst,
                   error = %error, "connection failed");
             reset(&stream);

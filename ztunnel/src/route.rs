@@ -20,8 +20,8 @@ pub enum Route {
     },
     /// Plain TCP to `dst` (a destination outside the mesh).
     Passthrough { dst: SocketAddr, service: Option<Arc<Service>> },
-    /// A service VIP with nobody behind it.
-    NoEndpoints { service: Arc<Service> },
+    /// Nobody to send it to: a service VIP with no endpoint, or a waypoint with no pod.
+    Refused { service: Option<Arc<Service>>, reason: String },
 }
 
 /// Round-robin position per service (or waypoint).
@@ -46,42 +46,73 @@ pub fn resolve(index: &WorkloadIndex, original_dst: SocketAddr, rr: &RoundRobin)
     if let Some(service) = index.service_by_vip(ip) {
         if let Some((namespace, waypoint)) = service.waypoint_ref() {
             // The waypoint sees the VIP:port the client asked for.
-            let waypoints = index.waypoint(namespace, waypoint);
-            return match rr.pick(&format!("waypoint/{namespace}/{waypoint}"), waypoints) {
-                Some(w) => Route::Hbone {
-                    authority: SocketAddr::new(ip, original_dst.port()),
-                    hbone_ip: w.ip_like(ip).expect("filtered to workloads with IPs"),
-                    peer: w.clone(),
-                    service: Some(service.clone()),
-                },
-                None => Route::NoEndpoints { service: service.clone() },
-            };
+            let authority = SocketAddr::new(ip, original_dst.port());
+            return via_waypoint(index, rr, (namespace, waypoint), authority, Some(service), || {
+                format!("service {}", service.hostname())
+            });
         }
         let endpoints = index.endpoints(service);
         let Some(endpoint) = rr.pick(&service.hostname(), &endpoints) else {
-            return Route::NoEndpoints { service: service.clone() };
+            let reason = format!("service {} has no ready endpoints", service.hostname());
+            return Route::Refused { service: Some(service.clone()), reason };
         };
         let port = service.target_port(original_dst.port()).unwrap_or(original_dst.port());
         let dst = SocketAddr::new(endpoint.ip_like(ip).expect("filtered to workloads with IPs"), port);
-        return if endpoint.enrolled {
-            Route::Hbone {
-                authority: dst,
-                hbone_ip: dst.ip(),
-                peer: endpoint.clone(),
-                service: Some(service.clone()),
-            }
-        } else {
-            Route::Passthrough { dst, service: Some(service.clone()) }
-        };
+        return to_workload(index, rr, endpoint, dst, Some(service));
     }
     match index.by_ip(ip) {
-        Some(w) if w.enrolled => Route::Hbone {
-            authority: SocketAddr::new(ip, original_dst.port()),
-            hbone_ip: ip,
+        Some(w) => to_workload(index, rr, w, SocketAddr::new(ip, original_dst.port()), None),
+        None => Route::Passthrough { dst: SocketAddr::new(ip, original_dst.port()), service: None },
+    }
+}
+
+/// To the pod `workload` at `dst`: through its own waypoint if it has one (Istio's workload
+/// waypoints, for traffic to its IP, which the waypoint sees as the authority), else HBONE
+/// straight to it if it is in the mesh, else plain TCP.
+fn to_workload(
+    index: &WorkloadIndex,
+    rr: &RoundRobin,
+    workload: &Arc<Workload>,
+    dst: SocketAddr,
+    service: Option<&Arc<Service>>,
+) -> Route {
+    if !workload.enrolled {
+        return Route::Passthrough { dst, service: service.cloned() };
+    }
+    if let Some(waypoint) = &workload.waypoint {
+        return via_waypoint(index, rr, (&waypoint.namespace, &waypoint.name), dst, service, || {
+            format!("pod {workload}")
+        });
+    }
+    Route::Hbone { authority: dst, hbone_ip: dst.ip(), peer: workload.clone(), service: service.cloned() }
+}
+
+/// HBONE to one of the waypoint's pods, CONNECT `authority`; `what` names the destination
+/// when the waypoint has no pod to send it to.
+fn via_waypoint(
+    index: &WorkloadIndex,
+    rr: &RoundRobin,
+    (namespace, name): (&str, &str),
+    authority: SocketAddr,
+    service: Option<&Arc<Service>>,
+    what: impl FnOnce() -> String,
+) -> Route {
+    let waypoints = index.waypoint(namespace, name);
+    match rr.pick(&format!("waypoint/{namespace}/{name}"), waypoints) {
+        Some(w) => Route::Hbone {
+            authority,
+            hbone_ip: w.ip_like(authority.ip()).expect("filtered to workloads with IPs"),
             peer: w.clone(),
-            service: None,
+            service: service.cloned(),
         },
-        _ => Route::Passthrough { dst: SocketAddr::new(ip, original_dst.port()), service: None },
+        None => Route::Refused {
+            service: service.cloned(),
+            reason: format!(
+                "{} uses waypoint {namespace}/{name}, which has no pod with an address (no Gateway \
+                 {namespace}/{name}, or its pods are not running)",
+                what()
+            ),
+        },
     }
 }
 
@@ -101,6 +132,7 @@ mod tests {
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             enrolled,
             labels: Default::default(),
+            waypoint: None,
         }
     }
 
@@ -152,7 +184,7 @@ mod tests {
         let idx = index(vec![], vec![service(&[], None)]);
         assert!(matches!(
             resolve(&idx, addr("10.96.0.10:80"), &RoundRobin::default()),
-            Route::NoEndpoints { .. }
+            Route::Refused { reason, .. } if reason == "service payment.shop.svc.cluster.local has no ready endpoints"
         ));
     }
 
@@ -167,6 +199,38 @@ mod tests {
                 assert_eq!(authority, addr("10.96.0.10:80"));
                 assert_eq!(hbone_ip.to_string(), "10.3.0.1");
                 assert_eq!(peer.uid, "wp");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pod_with_a_workload_waypoint_is_reached_through_it_by_ip_and_through_its_services() {
+        let mut wp = workload("wp", &["10.3.0.1"], false);
+        wp.labels.insert(WAYPOINT_LABEL.into(), "db-waypoint".into());
+        let mut db = workload("db-0", &["10.1.0.1"], true);
+        db.waypoint =
+            Some(warren_core::model::WaypointRef { namespace: "shop".into(), name: "db-waypoint".into() });
+        let idx = index(vec![wp, db.clone()], vec![service(&["db-0"], None)]);
+        let rr = RoundRobin::default();
+        for (dst, authority) in [("10.1.0.1:5432", "10.1.0.1:5432"), ("10.96.0.10:80", "10.1.0.1:8080")] {
+            match resolve(&idx, addr(dst), &rr) {
+                Route::Hbone { authority: a, hbone_ip, peer, .. } => {
+                    assert_eq!(a, addr(authority), "{dst}");
+                    assert_eq!(
+                        (hbone_ip.to_string().as_str(), peer.uid.as_str()),
+                        ("10.3.0.1", "wp"),
+                        "{dst}"
+                    );
+                }
+                other => panic!("{dst}: {other:?}"),
+            }
+        }
+        // Without a waypoint pod: refused, naming the pod and its waypoint.
+        let idx = index(vec![db], vec![]);
+        match resolve(&idx, addr("10.1.0.1:5432"), &rr) {
+            Route::Refused { reason, .. } => {
+                assert!(reason.starts_with("pod shop/db-0 uses waypoint shop/db-waypoint"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
