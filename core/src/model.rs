@@ -140,6 +140,8 @@ pub struct WorkloadIndex {
     /// Waypoint workloads (with an address) by (namespace, Gateway name), sorted by uid: a
     /// connection to a service behind a waypoint picks one without a scan of every workload.
     waypoints: FastMap<(String, String), Vec<Arc<Workload>>>,
+    /// The waypoints that serve each workload (by uid): its Services' and its own.
+    serving_waypoints: FastMap<String, Vec<WaypointRef>>,
 }
 
 impl WorkloadIndex {
@@ -165,8 +167,30 @@ impl WorkloadIndex {
             for vip in &s.vips {
                 index.services_by_vip.insert(*vip, s.clone());
             }
+            if let Some((namespace, name)) = s.waypoint_ref() {
+                let waypoint = WaypointRef { namespace: namespace.to_owned(), name: name.to_owned() };
+                for uid in &s.endpoints {
+                    index.serving_waypoints.entry(uid.clone()).or_default().push(waypoint.clone());
+                }
+            }
+        }
+        for w in &config.workloads {
+            if let Some(waypoint) = &w.waypoint {
+                index.serving_waypoints.entry(w.uid.clone()).or_default().push(waypoint.clone());
+            }
         }
         index
+    }
+
+    /// Whether `source` is the identity of a pod of a waypoint that serves `destination`
+    /// (the waypoint of one of its Services, or its own workload waypoint).
+    pub fn is_waypoint_of(&self, source: &crate::identity::SpiffeId, destination: &Workload) -> bool {
+        let Some(waypoints) = self.serving_waypoints.get(&destination.uid) else { return false };
+        waypoints.iter().any(|w| {
+            self.waypoint(&w.namespace, &w.name)
+                .iter()
+                .any(|pod| pod.namespace == source.namespace && pod.service_account == source.service_account)
+        })
     }
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -261,5 +285,49 @@ mod tests {
         };
         let names: Vec<_> = config.enrolled_on("n1").map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["a"]);
+    }
+
+    #[test]
+    fn a_waypoint_serves_its_services_endpoints_and_the_pods_that_name_it() {
+        let w = |name: &str, ns: &str, sa: &str, ip: &str| Workload {
+            uid: name.into(),
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+            node: "n1".into(),
+            ips: vec![ip.parse().unwrap()],
+            enrolled: true,
+            labels: Default::default(),
+            waypoint: None,
+        };
+        let mut shared = w("shared-0", "infra", "shared", "10.0.0.1");
+        shared.labels.insert(WAYPOINT_LABEL.into(), "shared".into());
+        let mut own = w("own-0", "shop", "own", "10.0.0.2");
+        own.labels.insert(WAYPOINT_LABEL.into(), "own".into());
+        let mut db = w("db-0", "shop", "db", "10.0.0.4");
+        db.waypoint = Some(WaypointRef { namespace: "shop".into(), name: "own".into() });
+        let config = NodeConfig {
+            workloads: vec![shared, own, w("echo", "shop", "echo", "10.0.0.3"), db],
+            services: vec![Service {
+                name: "echo".into(),
+                namespace: "shop".into(),
+                vips: vec!["10.96.0.1".parse().unwrap()],
+                ports: vec![],
+                endpoints: vec!["echo".into()],
+                waypoint: Some("shared".into()),
+                waypoint_namespace: Some("infra".into()),
+            }],
+            ..Default::default()
+        };
+        let index = WorkloadIndex::new(&config);
+        let id = |s: &str| -> crate::identity::SpiffeId { s.parse().unwrap() };
+        let (echo, db) = (index.by_uid("echo").unwrap(), index.by_uid("db-0").unwrap());
+        let (shared_id, own_id) =
+            (id("spiffe://cluster.local/ns/infra/sa/shared"), id("spiffe://cluster.local/ns/shop/sa/own"));
+        assert!(index.is_waypoint_of(&shared_id, echo));
+        assert!(!index.is_waypoint_of(&own_id, echo));
+        assert!(index.is_waypoint_of(&own_id, db));
+        assert!(!index.is_waypoint_of(&shared_id, db));
+        assert!(!index.is_waypoint_of(&id("spiffe://cluster.local/ns/shop/sa/echo"), echo));
     }
 }

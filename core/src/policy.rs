@@ -149,6 +149,9 @@ pub struct ConnectionFacts<'a> {
     pub source_ip: IpAddr,
     pub destination: &'a Workload,
     pub destination_port: u16,
+    /// The source is a waypoint that serves the destination (its Service's, or its own
+    /// workload waypoint): it carries requests it has authorized on its clients' behalf.
+    pub from_its_waypoint: bool,
 }
 
 /// Why a connection was denied, for the access log.
@@ -209,7 +212,14 @@ impl Policies {
             return Verdict::DeniedBy(format!("{}/{}", deny.namespace, deny.name));
         }
         let allows: Vec<&&Authorization> = applicable.iter().filter(|p| p.action == Action::Allow).collect();
-        if allows.is_empty() || allows.iter().any(|p| p.rules.iter().any(|r| r.matches(facts))) {
+        // A destination's own waypoint is allowed by ALLOW policies that do not name it, as
+        // Istio's implicit allow-from-waypoint policy does: behind a waypoint, the clients'
+        // identities reach the destination only at L7, where the waypoint enforced its policy.
+        // DENY policies (above) still apply to it.
+        if allows.is_empty()
+            || facts.from_its_waypoint
+            || allows.iter().any(|p| p.rules.iter().any(|r| r.matches(facts)))
+        {
             Verdict::Allow
         } else {
             Verdict::NoAllowMatched
@@ -377,7 +387,30 @@ mod tests {
             source_ip: ip.parse().unwrap(),
             destination: dst,
             destination_port: port,
+            from_its_waypoint: false,
         })
+    }
+
+    #[test]
+    fn a_destinations_own_waypoint_passes_allow_policies_but_not_deny_ones() {
+        let dst = workload("shop", &[("app", "payment")]);
+        let waypoint_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/waypoint".parse().unwrap();
+        let facts = |from_its_waypoint| ConnectionFacts {
+            source_identity: Some(&waypoint_id),
+            source_ip: "10.0.0.3".parse().unwrap(),
+            destination: &dst,
+            destination_port: 8080,
+            from_its_waypoint,
+        };
+        let allow_checkout =
+            policy("shop", Action::Allow, vec![from_principal("cluster.local/ns/shop/sa/checkout")]);
+        let policies = Policies { authorizations: vec![allow_checkout.clone()], ..Default::default() };
+        assert_eq!(policies.authorize(&facts(false)), Verdict::NoAllowMatched, "a waypoint not its");
+        assert_eq!(policies.authorize(&facts(true)), Verdict::Allow);
+        let deny_waypoint =
+            policy("shop", Action::Deny, vec![from_principal("cluster.local/ns/shop/sa/waypoint")]);
+        let policies = Policies { authorizations: vec![allow_checkout, deny_waypoint], ..Default::default() };
+        assert_eq!(policies.authorize(&facts(true)), Verdict::DeniedBy("shop/deny".into()));
     }
 
     const CHECKOUT: &str = "spiffe://cluster.local/ns/shop/sa/checkout";

@@ -101,6 +101,12 @@ fn versions_seen(cluster: &LocalCluster, from: &str, url: &str, requests: u32) -
     summary["versions"].clone()
 }
 
+/// An L4 ALLOW policy on shop's echo pods that names no client.
+const ONLY_NOBODY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: only-nobody, namespace: shop}\n\
+    spec:\n  selector: {matchLabels: {app: echo}}\n  action: ALLOW\n\
+    \x20 rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/nobody]}}]}]\n";
+
 /// `istio_requests_total` for `service` on the waypoint in `netns`, summed over its series.
 fn requests_through(netns: &Path, service: &str) -> u64 {
     let metrics = http_in(netns, "127.0.0.1:15020".parse().unwrap(), "GET", "/metrics", &[]).unwrap().body;
@@ -337,6 +343,7 @@ fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_
             ("v1.yaml", &pod("echo-v1", 2, "v1")),
             ("games.yaml", &games_pod),
             ("c.yaml", &client("client")),
+            ("policy.yaml", ONLY_NOBODY),
         ],
     );
     let waypoint_netns = Path::new("/var/run/netns")
@@ -353,6 +360,14 @@ fn a_service_uses_a_waypoint_of_another_namespace_only_where_its_gateway_admits_
             "{service}: requests through infra/shared"
         );
     }
+    // The L4 ALLOW policy on shop's echo pods names nobody: the client's own connection to a
+    // pod is refused, while the waypoint serving them (of another namespace) passed, as
+    // Istio's implicit allow-from-waypoint lets it.
+    let pod_ip = cluster.pod("echo-v1").unwrap()["ipv4"].as_str().unwrap().to_string();
+    let client_netns =
+        Path::new("/var/run/netns").join(cluster.pod("client").unwrap()["netns"].as_str().unwrap());
+    let direct = http_in(&client_netns, format!("{pod_ip}:8080").parse().unwrap(), "GET", "/", &[]);
+    assert!(direct.is_err(), "the ALLOW policy let the client in directly: {direct:?}");
     // A waypoint with no Gateway: refused (not sent past the policy it would enforce), and
     // node-1's ztunnel says which waypoint is missing.
     let url = format!("http://{}/", cluster.vip("shop/orphan"));

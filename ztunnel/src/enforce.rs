@@ -86,6 +86,7 @@ impl Tracker {
             };
             let verdict = decide(
                 policies,
+                workloads,
                 tracked.source_identity.as_ref(),
                 tracked.source_ip,
                 destination,
@@ -106,6 +107,7 @@ impl Tracker {
 /// The whole inbound decision: PeerAuthentication for plaintext, then AuthorizationPolicy.
 pub fn decide(
     policies: &Policies,
+    workloads: &WorkloadIndex,
     source_identity: Option<&SpiffeId>,
     source_ip: IpAddr,
     destination: &Workload,
@@ -116,8 +118,14 @@ pub fn decide(
     {
         return Err("plaintext refused: PeerAuthentication is STRICT".into());
     }
-    let verdict =
-        policies.authorize(&ConnectionFacts { source_identity, source_ip, destination, destination_port });
+    let from_its_waypoint = source_identity.is_some_and(|id| workloads.is_waypoint_of(id, destination));
+    let verdict = policies.authorize(&ConnectionFacts {
+        source_identity,
+        source_ip,
+        destination,
+        destination_port,
+        from_its_waypoint,
+    });
     match verdict {
         Verdict::Allow => Ok(()),
         denied => Err(denied.to_string()),

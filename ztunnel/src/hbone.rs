@@ -385,8 +385,9 @@ async fn serve_stream(
     // The TCP peer of this HBONE connection is the source pod's IP: its ztunnel dialed from
     // inside the source pod's netns.
     let policies = proxy.policies();
+    let index = proxy.index();
     let decision =
-        crate::enforce::decide(&policies, Some(&src_identity), peer.ip(), &me, target.port(), false);
+        crate::enforce::decide(&policies, &index, Some(&src_identity), peer.ip(), &me, target.port(), false);
     if let Err(reason) = decision {
         proxy.stats.denied_by_policy.fetch_add(1, Ordering::Relaxed);
         labels.response_flags = "DENIED";

@@ -341,7 +341,8 @@ async fn inbound_plaintext(stream: TcpStream, peer: SocketAddr, pod: &PodContext
     let original_dst = SocketAddr::new(original_dst.ip().to_canonical(), original_dst.port());
     let policies = proxy.policies();
     let me = pod.current();
-    let decision = enforce::decide(&policies, None, peer.ip(), &me, original_dst.port(), true);
+    let decision =
+        enforce::decide(&policies, &proxy.index(), None, peer.ip(), &me, original_dst.port(), true);
     let source = proxy.index().by_ip(peer.ip()).map(|w| Peer::of(w, &proxy.trust_domain));
     let mut labels = ConnectionLabels {
         reporter: Reporter::Destination,
