@@ -216,6 +216,17 @@ impl WorkloadIndex {
             .collect()
     }
 
+    /// Every service, once each (the index holds them by VIP).
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        let mut seen = std::collections::HashSet::new();
+        self.services_by_vip.values().filter(move |s| seen.insert(Arc::as_ptr(s)))
+    }
+
+    /// The (namespace, name) of every waypoint with a pod that has an address.
+    pub fn waypoint_names(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.waypoints.keys().map(|(namespace, name)| (namespace.as_str(), name.as_str()))
+    }
+
     /// The workloads of the waypoint named `name` in `namespace`.
     pub fn waypoint(&self, namespace: &str, name: &str) -> &[Arc<Workload>] {
         // Keyed by owned strings: the lookup builds the key (two short copies) rather than

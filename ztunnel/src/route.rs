@@ -2,7 +2,7 @@
 //! function over the workload index, so it is unit-tested without sockets.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -24,7 +24,9 @@ pub enum Route {
     Refused { service: Option<Arc<Service>>, reason: String },
 }
 
-/// Round-robin position per service (or waypoint).
+/// Round-robin position per service (or waypoint), kept across config updates so a push
+/// does not send the next connections back to the first endpoint; `prune` drops the positions
+/// of services and waypoints that are gone, so the map stays as large as the mesh is now.
 #[derive(Default)]
 pub struct RoundRobin(Mutex<HashMap<String, usize>>);
 
@@ -34,11 +36,33 @@ impl RoundRobin {
             return None;
         }
         let mut positions = self.0.lock().expect("poisoned");
-        let n = positions.entry(key.to_string()).or_insert(0);
+        let n = match positions.get_mut(key) {
+            Some(n) => n,
+            None => positions.entry(key.to_string()).or_insert(0),
+        };
         let item = &items[*n % items.len()];
         *n = n.wrapping_add(1);
         Some(item)
     }
+
+    /// Forgets the positions of services and waypoints that `index` no longer has.
+    pub fn prune(&self, index: &WorkloadIndex) {
+        let live: HashSet<String> = index
+            .services()
+            .map(|s| s.hostname())
+            .chain(index.waypoint_names().map(|(namespace, name)| waypoint_key(namespace, name)))
+            .collect();
+        self.0.lock().expect("poisoned").retain(|key, _| live.contains(key));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().expect("poisoned").len()
+    }
+}
+
+fn waypoint_key(namespace: &str, name: &str) -> String {
+    format!("waypoint/{namespace}/{name}")
 }
 
 pub fn resolve(index: &WorkloadIndex, original_dst: SocketAddr, rr: &RoundRobin) -> Route {
@@ -98,7 +122,7 @@ fn via_waypoint(
     what: impl FnOnce() -> String,
 ) -> Route {
     let waypoints = index.waypoint(namespace, name);
-    match rr.pick(&format!("waypoint/{namespace}/{name}"), waypoints) {
+    match rr.pick(&waypoint_key(namespace, name), waypoints) {
         Some(w) => Route::Hbone {
             authority,
             hbone_ip: w.ip_like(authority.ip()).expect("filtered to workloads with IPs"),
@@ -234,6 +258,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn round_robin_positions_outlive_a_config_update_but_not_their_service() {
+        let mut wp = workload("wp", &["10.3.0.1"], true);
+        wp.labels.insert(WAYPOINT_LABEL.into(), "shop-waypoint".into());
+        let (a, b) = (workload("a", &["10.1.0.1"], true), workload("b", &["10.1.0.2"], true));
+        let mut other = service(&["a"], Some("shop-waypoint"));
+        other.name = "cart".into();
+        other.vips = vec!["10.96.0.20".parse().unwrap()];
+        let both = index(vec![wp, a.clone(), b.clone()], vec![service(&["a", "b"], None), other]);
+        let rr = RoundRobin::default();
+        let peer = |idx: &WorkloadIndex, dst: &str| match resolve(idx, addr(dst), &rr) {
+            Route::Hbone { peer, .. } => peer.uid.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(peer(&both, "10.96.0.10:80"), "a");
+        assert_eq!(peer(&both, "10.96.0.20:80"), "wp");
+        assert_eq!(rr.len(), 2, "payment and the waypoint");
+        // The same services in a new config: payment's next connection goes on to b.
+        rr.prune(&both);
+        assert_eq!(peer(&both, "10.96.0.10:80"), "b");
+        // cart and its waypoint are gone: their position goes with them.
+        let without_cart = index(vec![a, b], vec![service(&["a", "b"], None)]);
+        rr.prune(&without_cart);
+        assert_eq!(rr.len(), 1);
+        assert_eq!(peer(&without_cart, "10.96.0.10:80"), "a");
     }
 
     #[test]

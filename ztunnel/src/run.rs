@@ -360,6 +360,7 @@ async fn reconcile_loop(config: Config, state: Arc<AdminState>) {
                 });
                 let index = Arc::new(WorkloadIndex::new(&workloads));
                 state.proxy.tracker.reevaluate(&policies, &index);
+                state.proxy.round_robin.prune(&index);
                 *state.proxy.policies.write().expect("poisoned") = policies;
                 *state.proxy.index.write().expect("poisoned") = index;
                 *state.workloads.lock().expect("poisoned") = workloads;
