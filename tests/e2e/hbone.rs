@@ -791,3 +791,84 @@ fn connections_waiting_behind_a_failed_hbone_dial_fail_with_it() {
         outbound.iter().filter(|l| l["error"].as_str().is_some_and(|e| e.contains("within 1s"))).count();
     assert_eq!(failed, 8, "every connection's access line names the timeout: {outbound:#?}");
 }
+
+/// A listener in `pod` on `port` whose connections are accepted with the smallest receive
+/// buffer and never read: a stuck application.
+fn stuck_server(pod: &Pod, port: u16) -> std::net::TcpListener {
+    pod.ns
+        .run(move || {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            // Set before listen: inherited by accepted sockets, and their window scale follows it.
+            socket.set_recv_buffer_size(4096)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            socket.listen(64)?;
+            Ok::<_, std::io::Error>(socket.into())
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_stuck_receiver_fed_tiny_writes_does_not_break_other_connections_on_its_hbone_connection() {
+    require_root();
+    // Connections from one pod to pods of one node share an HBONE connection. One of them
+    // carries a trickle of 1-byte writes to an application that never reads: every write
+    // is its own DATA frame, and they wait at the receiving ztunnel until the application
+    // reads. h2 guards a connection against floods of small frames (past a budget it
+    // closes the whole connection, GOAWAY ENHANCE_YOUR_CALM), so that trickle must not reach
+    // h2's budget, or every other connection sharing the HBONE connection dies with it.
+    let mesh = two_nodes(&[], &[]);
+    let (a, b, z0) = (&mesh.a, &mesh.b, &mesh.z0);
+    const STUCK_PORT: u16 = 9000;
+    let _stuck = stuck_server(b, STUCK_PORT);
+    let mut live = Client::connect(a, SocketAddr::new(b.ipv4, APP_PORT)).unwrap();
+    live.greeting().unwrap();
+
+    const CONNECTIONS: usize = 4;
+    const TINY_WRITES: usize = 20_000;
+    let stuck_dst = SocketAddr::new(b.ipv4, STUCK_PORT);
+    let writers: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut stream = tcp_from(&a.ns, stuck_dst).unwrap();
+            stream.set_nodelay(true).unwrap();
+            stream.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            std::thread::spawn(move || {
+                // The receiving side's socket buffers first (large frames), then the trickle.
+                let mut written = 0usize;
+                let big = vec![b'x'; 64 * 1024];
+                for _ in 0..48 {
+                    if stream.write_all(&big).is_err() {
+                        return (written, stream);
+                    }
+                    written += big.len();
+                }
+                let started = Instant::now();
+                for _ in 0..TINY_WRITES {
+                    if started.elapsed() > Duration::from_secs(30) || stream.write_all(b"y").is_err() {
+                        break;
+                    }
+                    written += 1;
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                (written, stream)
+            })
+        })
+        .collect();
+    let mut echoes = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        let text = format!("still here {echoes}");
+        assert_eq!(
+            live.echo(&text).unwrap_or_else(|e| panic!(
+                "the live connection broke after {echoes} echoes: {e}\n{}",
+                mesh.z1.log()
+            )),
+            text
+        );
+        echoes += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written: Vec<usize> = writers.into_iter().map(|w| w.join().unwrap().0).collect();
+    eprintln!("written per stuck connection: {written:?}; {echoes} echoes");
+    assert_eq!(live.echo("after").unwrap(), "after", "{}", mesh.z1.log());
+    assert_eq!(z0.capture()["hbonePool"]["opened"], 1, "the HBONE connection was replaced: {}", z0.capture());
+}
