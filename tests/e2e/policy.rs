@@ -93,18 +93,23 @@ impl Mesh {
     }
 }
 
-#[test]
-fn strict_peer_authentication_refuses_plaintext_while_hbone_works() {
-    require_root();
-    let m = mesh();
-    assert!(reaches(&m.legacy, &m.payment), "PERMISSIVE (the default) admits plaintext");
-    let strict = PeerAuthentication {
+/// STRICT mTLS for the whole namespace.
+fn strict_everywhere() -> PeerAuthentication {
+    PeerAuthentication {
         name: "default".into(),
         namespace: "default".into(),
         selector: None,
         mode: MtlsMode::Strict,
         port_level: Default::default(),
-    };
+    }
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext_while_hbone_works() {
+    require_root();
+    let m = mesh();
+    assert!(reaches(&m.legacy, &m.payment), "PERMISSIVE (the default) admits plaintext");
+    let strict = strict_everywhere();
     m.apply(vec![], vec![strict]);
     assert!(!reaches(&m.legacy, &m.payment), "STRICT let plaintext through");
     assert!(reaches(&m.checkout, &m.payment), "HBONE refused under STRICT");
@@ -150,6 +155,27 @@ fn a_policy_update_closes_a_live_connection_it_now_denies() {
     assert!(wait_until(Duration::from_secs(5), || m.z.capture()["closedByPolicy"].as_u64() >= Some(1)));
     assert!(live.echo("after").is_err_or_empty(), "the denied live connection still carries data");
     assert_eq!(plaintext.echo("still allowed").unwrap(), "still allowed", "an allowed connection was closed");
+
+    // STRICT now: the plaintext connection is closed too.
+    let strict = strict_everywhere();
+    m.apply(vec![deny_from("cluster.local/ns/default/sa/checkout")], vec![strict]);
+    assert!(wait_until(Duration::from_secs(5), || m.z.capture()["closedByPolicy"].as_u64() >= Some(2)));
+    // Each closed connection's access line says why and still counts what had moved: the
+    // greeting out, the echoes in.
+    let closed_lines = || {
+        let log = m.z.access_log("inbound");
+        let closed: Vec<_> = log
+            .into_iter()
+            .filter(|l| l["error"].as_str().is_some_and(|e| e.starts_with("closed by policy")))
+            .collect();
+        closed
+    };
+    assert!(wait_until(Duration::from_secs(5), || closed_lines().len() == 2), "{}", m.z.log());
+    for line in closed_lines() {
+        let (sent, received) =
+            (line["bytes_sent"].as_u64().unwrap(), line["bytes_received"].as_u64().unwrap());
+        assert!(sent > 0 && received > 0, "a closed connection's bytes were lost: {line}");
+    }
 }
 
 trait ErrOrEmpty {

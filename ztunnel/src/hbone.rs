@@ -24,6 +24,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 use warren_core::{
     accept::HandshakeSlot,
+    activity::Activity,
     dial_gate::DialGate,
     hbone::{self, ConnectRequest, H2Stream},
     identity::SpiffeId,
@@ -416,6 +417,10 @@ async fn serve_stream(
     proxy.stats.hbone_streams_served.fetch_add(1, Ordering::Relaxed);
     proxy.metrics.opened(&labels);
     let mut downstream = H2Stream::new(send, request.into_body());
+    // Counts as the bytes move, so a connection that ends in an error, or is closed by
+    // policy, still reports them.
+    let moved = Activity::new();
+    downstream.watch_activity(moved.clone());
     let (_tracked, closed) =
         proxy.tracker.track(Some(src_identity.clone()), peer.ip(), target.ip(), target.port(), false);
     // (client → application, application → client), as `splice` counts.
@@ -426,7 +431,10 @@ async fn serve_stream(
     // On a policy close, dropping the stream resets it: the client's ztunnel closes its side.
     let (from_client, to_client, error) = match crate::proxy::until_closed(relay, Some(closed)).await {
         Ok((a, b)) => (a, b, String::new()),
-        Err(e) => (0, 0, e),
+        Err(e) => {
+            let (to_client, from_client) = moved.bytes();
+            (from_client, to_client, e)
+        }
     };
     proxy.metrics.closed(&labels, to_client, from_client);
     info!(

@@ -27,6 +27,7 @@ use tokio::{
 use tracing::{info, warn};
 use warren_core::{
     accept::{AcceptErrors, Handshakes},
+    activity::{self, Activity},
     hbone::{ConnectRequest, baggage, new_traceparent},
     model::{Workload, WorkloadIndex},
     policy::Policies,
@@ -309,9 +310,15 @@ async fn outbound_hbone(
         }
     };
     metrics.opened(&labels);
+    // Counts as the bytes move, so a connection that ends in an error still reports them.
+    let moved = Activity::new();
+    upstream.stream_mut().watch_activity(moved.clone());
     let (sent, received, error) = match upstream.stream_mut().relay_with_tcp(&mut downstream).await {
         Ok((a, b)) => (a, b, String::new()),
-        Err(e) => (0, 0, e.to_string()),
+        Err(e) => {
+            let (into_stream, out_of_stream) = moved.bytes();
+            (into_stream, out_of_stream, e.to_string())
+        }
     };
     metrics.closed(&labels, received, sent);
     info!(
@@ -415,12 +422,21 @@ async fn relay_until(
     if let Some(l) = &labels {
         metrics.opened(l);
     }
-    let relay = crate::proxy::splice(&mut downstream, &mut upstream);
+    // Counted as they are read, so a connection that ends in an error or is closed by policy
+    // still reports what had moved.
+    let moved = Activity::new();
+    let (mut counted_downstream, mut counted_upstream) = (
+        Counted { inner: &mut downstream, activity: &moved, direction: activity::Direction::IntoStream },
+        Counted { inner: &mut upstream, activity: &moved, direction: activity::Direction::OutOfStream },
+    );
+    let relay = crate::proxy::splice(&mut counted_downstream, &mut counted_upstream);
     let (sent, received, error) = match until_closed(relay, closed).await {
         Ok((to_upstream, to_downstream)) => (to_upstream, to_downstream, String::new()),
         Err(e) => {
             reset(&downstream);
-            (0, 0, e)
+            // Into the "stream" is read from downstream (sent upstream), out of it the reverse.
+            let (to_upstream, to_downstream) = moved.bytes();
+            (to_upstream, to_downstream, e)
         }
     };
     if let Some(l) = &labels {
@@ -470,6 +486,54 @@ where
 /// what the link and TLS can do; ~64 KiB lets one stream fill a TLS record train, and the
 /// exact size makes each HBONE DATA frame four full TLS records.
 const RELAY_BUFFER: usize = warren_core::hbone::DATA_CHUNK;
+
+/// A socket whose reads are reported to `activity` as `direction`, for [`splice`]'s counts
+/// to survive an error.
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    activity: &'a Activity,
+    direction: activity::Direction,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.activity.moved(self.direction, read);
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Copies both ways until both sides are done; returns (bytes a→b, bytes b→a).
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
