@@ -12,6 +12,7 @@ pub mod config_stream;
 pub mod connect;
 pub mod dial_gate;
 pub mod endpoints;
+pub mod frame_backlog;
 pub mod hbone;
 pub mod identity;
 pub mod l7;

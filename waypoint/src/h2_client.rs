@@ -297,8 +297,33 @@ fn set_content_length(headers: &mut HeaderMap, method: &Method, len: usize) {
     }
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The next frame received on `recv`: its data (flow-control window released at once) until
+/// the data ends (`data_done`), then its trailers.
+pub(crate) fn poll_received_frame(
+    recv: &mut h2::RecvStream,
+    data_done: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    if !*data_done {
+        match ready!(recv.poll_data(cx)) {
+            Some(Ok(data)) => {
+                // Fails only once the stream is gone, which the next poll reports.
+                let _ = recv.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => *data_done = true,
+        }
+    }
+    Poll::Ready(match ready!(recv.poll_trailers(cx)) {
+        Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    })
 }
 
 /// An upstream HTTP/2 response body. Received data is handed on and its flow-control window
@@ -321,25 +346,14 @@ impl Body for H2Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Fails only once the stream is gone, which the next poll reports.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    if let Some(left) = &mut self.remaining {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => self.data_done = true,
-            }
+        let this = &mut *self;
+        let frame = ready!(poll_received_frame(&mut this.recv, &mut this.data_done, cx));
+        if let (Some(left), Some(Ok(frame))) = (&mut this.remaining, &frame)
+            && let Some(data) = frame.data_ref()
+        {
+            *left = left.saturating_sub(data.len() as u64);
         }
-        Poll::Ready(match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        })
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -12,8 +12,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use hyper::service::{Service as _, service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -28,6 +28,7 @@ use warren_core::{
 
 use crate::{
     forward::{self, Downstream},
+    h2_server,
     hashing::HashInput,
     idle::IdleWatch,
     record,
@@ -166,15 +167,19 @@ async fn serve_stream(
     match kind {
         Sniffed::Http2 => {
             let watch = IdleWatch::new();
-            let svc = request_handler(state.clone(), down(Protocol::Http2), watch.clone());
-            // hyper makes each HTTP/2 request a task, and tokio writes a task's whole future
-            // into it when spawned and again at each change of stage (finished, consumed): a
-            // boxed request future makes those writes a pointer's rather than its kilobytes.
-            let svc = service_fn(move |req| Box::pin(svc.call(req)));
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .max_concurrent_streams(state.config.http2_max_concurrent_streams)
-                .serve_connection(TokioIo::new(stream), svc);
-            serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, client, "HTTP/2").await;
+            let down = down(Protocol::Http2);
+            let handle = |req| {
+                let response = forward::handle(state.clone(), down.clone(), req, watch.busy());
+                // Each request is a task, and tokio writes a task's whole future into it when
+                // spawned and again at each change of stage (finished, consumed): a boxed
+                // request future makes those writes a pointer's rather than its kilobytes.
+                Box::pin(async move {
+                    let Ok(response) = response.await;
+                    response
+                })
+            };
+            let max_streams = state.config.http2_max_concurrent_streams;
+            h2_server::serve(stream, max_streams, handle, &watch, idle_timeout, client).await;
         }
         Sniffed::Http1 => {
             let watch = IdleWatch::new();

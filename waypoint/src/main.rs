@@ -11,6 +11,7 @@ mod dialing;
 mod forward;
 mod grpc;
 mod h2_client;
+mod h2_server;
 mod hashing;
 mod hbone;
 mod headers;

@@ -1,17 +1,12 @@
 //! One CONNECT stream as bytes, and the relays that move a stream's bytes to a TCP socket or
 //! to another stream.
 //!
-//! Received frames wait in h2 until they are read, and h2 counts the small ones a connection
-//! holds unread against a budget: past it, it closes the connection — every stream on it —
-//! with GOAWAY `ENHANCE_YOUR_CALM` (a guard against floods of tiny frames). A stream whose
-//! reader has stalled (its application reads nothing) while its sender trickles small writes
-//! would spend that budget for every other stream sharing the connection. So while a relay
-//! waits to pass a frame on, it keeps taking the stream's new frames out of h2 into a backlog
-//! of its own, copying small ones together. Flow control still bounds it: capacity is
-//! released only as bytes are passed on, so a backlog holds at most a stream window.
+//! While a relay waits to pass a frame on (the socket or the other stream is full), it keeps
+//! taking the stream's new frames out of h2 into a [`Backlog`], so that a stalled reader
+//! cannot make h2 close the whole connection over small frames held unread (see
+//! [`crate::frame_backlog`]).
 
 use std::{
-    collections::VecDeque,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
@@ -22,7 +17,10 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::DATA_CHUNK;
-use crate::activity::{Activity, Direction};
+use crate::{
+    activity::{Activity, Direction},
+    frame_backlog::Backlog,
+};
 
 /// One CONNECT stream as a byte stream (`AsyncRead` + `AsyncWrite`), so that hyper can serve
 /// HTTP inside it. Reading releases HTTP/2 flow-control capacity as data is consumed; shutting
@@ -45,47 +43,6 @@ struct Received {
     /// Taken from h2 and not yet passed on; their capacity not yet released.
     backlog: Backlog,
     done: bool,
-}
-
-/// Frames taken from h2 before they could be passed on, in order. Frames under
-/// `COPY_BELOW` are copied together: each one h2 delivers is a view of h2's read buffer, and a
-/// pile of small views would keep many such buffers alive for a few bytes each.
-#[derive(Default)]
-struct Backlog {
-    chunks: VecDeque<Bytes>,
-    /// The newest small frames, copied together; after every entry of `chunks`.
-    small: BytesMut,
-}
-
-/// A TLS record's worth: larger frames are kept as they are.
-const COPY_BELOW: usize = super::TLS_RECORD_PLAINTEXT;
-
-impl Backlog {
-    fn push(&mut self, data: Bytes) {
-        if data.len() < COPY_BELOW {
-            self.small.extend_from_slice(&data);
-        } else {
-            self.seal_small();
-            self.chunks.push_back(data);
-        }
-    }
-
-    fn seal_small(&mut self) {
-        if !self.small.is_empty() {
-            self.chunks.push_back(self.small.split().freeze());
-        }
-    }
-
-    fn pop(&mut self) -> Option<Bytes> {
-        self.chunks.pop_front().or_else(|| (!self.small.is_empty()).then(|| self.small.split().freeze()))
-    }
-
-    /// Puts the rest of a chunk a read did not take back in front.
-    fn push_front(&mut self, rest: Bytes) {
-        if !rest.is_empty() {
-            self.chunks.push_front(rest);
-        }
-    }
 }
 
 impl Received {

@@ -313,17 +313,40 @@ fn many_small_grpc_messages_behind_a_client_that_reads_late_all_arrive() {
     // needs. The client here has h2's default window but not its guard, as clients on other
     // HTTP/2 stacks (Go's, Java's) have none: with it, the client itself would close the
     // connection over these frames, waypoint or not.
+    late_reader_call(60_000, false);
+}
+
+#[test]
+fn a_client_streaming_tiny_messages_into_a_backed_up_call_keeps_its_connection() {
+    // The other way: the client sends each small message as a DATA frame of its own and reads
+    // the answers late, so the call backs up to the waypoint (the echo answers every message
+    // before it reads the next), which then cannot pass the client's frames on. They must
+    // not pile up unread in the waypoint's HTTP/2 server past h2's small-frame budget, or the
+    // waypoint itself closes the client's connection.
+    late_reader_call(200_000, true);
+}
+
+/// A `/Stream` call of `messages` 25-byte messages (each in a DATA frame of its own when
+/// `frame_each`, else all in one write), whose client reads the answers only 2 s later:
+/// every answer arrives and the call ends `grpc-status: 0`.
+fn late_reader_call(messages: usize, frame_each: bool) {
     let mesh = Mesh::new(&[]);
     mesh.apply(Routing::default());
-    const MESSAGES: usize = 60_000;
     let payload = [b'x'; 20];
     let mut client = h2::client::Builder::new();
     client.data_frame_budget(usize::MAX / 2);
     let outcome = over_http2_with(&mesh.client, client, |sender| async move {
         let call = async {
             let (response, mut stream) = open_stream_call(sender).await;
-            let all: Vec<u8> = (0..MESSAGES).flat_map(|_| message(&payload)).collect();
-            stream.send_data(all.into(), true).unwrap();
+            if frame_each {
+                for _ in 0..messages {
+                    stream.send_data(message(&payload), false).unwrap();
+                }
+                stream.send_data(bytes::Bytes::new(), true).unwrap();
+            } else {
+                let all: Vec<u8> = (0..messages).flat_map(|_| message(&payload)).collect();
+                stream.send_data(all.into(), true).unwrap();
+            }
             let response = response.await.map_err(|e| format!("no response head: {e}"))?;
             assert_eq!(response.status(), 200);
             // The client reads nothing for a while: the answers pile up along the way.
@@ -340,7 +363,7 @@ fn many_small_grpc_messages_behind_a_client_that_reads_late_all_arrive() {
         };
         tokio::time::timeout(Duration::from_secs(60), call).await.unwrap_or_else(|_| Err("timed out".into()))
     });
-    let expected = MESSAGES * message(&payload).len();
+    let expected = messages * message(&payload).len();
     assert_eq!(
         outcome,
         Ok((expected, Some("0".to_string()))),
