@@ -168,16 +168,11 @@ async fn serve_stream(
         Sniffed::Http2 => {
             let watch = IdleWatch::new();
             let down = down(Protocol::Http2);
-            let handle = |req| {
-                let response = forward::handle(state.clone(), down.clone(), req, watch.busy());
-                // Each request is a task, and tokio writes a task's whole future into it when
-                // spawned and again at each change of stage (finished, consumed): a boxed
-                // request future makes those writes a pointer's rather than its kilobytes.
-                Box::pin(async move {
-                    let Ok(response) = response.await;
-                    response
-                })
-            };
+            // Each request is a task, and tokio writes a task's whole future into it when
+            // spawned and again at each change of stage (finished, consumed): a boxed request
+            // future makes those writes a pointer's rather than its kilobytes (and is itself
+            // copied once, into its box: no wrapper around it, which would copy it again).
+            let handle = |req| Box::pin(forward::handle(state.clone(), down.clone(), req, watch.busy()));
             let max_streams = state.config.http2_max_concurrent_streams;
             h2_server::serve(stream, max_streams, handle, &watch, idle_timeout, client).await;
         }
