@@ -40,6 +40,7 @@ use warren_core::frame_backlog::Backlog;
 use crate::{
     h2_client::{content_length, poll_received_frame},
     idle::IdleWatch,
+    inbound::{Draining, drain_started},
 };
 
 /// hyper's server defaults, which this server replaced.
@@ -58,14 +59,16 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 /// payload), while a flood of tinier frames is still cut off.
 const DATA_FRAME_BUDGET: usize = 10 * CONNECTION_WINDOW as usize;
 
-/// Serves one client connection until it ends, or — once it has had no request in flight for
-/// `idle_timeout` — shuts it down gracefully (GOAWAY; requests in flight finish).
+/// Serves one client connection until it ends, or shuts it down gracefully (GOAWAY: requests
+/// in flight finish, the client takes new ones elsewhere) once it has had no request in flight
+/// for `idle_timeout`, or when the waypoint starts draining.
 pub async fn serve<T, H, F, B>(
     io: T,
     max_concurrent_streams: u32,
     handle: H,
     watch: &IdleWatch,
     idle_timeout: Option<Duration>,
+    draining: &Draining,
     client: SocketAddr,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -97,7 +100,8 @@ pub async fn serve<T, H, F, B>(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(idle);
+    let drain = drain_started(draining);
+    tokio::pin!(idle, drain);
     let mut closing = false;
     loop {
         let next = tokio::select! {
@@ -105,6 +109,11 @@ pub async fn serve<T, H, F, B>(
             next = connection.accept() => next,
             () = &mut idle, if !closing => {
                 debug!(%client, "HTTP/2 downstream idle for {idle_timeout:?}: closing (--idle-timeout-secs)");
+                connection.graceful_shutdown();
+                closing = true;
+                continue;
+            }
+            () = &mut drain, if !closing => {
                 connection.graceful_shutdown();
                 closing = true;
                 continue;
@@ -415,7 +424,8 @@ mod tests {
         let (near, far) = tokio::io::duplex(256 * 1024);
         tokio::spawn(async move {
             let watch = IdleWatch::new();
-            serve(far, 10_000, handle, &watch, None, "10.0.0.1:1".parse().unwrap()).await;
+            let (_not_draining, draining) = tokio::sync::watch::channel(false);
+            serve(far, 10_000, handle, &watch, None, &draining, "10.0.0.1:1".parse().unwrap()).await;
         });
         let (sender, connection) = client.handshake(near).await.unwrap();
         tokio::spawn(connection);

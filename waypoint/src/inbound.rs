@@ -55,7 +55,7 @@ pub async fn serve(
             // Before a task exists: a source over its pending handshakes is closed at once.
             Ok((stream, peer)) => match state.handshakes.admit(peer.ip()) {
                 Ok(handshake) => {
-                    tokio::spawn(serve_connection(stream, peer, state.clone(), handshake));
+                    tokio::spawn(serve_connection(stream, peer, state.clone(), handshake, draining.clone()));
                 }
                 Err(report) => {
                     if let Some(line) = report {
@@ -73,6 +73,7 @@ async fn serve_connection(
     peer: SocketAddr,
     state: Arc<WaypointState>,
     handshake: HandshakeSlot,
+    draining: Draining,
 ) {
     let certs = &state.certs;
     let (own, bundle) = match (certs.get(&state.identity).await, certs.bundle()) {
@@ -90,10 +91,36 @@ async fn serve_connection(
         }
     };
     drop(handshake);
-    while let Some(next) = connection.accept().await {
-        let Ok((request, respond)) = next else { break };
-        let (state, peer_identity) = (state.clone(), peer_identity.clone());
-        tokio::spawn(async move { serve_stream(request, respond, peer, peer_identity, state).await });
+    let mut going_away = false;
+    let drain = drain_started(&draining);
+    tokio::pin!(drain);
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = connection.accept() => next,
+            () = &mut drain, if !going_away => {
+                // Streams already open carry on; the ztunnel opens new ones elsewhere.
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(Ok((request, respond))) = next else { break };
+        let (state, peer_identity, draining) = (state.clone(), peer_identity.clone(), draining.clone());
+        tokio::spawn(
+            async move { serve_stream(request, respond, peer, peer_identity, state, draining).await },
+        );
+    }
+}
+
+/// Told `true` when the waypoint starts draining (SIGTERM).
+pub type Draining = tokio::sync::watch::Receiver<bool>;
+
+/// Completes once draining has started; never, if the drain signal is gone.
+pub async fn drain_started(draining: &Draining) {
+    let mut draining = draining.clone();
+    if draining.wait_for(|started| *started).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -103,6 +130,7 @@ async fn serve_stream(
     peer: SocketAddr,
     peer_identity: SpiffeId,
     state: Arc<WaypointState>,
+    draining: Draining,
 ) {
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode, reason: &str| {
         info!(target: "access", src = %peer, src_identity = %peer_identity, response = status.as_u16(), error = reason, "CONNECT refused");
@@ -174,7 +202,7 @@ async fn serve_stream(
             // copied once, into its box: no wrapper around it, which would copy it again).
             let handle = |req| Box::pin(forward::handle(state.clone(), down.clone(), req, watch.busy()));
             let max_streams = state.config.http2_max_concurrent_streams;
-            h2_server::serve(stream, max_streams, handle, &watch, idle_timeout, client).await;
+            h2_server::serve(stream, max_streams, handle, &watch, idle_timeout, &draining, client).await;
         }
         Sniffed::Http1 => {
             let watch = IdleWatch::new();
@@ -183,7 +211,7 @@ async fn serve_stream(
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
-            serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, client, "HTTP/1.1").await;
+            serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, &draining, client).await;
         }
         Sniffed::Tcp => passthrough(stream, &state, &service, target, client, &peer_identity).await,
     }
@@ -205,15 +233,16 @@ fn request_handler(
     service_fn(move |req| forward::handle(state.clone(), down.clone(), req, watch.busy()))
 }
 
-/// Serves a downstream connection until it ends (or is upgraded), or — once it has had no
-/// request in flight for `idle_timeout` — shuts it down gracefully.
+/// Serves an HTTP/1.1 downstream connection until it ends (or is upgraded), or shuts it down
+/// gracefully (the request in flight finishes, then the connection closes) once it has had no
+/// request in flight for `idle_timeout`, or when the waypoint starts draining.
 async fn serve_until_idle<C>(
     conn: C,
     graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
     watch: &IdleWatch,
     idle_timeout: Option<Duration>,
+    draining: &Draining,
     client: SocketAddr,
-    protocol: &str,
 ) where
     C: Future<Output = Result<(), hyper::Error>>,
 {
@@ -227,13 +256,17 @@ async fn serve_until_idle<C>(
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
         () = idle => {
-            debug!(%client, "{protocol} downstream idle for {idle_timeout:?}: closing (--idle-timeout-secs)");
+            debug!(%client, "HTTP/1.1 downstream idle for {idle_timeout:?}: closing (--idle-timeout-secs)");
+            graceful_shutdown(conn.as_mut());
+            conn.await
+        }
+        () = drain_started(draining) => {
             graceful_shutdown(conn.as_mut());
             conn.await
         }
     };
     if let Err(e) = ended {
-        debug!(%client, "{protocol} downstream ended: {e}");
+        debug!(%client, "HTTP/1.1 downstream ended: {e}");
     }
 }
 

@@ -137,3 +137,50 @@ fn idle_tcp_passthrough_is_closed_but_a_busy_one_is_not() {
     });
     assert!(logged, "no idle close with its byte counts logged:\n{}", mesh.waypoint.log());
 }
+
+/// SIGTERM: a request in flight on a client's HTTP/2 connection is answered, and the
+/// connection is told to go (GOAWAY) so the client takes its next requests elsewhere; the
+/// waypoint exits as soon as that request is done, not at the end of its drain timeout.
+#[test]
+fn sigterm_answers_requests_in_flight_and_sends_http2_clients_elsewhere() {
+    let mesh = Mesh::new(&[]);
+    mesh.apply(Routing::default());
+    let pid = mesh.waypoint.pid() as i32;
+    let (answered, refused_after, drained_in) = over_http2(&mesh.client, |sender| async move {
+        let mut sender = sender.ready().await.unwrap();
+        let slow = http::Request::get(format!("http://{HOST}/slow"))
+            .header("x-echo-delay-ms", "1000")
+            .body(())
+            .unwrap();
+        let (response, _) = sender.send_request(slow, true).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let signalled = Instant::now();
+        // SAFETY: a signal to the waypoint process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let answered = match tokio::time::timeout(Duration::from_secs(10), response).await {
+            Ok(Ok(response)) => Ok(response.status().as_u16()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 10 s".to_string()),
+        };
+        // Told to go: the connection takes no new request.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = http::Request::get(format!("http://{HOST}/again")).body(()).unwrap();
+        let refused = match sender.ready().await {
+            Err(_) => true,
+            Ok(mut sender) => match sender.send_request(again, true) {
+                Err(_) => true,
+                Ok((response, _)) => {
+                    tokio::time::timeout(Duration::from_secs(5), response).await.map_or(true, |r| r.is_err())
+                }
+            },
+        };
+        (answered, refused, signalled.elapsed())
+    });
+    assert_eq!(answered, Ok(200), "the request in flight at SIGTERM:\n{}", mesh.waypoint.log());
+    assert!(refused_after, "the connection served a new request after SIGTERM");
+    assert!(
+        wait_until(Duration::from_secs(3), || mesh.waypoint.log().contains("drained: no stream open")),
+        "the waypoint did not drain before its timeout ({drained_in:?} after SIGTERM):\n{}",
+        mesh.waypoint.log()
+    );
+}
