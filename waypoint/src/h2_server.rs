@@ -125,8 +125,8 @@ pub async fn serve<T, H, F, B>(
                 let declared = content_length(&parts.headers);
                 let response = handle(Request::from_parts(parts, RequestBody::new(recv, declared)));
                 // Boxed: tokio writes a task's whole future into the task when spawned and at
-                // each change of stage; a box makes that a pointer, not the kilobytes of a
-                // response in flight (measured: memcpy ~10k instructions per request).
+                // each change of stage; a box makes that a pointer, not the size of a response
+                // in flight (callgrind: ~1.4k instructions per HTTP/2 request saved).
                 tokio::spawn(Box::pin(respond_with(response, respond)));
             }
             Some(Err(e)) => {
