@@ -20,7 +20,6 @@ pub struct Backlog {
     chunks: VecDeque<Bytes>,
     /// The newest small frames, copied together; after every entry of `chunks`.
     small: BytesMut,
-    len: usize,
 }
 
 /// A TLS record's worth: larger frames are kept as they are.
@@ -28,7 +27,6 @@ pub const COPY_BELOW: usize = 16 * 1024;
 
 impl Backlog {
     pub fn push(&mut self, data: Bytes) {
-        self.len += data.len();
         if data.len() < COPY_BELOW {
             self.small.extend_from_slice(&data);
         } else {
@@ -45,29 +43,14 @@ impl Backlog {
 
     /// The oldest bytes held, as one chunk.
     pub fn pop(&mut self) -> Option<Bytes> {
-        let chunk = self
-            .chunks
-            .pop_front()
-            .or_else(|| (!self.small.is_empty()).then(|| self.small.split().freeze()))?;
-        self.len -= chunk.len();
-        Some(chunk)
+        self.chunks.pop_front().or_else(|| (!self.small.is_empty()).then(|| self.small.split().freeze()))
     }
 
     /// Puts the rest of a chunk a reader did not take back in front.
     pub fn push_front(&mut self, rest: Bytes) {
         if !rest.is_empty() {
-            self.len += rest.len();
             self.chunks.push_front(rest);
         }
-    }
-
-    /// Bytes held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -83,7 +66,6 @@ mod tests {
         let large = Bytes::from(vec![b'x'; COPY_BELOW]);
         backlog.push(large.clone());
         backlog.push(Bytes::from_static(b"d"));
-        assert_eq!(backlog.len(), 4 + COPY_BELOW);
         assert_eq!(backlog.pop().unwrap(), "abc");
         let mut got = backlog.pop().unwrap();
         assert_eq!(got.as_ptr(), large.as_ptr(), "a large frame is not copied");
@@ -91,6 +73,6 @@ mod tests {
         backlog.push_front(rest);
         assert_eq!(backlog.pop().unwrap().len(), COPY_BELOW - 10);
         assert_eq!(backlog.pop().unwrap(), "d");
-        assert!(backlog.is_empty() && backlog.pop().is_none());
+        assert!(backlog.pop().is_none());
     }
 }

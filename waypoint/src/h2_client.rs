@@ -230,7 +230,7 @@ async fn pump(mut stream: h2::SendStream<Bytes>, mut body: RequestBody) {
         };
         match frame.into_data() {
             Ok(data) => {
-                if send_within_window(&mut stream, data).await.is_err() {
+                if send_within_window(&mut stream, data, false).await.is_err() {
                     return;
                 }
             }
@@ -244,7 +244,17 @@ async fn pump(mut stream: h2::SendStream<Bytes>, mut body: RequestBody) {
     }
 }
 
-async fn send_within_window(stream: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
+/// Sends `data` as the stream's window allows, capacity reserved for the whole chunk before
+/// any of it goes; the last piece carries END_STREAM when `end`.
+pub(crate) async fn send_within_window(
+    stream: &mut h2::SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        // An empty frame only to end the stream: an empty chunk of a body is not sent.
+        return if end { stream.send_data(data, true) } else { Ok(()) };
+    }
     while !data.is_empty() {
         stream.reserve_capacity(data.len());
         let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
@@ -252,7 +262,8 @@ async fn send_within_window(stream: &mut h2::SendStream<Bytes>, mut data: Bytes)
             None => return Err(h2::Error::from(h2::Reason::STREAM_CLOSED)),
         };
         if granted > 0 {
-            stream.send_data(data.split_to(granted.min(data.len())), false)?;
+            let piece = data.split_to(granted.min(data.len()));
+            stream.send_data(piece, end && data.is_empty())?;
         }
     }
     Ok(())

@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 use warren_core::frame_backlog::Backlog;
 
 use crate::{
-    h2_client::{content_length, poll_received_frame},
+    h2_client::{content_length, poll_received_frame, send_within_window},
     idle::IdleWatch,
     inbound::{Draining, drain_started},
 };
@@ -213,7 +213,7 @@ where
         match frame.into_data() {
             Ok(data) => {
                 let last = body.is_end_stream();
-                if send_data(&mut send, data, last).await.is_err() || last {
+                if send_within_window(&mut send, data, last).await.is_err() || last {
                     return;
                 }
             }
@@ -225,26 +225,6 @@ where
             }
         }
     }
-}
-
-/// Sends `data` as the stream's window allows: capacity is reserved for the whole chunk
-/// before any of it goes, so what goes out is as much as the window has room for.
-async fn send_data(send: &mut SendStream<Bytes>, mut data: Bytes, end: bool) -> Result<(), h2::Error> {
-    if data.is_empty() {
-        return send.send_data(data, end);
-    }
-    while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(granted) => granted?.min(data.len()),
-            None => return Err(h2::Error::from(Reason::CANCEL)),
-        };
-        if granted > 0 {
-            let piece = data.split_to(granted);
-            send.send_data(piece, end && data.is_empty())?;
-        }
-    }
-    Ok(())
 }
 
 /// HTTP/1.1's connection-specific headers, which HTTP/2 forbids (RFC 9113 §8.2.2), and the

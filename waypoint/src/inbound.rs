@@ -211,7 +211,7 @@ async fn serve_stream(
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
-            serve_until_idle(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, &draining, client).await;
+            serve_http1(conn, |c| c.graceful_shutdown(), &watch, idle_timeout, &draining, client).await;
         }
         Sniffed::Tcp => passthrough(stream, &state, &service, target, client, &peer_identity).await,
     }
@@ -236,7 +236,7 @@ fn request_handler(
 /// Serves an HTTP/1.1 downstream connection until it ends (or is upgraded), or shuts it down
 /// gracefully (the request in flight finishes, then the connection closes) once it has had no
 /// request in flight for `idle_timeout`, or when the waypoint starts draining.
-async fn serve_until_idle<C>(
+async fn serve_http1<C>(
     conn: C,
     graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
     watch: &IdleWatch,

@@ -114,17 +114,10 @@ impl Received {
         activity: Option<(&Activity, Direction)>,
     ) -> io::Result<u64> {
         let mut moved = 0u64;
-        while let Some((mut data, release)) = self.next().await? {
+        while let Some((data, release)) = self.next().await? {
             let data_len = data.len();
             moved += data_len as u64;
-            while !data.is_empty() {
-                send.reserve_capacity(data.len());
-                let granted = self.absorbing_while(|cx| poll_send_capacity(send, cx)).await?;
-                let granted = granted.min(data.len());
-                if granted > 0 {
-                    send.send_data(data.split_to(granted), false).map_err(h2_to_io)?;
-                }
-            }
+            send_all(send, data, Some(&mut *self)).await?;
             self.release(release);
             if let Some((activity, direction)) = activity {
                 activity.moved(direction, data_len);
@@ -178,7 +171,7 @@ impl H2Stream {
                     }
                     Ok(n) => {
                         moved += n as u64;
-                        send_all(send, chunk.freeze()).await?;
+                        send_all(send, chunk.freeze(), None).await?;
                         if let Some(activity) = activity {
                             activity.moved(Direction::IntoStream, n);
                         }
@@ -235,11 +228,21 @@ fn poll_send_capacity(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Pol
     }
 }
 
-/// Sends `data` as DATA frames as flow control allows, without copying it.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+/// Sends `data` as DATA frames as flow control allows, without copying it. While it waits for
+/// window, `meanwhile` (the other direction of a relay between two streams) keeps taking its
+/// own stream's frames out of h2.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    mut meanwhile: Option<&mut Received>,
+) -> io::Result<()> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let granted = std::future::poll_fn(|cx| poll_send_capacity(send, cx)).await?.min(data.len());
+        let granted = match meanwhile.as_deref_mut() {
+            Some(received) => received.absorbing_while(|cx| poll_send_capacity(send, cx)).await?,
+            None => std::future::poll_fn(|cx| poll_send_capacity(send, cx)).await?,
+        }
+        .min(data.len());
         if granted > 0 {
             send.send_data(data.split_to(granted), false).map_err(h2_to_io)?;
         }
@@ -295,15 +298,9 @@ impl AsyncWrite for H2Stream {
             return Poll::Ready(Ok(0));
         }
         self.send.reserve_capacity(buf.len());
-        match ready!(self.send.poll_capacity(cx)) {
-            Some(Ok(n)) => {
-                let n = n.min(buf.len());
-                self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
-                Poll::Ready(Ok(n))
-            }
-            Some(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
-            None => Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed"))),
-        }
+        let n = ready!(poll_send_capacity(&mut self.send, cx))?.min(buf.len());
+        self.send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
